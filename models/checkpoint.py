@@ -1,0 +1,279 @@
+"""Checkpoint I/O: the input convention a checkpoint carries, official-key remapping and strict loading."""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """How images must be fed to a set of weights.
+
+    ``mean``/``std`` are listed in ``channel_order`` (the order of the tensor's channel axis).
+    The official CVNet/SuperGlobal weights descend from pycls ImageNet weights trained on BGR input.
+    """
+
+    channel_order: str = "BGR"
+    mean: tuple[float, float, float] = (0.406, 0.456, 0.485)
+    std: tuple[float, float, float] = (0.225, 0.224, 0.229)
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in ("BGR", "RGB"):
+            raise ValueError(f"channel_order must be 'BGR' or 'RGB', got {self.channel_order!r}")
+
+    def to_dict(self) -> dict:
+        return {"channel_order": self.channel_order, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InputConvention:
+        return cls(channel_order=d["channel_order"], mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+    def as_rgb(self) -> InputConvention:
+        """The same normalisation expressed for an RGB tensor (channels reversed when BGR)."""
+        if self.channel_order == "RGB":
+            return self
+        return InputConvention("RGB", tuple(reversed(self.mean)), tuple(reversed(self.std)))
+
+
+#: The convention of the released CVPR2022_CVNet_R50/R101.pyth files (pycls lineage: BGR).
+OFFICIAL_CONVENTION = InputConvention()
+#: torchvision's ImageNet weights expect RGB with these statistics.
+TORCHVISION_CONVENTION = InputConvention("RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Official (pycls) key layout <-> this project's modules
+# --------------------------------------------------------------------------------------------------------------
+
+#: Prefixes under which the ResNet of a checkpoint is stored: the release, and some re-saved copies.
+OFFICIAL_PREFIXES = ("encoder_q.", "globalmodel.")
+
+#: pycls block sub-module -> torchvision Bottleneck sub-module.
+_BLOCK_NAMES = {
+    "f.a": "conv1",
+    "f.a_bn": "bn1",
+    "f.b": "conv2",
+    "f.b_bn": "bn2",
+    "f.c": "conv3",
+    "f.c_bn": "bn3",
+    "proj": "downsample.0",
+    "bn": "downsample.1",
+}
+_BLOCK_NAMES_INV = {v: k for k, v in _BLOCK_NAMES.items()}
+_STEM_NAMES = {"stem.conv": "conv1", "stem.bn": "bn1"}
+_STEM_NAMES_INV = {v: k for k, v in _STEM_NAMES.items()}
+_OFFICIAL_BLOCK = re.compile(r"s(\d)\.b(\d+)\.(f\.a_bn|f\.b_bn|f\.c_bn|f\.a|f\.b|f\.c|proj|bn)\.(\w+)")
+_MODEL_BLOCK = re.compile(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.\d)\.(\w+)")
+
+
+def official_to_model_key(key: str) -> str | None:
+    """Map one official checkpoint key to this project's state-dict key; None when it is not recognised.
+
+    ``encoder_q.s3.b2.f.b_bn.running_var`` -> ``backbone.layer3.1.bn2.running_var``;
+    ``encoder_q.head.fc.weight`` -> ``head.fc.weight``; ``conv2ds.*`` and ``cv_learner.*`` are unchanged.
+    """
+    if key.startswith(("conv2ds.", "cv_learner.")):
+        return key
+    for prefix in OFFICIAL_PREFIXES:
+        if key.startswith(prefix):
+            key = key.removeprefix(prefix)
+            break
+    else:
+        return None
+    if key.startswith("head."):
+        return key
+    for official, tv in _STEM_NAMES.items():
+        if key.startswith(official + "."):
+            return "backbone." + tv + key.removeprefix(official)
+    m = _OFFICIAL_BLOCK.fullmatch(key)
+    if m is None:
+        return None
+    stage, block, sub, leaf = m.groups()
+    return f"backbone.layer{stage}.{int(block) - 1}.{_BLOCK_NAMES[sub]}.{leaf}"
+
+
+def model_to_official_key(key: str, prefix: str = "encoder_q.") -> str | None:
+    """Inverse of :func:`official_to_model_key` (None for keys that have no official name)."""
+    if key.startswith(("conv2ds.", "cv_learner.")):
+        return key
+    if key.startswith("head."):
+        return prefix + key
+    if not key.startswith("backbone."):
+        return None
+    key = key.removeprefix("backbone.")
+    for tv, official in _STEM_NAMES_INV.items():
+        if key.startswith(tv + "."):
+            return prefix + official + key.removeprefix(tv)
+    m = _MODEL_BLOCK.fullmatch(key)
+    if m is None:
+        return None
+    stage, block, sub, leaf = m.groups()
+    return f"{prefix}s{stage}.b{int(block) + 1}.{_BLOCK_NAMES_INV[sub]}.{leaf}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and saving
+# --------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not fit the model: the message names the offending keys."""
+
+
+def _read_checkpoint(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint not found: {path}. The official weights are CVPR2022_CVNet_R50.pyth / "
+            "CVPR2022_CVNet_R101.pyth from the CVNet release (https://github.com/sungonce/CVNet, Google Drive "
+            "links in its README); put them under weights/ (see README, 'Official weights')."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} cannot be loaded with torch.load(weights_only=True): it contains Python objects that need "
+            f"unsafe unpickling ({str(exc).splitlines()[0]}). Only load files you trust; if you trust this one, "
+            "re-save its tensors: torch.save({'model_state': torch.load(p, weights_only=False)['model_state']}, "
+            "new_path), and load new_path."
+        ) from exc
+
+
+def _unwrap_state(checkpoint: Any) -> Mapping[str, Tensor]:
+    state = checkpoint.get("model_state", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError("checkpoint holds no state dict: expected {'model_state': {name: tensor}} or a bare "
+                              "{name: tensor} dict")
+    return state
+
+
+def _list(keys, limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def remap_official_state_dict(state: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Official state dict -> this model's state dict, strictly.
+
+    Every model key must be provided (``num_batches_tracked`` counters may be absent) with the same shape;
+    every checkpoint key must map to a model key or to a part the model declares it does not use
+    (``model.official_ignored_prefixes``, e.g. the re-ranking head for a global model). Otherwise
+    :class:`CheckpointError` names the keys.
+    """
+    target = model.state_dict()
+    derived = tuple(getattr(model, "derived_prefixes", ()))
+    ignored_prefixes = tuple(getattr(model, "official_ignored_prefixes", ()))
+    expected = {k for k in target if not k.startswith(derived)}
+
+    out: dict[str, Tensor] = {}
+    unexpected, ignored, mismatched = [], [], []
+    for key, value in state.items():
+        mkey = official_to_model_key(key)
+        if mkey is None:
+            unexpected.append(key)
+        elif mkey in expected:
+            if tuple(value.shape) != tuple(target[mkey].shape):
+                mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[mkey].shape)}")
+            else:
+                out[mkey] = value
+        elif mkey.startswith(ignored_prefixes):
+            ignored.append(key)
+        else:
+            unexpected.append(key)
+    missing = [k for k in expected - out.keys() if not k.endswith("num_batches_tracked")]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_list(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_list(mismatched)}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint does not fit {type(model).__name__} (depth {getattr(model, 'depth', '?')}): "
+            + "; ".join(problems)
+        )
+    if ignored:
+        log.info("%s: %d checkpoint tensors not used by this model (%s)", type(model).__name__, len(ignored),
+                 _list({k.split(".")[0] + "." + k.split(".")[1] for k in ignored}, 4))
+    for key in expected - out.keys():  # absent BN counters: keep the model's own
+        out[key] = target[key]
+    return out
+
+
+def load_official_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | Mapping) -> dict[str, Any]:
+    """Load a checkpoint in the official CVNet format into any of CVNetGlobal, CVNetRerank, SuperGlobal.
+
+    Accepts ``CVPR2022_CVNet_R50.pyth`` / ``CVPR2022_CVNet_R101.pyth`` (or this project's training checkpoints,
+    saved in the same layout), as a path or an already-loaded dict; ``model_state`` or a bare dict;
+    ``encoder_q.`` or ``globalmodel.`` prefixes. Loading is strict (see :func:`remap_official_state_dict`) and
+    uses ``torch.load(weights_only=True)``. Sets ``model.input_convention`` from the file (official files carry
+    none and are BGR, :data:`OFFICIAL_CONVENTION`). Returns the checkpoint's metadata (everything but weights).
+    """
+    checkpoint = path_or_state if isinstance(path_or_state, Mapping) else _read_checkpoint(path_or_state)
+    state = _unwrap_state(checkpoint)
+    remapped = remap_official_state_dict(state, model)
+    model.load_state_dict(remapped, strict=False)
+    if hasattr(model, "after_official_load"):
+        model.after_official_load()
+    meta = {k: v for k, v in checkpoint.items() if k not in ("model_state",)} if "model_state" in checkpoint else {}
+    convention = meta.get("input_convention")
+    model.input_convention = InputConvention.from_dict(convention) if convention else OFFICIAL_CONVENTION
+    return meta
+
+
+def official_state_dict(model: nn.Module, prefix: str = "encoder_q.") -> dict[str, Tensor]:
+    """This model's weights in the official key layout (derived parts such as the key encoder left out)."""
+    derived = tuple(getattr(model, "derived_prefixes", ()))
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(derived):
+            continue
+        okey = model_to_official_key(key, prefix)
+        if okey is not None:
+            out[okey] = value.detach().cpu()
+    return out
+
+
+def save_official_checkpoint(
+    model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``{'model_state': official layout, 'input_convention': ..., **extra}`` atomically.
+
+    ``extra`` must hold only what ``torch.load(weights_only=True)`` reads back (tensors, numbers, strings,
+    lists, dicts).
+    """
+    convention = getattr(model, "input_convention", OFFICIAL_CONVENTION)
+    payload = {"model_state": official_state_dict(model), "input_convention": convention.to_dict(),
+               "depth": int(getattr(model, "depth", 50)), **(extra or {})}
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,145 @@
+"""CVNet (Lee et al., CVPR 2022): the global model (CVNet-Global) and the re-ranking model (CVNet-Rerank)."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as MF
+from .backbone import ResNetBackbone
+from .checkpoint import OFFICIAL_CONVENTION, InputConvention
+from .layers import CVLearner, GlobalHead, l2n
+
+CORRELATION_SCALES = (0.25, 0.5, 1.0)
+
+
+class CVNetGlobal(nn.Module):
+    """CVNet-Global: ResNet -> GeM (learned p) -> fc -> L2, single scale.
+
+    ``model(images)``: (B, 3, H, W) normalised images -> (B, reduction_dim) L2-normalised descriptors.
+    Multi-scale test descriptors are assembled by :mod:`helpers.extraction` (resize of the uint8 image, as the
+    release does). For training it carries the momentum (key) encoder of the paper's contrastive loss,
+    updated by EMA with :meth:`update_key_encoder`; it is never used on the inference path.
+    """
+
+    official_ignored_prefixes = ("conv2ds.", "cv_learner.")
+    derived_prefixes = ("key_backbone.", "key_head.")
+
+    def __init__(
+        self,
+        depth: int = 50,
+        reduction_dim: int = 2048,
+        momentum: float = 0.999,
+        imagenet_weights: bool = False,
+        input_convention: InputConvention = OFFICIAL_CONVENTION,
+    ) -> None:
+        super().__init__()
+        self.depth = depth
+        self.momentum = momentum
+        self.input_convention = input_convention
+        self.backbone = ResNetBackbone(depth, num_stages=4, imagenet_weights=imagenet_weights)
+        self.head = GlobalHead(2048, reduction_dim)
+        self.key_backbone = copy.deepcopy(self.backbone)
+        self.key_head = copy.deepcopy(self.head)
+        for p in self._key_parameters():
+            p.requires_grad_(False)
+
+    def _key_parameters(self):
+        yield from self.key_backbone.parameters()
+        yield from self.key_head.parameters()
+
+    @staticmethod
+    def _describe(backbone: ResNetBackbone, head: GlobalHead, images: Tensor) -> Tensor:
+        x = backbone(images)
+        return l2n(head.fc(head.pool(x)))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self._describe(self.backbone, self.head, images)
+
+    @torch.no_grad()
+    def key_forward(self, images: Tensor) -> Tensor:
+        """Descriptors from the momentum encoder, (B, reduction_dim), no gradient."""
+        return self._describe(self.key_backbone, self.key_head, images)
+
+    @torch.no_grad()
+    def update_key_encoder(self, momentum: float | None = None) -> None:
+        """EMA step: key <- m * key + (1 - m) * query, for parameters and BN statistics alike."""
+        m = self.momentum if momentum is None else momentum
+        pairs = [(self.key_backbone, self.backbone), (self.key_head, self.head)]
+        for key_mod, query_mod in pairs:
+            for k, q in zip(key_mod.state_dict().values(), query_mod.state_dict().values()):
+                if k.dtype.is_floating_point:
+                    k.mul_(m).add_(q.detach(), alpha=1 - m)
+                else:
+                    k.copy_(q)
+
+    @torch.no_grad()
+    def reset_key_encoder(self) -> None:
+        """Copy the query encoder into the key encoder (after loading weights)."""
+        self.key_backbone.load_state_dict(self.backbone.state_dict())
+        self.key_head.load_state_dict(self.head.state_dict())
+
+    def after_official_load(self) -> None:
+        self.reset_key_encoder()
+
+
+class CVNetRerank(nn.Module):
+    """CVNet-Rerank: correlation verification of a (query, key) image pair.
+
+    ``extract_featuremap(images) -> (B, 1024, H/16, W/16)``; ``score(query_maps, key_maps) -> (B,)`` the
+    probability that the pair shows the same object; ``model(query_images, key_images) -> (B,)`` both steps.
+    A query batch of 1 is broadcast over B keys. :meth:`reduce_featuremap` is the query-independent part of
+    the key side (per-scale resize + 3x3 conv), which can be cached per database image.
+    """
+
+    official_ignored_prefixes = ("head.", "backbone.layer4.")
+    derived_prefixes = ()
+
+    def __init__(
+        self,
+        depth: int = 50,
+        scales: Sequence[float] = CORRELATION_SCALES,
+        input_convention: InputConvention = OFFICIAL_CONVENTION,
+    ) -> None:
+        super().__init__()
+        self.depth = depth
+        self.scales = tuple(scales)
+        if self.scales[-1] != 1.0:
+            raise ValueError(f"the last correlation scale must be 1.0 (it sets the 4D size), got {self.scales}")
+        self.input_convention = input_convention
+        self.backbone = ResNetBackbone(depth, num_stages=3)
+        self.conv2ds = nn.ModuleList(nn.Conv2d(1024, 256, 3, padding=1, bias=False) for _ in self.scales)
+        self.cv_learner = CVLearner(len(self.scales) ** 2)
+
+    def extract_featuremap(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> the stage-3 pre-ReLU map (B, 1024, H/16, W/16)."""
+        return self.backbone.stage3_preact(images)
+
+    def reduce_featuremap(self, maps: Tensor) -> list[Tensor]:
+        """Per correlation scale s: bilinear resize to round(h*sqrt(s)) then that scale's 3x3 conv.
+
+        (B, 1024, h, w) -> list of (B, 256, h_s, w_s), one per scale; the last scale keeps (h, w).
+        """
+        h, w = maps.shape[-2:]
+        return [
+            conv(MF.resize_featuremap(maps, MF.correlation_size(h, w, s)))
+            for s, conv in zip(self.scales, self.conv2ds)
+        ]
+
+    def score_reduced(self, query: list[Tensor], key: list[Tensor]) -> Tensor:
+        """Pair scores from reduced maps (see :meth:`reduce_featuremap`) -> (B,) probabilities of class 1."""
+        b = max(query[0].shape[0], key[0].shape[0])
+        query = [q.expand(b, *q.shape[1:]) for q in query]
+        key = [k.expand(b, *k.shape[1:]) for k in key]
+        size = (*query[-1].shape[-2:], *key[-1].shape[-2:])
+        corr = MF.cross_scale_correlation(query, key, size)
+        return torch.softmax(self.cv_learner(corr), dim=1)[:, 1]
+
+    def score(self, query_maps: Tensor, key_maps: Tensor) -> Tensor:
+        """(Bq, 1024, hq, wq) and (B, 1024, hk, wk) stage-3 maps, Bq in {1, B} -> (B,) scores."""
+        return self.score_reduced(self.reduce_featuremap(query_maps), self.reduce_featuremap(key_maps))
+
+    def forward(self, query_images: Tensor, key_images: Tensor) -> Tensor:
+        return self.score(self.extract_featuremap(query_images), self.extract_featuremap(key_images))
