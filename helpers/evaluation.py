@@ -1,0 +1,187 @@
+"""The revisited Oxford/Paris metrics: mAP and mP@k under the Easy / Medium / Hard protocols.
+
+Semantics follow revisitop's ``compute_ap`` / ``compute_map`` (Radenovic et al., "Revisiting Oxford and
+Paris", CVPR 2018) to the last bit: AP is the trapezoidal area under the precision-recall curve, junk images
+are removed from the ranking before positions are counted, queries without positives are left out of the means
+(their ``aps`` entry and ``prs`` row are NaN), and the accumulations run in the same order so the floats agree
+exactly.
+
+Layout convention (revisitop's): a ranking matrix ``ranks`` is (n_db, n_queries); column ``i`` lists database
+indices from most to least similar for query ``i``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("easy", "medium", "hard")
+
+
+def compute_ap(ranks: Sequence[int] | np.ndarray, nres: int) -> float:
+    """Average precision by the trapezoidal rule (revisitop's ``compute_ap``).
+
+    ``ranks``: sorted 0-based positions (n_found,) of the positives in the ranking *after junk removal*;
+    ``nres``: number of positives of the query (recall step 1/nres). Positives absent from a truncated ranking
+    simply contribute nothing. For the j-th positive (0-based) at position r the trapezoid between recall
+    j/nres and (j+1)/nres has heights precision_0 = j/r (1 when r == 0) and precision_1 = (j+1)/(r+1).
+    """
+    if nres <= 0:
+        raise ValueError(f"nres must be positive, got {nres}")
+    r = np.asarray(ranks, dtype=np.float64).reshape(-1)
+    if r.size == 0:
+        return 0.0
+    j = np.arange(r.size, dtype=np.float64)
+    precision_0 = np.divide(j, r, out=np.ones_like(r), where=r != 0)
+    precision_1 = (j + 1.0) / (r + 1.0)
+    terms = (precision_0 + precision_1) * (1.0 / nres) / 2.0
+    # cumsum accumulates left to right like revisitop's loop (np.sum's pairwise order could differ in the ulp)
+    return float(np.cumsum(terms)[-1])
+
+
+def _as_index_array(x) -> np.ndarray:
+    a = np.asarray(x if x is not None else [])
+    return a.reshape(-1).astype(np.int64, copy=False) if a.size else np.empty(0, dtype=np.int64)
+
+
+def positives_after_junk(ranking: np.ndarray, ok: np.ndarray, junk: np.ndarray) -> np.ndarray:
+    """0-based positions (n_found,) of the positives in one query's ``ranking`` once junk images are dropped.
+
+    Each positive's position decreases by the number of junk images ranked strictly before it.
+    """
+    pos = np.flatnonzero(np.isin(ranking, ok))
+    if junk.size == 0 or pos.size == 0:
+        return pos
+    junk_pos = np.flatnonzero(np.isin(ranking, junk))
+    return pos - np.searchsorted(junk_pos, pos, side="left")
+
+
+def precision_at_k(pos_1based: np.ndarray, kappas: Sequence[int]) -> np.ndarray:
+    """revisitop's precision@k for one query: ``kq = min(max(pos), k)``, ``(pos <= kq).sum() / kq``.
+
+    ``pos_1based``: 1-based positions (n_found,) of the positives after junk removal. Note the quirk kept from
+    revisitop: when the last positive sits before k, the denominator is that position, not k. A query whose
+    positives are all missing from a truncated ranking scores 0 (revisitop would raise there).
+    """
+    out = np.zeros(len(kappas), dtype=np.float64)
+    if pos_1based.size == 0:
+        return out
+    last = int(pos_1based.max())
+    for j, k in enumerate(kappas):
+        kq = min(last, int(k))
+        out[j] = (pos_1based <= kq).sum() / kq
+    return out
+
+
+def compute_map(
+    ranks: np.ndarray, gnd: Sequence[Mapping], kappas: Sequence[int] = ()
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """mAP and mP@k of a ranking under one protocol (revisitop's ``compute_map``).
+
+    ``ranks``: (n_db, n_queries) database indices, column i is query i's ranking (may be truncated to the
+    top rows); ``gnd``: one dict per query with 'ok' (positives) and optionally 'junk'.
+    Returns ``(map, aps (n_queries,), pr (len(kappas),), prs (n_queries, len(kappas)))``. Queries without
+    positives get NaN in ``aps`` and ``prs`` and are left out of ``map`` and ``pr``.
+    """
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2:
+        raise ValueError(f"ranks must be (n_db, n_queries), got shape {ranks.shape}")
+    nq = len(gnd)
+    if ranks.shape[1] != nq:
+        raise ValueError(
+            f"ranks has {ranks.shape[1]} columns but gnd has {nq} queries; "
+            "ranks must be (n_db, n_queries) (transpose a (n_queries, n_db) matrix)"
+        )
+    kappas = [int(k) for k in kappas]
+    if any(k < 1 for k in kappas):
+        raise ValueError(f"kappas must be >= 1, got {kappas}")
+
+    aps = np.zeros(nq, dtype=np.float64)
+    prs = np.zeros((nq, len(kappas)), dtype=np.float64)
+    empty = np.zeros(nq, dtype=bool)
+    for i in range(nq):
+        ok = _as_index_array(gnd[i]["ok"])
+        if ok.size == 0:
+            empty[i] = True
+            aps[i] = np.nan
+            prs[i, :] = np.nan
+            continue
+        junk = _as_index_array(gnd[i].get("junk"))
+        pos = positives_after_junk(ranks[:, i], ok, junk)
+        aps[i] = compute_ap(pos, ok.size)
+        prs[i, :] = precision_at_k(pos + 1, kappas)
+
+    n_valid = int((~empty).sum())
+    if n_valid == 0:
+        logger.warning("compute_map: no query has a positive; mAP and mP@k are undefined (NaN)")
+        return float("nan"), aps, np.full(len(kappas), np.nan), prs
+    # sequential accumulation over queries, as revisitop sums them
+    mean_ap = float(np.cumsum(aps[~empty])[-1]) / n_valid
+    pr = np.cumsum(prs[~empty], axis=0)[-1] / n_valid if len(kappas) else np.zeros(0)
+    return mean_ap, aps, pr, prs
+
+
+def build_protocols(gnd: Sequence[Mapping]) -> dict[str, list[dict]]:
+    """Per-query ground truth for the three revisited protocols from the raw 'easy'/'hard'/'junk' lists.
+
+    easy: ok = easy, junk = junk + hard; medium: ok = easy + hard, junk = junk;
+    hard: ok = hard, junk = junk + easy.
+    """
+    out: dict[str, list[dict]] = {p: [] for p in PROTOCOLS}
+    for i, g in enumerate(gnd):
+        missing = [key for key in ("easy", "hard", "junk") if key not in g]
+        if missing:
+            raise KeyError(f"ground-truth entry {i} lacks {missing}; expected keys 'easy', 'hard', 'junk'")
+        easy, hard, junk = (_as_index_array(g[key]) for key in ("easy", "hard", "junk"))
+        out["easy"].append({"ok": easy, "junk": np.concatenate([junk, hard])})
+        out["medium"].append({"ok": np.concatenate([easy, hard]), "junk": junk})
+        out["hard"].append({"ok": hard, "junk": np.concatenate([junk, easy])})
+    return out
+
+
+def evaluate_revisited(
+    ranks: np.ndarray | Mapping[str, np.ndarray], gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10)
+) -> dict[str, dict]:
+    """mAP and mP@k for Easy, Medium and Hard (fractions in [0, 1], not percentages).
+
+    ``ranks``: one (n_db, n_queries) ranking matrix shared by the three protocols, or a mapping
+    {'easy', 'medium', 'hard'} -> ranking matrix (the paper's re-ranking mode produces one per protocol).
+    Returns ``{protocol: {'mAP': float, 'mP@k': {k: float}, 'aps': (n_queries,),
+    'prs': (n_queries, len(kappas))}}``.
+    """
+    protocols = build_protocols(gnd)
+    if isinstance(ranks, Mapping):
+        missing = [p for p in PROTOCOLS if p not in ranks]
+        if missing:
+            raise KeyError(f"ranks given per protocol lacks {missing}; expected keys {list(PROTOCOLS)}")
+        per_protocol = {p: ranks[p] for p in PROTOCOLS}
+    else:
+        per_protocol = {p: ranks for p in PROTOCOLS}
+    kappas = [int(k) for k in kappas]
+    results: dict[str, dict] = {}
+    for p in PROTOCOLS:
+        mean_ap, aps, pr, prs = compute_map(per_protocol[p], protocols[p], kappas)
+        results[p] = {
+            "mAP": mean_ap,
+            "mP@k": {k: float(v) for k, v in zip(kappas, pr)},
+            "aps": aps,
+            "prs": prs,
+        }
+    return results
+
+
+def format_revisited(results: Mapping[str, Mapping], *, name: str = "") -> str:
+    """One line per metric in percent, revisitop style: ``name: mAP E: 84.81, M: 64.67, H: 38.47``."""
+    prefix = f"{name}: " if name else ""
+    lines = [prefix + "mAP " + ", ".join(f"{p[0].upper()}: {100 * results[p]['mAP']:.2f}" for p in PROTOCOLS)]
+    kappas = list(results[PROTOCOLS[0]]["mP@k"])
+    if kappas:
+        parts = []
+        for p in PROTOCOLS:
+            vals = " ".join(f"{100 * results[p]['mP@k'][k]:.2f}" for k in kappas)
+            parts.append(f"{p[0].upper()}: [{vals}]")
+        lines.append(prefix + f"mP@k{kappas} " + ", ".join(parts))
+    return "\n".join(lines)

@@ -1,0 +1,204 @@
+"""Download planning offline, and resume / md5 / extraction against a local HTTP server on 127.0.0.1."""
+import hashlib
+import http.server
+import io
+import re
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+from datasets.download import (
+    DOWNLOADS,
+    RemoteFile,
+    download,
+    extract_archive,
+    extraction_marker,
+    fetch,
+    main,
+    plan_downloads,
+)
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.files`` (path -> bytes) with optional Range support; records each Range header."""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        data = self.server.files.get(self.path)
+        self.server.ranges.append(self.headers.get("Range"))
+        if data is None:
+            self.send_error(404)
+            return
+        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if m and self.server.honour_range:
+            start = int(m.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            body = data[start:]
+        else:
+            self.send_response(200)
+            body = data
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    httpd.files, httpd.ranges, httpd.honour_range = {}, [], True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _payload(n=200_000, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
+
+
+def test_table_holds_the_documented_urls():
+    rox = {f.url: f for f in DOWNLOADS["roxford5k"]}
+    assert rox["http://cmp.felk.cvut.cz/revisitop/data/datasets/roxford5k/gnd_roxford5k.pkl"].dest == \
+        "roxford5k/gnd_roxford5k.pkl"
+    tar = rox["https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz"]
+    assert tar.extract_to == "roxford5k/jpg" and tar.flatten
+    par = [f.url for f in DOWNLOADS["rparis6k"]]
+    assert par[1:] == [f"https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_{i}-v1.tgz" for i in (1, 2)]
+    r1m = DOWNLOADS["revisitop1m"]
+    assert r1m[0].url == "http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt"
+    assert [f.url for f in r1m[1:]] == [
+        f"http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.{i}.tar.gz" for i in range(1, 101)]
+    assert all(f.extract_to == "revisitop1m/jpg" and not f.flatten for f in r1m[1:])
+
+
+def test_plan_skips_complete_resumes_part_and_reports_md5(tmp_path):
+    good, bad = b"hello world", b"corrupted"
+    table = {"toy": (
+        RemoteFile("toy", "http://x/a.bin", "toy/a.bin"),                       # complete, no md5 -> skipped
+        RemoteFile("toy", "http://x/b.bin", "toy/b.bin"),                       # .part -> resume
+        RemoteFile("toy", "http://x/c.bin", "toy/c.bin", md5=hashlib.md5(good).hexdigest()),  # mismatch
+        RemoteFile("toy", "http://x/d.bin", "toy/d.bin", md5=hashlib.md5(good).hexdigest()),  # md5 ok
+        RemoteFile("toy", "http://x/e.tgz", "toy/e.tgz", extract_to="toy/jpg"),  # marker -> skipped
+        RemoteFile("toy", "http://x/f.tgz", "toy/f.tgz", extract_to="toy/jpg"),  # archive here -> extract
+        RemoteFile("toy", "http://x/g.bin", "toy/g.bin"),                       # nothing -> download
+    )}
+    (tmp_path / "toy" / "jpg").mkdir(parents=True)
+    (tmp_path / "toy" / "a.bin").write_bytes(b"anything")
+    (tmp_path / "toy" / "b.bin.part").write_bytes(b"x" * 1234)
+    (tmp_path / "toy" / "c.bin").write_bytes(bad)
+    (tmp_path / "toy" / "d.bin").write_bytes(good)
+    open(extraction_marker(tmp_path, table["toy"][4]), "w").close()
+    (tmp_path / "toy" / "f.tgz").write_bytes(b"tar")
+    plan = plan_downloads(tmp_path, ["toy"], table=table)
+    by_name = {p.remote.url.rsplit("/", 1)[1]: p for p in plan}
+    assert sorted(by_name) == ["b.bin", "c.bin", "f.tgz", "g.bin"]
+    assert by_name["b.bin"].action == "resume" and by_name["b.bin"].offset == 1234
+    assert by_name["c.bin"].action == "redownload"
+    assert hashlib.md5(bad).hexdigest() in by_name["c.bin"].reason and "md5 mismatch" in by_name["c.bin"].reason
+    assert by_name["f.tgz"].action == "extract" and by_name["g.bin"].action == "download"
+    assert by_name["g.bin"].path == str(tmp_path / "toy" / "g.bin")
+    with pytest.raises(ValueError, match="unknown datasets"):
+        plan_downloads(tmp_path, ["imagenet"], table=table)
+
+
+def test_plan_for_an_empty_root_lists_everything(tmp_path):
+    plan = plan_downloads(tmp_path, ["roxford5k", "rparis6k", "revisitop1m"])
+    assert len(plan) == 2 + 3 + 101 and all(p.action == "download" for p in plan)
+
+
+def test_fetch_resumes_part_with_a_range_request(tmp_path, server):
+    data = _payload()
+    server.files["/big.bin"] = data
+    dest = tmp_path / "big.bin"
+    (tmp_path / "big.bin.part").write_bytes(data[:70_001])
+    fetch(f"{server.url}/big.bin", str(dest), progress=False)
+    assert server.ranges == ["bytes=70001-"]
+    assert dest.read_bytes() == data and not (tmp_path / "big.bin.part").exists()
+
+
+def test_fetch_restarts_when_range_is_ignored(tmp_path, server):
+    data = _payload(seed=1)
+    server.files["/f.bin"] = data
+    server.honour_range = False
+    (tmp_path / "f.bin.part").write_bytes(b"stale bytes from some other file")
+    fetch(f"{server.url}/f.bin", str(tmp_path / "f.bin"), progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == data
+
+
+def test_fetch_part_already_complete_and_http_errors(tmp_path, server):
+    data = _payload(1000)
+    server.files["/done.bin"] = data
+    (tmp_path / "done.bin.part").write_bytes(data)
+    fetch(f"{server.url}/done.bin", str(tmp_path / "done.bin"), progress=False)  # 416 with full length
+    assert (tmp_path / "done.bin").read_bytes() == data
+    with pytest.raises(OSError, match="HTTP 404"):
+        fetch(f"{server.url}/missing.bin", str(tmp_path / "missing.bin"), progress=False)
+
+
+def _tgz(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def test_download_verifies_md5_extracts_flat_and_is_idempotent(tmp_path, server):
+    gnd, archive = b"ground truth bytes", _tgz({"paris/defense/a.jpg": b"A", "paris/eiffel/b.jpg": b"BB"})
+    server.files.update({"/gnd.pkl": gnd, "/imgs.tgz": archive})
+    table = {"toy": (
+        RemoteFile("toy", f"{server.url}/gnd.pkl", "toy/gnd.pkl", md5=hashlib.md5(gnd).hexdigest()),
+        RemoteFile("toy", f"{server.url}/imgs.tgz", "toy/imgs.tgz", extract_to="toy/jpg", flatten=True),
+    )}
+    plan = plan_downloads(tmp_path, ["toy"], table=table)
+    download(plan, root=tmp_path, progress=False)
+    assert (tmp_path / "toy" / "gnd.pkl").read_bytes() == gnd
+    assert (tmp_path / "toy" / "jpg" / "a.jpg").read_bytes() == b"A"
+    assert (tmp_path / "toy" / "jpg" / "b.jpg").read_bytes() == b"BB"
+    assert not (tmp_path / "toy" / "imgs.tgz").exists()  # archives are removed once extracted
+    assert plan_downloads(tmp_path, ["toy"], table=table) == []
+
+
+def test_download_md5_mismatch_raises_and_removes(tmp_path, server):
+    server.files["/x.bin"] = b"what the server has"
+    table = {"toy": (RemoteFile("toy", f"{server.url}/x.bin", "toy/x.bin", md5="0" * 32),)}
+    with pytest.raises(ValueError, match="md5 mismatch"):
+        download(plan_downloads(tmp_path, ["toy"], table=table), root=tmp_path, progress=False)
+    assert not (tmp_path / "toy" / "x.bin").exists()
+
+
+def test_extract_keeps_tree_and_refuses_escapes(tmp_path):
+    good = tmp_path / "good.tgz"
+    good.write_bytes(_tgz({"1/2/x.jpg": b"x", "3/y.jpg": b"yy"}))
+    assert extract_archive(str(good), str(tmp_path / "out"), flatten=False) == 2
+    assert (tmp_path / "out" / "1" / "2" / "x.jpg").read_bytes() == b"x"
+    evil = tmp_path / "evil.tgz"
+    evil.write_bytes(_tgz({"../escaped.txt": b"!"}))
+    with pytest.raises(tarfile.TarError):
+        extract_archive(str(evil), str(tmp_path / "out2"), flatten=False)
+    assert not (tmp_path / "escaped.txt").exists()
+    extract_archive(str(evil), str(tmp_path / "out3"), flatten=True)  # flattening keeps only the base name
+    assert (tmp_path / "out3" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+
+
+def test_cli_dry_run_prints_the_plan(tmp_path, capsys):
+    assert main(["--root", str(tmp_path), "--datasets", "roxford5k", "revisitop1m", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "oxbuild_images-v1.tgz" in out and "gnd_roxford5k.pkl" in out
+    assert "revisitop1m.100.tar.gz" in out and "revisitop1m.txt" in out
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing

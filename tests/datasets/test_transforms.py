@@ -1,0 +1,140 @@
+"""Input conventions, query crop and multi-scale resize against hand computations and direct cv2 calls."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from datasets.transforms import (
+    crop_query,
+    min_size_guard,
+    multiscale_tensors,
+    read_image,
+    resize_scale,
+    to_tensor,
+)
+from models.checkpoint import OFFICIAL_CONVENTION, TORCHVISION_CONVENTION, InputConvention
+
+
+def _img(h=37, w=53, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def test_bgr_official_equals_rgb_as_rgb_after_flip():
+    img = _img()
+    bgr = to_tensor(img, OFFICIAL_CONVENTION)
+    rgb = to_tensor(img, OFFICIAL_CONVENTION.as_rgb())
+    assert bgr.dtype == torch.float32 and bgr.shape == (3, 37, 53)
+    assert torch.equal(bgr.flip(0), rgb)
+
+
+def test_to_tensor_values_by_hand():
+    img = np.zeros((1, 2, 3), dtype=np.uint8)
+    img[0, 0] = (255, 0, 51)  # B, G, R
+    img[0, 1] = (0, 102, 255)
+    t = to_tensor(img, OFFICIAL_CONVENTION)
+    mean, std = (0.406, 0.456, 0.485), (0.225, 0.224, 0.229)  # BGR order
+    expected = np.empty((3, 1, 2), dtype=np.float32)
+    for c in range(3):
+        for x in range(2):
+            v = np.float32(img[0, x, c]) / np.float32(255.0)
+            expected[c, 0, x] = (v - np.float32(mean[c])) / np.float32(std[c])
+    assert np.array_equal(t.numpy(), expected)
+    # pixel (0, 0) blue channel: (1 - 0.406) / 0.225
+    assert t[0, 0, 0].item() == pytest.approx((1 - 0.406) / 0.225, rel=1e-6)
+    # an RGB convention puts red first: pixel (0, 1) red = 255 with torchvision's red statistics
+    t_rgb = to_tensor(img, TORCHVISION_CONVENTION)
+    assert t_rgb[0, 0, 1].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-6)
+    assert t_rgb[2, 0, 0].item() == pytest.approx((1 - 0.406) / 0.225, rel=1e-6)
+
+
+def test_to_tensor_matches_release_style_numpy_pipeline():
+    # transpose to CHW, float32, /255, then per-channel (x - mean) / std, as the release does in numpy
+    img = _img(20, 30, seed=3)
+    im = img.astype(np.float32).transpose(2, 0, 1) / 255.0
+    for c, (m, s) in enumerate(zip(OFFICIAL_CONVENTION.mean, OFFICIAL_CONVENTION.std)):
+        im[c] = (im[c] - m) / s
+    assert np.array_equal(to_tensor(img, OFFICIAL_CONVENTION).numpy(), im)
+
+
+def test_to_tensor_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        to_tensor(np.zeros((4, 4, 3), dtype=np.float32), OFFICIAL_CONVENTION)
+    with pytest.raises(ValueError, match="H, W, 3"):
+        to_tensor(np.zeros((4, 4), dtype=np.uint8), OFFICIAL_CONVENTION)
+    with pytest.raises(ValueError):
+        InputConvention("XYZ")
+
+
+@pytest.mark.parametrize("scale,interp", [(0.7071, cv2.INTER_AREA), (1.4142, cv2.INTER_LINEAR)])
+def test_resize_scale_matches_direct_cv2(scale, interp):
+    img = _img(101, 77, seed=1)
+    out = resize_scale(img, scale)
+    ref = cv2.resize(img, dsize=(0, 0), fx=scale, fy=scale, interpolation=interp)
+    assert out.dtype == np.uint8 and np.array_equal(out, ref)
+    other = cv2.INTER_LINEAR if interp == cv2.INTER_AREA else cv2.INTER_AREA
+    # the interpolation choice matters on random pixels, so this really pins it down
+    assert not np.array_equal(out, cv2.resize(img, dsize=(0, 0), fx=scale, fy=scale, interpolation=other))
+    assert out.shape[:2] == (round(101 * scale), round(77 * scale))
+
+
+def test_resize_scale_one_is_identity_and_bad_scales_raise():
+    img = _img()
+    assert resize_scale(img, 1.0) is img
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError):
+            resize_scale(img, bad)
+    with pytest.raises(ValueError, match="to nothing"):
+        resize_scale(_img(1, 5), 0.1)
+
+
+def test_multiscale_tensors_sizes_and_values():
+    img = _img(64, 48, seed=2)
+    scales = (0.7071, 1.0, 1.4142)
+    ts = multiscale_tensors(img, scales, OFFICIAL_CONVENTION)
+    assert len(ts) == 3
+    for t, s in zip(ts, scales):
+        assert torch.equal(t, to_tensor(resize_scale(img, s), OFFICIAL_CONVENTION))
+    assert ts[1].shape == (3, 64, 48) and ts[0].shape == (3, 45, 34) and ts[2].shape == (3, 91, 68)
+
+
+def test_crop_query_truncates_float_bbx():
+    img = _img(50, 60)
+    crop = crop_query(img, (10.9, 5.2, 30.99, 20.5))
+    assert crop.shape == (15, 20, 3)  # rows 5..19, cols 10..29
+    assert np.array_equal(crop, img[5:20, 10:30])
+    assert np.array_equal(crop_query(img, np.array([0.0, 0.0, 60.0, 50.0])), img)
+    # a stop past the border is clipped by slicing, as in the release
+    assert crop_query(img, (50, 40, 70.5, 99)).shape == (10, 10, 3)
+
+
+@pytest.mark.parametrize("bbx", [(10, 10, 10.7, 20), (5, 30, 20, 29), (70, 0, 80, 10), (-3, 0, 5, 5),
+                                 (0, 0, 5), (0, float("nan"), 5, 5)])
+def test_crop_query_rejects_bad_boxes(bbx):
+    with pytest.raises(ValueError):
+        crop_query(_img(50, 60), bbx)
+
+
+def test_min_size_guard():
+    big = _img(40, 50)
+    assert min_size_guard(big, 32) is big
+    assert min_size_guard(big, None) is big
+    tiny = _img(8, 20)
+    up = min_size_guard(tiny, 32)
+    assert up.shape == (32, 80, 3)
+    assert np.array_equal(up, cv2.resize(tiny, dsize=(80, 32), interpolation=cv2.INTER_LINEAR))
+    tall = min_size_guard(_img(30, 3), 16)
+    assert tall.shape == (160, 16, 3)
+
+
+def test_read_image_bgr_and_errors(tmp_path):
+    img = _img(12, 9)
+    path = tmp_path / "x.png"  # lossless, so the round trip is exact
+    cv2.imwrite(str(path), img)
+    got = read_image(path)
+    assert got.dtype == np.uint8 and np.array_equal(got, img)
+    with pytest.raises(FileNotFoundError, match=r"nope\.jpg.*dataset roxford5k"):
+        read_image(tmp_path / "nope.jpg", dataset="roxford5k")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        read_image(bad)
