@@ -162,6 +162,10 @@ def load_ground_truth(path: str | os.PathLike) -> dict:
 
 
 def _download_hint(root: str, name: str) -> str:
+    if name not in REVISITED_NAMES:  # a dataset in the revisitop layout of the user's (or the built-in one)
+        return (f"Any dataset in the revisitop layout works: {os.path.join(root, name, f'gnd_{name}.pkl')} and "
+                f"{os.path.join(root, name, 'jpg')}/*.jpg (the built-in one: python -m datasets.synthetic "
+                f"--root {root} --name {name}).")
     images = "\n".join(f"    {u}" for u in IMAGE_URLS[name])
     return (
         f"Fetch them with `python -m datasets.download --root {root} --datasets {name}`, or by hand:\n"
@@ -172,7 +176,7 @@ def _download_hint(root: str, name: str) -> str:
 
 
 class RevisitedDataset(Dataset):
-    """ROxford5k or RParis6k, database or query side; item i -> list of (3, H_s, W_s) tensors, one per scale.
+    """ROxford5k, RParis6k (or any dataset in their layout), database or query side; item i -> list of (3, H_s, W_s) tensors, one per scale.
 
     Queries are cropped to their ``bbx`` once, before any resizing (the official protocol); database images
     are used whole. Images are read at their stored size (at most 1024 a side) in BGR and normalised with
@@ -189,9 +193,9 @@ class RevisitedDataset(Dataset):
         scales: Sequence[float] = (1.0,),
         min_side: int | None = None,
     ) -> None:
-        name = name.lower()
-        if name not in REVISITED_NAMES:
-            raise ValueError(f"unknown revisited dataset {name!r}; expected one of {REVISITED_NAMES}")
+        # roxford5k / rparis6k, or any dataset written in the same layout (the built-in synthetic benchmark)
+        if not name or os.sep in name or name in (".", ".."):
+            raise ValueError(f"invalid dataset name {name!r}")
         if split not in ("db", "query"):
             raise ValueError(f"split must be 'db' or 'query', got {split!r}")
         self.root = os.fspath(root)

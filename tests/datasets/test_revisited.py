@@ -156,8 +156,12 @@ def test_missing_dataset_says_what_to_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="gnd_roxford5k.pkl is missing") as e:
         RevisitedDataset(tmp_path, "roxford5k")
     assert "oxbuild_images-v1.tgz" in str(e.value)
-    with pytest.raises(ValueError, match="unknown"):
-        RevisitedDataset(tmp_path, "oxford105k")
+    # any name is a dataset in the same layout; a missing one says which files make it
+    with pytest.raises(FileNotFoundError, match="revisitop layout") as e:
+        RevisitedDataset(tmp_path, "mybuildings")
+    assert "gnd_mybuildings.pkl" in str(e.value)
+    with pytest.raises(ValueError, match="invalid dataset name"):
+        RevisitedDataset(tmp_path, "..")
     with pytest.raises(ValueError, match="split"):
         RevisitedDataset(tmp_path, "roxford5k", "train")
 
