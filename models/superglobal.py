@@ -95,7 +95,7 @@ class SuperGlobalRerank(nn.Module):
     """SuperGlobal's training-free re-ranking of the top ``M`` (default 400) global candidates.
 
     ``rerank(queries (q, d), database)`` with ``database`` an (n, d) tensor of L2-normalised descriptors or any
-    :class:`helpers.AbstractVectorDB`; returns ``(scores (q, M), ids (q, M))`` best first. Vectorised over
+    :class:`helpers.AbstractVectorDB` (via ``search_with_vectors``); returns ``(scores (q, M), ids (q, M))`` best first. Vectorised over
     queries; ``query_chunk`` bounds memory (a chunk holds (chunk, M, M) similarities and (chunk, M, d) vectors).
     """
 

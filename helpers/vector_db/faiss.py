@@ -1,0 +1,381 @@
+"""Faiss back-end: exact (``IndexFlatIP`` under ``IndexIDMap2``) or compressed (``IndexIVFPQ``, inner product).
+
+``faiss`` is optional: it is imported when a :class:`FaissVectorDB` is built, never at module import. This
+module is ``helpers.vector_db.faiss``; ``import faiss`` inside it is an absolute import and reaches the
+installed faiss package, not this file.
+
+- ``index="flat"``: exact search, same results as :class:`helpers.vector_db.tensor.TensorVectorDB`; ``get``
+  returns the stored vectors exactly.
+- ``index="ivfpq"``: for collections past memory (1M x 2048 float32 is 8 GB; with ``m=64, nbits=8`` the
+  codes take 64 bytes a vector). It must be trained before vectors are added: call :meth:`FaissVectorDB.train`
+  with a representative sample, or let the first ``add`` train on its own vectors when it holds at least
+  ``max(nlist, 2 ** nbits)`` of them (otherwise that ``add`` raises, writing nothing). ``nprobe`` (inverted lists
+  visited per query) trades recall for speed; a query may get fewer than ``k`` hits, padded as usual.
+  ``get`` works through a hashtable direct map but returns the *product-quantised reconstruction*, not the
+  vector that was added; keep the originals elsewhere (e.g. a float16 TensorVectorDB) where exact vectors
+  matter, as for SuperGlobal's re-ranking.
+- GPU: with ``use_gpu="auto"`` and a faiss build that sees GPUs, searches run on a GPU replica of the index,
+  rebuilt after each modification; the CPU index stays the reference for add, delete, get and save. A GPU
+  search with ``k`` > 2048 (faiss' GPU limit) runs on the CPU index instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from helpers.vector_db.base import (
+    AbstractVectorDB,
+    ArrayLike,
+    CorruptIndexError,
+    LocalMetadata,
+    Metadata,
+    atomic_write,
+    unknown_ids_error,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "helpers.vector_db.FaissVectorDB"
+FORMAT_VERSION = 1
+_GPU_MAX_K = 2048
+_WELL_TRAINED = 39  # faiss' own advice: at least 39 training points per centroid
+
+
+def import_faiss() -> Any:
+    """The installed faiss module, or an ImportError that says how to install it."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError(
+            "FaissVectorDB needs faiss: `pip install faiss-cpu` (or a faiss-gpu build for GPU search)"
+        ) from exc
+    if not hasattr(faiss, "IndexFlatIP"):  # something named faiss shadows the real package
+        raise ImportError(f"`import faiss` found {getattr(faiss, '__file__', faiss)!r}, which is not faiss")
+    return faiss
+
+
+def _sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sidecar(path: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(path)}.json")
+
+
+class FaissVectorDB(AbstractVectorDB):
+    """Inner-product search with faiss: exact (``"flat"``) or IVF-PQ (``"ivfpq"``).
+
+    Args:
+        dim: descriptor dimension d.
+        index: ``"flat"`` (exact) or ``"ivfpq"`` (inverted file with product quantisation).
+        nlist: IVF-PQ inverted lists (coarse centroids).
+        m: IVF-PQ sub-quantisers; must divide ``dim``.
+        nbits: bits per sub-quantiser code.
+        nprobe: IVF-PQ lists visited per query.
+        use_gpu: ``"auto"`` (GPU search when faiss sees a GPU), ``True`` (require one) or ``False``.
+        gpu_device: which GPU.
+        norm_tolerance: allowed |norm - 1| of added vectors and queries.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        index: Literal["flat", "ivfpq"] = "flat",
+        nlist: int = 1024,
+        m: int = 64,
+        nbits: int = 8,
+        nprobe: int = 16,
+        use_gpu: bool | Literal["auto"] = "auto",
+        *,
+        gpu_device: int = 0,
+        norm_tolerance: float = 1e-3,
+    ) -> None:
+        super().__init__(dim, norm_tolerance=norm_tolerance)
+        faiss = import_faiss()
+        if index not in ("flat", "ivfpq"):
+            raise ValueError(f"index must be 'flat' or 'ivfpq', got {index!r}")
+        if use_gpu not in ("auto", True, False):
+            raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
+        self.kind = index
+        self.nlist, self.m, self.nbits = int(nlist), int(m), int(nbits)
+        if index == "ivfpq":
+            if self.nlist < 1 or self.m < 1 or not 1 <= self.nbits <= 16:
+                raise ValueError(f"need nlist >= 1, m >= 1, 1 <= nbits <= 16; got {nlist}, {m}, {nbits}")
+            if dim % self.m:
+                raise ValueError(f"m={m} sub-quantisers must divide dim={dim}")
+        self._index = self._build_index(faiss)
+        self._known: set[int] = set()
+        self._meta = LocalMetadata()
+        self._gpu_res: Any = None
+        self._gpu_index: Any = None
+        self.gpu_device = gpu_device
+        self.use_gpu = self._resolve_gpu(faiss, use_gpu)
+        self._gpu_required = use_gpu is True
+        self.nprobe = nprobe
+
+    # ------------------------------------------------------------------ construction
+    def _build_index(self, faiss: Any) -> Any:
+        if self.kind == "flat":
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFPQ(quantizer, self.dim, self.nlist, self.m, self.nbits, faiss.METRIC_INNER_PRODUCT)
+        index.own_fields = True
+        quantizer.this.disown()  # the IVF index now frees its quantizer
+        # a hashtable direct map: reconstruct (get) by arbitrary id, and remove_ids keeps working
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return index
+
+    def _resolve_gpu(self, faiss: Any, use_gpu: bool | str) -> bool:
+        n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if use_gpu is True and n_gpus == 0:
+            raise RuntimeError("use_gpu=True but this faiss build sees no GPU (faiss-cpu?); use use_gpu='auto'")
+        return bool(use_gpu) and n_gpus > 0
+
+    @property
+    def nprobe(self) -> int:
+        """IVF-PQ inverted lists visited per query (ignored by the flat index)."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"nprobe must be a positive integer, got {value!r}")
+        self._nprobe = value
+        if self.kind == "ivfpq":
+            self._index.nprobe = value
+        self._gpu_index = None  # the replica picks the new value up when rebuilt
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether vectors can be added (always true for the flat index)."""
+        return bool(self._index.is_trained)
+
+    @property
+    def min_train_size(self) -> int:
+        """Fewest training vectors faiss accepts: one per coarse centroid and one per PQ code."""
+        return max(self.nlist, 2**self.nbits) if self.kind == "ivfpq" else 0
+
+    def __repr__(self) -> str:
+        extra = f", nlist={self.nlist}, m={self.m}, nbits={self.nbits}, nprobe={self.nprobe}" \
+            if self.kind == "ivfpq" else ""
+        return f"FaissVectorDB(dim={self.dim}, n={len(self)}, index={self.kind!r}{extra}, gpu={self.use_gpu})"
+
+    # ------------------------------------------------------------------ training
+    def train(self, vectors: ArrayLike) -> None:
+        """Train the IVF-PQ coarse quantiser and product quantiser on (n, d) normalised vectors.
+
+        A no-op for the flat index. Refused once vectors are stored (their codes would go stale).
+        """
+        x = self._validate_vectors(vectors, name="training vectors")
+        self._train(x.cpu().numpy())
+
+    def _train(self, x: np.ndarray) -> None:
+        if self.kind == "flat":
+            logger.info("the flat index needs no training; ignoring %d vectors", x.shape[0])
+            return
+        if self._index.ntotal:
+            raise RuntimeError("cannot retrain an IVF-PQ index that holds vectors; delete them or build a new one")
+        if x.shape[0] < self.min_train_size:
+            raise ValueError(
+                f"IVF-PQ training needs at least {self.min_train_size} vectors (max(nlist={self.nlist}, "
+                f"2**nbits={2**self.nbits})), got {x.shape[0]}")
+        if x.shape[0] < _WELL_TRAINED * self.min_train_size:
+            logger.warning("training IVF-PQ on %d vectors; faiss advises at least %d", x.shape[0],
+                           _WELL_TRAINED * self.min_train_size)
+        if self._index.is_trained:
+            self._index.reset()
+        self._index.train(np.ascontiguousarray(x, dtype=np.float32))
+        self._gpu_index = None
+        logger.info("trained IVF-PQ (nlist %d, m %d, nbits %d) on %d vectors", self.nlist, self.m, self.nbits,
+                    x.shape[0])
+
+    # ------------------------------------------------------------------ storage maths
+    def _selector(self, ids: np.ndarray) -> Any:
+        faiss = import_faiss()
+        # IVF's hashtable direct map only removes from an explicit id array; IDMap2 wants a hashed batch
+        if self.kind == "ivfpq":
+            return faiss.IDSelectorArray(ids)
+        return faiss.IDSelectorBatch(ids)
+
+    def _remove(self, ids: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        removed = self._index.remove_ids(self._selector(ids))
+        if removed != ids.shape[0]:
+            raise RuntimeError(f"faiss removed {removed} vectors where {ids.shape[0]} were expected")
+
+    def _count(self) -> int:
+        return int(self._index.ntotal)
+
+    def _upsert(self, vectors: Tensor, ids: Tensor, metadata: list[Metadata | None] | None) -> None:
+        x = np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
+        id_np = ids.numpy().astype(np.int64)
+        if not self._index.is_trained:
+            if x.shape[0] < self.min_train_size:
+                raise RuntimeError(
+                    f"the IVF-PQ index is not trained: call train(vectors) with at least {self.min_train_size} "
+                    f"representative vectors first, or add at least that many in the first call "
+                    f"(got {x.shape[0]})")
+            logger.info("IVF-PQ index untrained: training on the %d vectors of the first add", x.shape[0])
+            self._train(x)
+        existing = np.array([i for i in id_np.tolist() if i in self._known], dtype=np.int64)
+        if existing.size:
+            self._remove(existing)
+        self._index.add_with_ids(x, id_np)
+        self._known.update(id_np.tolist())
+        self._meta.set(ids, metadata)
+        self._gpu_index = None
+
+    def _searcher(self, k: int) -> Any:
+        if not self.use_gpu or k > _GPU_MAX_K:
+            return self._index
+        if self._gpu_index is None:
+            faiss = import_faiss()
+            try:
+                if self._gpu_res is None:
+                    self._gpu_res = faiss.StandardGpuResources()
+                self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, self.gpu_device, self._index)
+                if self.kind == "ivfpq":
+                    faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", self.nprobe)
+            except RuntimeError as exc:
+                if self._gpu_required:
+                    raise
+                # "auto" promised speed, not a GPU: say why once, then stay on the CPU
+                logger.warning("faiss could not move the %s index to GPU %d (%s); searching on the CPU",
+                               self.kind, self.gpu_device, exc)
+                self.use_gpu = False
+                return self._index
+        return self._gpu_index
+
+    def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        xq = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
+        if self._index.ntotal == 0:
+            return torch.empty(xq.shape[0], 0), torch.empty(xq.shape[0], 0, dtype=torch.int64)
+        scores, ids = self._searcher(k).search(xq, k)
+        scores = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
+        ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        scores[ids < 0] = float("-inf")  # faiss pads with -FLT_MAX; the convention here is -inf
+        return scores, ids
+
+    def _check_known(self, ids: Tensor) -> None:
+        missing = [i for i in ids.tolist() if i not in self._known]
+        if missing:
+            raise unknown_ids_error(missing)
+
+    def _get(self, ids: Tensor) -> Tensor:
+        self._check_known(ids)
+        out = self._index.reconstruct_batch(np.ascontiguousarray(ids.numpy(), dtype=np.int64))
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+
+    def _get_metadata(self, ids: Tensor) -> list[Metadata | None]:
+        self._check_known(ids)
+        return self._meta.get(ids)
+
+    def _missing(self, ids: Tensor) -> Tensor:
+        return ids[torch.tensor([i not in self._known for i in ids.tolist()], dtype=torch.bool)]
+
+    def _delete(self, ids: Tensor) -> None:
+        self._remove(ids.numpy())
+        self._known.difference_update(ids.tolist())
+        self._meta.drop(ids)
+        self._gpu_index = None
+
+    def _stored_ids(self) -> Tensor:
+        return torch.tensor(sorted(self._known), dtype=torch.int64)
+
+    def _next_free_id(self) -> int:
+        return max(self._known) + 1 if self._known else 0
+
+    def _index_ids(self) -> np.ndarray:
+        """Every id held by the faiss index itself (used to rebuild the id set after loading)."""
+        faiss = import_faiss()
+        if self.kind == "flat":
+            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        invlists, parts = self._index.invlists, []
+        for lst in range(self._index.nlist):
+            size = invlists.list_size(lst)
+            if size:
+                ptr = invlists.get_ids(lst)
+                parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+                invlists.release_ids(lst, ptr)
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+    # ------------------------------------------------------------------ persistence
+    def _params(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dim": self.dim, "index": self.kind,
+                "nlist": self.nlist, "m": self.m, "nbits": self.nbits, "nprobe": self.nprobe}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the faiss index to ``path`` (``faiss.write_index``) and a sidecar ``path.json`` holding the
+        parameters, per-id metadata and the index file's sha256; each file is replaced atomically."""
+        faiss = import_faiss()
+        atomic_write(path, lambda tmp: faiss.write_index(self._index, tmp))
+        sidecar = {**self._params(), "count": int(self._index.ntotal), "trained": self.is_trained,
+                   "norm_tolerance": self.norm_tolerance, "index_sha256": _sha256_file(path),
+                   "metadata": json.loads(self._meta.to_json())}
+
+        def write_json(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(sidecar, f, indent=1)
+
+        atomic_write(_sidecar(path), write_json)
+        logger.info("saved faiss %s index of %d vectors to %s", self.kind, sidecar["count"], path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, use_gpu: bool | Literal["auto"] = "auto",
+             gpu_device: int = 0) -> FaissVectorDB:
+        """Read an index written by :meth:`save`, verifying the checksum, dimension, count and index type.
+
+        Raises ``FileNotFoundError`` for a missing file and :class:`CorruptIndexError` for a damaged one.
+        """
+        faiss = import_faiss()
+        path, meta_path = Path(path), _sidecar(path)
+        for p in (path, meta_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"no saved FaissVectorDB at {path}: {p} is missing "
+                                        "(FaissVectorDB.save writes the index and a .json beside it)")
+        try:
+            with open(meta_path) as f:
+                side = json.load(f)
+            params = {key: side[key] for key in ("format", "version", "dim", "index", "nlist", "m", "nbits",
+                                                 "nprobe", "count", "index_sha256")}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptIndexError(f"{meta_path} is truncated or not a FaissVectorDB sidecar: {exc}") from exc
+        if params["format"] != FORMAT_NAME or params["version"] != FORMAT_VERSION:
+            raise CorruptIndexError(f"{meta_path} has format {params['format']!r} v{params['version']}, "
+                                    f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
+        if _sha256_file(path) != params["index_sha256"]:
+            raise CorruptIndexError(f"{path}: sha256 checksum mismatch, the index file is truncated or corrupted")
+        try:
+            index = faiss.read_index(os.fspath(path))
+        except RuntimeError as exc:
+            raise CorruptIndexError(f"faiss cannot read {path}: {exc}") from exc
+        db = cls(params["dim"], index=params["index"], nlist=params["nlist"], m=params["m"],
+                 nbits=params["nbits"], nprobe=params["nprobe"], use_gpu=use_gpu, gpu_device=gpu_device,
+                 norm_tolerance=side.get("norm_tolerance", 1e-3))
+        expected = faiss.IndexIDMap2 if db.kind == "flat" else faiss.IndexIVFPQ
+        if not isinstance(index, expected) or index.d != db.dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise CorruptIndexError(f"{path} holds a {type(index).__name__} (d={index.d}), expected "
+                                    f"{expected.__name__} with inner product and d={db.dim}")
+        if index.ntotal != params["count"]:
+            raise CorruptIndexError(f"{path} holds {index.ntotal} vectors, its sidecar says {params['count']}")
+        db._index = index
+        db.nprobe = params["nprobe"]
+        ids = db._index_ids()
+        db._known = set(ids.tolist())
+        if len(db._known) != ids.shape[0]:
+            raise CorruptIndexError(f"{path} holds repeated ids")
+        db._meta = LocalMetadata.from_json(json.dumps(side.get("metadata", {})))
+        logger.info("loaded faiss %s index of %d vectors from %s", db.kind, index.ntotal, path)
+        return db
