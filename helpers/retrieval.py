@@ -1,0 +1,849 @@
+"""The retrieval front door: index your own images and query them, with optional re-ranking. No training needed.
+
+    model = build_global_model("superglobal", depth=50, weights="weights/CVPR2022_CVNet_R50.pyth")
+    retriever = Retriever(model, TensorVectorDB(2048), reranker=SuperGlobalRerank(),
+                          weights="weights/CVPR2022_CVNet_R50.pyth")
+    retriever.index(["photos/a.jpg", "photos/b.jpg"])          # -> ids tensor([0, 1])
+    for hit in retriever.query("photos/query.jpg", k=10):       # best first
+        print(hit.id, hit.score, hit.path)
+    retriever.save("my_index")                                  # database + retriever.json
+    retriever = Retriever.load("my_index")                      # rebuilds the model from the recorded weights
+
+Images are uint8 (H, W, 3) arrays in **BGR** order (OpenCV's, as both releases read them) or paths, read with
+:func:`datasets.transforms.read_image`. An RGB array is accepted only with an explicit ``channel_order="RGB"``.
+Each image is downscaled (INTER_AREA) so that its longer side is at most ``max_side`` (the revisited
+benchmarks are at most 1024 a side), and a short side below ``min_side`` is enlarged so that every scale of the
+multi-scale descriptor still leaves a stage-4 map large enough for Regional-GeM's 5 x 5 reflection padding.
+The model's input convention (channel order, mean, std) is read from ``model.input_convention``.
+
+Re-ranking (optional):
+
+- :class:`models.superglobal.SuperGlobalRerank` runs over the database (any :class:`AbstractVectorDB`).
+- :class:`models.cvnet.CVNetRerank` re-scores the top ``rerank_top_k`` global candidates with
+  ``global cosine + mix * CVNet score`` (CVNet's final similarity, mix 0.5), re-sorted among themselves; the
+  rest of the global ranking follows. Database feature maps are recomputed from the image path stored in each
+  entry's metadata (``"path"``), with an in-memory LRU cache of the reduced maps keyed by id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from datasets.transforms import crop_query, min_size_guard, multiscale_tensors, read_image, to_tensor
+from helpers.vector_db.base import AbstractVectorDB, as_id_vector, atomic_write, check_metadata, check_unique
+from models.checkpoint import OFFICIAL_CONVENTION, InputConvention, load_official_checkpoint
+from models.cvnet import CVNetGlobal, CVNetRerank
+from models.superglobal import SuperGlobal, SuperGlobalRerank
+
+logger = logging.getLogger(__name__)
+
+#: CVNet's multi-scale test scales (SuperGlobal carries its own inside the model).
+CVNET_SCALES = (0.7071, 1.0, 1.4142)
+#: Short side below which an image is enlarged: at scale 0.7071 a 92 px side is the least that leaves a 3 x 3
+#: stage-4 map, which Regional-GeM's reflection padding of 2 needs; 96 keeps a margin.
+DEFAULT_MIN_SIDE = 96
+DEFAULT_MAX_SIDE = 1024
+PATH_KEY = "path"
+CONFIG_FILE = "retriever.json"
+FORMAT_NAME = "helpers.retrieval.Retriever"
+FORMAT_VERSION = 1
+_DATABASE_FILES = {"tensor": "database.pt", "faiss": "database.faiss"}
+_ADD_EVERY = 256  # descriptors accumulated before one database write (bounds memory and lost work)
+
+OFFICIAL_WEIGHTS_HINT = (
+    "For meaningful results download the official weights CVPR2022_CVNet_R50.pyth (or CVPR2022_CVNet_R101.pyth) "
+    "from the CVNet release (https://github.com/sungonce/CVNet, Google Drive links in its README), put the file "
+    "under weights/, and pass it as weights= (command line: --weights weights/CVPR2022_CVNet_R50.pyth). "
+    "SuperGlobal uses the very same files."
+)
+
+_MODEL_CLASSES = {"superglobal": SuperGlobal, "cvnet": CVNetGlobal}
+_CLASS_NAMES = {"SuperGlobal": "superglobal", "CVNetGlobal": "cvnet"}
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result of a query.
+
+    ``score`` is what the ranking used at that position: the global cosine without re-ranking, SuperGlobal's
+    (s1 + s2) / 2 or ``global + mix * CVNet score`` for re-ranked positions. ``global_score`` is always the
+    cosine of the global descriptors (about 1 for an exact duplicate).
+    """
+
+    id: int
+    score: float
+    metadata: dict[str, Any] | None = None
+    global_score: float | None = None
+
+    @property
+    def path(self) -> str | None:
+        """The indexed image file, when it was indexed from a path."""
+        return None if self.metadata is None else self.metadata.get(PATH_KEY)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_bgr(image: str | os.PathLike | np.ndarray, *, channel_order: str = "BGR") -> np.ndarray:
+    """A path (read with OpenCV) or a uint8 (H, W, 3) array in ``channel_order`` -> uint8 (H, W, 3) BGR."""
+    if channel_order not in ("BGR", "RGB"):
+        raise ValueError(f"channel_order must be 'BGR' or 'RGB', got {channel_order!r}")
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected an image path or a uint8 (H, W, 3) numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a colour image of shape (H, W, 3), got {image.shape} "
+                         "(convert grey images with cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"empty image of shape {image.shape}")
+    return np.ascontiguousarray(image[:, :, ::-1]) if channel_order == "RGB" else image
+
+
+def downscale_to_max_side(img: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
+    """Shrink (INTER_AREA, aspect kept) so that max(H, W) <= ``max_side``; returns (image, factor applied)."""
+    h, w = img.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return img, 1.0
+    import cv2
+
+    factor = max_side / max(h, w)
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return cv2.resize(img, dsize=size, interpolation=cv2.INTER_AREA), factor
+
+
+def prepare_image(
+    img: np.ndarray,
+    *,
+    max_side: int | None,
+    min_side: int | None,
+    bbox: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Downscale to ``max_side``, crop the query box (given in the original image's pixels), enlarge to
+    ``min_side``. The crop follows the downscale so that a query is seen at the scale of the database images."""
+    img, factor = downscale_to_max_side(img, max_side)
+    if bbox is not None:
+        box = np.asarray(bbox, dtype=np.float64).reshape(-1)
+        if box.shape != (4,) or not np.isfinite(box).all():
+            raise ValueError(f"bbox must be 4 finite numbers (x1, y1, x2, y2), got {bbox!r}")
+        img = crop_query(img, box * factor)
+    return min_size_guard(img, min_side)
+
+
+def same_size_groups(shapes: Sequence[tuple[int, ...]], batch_size: int) -> list[list[int]]:
+    """Indices grouped by equal shape, each group cut into batches of at most ``batch_size`` (first-seen order)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(i)
+    return [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Descriptors and feature maps (one small function per model kind)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _stack(images: Sequence[np.ndarray], convention: InputConvention, device: torch.device) -> Tensor:
+    return torch.stack([to_tensor(img, convention) for img in images]).to(device)
+
+
+@torch.no_grad()
+def superglobal_descriptors(
+    model: SuperGlobal, images: Sequence[np.ndarray], *, device: torch.device | str = "cpu", batch_size: int = 4
+) -> Tensor:
+    """SuperGlobal global descriptors of uint8 BGR images: (n, d) float32 on CPU, L2-normalised.
+
+    The model resizes to its scales internally (Scale-GeM); images of equal size are batched.
+    """
+    device = torch.device(device)
+    out = torch.empty(len(images), descriptor_dim(model))
+    for batch in same_size_groups([img.shape for img in images], batch_size):
+        x = _stack([images[i] for i in batch], model.input_convention, device)
+        out[batch] = model(x).float().cpu()
+    return out
+
+
+@torch.no_grad()
+def cvnet_global_descriptors(
+    model: CVNetGlobal,
+    images: Sequence[np.ndarray],
+    *,
+    scales: Sequence[float] = CVNET_SCALES,
+    device: torch.device | str = "cpu",
+    batch_size: int = 4,
+) -> Tensor:
+    """CVNet-Global multi-scale test descriptors: (n, d) float32 on CPU.
+
+    Per scale the uint8 image is resized with OpenCV (INTER_AREA below 1, INTER_LINEAR above), described and
+    L2-normalised; the per-scale descriptors are averaged and the mean L2-normalised (the release's recipe).
+    """
+    device = torch.device(device)
+    total = torch.zeros(len(images), descriptor_dim(model))
+    for batch in same_size_groups([img.shape for img in images], batch_size):
+        per_image = [multiscale_tensors(images[i], scales, model.input_convention) for i in batch]
+        for s in range(len(scales)):
+            x = torch.stack([tensors[s] for tensors in per_image]).to(device)
+            total[batch] += nn.functional.normalize(model(x).float(), dim=-1).cpu()
+    return nn.functional.normalize(total / len(scales), dim=-1)
+
+
+@torch.no_grad()
+def cvnet_reduced_maps(
+    reranker: CVNetRerank, images: Sequence[np.ndarray], *, device: torch.device | str = "cpu", batch_size: int = 4
+) -> list[list[Tensor]]:
+    """CVNet-Rerank's query-independent part of each image at scale 1.0: per image, the list (one per
+    correlation scale) of reduced maps (1, 256, h_s, w_s), on ``device``."""
+    device = torch.device(device)
+    out: list[list[Tensor] | None] = [None] * len(images)
+    for batch in same_size_groups([img.shape for img in images], batch_size):
+        x = _stack([images[i] for i in batch], reranker.input_convention, device)
+        reduced = reranker.reduce_featuremap(reranker.extract_featuremap(x))
+        for row, i in enumerate(batch):
+            out[i] = [m[row : row + 1] for m in reduced]
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def cvnet_pair_scores(
+    reranker: CVNetRerank, query_maps: list[Tensor], key_maps: Sequence[list[Tensor]], *, batch_size: int = 4
+) -> Tensor:
+    """CVNet scores (probability of "same object") of one query against each key: (n,) float32 on CPU.
+
+    Keys whose reduced maps have equal sizes are scored together, ``batch_size`` at a time (each pair holds a
+    9 x hq x wq x hk x wk correlation: about 340 MB for two 1024 x 768 images).
+    """
+    scores = torch.empty(len(key_maps))
+    shapes = [tuple(m.shape for m in maps) for maps in key_maps]
+    for batch in same_size_groups(shapes, batch_size):
+        keys = [torch.cat([key_maps[i][s] for i in batch]) for s in range(len(query_maps))]
+        scores[batch] = reranker.score_reduced(query_maps, keys).float().cpu()
+    return scores
+
+
+def apply_cvnet_rerank(scores: Tensor, ids: Tensor, pair_scores: Tensor, *, mix: float) -> tuple[Tensor, Tensor]:
+    """Re-score the first ``t = len(pair_scores)`` of a global ranking (scores (m,), ids (m,), best first) with
+    ``global + mix * pair score`` and re-sort them among their own positions; positions t.. keep their place."""
+    t = pair_scores.numel()
+    if t > scores.numel():
+        raise ValueError(f"{t} pair scores for a ranking of {scores.numel()}")
+    head = scores[:t] + mix * pair_scores.to(scores.dtype)
+    head, order = head.sort(descending=True, stable=True)
+    return torch.cat([head, scores[t:]]), torch.cat([ids[:t][order], ids[t:]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models: configuration, construction, fingerprint
+# --------------------------------------------------------------------------------------------------------------
+
+
+def descriptor_dim(model: nn.Module) -> int:
+    """Dimension d of a global model's descriptors (its fc output)."""
+    return int(model.head.fc.out_features)
+
+
+def model_kind(model: nn.Module) -> str:
+    """``"superglobal"`` or ``"cvnet"`` (CVNet-Global); anything else is a TypeError."""
+    if isinstance(model, SuperGlobal):
+        return "superglobal"
+    if isinstance(model, CVNetGlobal):
+        return "cvnet"
+    raise TypeError(f"model must be a models.SuperGlobal or models.CVNetGlobal, got {type(model).__name__}")
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """What rebuilds the architecture: class, depth, options and input convention (weights not included)."""
+    kind = model_kind(model)
+    options: dict[str, Any] = {"reduction_dim": descriptor_dim(model)}
+    if kind == "superglobal":
+        options.update(gemp=model.gemp, rgem=model.rgem, sgem=model.sgem, relup=model.relup,
+                       scales=list(model.scales), antialias=model.antialias)
+    convention = getattr(model, "input_convention", OFFICIAL_CONVENTION)
+    return {"class": type(model).__name__, "depth": int(model.depth), "options": options,
+            "input_convention": convention.to_dict()}
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of the weights the inference path uses (a model's ``derived_prefixes``, e.g. CVNet's momentum
+    encoder, are left out), so that an index is never queried with other weights than it was built with."""
+    derived = tuple(getattr(model, "derived_prefixes", ()))
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        if name.startswith(derived):
+            continue
+        h.update(name.encode())
+        h.update(str(tuple(value.shape)).encode())
+        h.update(memoryview(np.ascontiguousarray(value.detach().cpu().float().numpy())).cast("B"))
+    return h.hexdigest()
+
+
+def _seeded(build, seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _warn_random(what: str, seed: int) -> None:
+    logger.warning(
+        "\n%s\n!! NO WEIGHTS: %s uses RANDOM weights (seed %d). Rankings are MEANINGLESS (for testing the "
+        "pipeline only).\n!! %s\n%s", "!" * 100, what, seed, OFFICIAL_WEIGHTS_HINT, "!" * 100)
+
+
+def build_global_model(
+    kind: str = "superglobal",
+    *,
+    depth: int = 50,
+    weights: str | os.PathLike | None = None,
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """A SuperGlobal (``kind="superglobal"``) or CVNet-Global (``"cvnet"``) model in eval mode.
+
+    ``weights``: an official-format checkpoint (CVPR2022_CVNet_R50/R101.pyth or this project's training
+    checkpoints), loaded strictly; it sets the input convention. Without it the weights are random, drawn
+    from ``seed`` (reproducibly, leaving the global RNG untouched), with a loud warning. ``options`` are the
+    model's constructor options (see :func:`model_config`). Class names ("SuperGlobal") are accepted as kinds.
+    """
+    kind = _CLASS_NAMES.get(kind, kind)
+    if kind not in _MODEL_CLASSES:
+        raise ValueError(f"model kind must be one of {sorted(_MODEL_CLASSES)}, got {kind!r}")
+    cls = _MODEL_CLASSES[kind]
+    opts = dict(options or {})
+    if "scales" in opts:
+        opts["scales"] = tuple(opts["scales"])
+    model = _seeded(lambda: cls(depth=depth, **opts), seed)
+    if weights is not None:
+        load_official_checkpoint(model, weights)
+    else:
+        _warn_random(f"{cls.__name__} (ResNet-{depth})", seed)
+    return model.eval()
+
+
+def build_reranker(
+    kind: str,
+    *,
+    depth: int = 50,
+    weights: str | os.PathLike | None = None,
+    seed: int = 0,
+    M: int = 400,
+    K: int = 9,
+    beta: float = 0.15,
+) -> nn.Module | None:
+    """``"none"`` -> None; ``"superglobal"`` -> SuperGlobalRerank(M, K, beta) (no weights);
+    ``"cvnet"`` -> CVNetRerank(depth) loaded from ``weights`` (the same official file as the global model),
+    or random from ``seed`` with a loud warning."""
+    if kind in (None, "none"):
+        return None
+    if kind == "superglobal":
+        return SuperGlobalRerank(M=M, K=K, beta=beta)
+    if kind != "cvnet":
+        raise ValueError(f"reranker must be 'none', 'superglobal' or 'cvnet', got {kind!r}")
+    reranker = _seeded(lambda: CVNetRerank(depth=depth), seed)
+    if weights is not None:
+        load_official_checkpoint(reranker, weights)
+    else:
+        _warn_random(f"CVNetRerank (ResNet-{depth})", seed)
+    return reranker.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Databases
+# --------------------------------------------------------------------------------------------------------------
+
+
+def backend_name(database: AbstractVectorDB) -> str:
+    """``"tensor"``, ``"faiss"`` or ``"pinecone"`` (the modules are imported here, not at module import)."""
+    from helpers.vector_db.faiss import FaissVectorDB
+    from helpers.vector_db.pinecone import PineconeVectorDB
+    from helpers.vector_db.tensor import TensorVectorDB
+
+    for name, cls in (("tensor", TensorVectorDB), ("faiss", FaissVectorDB), ("pinecone", PineconeVectorDB)):
+        if isinstance(database, cls):
+            return name
+    raise TypeError(f"cannot save a {type(database).__name__}: Retriever.save knows TensorVectorDB, FaissVectorDB "
+                    "and PineconeVectorDB; save your database yourself and pass it to Retriever.load(database=...)")
+
+
+def open_database(
+    spec: Mapping[str, Any], directory: str | os.PathLike, *, dim: int, api_key: str | None = None
+) -> AbstractVectorDB:
+    """The database a ``retriever.json`` describes: a local file of ``directory``, or a Pinecone namespace
+    (API key from ``api_key`` or ``PINECONE_API_KEY``; host/index name as recorded or from the environment)."""
+    backend = spec.get("backend")
+    if backend == "tensor":
+        from helpers.vector_db.tensor import TensorVectorDB
+
+        return TensorVectorDB.load(Path(directory) / spec["file"])
+    if backend == "faiss":
+        from helpers.vector_db.faiss import FaissVectorDB
+
+        return FaissVectorDB.load(Path(directory) / spec["file"])
+    if backend == "pinecone":
+        from helpers.vector_db.pinecone import PineconeVectorDB
+
+        return PineconeVectorDB(dim, index_name=spec.get("index_name"), host=spec.get("host"), api_key=api_key,
+                                namespace=spec.get("namespace", ""))
+    raise ValueError(f"unknown database backend {backend!r} in {Path(directory) / CONFIG_FILE}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Retriever
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Retriever:
+    """Index images into a vector database and query it, with optional SuperGlobal or CVNet re-ranking.
+
+    Args:
+        model: a :class:`models.SuperGlobal` or :class:`models.CVNetGlobal` (its ``input_convention`` is used);
+            moved to ``device`` and put in eval mode.
+        database: any :class:`helpers.vector_db.base.AbstractVectorDB` of the model's descriptor dimension.
+        reranker: None, a :class:`models.SuperGlobalRerank` or a :class:`models.CVNetRerank`.
+        rerank_top_k: global candidates CVNet re-scores (100 in the paper).
+        mix: weight of the CVNet score in ``global + mix * score`` (0.5 in the paper).
+        device: where the networks run.
+        batch_size: images of equal size described together; CVNet pairs scored together.
+        max_side: longer image side after downscaling (None: never downscale).
+        min_side: short side below which an image is enlarged (None: never).
+        scales: CVNet-Global's multi-scale test scales (SuperGlobal's live in the model).
+        map_cache_size: database images whose reduced CVNet maps are kept in memory (LRU; about 5 MB each at
+            1024 x 768).
+        weights, seed: where the model's weights came from (a checkpoint path, or the seed of a random
+            initialisation); only recorded by :meth:`save` so that :meth:`load` can rebuild the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        database: AbstractVectorDB,
+        *,
+        reranker: nn.Module | None = None,
+        rerank_top_k: int = 100,
+        mix: float = 0.5,
+        device: torch.device | str = "cpu",
+        batch_size: int = 4,
+        max_side: int | None = DEFAULT_MAX_SIDE,
+        min_side: int | None = DEFAULT_MIN_SIDE,
+        scales: Sequence[float] = CVNET_SCALES,
+        map_cache_size: int = 128,
+        weights: str | os.PathLike | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.kind = model_kind(model)
+        if not isinstance(database, AbstractVectorDB):
+            raise TypeError(f"database must be an AbstractVectorDB, got {type(database).__name__}")
+        dim = descriptor_dim(model)
+        if database.dim != dim:
+            raise ValueError(f"the database holds {database.dim}-d vectors but {type(model).__name__} gives "
+                             f"{dim}-d descriptors: use a database built for this model")
+        if reranker is not None and not isinstance(reranker, (SuperGlobalRerank, CVNetRerank)):
+            raise TypeError(f"reranker must be None, SuperGlobalRerank or CVNetRerank, got {type(reranker).__name__}")
+        if rerank_top_k < 1 or batch_size < 1 or map_cache_size < 0:
+            raise ValueError(f"need rerank_top_k >= 1, batch_size >= 1, map_cache_size >= 0; got {rerank_top_k}, "
+                             f"{batch_size}, {map_cache_size}")
+        if not math.isfinite(mix):
+            raise ValueError(f"mix must be finite, got {mix}")
+        if max_side is not None and min_side is not None and max_side < min_side:
+            raise ValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
+        if isinstance(reranker, CVNetRerank) and reranker.input_convention != model.input_convention:
+            logger.warning("the global model and the CVNet re-ranker have different input conventions (%s vs %s)",
+                           model.input_convention, reranker.input_convention)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.database = database
+        self.reranker = None if reranker is None else reranker.to(self.device).eval()
+        self.rerank_top_k = int(rerank_top_k)
+        self.mix = float(mix)
+        self.batch_size = int(batch_size)
+        self.max_side = max_side
+        self.min_side = min_side
+        self.scales = tuple(float(s) for s in scales)
+        self.map_cache_size = int(map_cache_size)
+        self.weights = None if weights is None else os.fspath(weights)
+        self.seed = seed
+        self._maps: OrderedDict[int, list[Tensor]] = OrderedDict()
+
+    @property
+    def dim(self) -> int:
+        """Descriptor dimension d."""
+        return self.database.dim
+
+    def __len__(self) -> int:
+        return len(self.database)
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings :meth:`save` records (model, database and re-ranker excluded)."""
+        return {"rerank_top_k": self.rerank_top_k, "mix": self.mix, "batch_size": self.batch_size,
+                "max_side": self.max_side, "min_side": self.min_side, "scales": list(self.scales),
+                "map_cache_size": self.map_cache_size}
+
+    # ------------------------------------------------------------------ descriptors
+    def _prepare(self, image: Any, bbox: Sequence[float] | None, channel_order: str) -> np.ndarray:
+        return prepare_image(load_bgr(image, channel_order=channel_order), max_side=self.max_side,
+                             min_side=self.min_side, bbox=bbox)
+
+    def _describe_prepared(self, images: Sequence[np.ndarray]) -> Tensor:
+        if self.kind == "superglobal":
+            return superglobal_descriptors(self.model, images, device=self.device, batch_size=self.batch_size)
+        return cvnet_global_descriptors(self.model, images, scales=self.scales, device=self.device,
+                                        batch_size=self.batch_size)
+
+    def describe(
+        self,
+        images: Sequence[str | os.PathLike | np.ndarray],
+        *,
+        bboxes: Sequence[Sequence[float] | None] | None = None,
+        channel_order: str = "BGR",
+    ) -> Tensor:
+        """Global descriptors (n, d) float32 (CPU, L2-normalised) of images or paths, optionally cropped to
+        ``bboxes`` (x1, y1, x2, y2 in original pixels; None for no crop)."""
+        bboxes = _per_item(bboxes, len(images), "bboxes")
+        return self._describe_prepared([self._prepare(img, box, channel_order)
+                                        for img, box in zip(images, bboxes)])
+
+    # ------------------------------------------------------------------ indexing
+    def index(
+        self,
+        images: Sequence[str | os.PathLike | np.ndarray],
+        ids: Sequence[int] | Tensor | None = None,
+        metadata: Sequence[dict[str, Any] | None] | None = None,
+        *,
+        channel_order: str = "BGR",
+        on_error: str = "raise",
+        progress: bool = True,
+    ) -> Tensor:
+        """Describe ``images`` (paths or uint8 (H, W, 3) BGR arrays) and add them to the database.
+
+        ``ids`` (n,) default to the database's next free integers; an existing id is replaced (upsert).
+        ``metadata``: one dict (or None) per image; for a path, ``{"path": absolute path}`` is added (that is
+        what CVNet re-ranking reads the image back from). ``on_error="skip"`` logs and skips an image that
+        cannot be read (its id is returned as -1) instead of raising. Descriptors are written every 256 images,
+        so after an error the images before that batch stay indexed.
+        Returns the ids (n,) int64.
+        """
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        images = list(images)
+        n = len(images)
+        id_t = None
+        if ids is not None:
+            id_t = as_id_vector(ids)
+            if id_t.numel() != n:
+                raise ValueError(f"got {id_t.numel()} ids for {n} images")
+            check_unique(id_t)
+        meta = check_metadata(metadata, n) or [None] * n
+        out = torch.full((n,), -1, dtype=torch.int64)
+        pending: list[int] = []
+        pending_desc: list[Tensor] = []
+        meta_rows: dict[int, dict[str, Any] | None] = {}
+
+        def flush() -> None:
+            if not pending:
+                return
+            rows = list(pending)
+            added = self.database.add(torch.cat(pending_desc), None if id_t is None else id_t[rows],
+                                      [meta_rows[r] for r in rows])
+            out[rows] = added
+            for i in added.tolist():
+                self._maps.pop(i, None)  # a replaced image must not be re-ranked with its old maps
+            pending.clear()
+            pending_desc.clear()
+
+        bar = tqdm(total=n, desc="index", unit="img", disable=not progress)
+        try:
+            for start in range(0, n, self.batch_size):
+                rows, prepared = [], []
+                for r in range(start, min(start + self.batch_size, n)):
+                    try:
+                        prepared.append(self._prepare(images[r], None, channel_order))
+                    except (OSError, ValueError) as exc:
+                        if on_error == "raise":
+                            raise
+                        logger.warning("skipping image %d: %s", r, exc)
+                        continue
+                    rows.append(r)
+                    entry = dict(meta[r]) if meta[r] is not None else None
+                    if isinstance(images[r], (str, os.PathLike)):
+                        entry = {**(entry or {}), PATH_KEY: str(Path(images[r]).resolve())}
+                    meta_rows[r] = entry
+                if prepared:
+                    pending.extend(rows)
+                    pending_desc.append(self._describe_prepared(prepared))
+                if len(pending) >= _ADD_EVERY:
+                    flush()
+                bar.update(min(start + self.batch_size, n) - start)
+            flush()
+        finally:
+            bar.close()
+        skipped = int((out < 0).sum())
+        if skipped:
+            logger.warning("%d of %d images were skipped (unreadable)", skipped, n)
+        return out
+
+    # ------------------------------------------------------------------ querying
+    def query(
+        self,
+        image: str | os.PathLike | np.ndarray,
+        k: int = 10,
+        *,
+        bbox: Sequence[float] | None = None,
+        channel_order: str = "BGR",
+    ) -> list[Hit]:
+        """The ``k`` best database entries for one image or path, best first (see :class:`Hit`).
+
+        ``bbox`` = (x1, y1, x2, y2) crops the query (original pixels), as for the revisited benchmarks' queries.
+        """
+        return self.query_batch([image], k, bboxes=[bbox], channel_order=channel_order)[0]
+
+    def query_batch(
+        self,
+        images: Sequence[str | os.PathLike | np.ndarray],
+        k: int = 10,
+        *,
+        bboxes: Sequence[Sequence[float] | None] | None = None,
+        channel_order: str = "BGR",
+    ) -> list[list[Hit]]:
+        """:meth:`query` for several images: one list of hits per image."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if len(self.database) == 0:
+            raise ValueError("the database is empty: index some images first")
+        bboxes = _per_item(bboxes, len(images), "bboxes")
+        prepared = [self._prepare(img, box, channel_order) for img, box in zip(images, bboxes)]
+        queries = self._describe_prepared(prepared)
+        if self.reranker is None:
+            scores, ids = self.database.search(queries, int(k))
+            rows = [(s, i, s) for s, i in zip(scores.cpu(), ids.cpu())]
+        elif isinstance(self.reranker, SuperGlobalRerank):
+            rows = self._superglobal_rows(queries, int(k))
+        else:
+            rows = self._cvnet_rows(queries, prepared, int(k))
+        return self._hits(rows, int(k))
+
+    def _superglobal_rows(self, queries: Tensor, k: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        scores, ids = self.reranker.rerank(queries, self.database)
+        scores, ids = scores.cpu(), ids.cpu()
+        m = ids.shape[1]
+        tail_s = tail_i = None
+        if k > m and len(self.database) > m:  # positions past the re-ranked M keep the global order
+            tail_s, tail_i = (t.cpu() for t in self.database.search(queries, k))
+        rows = []
+        for r in range(queries.shape[0]):
+            s, i = scores[r], ids[r]
+            if tail_i is not None:
+                rest = ~torch.isin(tail_i[r], i) & (tail_i[r] >= 0)
+                s, i = torch.cat([s, tail_s[r][rest]]), torch.cat([i, tail_i[r][rest]])
+            s, i = s[:k], i[:k]
+            valid = i >= 0
+            globals_ = torch.full_like(s, float("nan"))
+            if bool(valid.any()):
+                globals_[valid] = self.database.get(i[valid]).cpu() @ queries[r]
+            rows.append((s, i, globals_))
+        return rows
+
+    def _cvnet_rows(self, queries: Tensor, prepared: Sequence[np.ndarray], k: int) -> list[tuple]:
+        scores, ids = (t.cpu() for t in self.database.search(queries, max(k, self.rerank_top_k)))
+        query_maps = cvnet_reduced_maps(self.reranker, prepared, device=self.device, batch_size=self.batch_size)
+        rows = []
+        for r in range(queries.shape[0]):
+            valid = ids[r] >= 0
+            s, i = scores[r][valid], ids[r][valid]
+            t = min(self.rerank_top_k, i.numel())
+            pair = cvnet_pair_scores(self.reranker, query_maps[r], self.database_maps(i[:t]),
+                                     batch_size=self.batch_size)
+            new_s, new_i = apply_cvnet_rerank(s, i, pair, mix=self.mix)
+            by_id = dict(zip(i.tolist(), s.tolist()))
+            globals_ = torch.tensor([by_id[j] for j in new_i.tolist()], dtype=torch.float32)
+            rows.append((new_s[:k], new_i[:k], globals_[:k]))
+        return rows
+
+    def _hits(self, rows: Sequence[tuple[Tensor, Tensor, Tensor]], k: int) -> list[list[Hit]]:
+        wanted = torch.unique(torch.cat([i[i >= 0] for _, i, _ in rows]))
+        meta = dict(zip(wanted.tolist(), self.database.get_metadata(wanted))) if wanted.numel() else {}
+        out = []
+        for s, i, g in rows:
+            out.append([Hit(id=int(j), score=float(sc), metadata=meta[int(j)], global_score=float(gs))
+                        for sc, j, gs in zip(s[:k].tolist(), i[:k].tolist(), g[:k].tolist()) if j >= 0])
+        return out
+
+    # ------------------------------------------------------------------ CVNet database maps
+    def database_maps(self, ids: Tensor) -> list[list[Tensor]]:
+        """Reduced CVNet maps of database ids, recomputed from their stored image paths (LRU-cached by id)."""
+        if not isinstance(self.reranker, CVNetRerank):
+            raise ValueError("database_maps needs a CVNetRerank re-ranker")
+        id_list = [int(i) for i in ids.tolist()]
+        missing = list(dict.fromkeys(i for i in id_list if i not in self._maps))
+        fresh: dict[int, list[Tensor]] = {}
+        if missing:
+            paths = []
+            for i, entry in zip(missing, self.database.get_metadata(missing)):
+                path = None if entry is None else entry.get(PATH_KEY)
+                if not path:
+                    raise ValueError(
+                        f"database id {i} has no stored image path (it was indexed from an array): CVNet "
+                        "re-ranking recomputes database feature maps from the image files. Index paths instead, "
+                        "or re-rank with SuperGlobalRerank, which needs only the stored descriptors.")
+                paths.append(path)
+            images = [prepare_image(read_image(p), max_side=self.max_side, min_side=self.min_side) for p in paths]
+            maps = cvnet_reduced_maps(self.reranker, images, device=self.device, batch_size=self.batch_size)
+            fresh = dict(zip(missing, maps))
+        out = []
+        for i in id_list:
+            if i in self._maps:
+                self._maps.move_to_end(i)
+                out.append(self._maps[i])
+            else:
+                out.append(fresh[i])
+        for i, maps in fresh.items():
+            self._maps[i] = maps
+        while len(self._maps) > self.map_cache_size:
+            self._maps.popitem(last=False)
+        return out
+
+    def cached_map_ids(self) -> list[int]:
+        """Ids whose CVNet maps are cached, least recently used first."""
+        return list(self._maps)
+
+    def clear_cache(self) -> None:
+        """Forget the cached CVNet maps (e.g. after image files changed on disk)."""
+        self._maps.clear()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike, *, remote: Mapping[str, Any] | None = None) -> Path:
+        """Write the database (local back-ends: ``database.pt`` / ``database.faiss``) and ``retriever.json``
+        (model config and weights fingerprint, settings, database description) into ``directory``.
+
+        A remote database (Pinecone) persists by itself: ``remote`` gives the connection settings to record
+        (``host``, ``index_name``; the namespace is read from the database). API keys are never written.
+        Returns the path of ``retriever.json``, which is written last.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        backend = backend_name(self.database)
+        if backend in _DATABASE_FILES:
+            spec: dict[str, Any] = {"backend": backend, "file": _DATABASE_FILES[backend]}
+            self.database.save(directory / spec["file"])
+        else:
+            remote = dict(remote or {})
+            if any("key" in name.lower() for name in remote):
+                raise ValueError("remote settings must not hold API keys (they are read from the environment)")
+            spec = {"backend": backend, "namespace": getattr(self.database, "namespace", ""),
+                    "host": remote.get("host"), "index_name": remote.get("index_name")}
+        model = {**model_config(self.model), "weights": None if self.weights is None else
+                 str(Path(self.weights).resolve()), "seed": self.seed, "fingerprint": weights_fingerprint(self.model)}
+        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dim": self.dim, "count": len(self.database),
+                  "model": model, "database": spec, "settings": self.settings()}
+        path = directory / CONFIG_FILE
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(config, f, indent=1)
+
+        atomic_write(path, write)
+        logger.info("saved retriever (%d images, %s) to %s", config["count"], backend, directory)
+        return path
+
+    @staticmethod
+    def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+        """The ``retriever.json`` of a saved retriever, checked for format and version."""
+        path = Path(directory) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved retriever in {directory}: {path} is missing "
+                                    "(build one with Retriever.save or `python -m helpers.index build`)")
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is not a saved Retriever")
+        if config.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has version {config.get('version')}, expected {FORMAT_VERSION}")
+        return config
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        model: nn.Module | None = None,
+        *,
+        database: AbstractVectorDB | None = None,
+        reranker: nn.Module | None = None,
+        weights: str | os.PathLike | None = None,
+        device: torch.device | str = "cpu",
+        check_weights: bool = True,
+        api_key: str | None = None,
+        **settings: Any,
+    ) -> Retriever:
+        """Open a retriever written by :meth:`save`.
+
+        ``model``: the global model to use; it must match the recorded class, depth, dimension and input
+        convention, and (``check_weights``) the recorded weights fingerprint. Without it the model is rebuilt
+        from the recorded checkpoint path (``weights`` overrides a moved file) or random seed.
+        ``database``: use this one instead of opening the recorded one. ``settings`` override the recorded
+        constructor settings (e.g. ``rerank_top_k=50``).
+        """
+        config = cls.read_config(directory)
+        recorded = config["model"]
+        if model is None:
+            path = weights if weights is not None else recorded.get("weights")
+            if path is None and recorded.get("seed") is None:
+                raise ValueError(f"{directory} does not record where its model's weights came from: pass model=")
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"the index was built with weights {path}, which is missing: put the file "
+                                        "back or pass weights= (--weights) with its new location")
+            model = build_global_model(recorded["class"], depth=recorded["depth"], weights=path,
+                                       seed=recorded.get("seed") or 0, options=recorded["options"])
+        _check_same_model(model, recorded, check_weights=check_weights, where=directory)
+        if database is None:
+            database = open_database(config["database"], directory, dim=config["dim"], api_key=api_key)
+        if len(database) != config["count"]:
+            logger.warning("%s: the database holds %d vectors, %d when saved", directory, len(database),
+                           config["count"])
+        kwargs = {**config["settings"], **settings}
+        return cls(model, database, reranker=reranker, device=device,
+                   weights=weights if weights is not None else recorded.get("weights"),
+                   seed=recorded.get("seed"), **kwargs)
+
+
+def _check_same_model(model: nn.Module, recorded: Mapping[str, Any], *, check_weights: bool, where: Any) -> None:
+    current = model_config(model)
+    for key in ("class", "depth", "options", "input_convention"):
+        if _normalise(current[key]) != _normalise(recorded[key]):
+            raise ValueError(f"{where} was built with a {recorded['class']} (depth {recorded['depth']}) whose {key} "
+                             f"is {recorded[key]}; the model given has {current[key]}. Descriptors would not be "
+                             "comparable: use the recorded model (or rebuild the index).")
+    if check_weights and recorded.get("fingerprint") and weights_fingerprint(model) != recorded["fingerprint"]:
+        source = recorded.get("weights") or f"random weights, seed {recorded.get('seed')}"
+        raise ValueError(f"{where} was built with other weights than the model given (fingerprint mismatch): "
+                         f"its descriptors are not comparable. Load the weights it was built with ({source}), "
+                         "or pass check_weights=False if you know better.")
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _per_item(values: Sequence[Any] | None, n: int, name: str) -> list[Any]:
+    if values is None:
+        return [None] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} images")
+    return values

@@ -1,0 +1,190 @@
+"""`python -m helpers.index build|query` through main([...]) on a temp folder of generated images: the printed
+ranking parsed, the result grid, the three back-ends (Pinecone through the real SDK against the local test
+server), and the user errors (empty folder, unreadable image named, existing index, bad box, missing weights)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from helpers.index import fit_thumbnail, list_images, main, make_grid, parse_bbox, tile_origin
+from tests.helpers.pinecone_server import FakePinecone
+
+# nested folders, mixed and upper-case extensions; notes.txt must be ignored
+NAMES = ["img0.png", "sub/img1.jpg", "sub/deeper/img2.PNG"]
+
+
+def _image(seed: int, h: int = 96, w: int = 112) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(h // 8, w // 8, 3), dtype=np.uint8)
+    return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads per process oversubscribe and crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("photos")
+    files = []
+    for i, name in enumerate(NAMES):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), _image(i, 96, 96 + 16 * i))
+        files.append(path.resolve())
+    (root / "notes.txt").write_text("not an image")
+    return root, files
+
+
+@pytest.fixture(scope="module")
+def built(folder, tmp_path_factory) -> Path:
+    index = tmp_path_factory.mktemp("index") / "idx"
+    assert main(["build", "--images", str(folder[0]), "--index", str(index), "--device", "cpu", "--quiet"]) == 0
+    return index
+
+
+def _query(capsys, index: Path, image: Path, *extra: str) -> list[tuple[int, float, str]]:
+    capsys.readouterr()
+    rc = main(["query", "--index", str(index), "--image", str(image), "--device", "cpu", "--quiet", *extra])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = []
+    for line in out.splitlines():
+        if line.startswith("#"):
+            continue
+        rank, score, path = line.split("\t", 2)
+        rows.append((int(rank), float(score), path))
+    return rows
+
+
+def _fails(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 1
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rerank", ["none", "superglobal"])
+def test_query_lists_the_indexed_image_itself_first(rerank, built, folder, capsys):
+    files = folder[1]
+    rows = _query(capsys, built, files[2], "--k", "3", "--rerank", rerank)
+    assert [r[0] for r in rows] == [1, 2, 3]
+    assert rows[0][2] == str(files[2])
+    assert sorted(r[2] for r in rows) == sorted(str(f) for f in files)  # every image once, notes.txt not indexed
+    assert [r[1] for r in rows] == sorted((r[1] for r in rows), reverse=True)
+    if rerank == "none":
+        assert rows[0][1] == pytest.approx(1.0, abs=1e-5)
+        assert rows[1][1] < 1.0 - 1e-6
+
+
+def test_cvnet_rerank_adds_between_0_and_mix_to_the_global_score(built, folder, capsys):
+    files = folder[1]
+    glob = {path: score for _, score, path in _query(capsys, built, files[0], "--k", "3")}
+    rows = _query(capsys, built, files[0], "--k", "3", "--rerank", "cvnet", "--mix", "0.5")
+    assert len(rows) == 3 and [r[1] for r in rows] == sorted((r[1] for r in rows), reverse=True)
+    for _, score, path in rows:
+        assert glob[path] - 1e-5 <= score <= glob[path] + 0.5 + 1e-5
+
+
+def test_grid_shows_the_query_then_its_hits(built, folder, tmp_path, capsys):
+    files = folder[1]
+    grid_path = tmp_path / "grid.png"
+    rows = _query(capsys, built, files[1], "--k", "2", "--grid", str(grid_path))
+    assert rows[0][2] == str(files[1])
+    grid = cv2.imread(str(grid_path))
+    assert grid.shape == make_grid([None] * 3, ["", "", ""]).shape
+    expected = fit_thumbnail(cv2.imread(str(files[1])))
+    for tile in (0, 1):  # the query, then rank 1, which is the same image
+        y, x = tile_origin(tile, cols=3)
+        np.testing.assert_array_equal(grid[y : y + 160, x : x + 160], expected)
+
+
+def test_bbox_crops_the_query(built, folder, capsys):
+    files = folder[1]
+    rows = _query(capsys, built, files[0], "--k", "3", "--bbox", "0,0,60,50")
+    assert len(rows) == 3 and rows[0][1] < 1.0 - 1e-6  # a crop is no longer an exact duplicate
+    assert parse_bbox("1, 2.5,30,40") == (1.0, 2.5, 30.0, 40.0)
+    for bad in ("1,2,3", "a,b,c,d", "5,5,5,9"):
+        with pytest.raises(ValueError, match="bbox"):
+            parse_bbox(bad)
+    err = _fails(capsys, ["query", "--index", str(built), "--image", str(files[0]), "--bbox", "1,2,3", "--quiet"])
+    assert "--bbox" in err
+
+
+def test_faiss_and_pinecone_backends_rank_alike(folder, tmp_path, capsys, monkeypatch):
+    root, files = folder
+    faiss_index = tmp_path / "faiss"
+    assert main(["build", "--images", str(root), "--index", str(faiss_index), "--backend", "faiss",
+                 "--scales", "1", "--device", "cpu", "--quiet"]) == 0
+    assert json.loads((faiss_index / "retriever.json").read_text())["model"]["options"]["scales"] == [1.0]
+    reference = _query(capsys, faiss_index, files[1], "--k", "3")
+    assert reference[0][2] == str(files[1]) and reference[0][1] == pytest.approx(1.0, abs=1e-5)
+
+    with FakePinecone(2048) as fake:
+        monkeypatch.setenv("PINECONE_API_KEY", fake.api_key)
+        pine_index = tmp_path / "pinecone"
+        assert main(["build", "--images", str(root), "--index", str(pine_index), "--backend", "pinecone",
+                     "--host", fake.host, "--namespace", "photos", "--scales", "1", "--device", "cpu",
+                     "--quiet"]) == 0
+        assert len(fake.stored("photos")) == len(files)
+        saved = (pine_index / "retriever.json").read_text()
+        assert fake.api_key not in saved
+        assert json.loads(saved)["database"] == {"backend": "pinecone", "namespace": "photos", "host": fake.host,
+                                                 "index_name": None}
+        rows = _query(capsys, pine_index, files[1], "--k", "3")
+        assert [r[2] for r in rows] == [r[2] for r in reference]
+        assert [r[1] for r in rows] == pytest.approx([r[1] for r in reference], abs=1e-5)
+        # a namespace that already holds vectors is not silently appended to
+        err = _fails(capsys, ["build", "--images", str(root), "--index", str(tmp_path / "again"), "--backend",
+                              "pinecone", "--host", fake.host, "--namespace", "photos", "--quiet"])
+        assert "--overwrite" in err
+
+
+def test_build_errors_are_reported_clearly(folder, built, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.md").write_text("no images here")
+    assert "no images" in _fails(capsys, ["build", "--images", str(empty), "--index", str(tmp_path / "i0")])
+    assert "not found" in _fails(capsys, ["build", "--images", str(tmp_path / "nope"), "--index", str(tmp_path)])
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "broken.jpg").write_bytes(b"\xff\xd8 truncated, not a JPEG")
+    assert cv2.imwrite(str(mixed / "good.png"), _image(9))
+    err = _fails(capsys, ["build", "--images", str(mixed), "--index", str(tmp_path / "i1"), "--device", "cpu",
+                          "--quiet"])
+    assert "broken.jpg" in err
+    assert not (tmp_path / "i1" / "retriever.json").exists()
+    capsys.readouterr()
+    assert main(["build", "--images", str(mixed), "--index", str(tmp_path / "i2"), "--skip-unreadable",
+                 "--device", "cpu", "--quiet"]) == 0
+    assert "indexed 1 images" in capsys.readouterr().out
+
+    assert "--overwrite" in _fails(capsys, ["build", "--images", str(folder[0]), "--index", str(built)])
+    assert "CVPR2022_CVNet_R50.pyth" in _fails(capsys, ["build", "--images", str(folder[0]), "--index",
+                                                        str(tmp_path / "i3"), "--weights", str(tmp_path / "w.pyth")])
+    assert "retriever.json" in _fails(capsys, ["query", "--index", str(tmp_path / "i0"), "--image",
+                                               str(folder[1][0])])
+
+
+def test_list_images_is_recursive_sorted_and_skips_the_index_folder(folder, tmp_path):
+    root, files = folder
+    assert list_images(root) == sorted(Path(root) / n for n in NAMES)
+    inside = root / "idx_inside"
+    inside.mkdir(exist_ok=True)
+    cv2.imwrite(str(inside / "grid.png"), _image(5))
+    try:
+        assert len(list_images(root, exclude=inside)) == len(NAMES)
+        assert len(list_images(root)) == len(NAMES) + 1
+    finally:
+        (inside / "grid.png").unlink()
+        inside.rmdir()

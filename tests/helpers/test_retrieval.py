@@ -1,0 +1,347 @@
+"""Retriever: index then query (self first, with each re-ranker), re-ranking equations against direct
+computations, descriptors against the models called by hand, ids/metadata, save/load, and the error paths.
+
+Random ResNet-50 weights give nearly collinear descriptors (cosine ~0.999 between any two images), so the
+shared models have their BatchNorm statistics re-estimated on the test images (a test-only step): descriptors
+then differ (cosine ~0.98), which leaves the re-rankers a real ordering to get right.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datasets.transforms import to_tensor
+from helpers.retrieval import (
+    CONFIG_FILE,
+    Retriever,
+    apply_cvnet_rerank,
+    build_global_model,
+    prepare_image,
+    same_size_groups,
+)
+from helpers.vector_db.tensor import TensorVectorDB
+from models.cvnet import CVNetGlobal, CVNetRerank
+from models.superglobal import SuperGlobal, SuperGlobalRerank
+
+N_IMAGES = 4
+
+
+def _image(seed: int, h: int, w: int) -> np.ndarray:
+    """A smooth random colour field (uint8 BGR), different for every seed."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(h // 8, w // 8, 3), dtype=np.uint8)
+    return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _calibrate_bn(net: torch.nn.Module, images: list[np.ndarray], forward) -> None:
+    """Re-estimate BatchNorm running statistics on ``images`` (cumulative average), then eval mode."""
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    net.train()
+    batch = torch.stack([to_tensor(cv2.resize(img, (96, 96)), net.input_convention) for img in images])
+    with torch.no_grad():
+        forward(batch)
+    net.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads per process oversubscribe and crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> tuple[list[np.ndarray], list[Path]]:
+    folder = tmp_path_factory.mktemp("images")
+    arrays = [_image(i, 96, 96 + 8 * i) for i in range(N_IMAGES)]
+    paths = []
+    for i, img in enumerate(arrays):
+        path = folder / f"img{i}.png"
+        assert cv2.imwrite(str(path), img)
+        paths.append(path)
+    return arrays, paths
+
+
+@pytest.fixture(scope="module")
+def sg_model(images) -> SuperGlobal:
+    torch.manual_seed(0)
+    model = SuperGlobal(depth=50, scales=(1.0,))  # one scale keeps the file fast; Scale-GeM is tested in models/
+    _calibrate_bn(model, images[0], model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cv_reranker(images) -> CVNetRerank:
+    torch.manual_seed(1)
+    reranker = CVNetRerank(depth=50)
+    _calibrate_bn(reranker, images[0], reranker.extract_featuremap)
+    return reranker
+
+
+@pytest.fixture(scope="module")
+def cvnet_global() -> CVNetGlobal:
+    torch.manual_seed(2)
+    return CVNetGlobal(depth=50).eval()
+
+
+@pytest.fixture(scope="module")
+def indexed(sg_model, images) -> tuple[TensorVectorDB, torch.Tensor]:
+    """A database of the five image files, shared read-only by the tests (ids 0..4)."""
+    db = TensorVectorDB(2048)
+    ids = Retriever(sg_model, db).index(images[1], progress=False)
+    return db, ids
+
+
+def _reranker(kind: str, cv_reranker: CVNetRerank):
+    return {"none": None, "superglobal": SuperGlobalRerank(M=400, K=2, beta=0.15), "cvnet": cv_reranker}[kind]
+
+
+# ------------------------------------------------------------------------------------------------------ search
+
+
+@pytest.mark.parametrize("kind", ["none", "superglobal", "cvnet"])
+def test_query_with_an_indexed_image_finds_it_first(kind, sg_model, cv_reranker, indexed, images):
+    db, ids = indexed
+    retriever = Retriever(sg_model, db, reranker=_reranker(kind, cv_reranker), rerank_top_k=4)
+    for q in (0, 3):
+        hits = retriever.query(images[1][q], k=4)
+        assert [h.id for h in hits][0] == int(ids[q])
+        assert len({h.id for h in hits}) == 4
+        assert hits[0].global_score == pytest.approx(1.0, abs=1e-5)
+        assert hits[0].path == str(images[1][q].resolve())
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        if kind == "none":
+            assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+            assert all(h.score == h.global_score for h in hits)
+        else:
+            assert hits[1].global_score < 0.999  # the images really differ, so the order is not trivial
+
+
+def test_cvnet_rerank_is_global_plus_mix_times_pair_score(sg_model, cv_reranker, indexed, images):
+    db, ids = indexed
+    arrays, paths = images
+    retriever = Retriever(sg_model, db, reranker=cv_reranker, rerank_top_k=3, mix=0.5, map_cache_size=2)
+    hits = retriever.query(paths[1], k=N_IMAGES)
+
+    # reference: global cosine ranking, CVNet score of the top 3 from the maps computed by hand, re-sorted
+    with torch.no_grad():
+        xq = sg_model(to_tensor(arrays[1], sg_model.input_convention)[None])[0]
+        glob = db.get(ids) @ xq
+        order = torch.argsort(glob, descending=True, stable=True)
+
+        def maps(img):
+            x = to_tensor(img, cv_reranker.input_convention)[None]
+            return cv_reranker.reduce_featuremap(cv_reranker.extract_featuremap(x))
+
+        pair = torch.stack([cv_reranker.score_reduced(maps(arrays[1]), maps(arrays[int(j)]))[0] for j in order[:3]])
+    head = glob[order[:3]] + 0.5 * pair
+    head_order = torch.argsort(head, descending=True, stable=True)
+    expected_ids = [int(ids[j]) for j in order[:3][head_order]] + [int(ids[j]) for j in order[3:]]
+    expected_scores = torch.cat([head[head_order], glob[order[3:]]])
+
+    assert [h.id for h in hits] == expected_ids
+    torch.testing.assert_close(torch.tensor([h.score for h in hits]), expected_scores, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor([h.global_score for h in hits]),
+                               torch.tensor([float(glob[h.id]) for h in hits]), atol=1e-5, rtol=0)
+    # LRU cache of reduced maps: capacity 2, the two most recently computed of the three candidates
+    cached = retriever.cached_map_ids()
+    assert len(cached) == 2 and set(cached) <= {int(ids[j]) for j in order[:3]}
+    assert [h.id for h in retriever.query(paths[1], k=N_IMAGES)] == expected_ids  # same with the cache warm
+
+
+def test_superglobal_rerank_equals_reranking_the_descriptor_tensor(sg_model, indexed, images):
+    db, ids = indexed
+    reranker = SuperGlobalRerank(M=3, K=1, beta=0.15)
+    retriever = Retriever(sg_model, db, reranker=reranker)
+    hits = retriever.query(images[0][2], k=N_IMAGES)
+
+    with torch.no_grad():
+        xq = sg_model(to_tensor(images[0][2], sg_model.input_convention)[None])
+    xb = db.get(ids)
+    scores, rows = reranker.rerank(xq, xb)  # the tensor path, over the first M = 3 of the global ranking
+    glob_rows = torch.argsort((xb @ xq[0]), descending=True, stable=True).tolist()
+    tail = [r for r in glob_rows if r not in rows[0].tolist()]
+    assert [h.id for h in hits] == [int(ids[r]) for r in rows[0].tolist() + tail]
+    torch.testing.assert_close(torch.tensor([h.score for h in hits[:3]]), scores[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor([h.score for h in hits[3:]]), (xb @ xq[0])[tail], atol=1e-5, rtol=0)
+
+
+def test_query_batch_equals_single_queries_and_bbox_equals_cropping(sg_model, indexed, images):
+    db, _ = indexed
+    arrays = images[0]
+    retriever = Retriever(sg_model, db)
+    box = (10.7, 5.2, 90.9, 80.0)
+    batch = retriever.query_batch([arrays[1], arrays[2]], k=3, bboxes=[None, box])
+    single = retriever.query(arrays[1], k=3)
+    cropped = retriever.query(np.ascontiguousarray(arrays[2][5:80, 10:90]), k=3)
+    assert [h.id for h in batch[0]] == [h.id for h in single]
+    assert [h.score for h in batch[0]] == pytest.approx([h.score for h in single], abs=1e-6)
+    assert [h.id for h in batch[1]] == [h.id for h in cropped]
+    assert [h.score for h in batch[1]] == pytest.approx([h.score for h in cropped], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ descriptors
+
+
+def test_descriptors_equal_the_models_called_by_hand(sg_model, cvnet_global, images):
+    img = images[0][3]
+    retriever = Retriever(sg_model, TensorVectorDB(2048))
+    with torch.no_grad():
+        expected = sg_model(to_tensor(img, sg_model.input_convention)[None])
+    torch.testing.assert_close(retriever.describe([img]), expected, atol=1e-6, rtol=0)
+    # an RGB array is accepted only when declared, and then means the same image
+    rgb = np.ascontiguousarray(img[:, :, ::-1])
+    torch.testing.assert_close(retriever.describe([rgb], channel_order="RGB"), expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(retriever.describe([rgb]), expected, atol=1e-3)
+
+    # CVNet-Global: OpenCV resize per scale (INTER_AREA down, INTER_LINEAR up), L2 each, mean, L2
+    cvnet = cvnet_global
+    per_scale = []
+    for s, interp in ((0.7071, cv2.INTER_AREA), (1.0, None), (1.4142, cv2.INTER_LINEAR)):
+        scaled = img if interp is None else cv2.resize(img, (0, 0), fx=s, fy=s, interpolation=interp)
+        with torch.no_grad():
+            per_scale.append(F.normalize(cvnet(to_tensor(scaled, cvnet.input_convention)[None]), dim=-1))
+    reference = F.normalize(torch.stack(per_scale).mean(0), dim=-1)
+    got = Retriever(cvnet, TensorVectorDB(2048)).describe([img])
+    torch.testing.assert_close(got, reference, atol=1e-6, rtol=0)
+
+
+def test_prepare_image_downscales_then_crops_the_scaled_box_then_enlarges():
+    img = _image(7, 200, 160)
+    got = prepare_image(img, max_side=100, min_side=None, bbox=(40, 20, 160, 180))
+    reference = cv2.resize(img, (80, 100), interpolation=cv2.INTER_AREA)[10:90, 20:80]
+    np.testing.assert_array_equal(got, reference)
+    assert prepare_image(img, max_side=None, min_side=None) is img
+    small = prepare_image(_image(8, 64, 80), max_side=1024, min_side=96)
+    assert small.shape == (96, 120, 3)
+
+
+def test_same_size_groups_and_apply_cvnet_rerank():
+    shapes = [(2, 3), (4, 5), (2, 3), (2, 3), (4, 5)]
+    assert same_size_groups(shapes, 2) == [[0, 2], [3], [1, 4]]
+    scores, ids = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([5, 6, 7, 8])
+    new_s, new_i = apply_cvnet_rerank(scores, ids, torch.tensor([0.0, 0.5, 0.1]), mix=0.5)
+    assert new_i.tolist() == [6, 5, 7, 8]
+    torch.testing.assert_close(new_s, torch.tensor([1.05, 0.9, 0.75, 0.6]))
+
+
+# --------------------------------------------------------------------------------------- ids, metadata, persist
+
+
+def test_ids_and_metadata_round_trip_and_upsert(sg_model, images):
+    arrays, paths = images
+    db = TensorVectorDB(2048)
+    retriever = Retriever(sg_model, db)
+    ids = retriever.index([arrays[0], arrays[1], paths[2]], ids=[10, 20, 30],
+                          metadata=[{"label": "a"}, None, {"label": "c"}], progress=False)
+    assert ids.tolist() == [10, 20, 30]
+    assert db.get_metadata([10, 20, 30]) == [{"label": "a"}, None, {"label": "c", "path": str(paths[2].resolve())}]
+    hit = retriever.query(arrays[1], k=1)[0]
+    assert (hit.id, hit.metadata, hit.path) == (20, None, None)
+    # upsert: indexing under an existing id replaces that entry
+    retriever.index([arrays[0]], ids=[20], progress=False)
+    assert len(db) == 3
+    top = retriever.query(arrays[0], k=2)
+    assert {h.id for h in top} == {10, 20} and all(h.global_score == pytest.approx(1.0, abs=1e-5) for h in top)
+    # ids continue after the largest stored one by default
+    assert retriever.index([arrays[3]], progress=False).tolist() == [31]
+
+
+@pytest.mark.parametrize("backend", ["tensor", "faiss"])
+def test_save_then_load_gives_identical_results(backend, sg_model, indexed, images, tmp_path):
+    db, ids = indexed
+    if backend == "faiss":
+        from helpers.vector_db.faiss import FaissVectorDB
+
+        copy = FaissVectorDB(2048, index="flat")
+        copy.add(db.get(ids), ids, db.get_metadata(ids))
+        db = copy
+    retriever = Retriever(sg_model, db, rerank_top_k=7, max_side=512)
+    before = retriever.query_batch([images[1][0], images[1][3]], k=4)
+    retriever.save(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["model"]["class"] == "SuperGlobal" and config["model"]["depth"] == 50
+    assert config["database"]["backend"] == backend and config["count"] == N_IMAGES
+
+    loaded = Retriever.load(tmp_path, sg_model)
+    assert (loaded.rerank_top_k, loaded.max_side) == (7, 512)
+    after = loaded.query_batch([images[1][0], images[1][3]], k=4)
+    assert [[(h.id, h.score, h.metadata) for h in hits] for hits in after] == \
+        [[(h.id, h.score, h.metadata) for h in hits] for hits in before]
+
+
+def test_load_rebuilds_a_seeded_random_model(images, tmp_path):
+    model = build_global_model("superglobal", depth=50, seed=3, options={"scales": [1.0]})
+    retriever = Retriever(model, TensorVectorDB(2048), seed=3)
+    retriever.index(images[1][:2], progress=False)
+    before = retriever.query(images[0][1], k=2)
+    retriever.save(tmp_path)
+    loaded = Retriever.load(tmp_path)  # no model given: rebuilt from the recorded seed and options
+    assert loaded.model is not model and loaded.model.scales == (1.0,)
+    assert [(h.id, h.score) for h in loaded.query(images[0][1], k=2)] == [(h.id, h.score) for h in before]
+
+
+def test_load_refuses_another_model(sg_model, cvnet_global, indexed, tmp_path):
+    db, _ = indexed
+    Retriever(sg_model, db).save(tmp_path)
+    torch.manual_seed(5)
+    other_weights = SuperGlobal(depth=50, scales=(1.0,))
+    with pytest.raises(ValueError, match="fingerprint"):
+        Retriever.load(tmp_path, other_weights)
+    assert len(Retriever.load(tmp_path, other_weights, check_weights=False)) == N_IMAGES
+    with pytest.raises(ValueError, match="class"):
+        Retriever.load(tmp_path, cvnet_global)
+    with pytest.raises(ValueError, match="options"):  # other scales: other descriptors
+        Retriever.load(tmp_path, SuperGlobal(depth=50))
+    with pytest.raises(ValueError, match="record where"):
+        Retriever.load(tmp_path)  # built from a model of unknown origin: the model must be given
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+
+
+def test_errors(sg_model, cv_reranker, images, tmp_path):
+    arrays, paths = images
+    with pytest.raises(ValueError, match=r"128-d.*2048-d"):
+        Retriever(sg_model, TensorVectorDB(128))
+    with pytest.raises(TypeError, match="SuperGlobal or models.CVNetGlobal"):
+        Retriever(cv_reranker, TensorVectorDB(2048))
+
+    retriever = Retriever(sg_model, TensorVectorDB(2048), reranker=cv_reranker)
+    with pytest.raises(ValueError, match="empty"):
+        retriever.query(arrays[0])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        retriever.index([paths[0], broken], progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        retriever.index([tmp_path / "missing.png"], progress=False)
+    assert len(retriever.database) == 0  # nothing written by a failing batch
+    ids = retriever.index([broken, paths[0]], on_error="skip", progress=False)
+    assert ids.tolist() == [-1, 0] and len(retriever.database) == 1
+
+    retriever.index([arrays[1]], progress=False)  # id 1, indexed from an array: no path to re-read
+    with pytest.raises(ValueError, match="database id 1 has no stored image path"):
+        retriever.query(arrays[1], k=2)
+
+    with pytest.raises(ValueError, match="ids"):
+        retriever.index([arrays[0], arrays[1]], ids=[3], progress=False)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        retriever.index([arrays[0][:, :, 0]], progress=False)
+    with pytest.raises(ValueError, match="channel_order"):
+        retriever.describe([arrays[0]], channel_order="GRB")
+    with pytest.raises(ValueError, match="k must be"):
+        retriever.query(arrays[0], k=0)
+    with pytest.raises(ValueError, match="bbox"):
+        retriever.query(arrays[0], bbox=(1, 2, 3))
