@@ -1,0 +1,534 @@
+"""Descriptor extraction for evaluation: global descriptors, CVNet re-ranking maps, a feature cache, shards.
+
+- Global descriptors: a dataset item is a list of (3, H_s, W_s) tensors, one per test scale. Each scale goes
+  through the model (CVNet-Global / SuperGlobal, which return L2-normalised (B, D) descriptors) and the scales
+  are combined by :func:`aggregate_scales` (per-scale L2, mean, L2: CVNet's multi-scale test). SuperGlobal's
+  datasets yield scale 1.0 only, since its Scale-GeM resizes inside the model; one scale passes through
+  unchanged.
+- Images of identical size are batched (:func:`bucket_batches`); the revisited sets hold many sizes, so most
+  batches hold one image, which is handled the same way.
+- :func:`cached_global_descriptors` keeps an on-disk cache keyed by sha256 of the model weights, the extraction
+  config and the image list (names and file sizes), written atomically. Large sets (the R1M distractors) are
+  extracted in shards, one file each, that resume after a crash; under ``torchrun`` rank r takes the shards
+  i % world_size == r and rank 0 merges them.
+- :class:`ReducedMapStore`: CVNet-Rerank's query-independent reduced maps (``reduce_featuremap`` output) of each
+  image, computed once and kept in memory (bounded, least recently used first out) with an optional
+  on-disk cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from tqdm import tqdm
+
+from models.checkpoint import atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+#: CVNet's multi-scale test scales (the uint8 image resized with OpenCV by the dataset).
+CVNET_TEST_SCALES = (0.7071, 1.0, 1.4142)
+#: Bumped when the cached tensors' meaning changes, so older cache files are not taken for current ones.
+CACHE_FORMAT = 1
+_MODEL_OPTIONS = ("gemp", "rgem", "sgem", "relup", "scales", "antialias")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure maths
+# --------------------------------------------------------------------------------------------------------------
+
+
+def aggregate_scales(descriptors: Sequence[Tensor]) -> Tensor:
+    """CVNet's multi-scale descriptor: L2 each scale's (B, D) descriptor, average over scales, L2 -> (B, D)."""
+    if not descriptors:
+        raise ValueError("need at least one scale's descriptors")
+    stacked = torch.stack([F.normalize(d, dim=-1) for d in descriptors])
+    return F.normalize(stacked.mean(dim=0), dim=-1)
+
+
+def describe_multiscale(model: nn.Module, per_scale: Sequence[Tensor]) -> Tensor:
+    """One batch through ``model`` at every scale: list of (B, 3, H_s, W_s) -> (B, D) aggregated descriptors."""
+    return aggregate_scales([model(x) for x in per_scale])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cache keys
+# --------------------------------------------------------------------------------------------------------------
+
+
+def state_dict_hash(model: nn.Module) -> str:
+    """sha256 of a model's weights: every state-dict tensor (name, dtype, shape, bytes) in name order.
+
+    Parts the model declares as derived (``derived_prefixes``, e.g. CVNet's momentum encoder, unused at test
+    time) are left out.
+    """
+    derived = tuple(getattr(model, "derived_prefixes", ()))
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        if derived and name.startswith(derived):
+            continue
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_signature(model: nn.Module) -> dict[str, Any]:
+    """The extraction options of a model that change its output: class, depth, SuperGlobal's switches, scales,
+    and the input convention it expects."""
+    sig: dict[str, Any] = {"class": type(model).__name__, "depth": getattr(model, "depth", None)}
+    for name in _MODEL_OPTIONS:
+        if hasattr(model, name):
+            value = getattr(model, name)
+            sig[name] = list(value) if isinstance(value, tuple) else value
+    convention = getattr(model, "input_convention", None)
+    sig["input_convention"] = convention.to_dict() if convention is not None else None
+    return sig
+
+
+def _leaf_datasets(dataset: Dataset) -> list[Dataset]:
+    if isinstance(dataset, ConcatDataset):
+        return [leaf for d in dataset.datasets for leaf in _leaf_datasets(d)]
+    return [dataset]
+
+
+def _image_names(dataset: Dataset) -> list[tuple[str, str]]:
+    """(path on disk, name used in the key) of every image of a dataset; names are relative to its root."""
+    paths = getattr(dataset, "image_paths", None)
+    if paths is None:
+        raise TypeError(f"{type(dataset).__name__} has no image_paths: the feature cache keys on the image list")
+    root = getattr(dataset, "root", None)
+    return [(p, os.path.relpath(p, root) if root else os.path.basename(p)) for p in paths]
+
+
+def dataset_signature(dataset: Dataset, *, progress: bool = False) -> dict[str, Any]:
+    """What decides the images a dataset yields: for each part its class, name, split, scales, input
+    convention and minimum side, and a sha256 over its image list (relative names, file sizes, query boxes).
+
+    A missing image is a ``FileNotFoundError`` naming the file and the dataset.
+    """
+    parts = []
+    for d in _leaf_datasets(dataset):
+        h = hashlib.sha256()
+        names = _image_names(d)
+        bbxs = getattr(d, "bbxs", None)
+        label = f"{getattr(d, 'name', type(d).__name__)} ({getattr(d, 'split', 'images')})"
+        for i, (path, name) in enumerate(tqdm(names, desc=f"listing {label}", unit="img", leave=False,
+                                                disable=not progress or len(names) < 20000)):
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                raise FileNotFoundError(f"image file not found: {path} (dataset {label})") from None
+            box = "" if bbxs is None else ",".join(repr(float(v)) for v in bbxs[i])
+            h.update(f"{name}\t{size}\t{box}\n".encode())
+        convention = getattr(d, "convention", None)
+        parts.append({
+            "class": type(d).__name__,
+            "name": getattr(d, "name", None),
+            "split": getattr(d, "split", None),
+            "scales": [float(s) for s in getattr(d, "scales", ())],
+            "convention": convention.to_dict() if convention is not None else None,
+            "min_side": getattr(d, "min_side", None),
+            "n_images": len(names),
+            "images_sha256": h.hexdigest(),
+        })
+    return {"parts": parts}
+
+
+def feature_cache_key(*, model: nn.Module, dataset: Dataset, kind: str = "global",
+                      weights_hash: str | None = None, progress: bool = False) -> str:
+    """sha256 of (weights hash, extraction config, image list): equal keys mean equal descriptors."""
+    payload = {
+        "format": CACHE_FORMAT,
+        "kind": kind,
+        "weights": weights_hash or state_dict_hash(model),
+        "model": model_signature(model),
+        "data": dataset_signature(dataset, progress=progress),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batched iteration
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Indexed(Dataset):
+    """Items ``indices[k]`` of a dataset as (index, item) pairs."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, list[Tensor]]:
+        index = self.indices[k]
+        item = self.dataset[index]
+        return index, list(item) if isinstance(item, (list, tuple)) else [item]
+
+
+def _unbatched(batch: list) -> Any:
+    return batch[0]
+
+
+def iterate_images(dataset: Dataset, indices: Sequence[int], *, num_workers: int = 0
+                   ) -> Iterator[tuple[int, list[Tensor]]]:
+    """(index, list of per-scale (3, H_s, W_s) tensors) for ``indices``, read by a DataLoader with workers."""
+    loader = DataLoader(_Indexed(dataset, indices), batch_size=1, shuffle=False, num_workers=num_workers,
+                        collate_fn=_unbatched)
+    yield from loader
+
+
+def bucket_batches(items: Iterable[tuple[int, list[Tensor]]], *, batch_size: int, max_pending: int | None = None
+                   ) -> Iterator[tuple[list[int], list[Tensor]]]:
+    """Group items of identical (per-scale) size into batches of up to ``batch_size``.
+
+    Yields (indices, list of (B, 3, H_s, W_s)). At most ``max_pending`` images (default 4 * batch_size) wait
+    for company: past that the fullest bucket goes out incomplete, so memory stays bounded when every image
+    has its own size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    max_pending = max(max_pending or 4 * batch_size, batch_size)
+    buckets: dict[tuple, list[tuple[int, list[Tensor]]]] = {}
+    pending = 0
+
+    def stack(bucket: list[tuple[int, list[Tensor]]]) -> tuple[list[int], list[Tensor]]:
+        n_scales = len(bucket[0][1])
+        return [i for i, _ in bucket], [torch.stack([t[s] for _, t in bucket]) for s in range(n_scales)]
+
+    for index, tensors in items:
+        key = tuple(tuple(t.shape) for t in tensors)
+        bucket = buckets.setdefault(key, [])
+        bucket.append((index, tensors))
+        pending += 1
+        if len(bucket) >= batch_size:
+            pending -= len(bucket)
+            yield stack(buckets.pop(key))
+        elif pending >= max_pending:
+            fullest = max(buckets, key=lambda k: len(buckets[k]))
+            pending -= len(buckets[fullest])
+            yield stack(buckets.pop(fullest))
+    for bucket in buckets.values():
+        yield stack(bucket)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Global descriptors
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def extract_global_descriptors(
+    *,
+    model: nn.Module,
+    dataset: Dataset,
+    indices: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "descriptors",
+) -> Tensor:
+    """Global descriptors (N, D) float32 on CPU of ``dataset[indices]`` (all by default), in that order.
+
+    ``model`` must already be on ``device`` and return L2-normalised (B, D) descriptors per scale; the scales a
+    dataset item holds are combined by :func:`aggregate_scales`.
+    """
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    if not indices:
+        raise ValueError(f"nothing to extract for {desc}: no images")
+    model.eval()
+    device = torch.device(device)
+    position = {index: k for k, index in enumerate(indices)}
+    out: Tensor | None = None
+    bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress)
+    items = iterate_images(dataset, indices, num_workers=num_workers)
+    for batch_indices, per_scale in bucket_batches(items, batch_size=batch_size):
+        desc_b = describe_multiscale(model, [x.to(device, non_blocking=True) for x in per_scale]).float().cpu()
+        if out is None:
+            out = torch.empty(len(indices), desc_b.shape[1], dtype=torch.float32)
+        out[[position[i] for i in batch_indices]] = desc_b
+        bar.update(len(batch_indices))
+    bar.close()
+    assert out is not None
+    return out
+
+
+def _load_features(path: Path, key: str) -> Tensor | None:
+    """The cached features at ``path`` when it holds ``key``; None when absent, stale or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file is a miss, never a crash
+        logger.warning("ignoring unreadable cache file %s (%s)", path, exc)
+        return None
+    if not isinstance(payload, dict) or payload.get("key") != key or not isinstance(payload.get("features"), Tensor):
+        return None
+    return payload["features"]
+
+
+def _save_features(path: Path, key: str, features: Tensor, **meta: Any) -> None:
+    atomic_torch_save({"key": key, "format": CACHE_FORMAT, "features": features.contiguous(), **meta}, path)
+
+
+def shard_ranges(n: int, shard_size: int) -> list[range]:
+    """Contiguous ranges of ``shard_size`` images covering ``range(n)`` (the last one shorter)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [range(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def shards_of_rank(n_shards: int, *, rank: int, world_size: int) -> list[int]:
+    """The shards rank ``rank`` of ``world_size`` extracts: i % world_size == rank."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world size {world_size} is not valid")
+    return [i for i in range(n_shards) if i % world_size == rank]
+
+
+def distributed_barrier() -> None:
+    """torch.distributed barrier when a process group is initialised (torchrun); a no-op otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _shard_path(shard_dir: Path, i: int, n: int) -> Path:
+    return shard_dir / f"shard-{i:05d}-of-{n:05d}.pt"
+
+
+def extract_sharded(
+    *,
+    model: nn.Module,
+    dataset: Dataset,
+    key: str,
+    shard_dir: str | os.PathLike,
+    shard_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "descriptors",
+) -> Tensor | None:
+    """Extract in shards of ``shard_size`` images, one file each (atomic), skipping complete shards.
+
+    A crashed run resumes where it stopped. Rank ``rank`` of ``world_size`` takes shards i % world_size == rank;
+    after a barrier rank 0 merges all shards (recomputing any a rank failed to write) and returns the (N, D)
+    descriptors; other ranks return None.
+    """
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    ranges = shard_ranges(len(dataset), shard_size)
+    n = len(ranges)
+
+    def ensure(i: int) -> Tensor:
+        path = _shard_path(shard_dir, i, n)
+        feats = _load_features(path, key)
+        if feats is not None and feats.shape[0] == len(ranges[i]):
+            return feats
+        feats = extract_global_descriptors(model=model, dataset=dataset, indices=ranges[i], device=device,
+                                           batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                           desc=f"{desc} shard {i + 1}/{n}")
+        _save_features(path, key, feats, start=ranges[i].start, stop=ranges[i].stop)
+        return feats
+
+    mine = shards_of_rank(n, rank=rank, world_size=world_size)
+    done = sum(1 for i in mine if _load_features(_shard_path(shard_dir, i, n), key) is not None)
+    logger.info("%s: %d shards of %d images; rank %d/%d takes %d (%d already complete)", desc, n, shard_size,
+                rank, world_size, len(mine), done)
+    for i in mine:
+        ensure(i)
+    distributed_barrier()
+    if rank != 0:
+        return None
+    return torch.cat([ensure(i) for i in range(n)])
+
+
+def cached_global_descriptors(
+    *,
+    model: nn.Module,
+    dataset: Dataset,
+    cache_dir: str | os.PathLike | None = None,
+    label: str = "features",
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    num_workers: int = 0,
+    shard_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    weights_hash: str | None = None,
+    progress: bool = True,
+) -> Tensor | None:
+    """Global descriptors (N, D) of a whole dataset, through the on-disk cache when ``cache_dir`` is given.
+
+    The cache file ``<cache_dir>/<label>-<key>.pt`` is keyed by :func:`feature_cache_key` (weights, config,
+    image list); a hit loads it, a miss extracts and writes it atomically. With ``shard_size`` (and always under
+    ``world_size > 1``) sets larger than one shard go through :func:`extract_sharded` in
+    ``<cache_dir>/<label>-<key>.shards/``, removed once merged. Returns None on ranks other than 0 when sharded.
+    """
+    if cache_dir is None:
+        if world_size > 1:
+            raise ValueError("extraction over several ranks needs a cache_dir shared by all of them")
+        return extract_global_descriptors(model=model, dataset=dataset, device=device, batch_size=batch_size,
+                                          num_workers=num_workers, progress=progress, desc=label)
+    key = feature_cache_key(model=model, dataset=dataset, weights_hash=weights_hash, progress=progress)
+    path = Path(cache_dir) / f"{label}-{key[:24]}.pt"
+    feats = _load_features(path, key)
+    if feats is not None and feats.shape[0] == len(dataset):
+        logger.info("%s: feature cache hit (%s)", label, path)
+        return feats
+    logger.info("%s: extracting %d images (cache miss, will write %s)", label, len(dataset), path)
+    sharded = world_size > 1 or (shard_size is not None and len(dataset) > shard_size)
+    if not sharded:
+        feats = extract_global_descriptors(model=model, dataset=dataset, device=device, batch_size=batch_size,
+                                           num_workers=num_workers, progress=progress, desc=label)
+        _save_features(path, key, feats, label=label)
+        return feats
+    shard_dir = path.with_suffix(".shards")
+    feats = extract_sharded(model=model, dataset=dataset, key=key, shard_dir=shard_dir,
+                            shard_size=shard_size or len(dataset), rank=rank, world_size=world_size, device=device,
+                            batch_size=batch_size, num_workers=num_workers, progress=progress, desc=label)
+    if feats is not None:
+        _save_features(path, key, feats, label=label)
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    distributed_barrier()
+    return feats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CVNet re-ranking maps
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ReducedMapStore:
+    """CVNet-Rerank's reduced maps (``reduce_featuremap`` of the stage-3 map at scale 1.0) per dataset image.
+
+    ``get(i)`` -> list of (1, 256, h_s, w_s) tensors on ``device``, one per correlation scale. They do not depend
+    on the other image of a pair, so each image's maps are computed once: kept in memory (at most
+    ``max_items``, least recently used dropped first; None = no bound) and, with ``cache_dir``, written to disk
+    (one file per image, keyed by the weights and the image's name, size and box) for later runs.
+    ``prefetch(indices)`` computes the missing ones in batches of same-size images.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        dataset: Dataset,
+        device: torch.device | str = "cpu",
+        cache_dir: str | os.PathLike | None = None,
+        max_items: int | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        weights_hash: str | None = None,
+    ) -> None:
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"max_items must be >= 1 or None, got {max_items}")
+        self.model, self.dataset, self.device = model, dataset, torch.device(device)
+        self.max_items, self.batch_size, self.num_workers = max_items, batch_size, num_workers
+        self._memory: OrderedDict[int, list[Tensor]] = OrderedDict()
+        self.computed = 0
+        self.loaded = 0
+        self._dir: Path | None = None
+        self._names: list[str] | None = None
+        if cache_dir is not None:
+            prefix = hashlib.sha256(json.dumps({
+                "format": CACHE_FORMAT, "weights": weights_hash or state_dict_hash(model),
+                "model": model_signature(model),
+                "data": [{k: v for k, v in part.items() if k != "images_sha256"}
+                         for part in dataset_signature(dataset)["parts"]],
+            }, sort_keys=True).encode()).hexdigest()
+            self._dir = Path(cache_dir) / f"maps-{prefix[:24]}"
+            self._names = self._entry_names()
+
+    def _entry_names(self) -> list[str]:
+        names = []
+        for d in _leaf_datasets(self.dataset):
+            bbxs = getattr(d, "bbxs", None)
+            for i, (path, name) in enumerate(_image_names(d)):
+                box = "" if bbxs is None else ",".join(repr(float(v)) for v in bbxs[i])
+                entry = f"{name}\t{os.stat(path).st_size}\t{box}"
+                names.append(hashlib.sha256(entry.encode()).hexdigest()[:32])
+        return names
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _disk_path(self, index: int) -> Path | None:
+        return None if self._dir is None or self._names is None else self._dir / f"{self._names[index]}.pt"
+
+    def _remember(self, index: int, maps: list[Tensor]) -> None:
+        self._memory[index] = maps
+        self._memory.move_to_end(index)
+        while self.max_items is not None and len(self._memory) > self.max_items:
+            self._memory.popitem(last=False)
+
+    def _from_disk(self, index: int) -> list[Tensor] | None:
+        path = self._disk_path(index)
+        if path is None or not path.is_file():
+            return None
+        try:
+            maps = torch.load(path, map_location="cpu", weights_only=True)["maps"]
+        except Exception as exc:
+            logger.warning("ignoring unreadable map cache file %s (%s)", path, exc)
+            return None
+        self.loaded += 1
+        return [m.to(self.device) for m in maps]
+
+    @torch.inference_mode()
+    def prefetch(self, indices: Iterable[int], *, progress: bool = False) -> None:
+        """Make the maps of ``indices`` available, computing the missing ones in same-size batches."""
+        todo = []
+        for i in dict.fromkeys(int(i) for i in indices):
+            if i in self._memory:
+                self._memory.move_to_end(i)
+                continue
+            maps = self._from_disk(i)
+            if maps is not None:
+                self._remember(i, maps)
+            else:
+                todo.append(i)
+        if not todo:
+            return
+        self.model.eval()
+        items = iterate_images(self.dataset, todo, num_workers=self.num_workers)
+        bar = tqdm(total=len(todo), desc="re-ranking maps", unit="img", disable=not progress, leave=False)
+        for batch_indices, per_scale in bucket_batches(items, batch_size=self.batch_size):
+            if len(per_scale) != 1:
+                raise ValueError(f"CVNet re-ranking maps come from scale 1.0 only; the dataset yields "
+                                 f"{len(per_scale)} scales")
+            reduced = self.model.reduce_featuremap(self.model.extract_featuremap(per_scale[0].to(self.device)))
+            for k, i in enumerate(batch_indices):
+                maps = [r[k : k + 1].clone() for r in reduced]
+                self.computed += 1
+                path = self._disk_path(i)
+                if path is not None:
+                    atomic_torch_save({"maps": [m.cpu() for m in maps]}, path)
+                self._remember(i, maps)
+            bar.update(len(batch_indices))
+        bar.close()
+
+    def get(self, index: int) -> list[Tensor]:
+        """Reduced maps of image ``index``: list of (1, 256, h_s, w_s), one per correlation scale."""
+        index = int(index)
+        if index not in self._memory:
+            self.prefetch([index])
+        self._memory.move_to_end(index)
+        return self._memory[index]

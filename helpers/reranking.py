@@ -1,0 +1,239 @@
+"""Rankings for evaluation: the global ranking, CVNet re-ranking (clean and paper modes), SuperGlobal re-ranking.
+
+Ranking matrices follow revisitop's layout: ``ranks`` is (n_db, n_queries), column i lists database indices
+from most to least similar for query i.
+
+CVNet re-ranking (Lee et al., CVPR 2022, Sec. 4): the final similarity of a re-ranked candidate is
+``global cosine + weight * CVNet score`` (weight 0.5) over the top ``top_k`` (100) candidates. Two modes:
+
+- ``clean`` (default): the first ``top_k`` of the global ranking, the same for every protocol; no ground truth.
+- ``paper``: the released evaluation's protocol, needed to match the paper's numbers. Walking the global ranking,
+  ground-truth junk is skipped, an easy positive counts for Easy and Medium, a hard positive for Medium and Hard,
+  a negative for all three, until each protocol has ``top_k``; the re-scored items are re-sorted only among the
+  positions they held, every other position (interleaved junk included) keeps its place. It uses the ground
+  truth at re-ranking time and gives one ranking matrix per protocol.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from helpers.evaluation import PROTOCOLS
+
+logger = logging.getLogger(__name__)
+
+RERANK_MODES = ("clean", "paper")
+#: A pair scorer: (P, 2) int array of (query index, database index) -> (P,) scores.
+PairScorer = Callable[[np.ndarray], np.ndarray]
+
+
+def _as_tensor(x: Any) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Global ranking
+# --------------------------------------------------------------------------------------------------------------
+
+
+def global_ranking(query_vectors: Tensor | np.ndarray, db_vectors: Tensor | np.ndarray, *,
+                   device: torch.device | str = "cpu", query_chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Rank the database by inner product (cosine for L2-normalised descriptors).
+
+    ``query_vectors`` (nq, d), ``db_vectors`` (n_db, d) -> (similarities (n_db, nq) float32,
+    ranks (n_db, nq) int64). Ties keep database order (stable sort), so a ranking is reproducible.
+    """
+    xq = _as_tensor(query_vectors).to(device, torch.float32)
+    xb = _as_tensor(db_vectors).to(device, torch.float32)
+    if xq.dim() != 2 or xb.dim() != 2 or xq.shape[1] != xb.shape[1]:
+        raise ValueError(f"need (nq, d) queries and (n_db, d) database, got {tuple(xq.shape)}, {tuple(xb.shape)}")
+    sims, ranks = [], []
+    for start in range(0, xq.shape[0], query_chunk):
+        s = xb @ xq[start : start + query_chunk].T
+        sims.append(s.cpu())
+        ranks.append(torch.argsort(s, dim=0, descending=True, stable=True).cpu())
+    return torch.cat(sims, dim=1).numpy(), torch.cat(ranks, dim=1).numpy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CVNet re-ranking: which positions are re-scored, and how they are re-sorted
+# --------------------------------------------------------------------------------------------------------------
+
+
+def paper_mode_positions(ranking: np.ndarray, *, easy: np.ndarray, hard: np.ndarray, junk: np.ndarray,
+                         top_k: int) -> dict[str, np.ndarray]:
+    """Positions (into one query's ``ranking`` (n_db,)) re-scored under each protocol in ``paper`` mode.
+
+    An item is junk, else easy, else hard, else negative (the release's order of tests). Easy takes easy
+    positives and negatives, Medium everything but junk, Hard hard positives and negatives; each the first
+    ``top_k`` in ranking order.
+    """
+    is_junk = np.isin(ranking, junk)
+    is_easy = np.isin(ranking, easy) & ~is_junk
+    is_hard = np.isin(ranking, hard) & ~is_junk & ~is_easy
+    eligible = {"easy": ~is_junk & ~is_hard, "medium": ~is_junk, "hard": ~is_junk & ~is_easy}
+    return {p: np.flatnonzero(eligible[p])[:top_k] for p in PROTOCOLS}
+
+
+def rerank_candidates(ranking: np.ndarray, *, mode: str, top_k: int,
+                      gnd_entry: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Positions re-scored in one query's ``ranking`` (n_db,) per protocol: {'easy','medium','hard'} -> (k,)."""
+    if mode not in RERANK_MODES:
+        raise ValueError(f"unknown re-ranking mode {mode!r}; expected one of {RERANK_MODES}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if mode == "clean":
+        first = np.arange(min(top_k, len(ranking)))
+        return {p: first for p in PROTOCOLS}
+    if gnd_entry is None:
+        raise ValueError("re-ranking mode 'paper' needs the ground truth (easy/hard/junk per query)")
+    lists = {key: np.asarray(gnd_entry.get(key, []), dtype=np.int64).reshape(-1) for key in ("easy", "hard", "junk")}
+    return paper_mode_positions(ranking, top_k=top_k, **lists)
+
+
+def resort_positions(ranking: np.ndarray, positions: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Re-sort the items at ``positions`` of ``ranking`` by ``scores`` (descending, ties in ranking order)
+    among those positions only; every other position keeps its item. Returns a new (n_db,) ranking."""
+    out = ranking.copy()
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    out[positions] = ranking[positions][order]
+    return out
+
+
+def cvnet_rerank(
+    *,
+    ranks: np.ndarray,
+    query_vectors: Tensor | np.ndarray,
+    db_vectors: Tensor | np.ndarray,
+    score_pairs: PairScorer,
+    mode: str = "clean",
+    gnd: Sequence[Mapping[str, Any]] | None = None,
+    top_k: int = 100,
+    weight: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """CVNet re-ranking of a global ranking: {'easy','medium','hard'} -> (n_db, nq) ranking matrices.
+
+    ``ranks`` (n_db, nq) is the global ranking of ``query_vectors`` (nq, d) against ``db_vectors`` (n_db, d);
+    ``score_pairs`` scores (P, 2) (query, database) index pairs with CVNet-Rerank (e.g. :class:`CVNetPairScorer`).
+    A re-scored candidate's similarity is ``query . candidate + weight * score``. Each distinct pair is scored
+    once even when several protocols re-score it. In ``clean`` mode the three matrices are the same array.
+    """
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2:
+        raise ValueError(f"ranks must be (n_db, n_queries), got shape {ranks.shape}")
+    nq = ranks.shape[1]
+    if mode == "paper" and (gnd is None or len(gnd) != nq):
+        raise ValueError(f"re-ranking mode 'paper' needs one ground-truth entry per query ({nq})")
+    positions = [rerank_candidates(ranks[:, i], mode=mode, top_k=top_k, gnd_entry=gnd[i] if gnd else None)
+                 for i in range(nq)]
+    pairs = np.array(sorted({(i, int(ranks[p, i])) for i in range(nq) for pos in positions[i].values()
+                             for p in pos}), dtype=np.int64).reshape(-1, 2)
+    xq, xb = _as_tensor(query_vectors).float(), _as_tensor(db_vectors).float()
+    qi, di = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
+    global_sim = (xq[qi] * xb[di]).sum(dim=1).double().numpy()
+    local = np.asarray(score_pairs(pairs), dtype=np.float64).reshape(-1)
+    if local.shape[0] != pairs.shape[0]:
+        raise ValueError(f"score_pairs returned {local.shape[0]} scores for {pairs.shape[0]} pairs")
+    mixed = {(int(q), int(d)): g + weight * s for (q, d), g, s in zip(pairs, global_sim, local)}
+    logger.info("CVNet re-ranking (%s mode, top %d): %d distinct pairs scored", mode, top_k, len(pairs))
+
+    out = {p: ranks.copy() for p in PROTOCOLS} if mode == "paper" else dict.fromkeys(PROTOCOLS, ranks.copy())
+    for i in range(nq):
+        col = ranks[:, i]
+        done: dict[bytes, np.ndarray] = {}
+        for p in PROTOCOLS:
+            pos = positions[i][p]
+            if pos.tobytes() not in done:  # clean mode: one re-sort shared by the three
+                scores = np.array([mixed[(i, int(d))] for d in col[pos]])
+                done[pos.tobytes()] = resort_positions(col, pos, scores)
+            out[p][:, i] = done[pos.tobytes()]
+    return out
+
+
+class CVNetPairScorer:
+    """Scores (query, database) pairs with CVNet-Rerank, computing each image's reduced maps once.
+
+    ``query_maps`` / ``db_maps`` are :class:`helpers.extraction.ReducedMapStore` over the cropped queries and the
+    database (scale 1.0). Pairs are processed in chunks of database images so each database map is computed once
+    and reused by every query that needs it; a query's candidates of the same map size are scored together
+    through ``model.score_reduced`` with the query broadcast (batches of up to ``batch_size``).
+    """
+
+    def __init__(self, *, model: nn.Module, query_maps: Any, db_maps: Any, batch_size: int = 32,
+                 chunk_images: int = 256, progress: bool = True) -> None:
+        if batch_size < 1 or chunk_images < 1:
+            raise ValueError(f"batch_size and chunk_images must be >= 1, got {batch_size}, {chunk_images}")
+        bound = getattr(db_maps, "max_items", None)
+        self.model, self.query_maps, self.db_maps = model, query_maps, db_maps
+        self.batch_size = batch_size
+        self.chunk_images = min(chunk_images, bound) if bound else chunk_images
+        self.progress = progress
+
+    @torch.inference_mode()
+    def __call__(self, pairs: np.ndarray) -> np.ndarray:
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        scores = np.full(pairs.shape[0], np.nan, dtype=np.float64)
+        if pairs.shape[0] == 0:
+            return scores
+        self.model.eval()
+        db_ids = np.unique(pairs[:, 1])
+        bar = tqdm(total=pairs.shape[0], desc="CVNet re-ranking", unit="pair", disable=not self.progress)
+        for start in range(0, len(db_ids), self.chunk_images):
+            chunk = db_ids[start : start + self.chunk_images]
+            self.db_maps.prefetch(chunk.tolist())
+            in_chunk = np.flatnonzero(np.isin(pairs[:, 1], chunk))
+            for q in np.unique(pairs[in_chunk, 0]):
+                rows = in_chunk[pairs[in_chunk, 0] == q]
+                qmaps = self.query_maps.get(int(q))
+                by_size: dict[tuple, list[int]] = {}
+                for r in rows:
+                    by_size.setdefault(tuple(self.db_maps.get(int(pairs[r, 1]))[-1].shape), []).append(int(r))
+                for group in by_size.values():
+                    for b in range(0, len(group), self.batch_size):
+                        batch = group[b : b + self.batch_size]
+                        keys = [self.db_maps.get(int(pairs[r, 1])) for r in batch]
+                        stacked = [torch.cat([k[s] for k in keys]) for s in range(len(keys[0]))]
+                        scores[batch] = self.model.score_reduced(qmaps, stacked).double().cpu().numpy()
+                        bar.update(len(batch))
+        bar.close()
+        return scores
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SuperGlobal re-ranking
+# --------------------------------------------------------------------------------------------------------------
+
+
+def merge_reranked(ranks: np.ndarray, reranked_ids: np.ndarray) -> np.ndarray:
+    """Full rankings (n_db, nq): each query's re-ordered top ids (nq, M) (padding ids < 0 dropped), then the rest
+    of its global ranking ``ranks`` (n_db, nq) in its original order."""
+    ranks = np.asarray(ranks)
+    reranked_ids = np.asarray(reranked_ids)
+    out = np.empty_like(ranks)
+    for i in range(ranks.shape[1]):
+        top = reranked_ids[i][reranked_ids[i] >= 0]
+        rest = ranks[:, i][~np.isin(ranks[:, i], top)]
+        col = np.concatenate([top, rest])
+        if col.shape[0] != ranks.shape[0]:
+            raise ValueError(f"query {i}: re-ranked ids are not a subset of its ranking (duplicates or unknown ids)")
+        out[:, i] = col
+    return out
+
+
+def superglobal_rerank_ranking(*, query_vectors: Tensor | np.ndarray, database: Any, ranks: np.ndarray,
+                               reranker: nn.Module) -> np.ndarray:
+    """SuperGlobal re-ranking (Shao et al., ICCV 2023, Sec. 3.3) as a full ranking matrix (n_db, nq).
+
+    ``database``: the (n_db, d) L2-normalised descriptors (tensor) or any ``AbstractVectorDB`` holding them under
+    ids 0..n_db-1; ``reranker``: a ``models.SuperGlobalRerank`` (M, K, beta). The re-ordered top M come first,
+    then the rest of the global ranking ``ranks`` unchanged.
+    """
+    xq = _as_tensor(query_vectors).float()
+    _, ids = reranker.rerank(xq, database)
+    return merge_reranked(ranks, ids.cpu().numpy())

@@ -1,0 +1,263 @@
+"""helpers.extraction: multi-scale aggregation, size buckets, the feature cache, resumable shards, re-ranking maps."""
+import os
+import pickle
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from datasets.revisited import RevisitedDataset
+from helpers.extraction import (
+    CVNET_TEST_SCALES,
+    ReducedMapStore,
+    aggregate_scales,
+    bucket_batches,
+    cached_global_descriptors,
+    dataset_signature,
+    extract_global_descriptors,
+    extract_sharded,
+    feature_cache_key,
+    shard_ranges,
+    shards_of_rank,
+    state_dict_hash,
+)
+from models import OFFICIAL_CONVENTION, CVNetGlobal, CVNetRerank
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # a 2-core machine shared with other test runs: OpenMP threads spinning against each other cost 10-100x
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# (H, W) of the database images: two pairs of equal sizes, so batches of 2 happen, and odd ones out
+DB_SIZES = [(64, 80), (80, 64), (64, 80), (72, 72), (80, 64), (64, 96), (72, 72)]
+
+
+def _write_layout(root, sizes=DB_SIZES, seed=0):
+    """A revisitop layout named roxford5k: 7 noise images, 2 queries (cropped from images 0 and 3)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "roxford5k" / "jpg"
+    folder.mkdir(parents=True)
+    imlist = [f"img{i}" for i in range(len(sizes))]
+    for name, (h, w) in zip(imlist, sizes):
+        img = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 1.5)
+        cv2.imwrite(str(folder / f"{name}.jpg"), img)
+    gnd = [
+        {"bbx": [3.7, 2.2, 60.9, 50.5], "easy": [2], "hard": [4], "junk": [5]},
+        {"bbx": [0.0, 4.0, 70.0, 66.0], "easy": [6], "hard": [], "junk": []},
+    ]
+    with open(root / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": ["img0", "img3"], "gnd": gnd}, f, protocol=4)
+    return root
+
+
+@pytest.fixture
+def layout(tmp_path):
+    return _write_layout(tmp_path / "data")
+
+
+class TinyNet(nn.Module):
+    """A stand-in global model: conv, mean pool, L2 -> (B, 8); counts the images it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.depth = 0
+        self.input_convention = OFFICIAL_CONVENTION
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return F.normalize(self.conv(x).mean(dim=(2, 3)), dim=-1)
+
+
+class Recording(Dataset):
+    """Delegates to a dataset and records which indices were read."""
+
+    def __init__(self, base):
+        self.base, self.read_indices = base, []
+        self.image_paths, self.root, self.name = base.image_paths, base.root, base.name
+        self.split, self.scales, self.convention = base.split, base.scales, base.convention
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.read_indices.append(i)
+        return self.base[i]
+
+
+def test_aggregate_scales_is_l2_mean_of_l2():
+    g = torch.Generator().manual_seed(0)
+    descs = [torch.randn(4, 16, generator=g) * (s + 1) for s in range(3)]
+    expected = torch.stack([d / d.norm(dim=1, keepdim=True) for d in descs]).mean(0)
+    expected = expected / expected.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(aggregate_scales(descs), expected)
+    one = F.normalize(descs[0], dim=1)
+    torch.testing.assert_close(aggregate_scales([one]), one)  # SuperGlobal's single scale passes through
+
+
+def test_bucket_batches_groups_identical_sizes():
+    items = [(i, [torch.zeros(3, h, w), torch.zeros(3, 2 * h, 2 * w)]) for i, (h, w) in enumerate(DB_SIZES * 3)]
+    batches = list(bucket_batches(iter(items), batch_size=2, max_pending=3))
+    seen = [i for idx, _ in batches for i in idx]
+    assert sorted(seen) == list(range(len(items)))
+    for idx, per_scale in batches:
+        assert len(idx) <= 2 and len(per_scale) == 2
+        assert per_scale[0].shape[0] == len(idx)
+        assert all(tuple(items[i][1][0].shape) == tuple(per_scale[0].shape[1:]) for i in idx)
+    assert any(len(idx) == 2 for idx, _ in batches)
+
+
+def test_cvnet_multiscale_descriptor_matches_direct_computation(layout):
+    torch.manual_seed(0)
+    model = CVNetGlobal(50).eval()
+    ds = RevisitedDataset(layout, "roxford5k", "db", scales=CVNET_TEST_SCALES)
+    subset = [0, 2, 5]  # 0 and 2 share a size (one batch of 2), 5 is alone
+    got = extract_global_descriptors(model=model, dataset=ds, indices=subset, batch_size=2, progress=False)
+
+    mean = np.array(OFFICIAL_CONVENTION.mean, dtype=np.float32)
+    std = np.array(OFFICIAL_CONVENTION.std, dtype=np.float32)
+    for row, i in enumerate(subset):
+        img = cv2.imread(ds.image_paths[i], cv2.IMREAD_COLOR)  # BGR uint8, as the release reads it
+        per_scale = []
+        for s in CVNET_TEST_SCALES:
+            interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+            im = img if s == 1 else cv2.resize(img, None, fx=s, fy=s, interpolation=interp)
+            x = torch.from_numpy(((im.astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1).copy())
+            with torch.no_grad():
+                d = model(x[None])[0]
+            per_scale.append(d / d.norm())
+        ref = torch.stack(per_scale).mean(0)
+        torch.testing.assert_close(got[row], ref / ref.norm(), atol=2e-5, rtol=1e-4)
+
+
+def test_feature_cache_hit_miss_and_weight_invalidation(layout, tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0, 0.7071))
+    cache = tmp_path / "cache"
+    first = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False)
+    assert model.seen == 2 * len(ds)  # two scales per image
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 1 and not any(name.endswith(".tmp") for name in files)
+
+    again = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False)
+    assert model.seen == 2 * len(ds)  # hit: nothing re-extracted
+    torch.testing.assert_close(again, first)
+
+    with torch.no_grad():
+        model.conv.weight[0, 0, 0, 0] += 0.5  # new weights -> new key -> re-extracted
+    changed = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False)
+    assert model.seen == 4 * len(ds)
+    assert not torch.allclose(changed, first)
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_cache_key_depends_on_config_and_image_list(layout):
+    model = TinyNet()
+    ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,))
+    key = feature_cache_key(model=model, dataset=ds)
+    assert key == feature_cache_key(model=model, dataset=RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,)))
+    assert key != feature_cache_key(model=model, dataset=RevisitedDataset(layout, "roxford5k", "db",
+                                                                          scales=(1.0, 0.7071)))
+    assert key != feature_cache_key(model=model, dataset=RevisitedDataset(layout, "roxford5k", "query"))
+    assert key != feature_cache_key(model=model, dataset=ds, kind="maps")
+    with open(ds.image_paths[3], "ab") as f:  # a changed file (size) changes the key
+        f.write(b"\0")
+    assert key != feature_cache_key(model=model, dataset=ds)
+
+
+def test_state_dict_hash_tracks_weights_only():
+    torch.manual_seed(0)
+    a, b = TinyNet(), TinyNet()
+    b.load_state_dict(a.state_dict())
+    assert state_dict_hash(a) == state_dict_hash(b)
+    with torch.no_grad():
+        b.conv.bias[0] += 1e-3
+    assert state_dict_hash(a) != state_dict_hash(b)
+
+
+def test_missing_image_names_file_and_dataset(layout):
+    ds = RevisitedDataset(layout, "roxford5k", "db")
+    os.remove(ds.image_paths[2])
+    with pytest.raises(FileNotFoundError, match=r"img2\.jpg.*roxford5k"):
+        dataset_signature(ds)
+    with pytest.raises(FileNotFoundError, match=r"img2\.jpg"):
+        extract_global_descriptors(model=TinyNet(), dataset=ds, progress=False)
+
+
+def test_shard_resume_recomputes_only_the_lost_shard(layout, tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    base = RevisitedDataset(layout, "roxford5k", "db")
+    key = feature_cache_key(model=model, dataset=base)
+    shard_dir = tmp_path / "shards"
+    full = extract_sharded(model=model, dataset=base, key=key, shard_dir=shard_dir, shard_size=2, progress=False)
+    assert [r for r in shard_ranges(7, 2)] == [range(0, 2), range(2, 4), range(4, 6), range(6, 7)]
+    shards = sorted(shard_dir.iterdir())
+    assert len(shards) == 4
+    shards[2].unlink()  # the crash: a later shard never got written
+
+    rec = Recording(base)
+    again = extract_sharded(model=model, dataset=rec, key=key, shard_dir=shard_dir, shard_size=2, progress=False)
+    assert sorted(rec.read_indices) == [4, 5]
+    torch.testing.assert_close(again, full)
+    direct = extract_global_descriptors(model=model, dataset=base, progress=False)
+    torch.testing.assert_close(full, direct)
+
+
+def test_ranks_split_shards_and_rank0_merges(layout, tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    base = RevisitedDataset(layout, "roxford5k", "db")
+    key = feature_cache_key(model=model, dataset=base)
+    assert shards_of_rank(7, rank=1, world_size=3) == [1, 4]
+    rank1 = Recording(base)
+    out1 = extract_sharded(model=model, dataset=rank1, key=key, shard_dir=tmp_path / "s", shard_size=2, rank=1,
+                           world_size=2, progress=False)
+    assert out1 is None and sorted(rank1.read_indices) == [2, 3, 6]
+    rank0 = Recording(base)
+    out0 = extract_sharded(model=model, dataset=rank0, key=key, shard_dir=tmp_path / "s", shard_size=2, rank=0,
+                           world_size=2, progress=False)
+    assert sorted(rank0.read_indices) == [0, 1, 4, 5]
+    torch.testing.assert_close(out0, extract_global_descriptors(model=model, dataset=base, progress=False))
+
+
+def test_cached_descriptors_append_nothing_on_rank_mismatch_without_cache(layout):
+    ds = RevisitedDataset(layout, "roxford5k", "db")
+    with pytest.raises(ValueError, match="cache_dir"):
+        cached_global_descriptors(model=TinyNet(), dataset=ds, world_size=2, rank=0, progress=False)
+
+
+def test_reduced_map_store_computes_once_and_reloads_from_disk(layout, tmp_path):
+    torch.manual_seed(0)
+    model = CVNetRerank(50).eval()
+    ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,))
+    store = ReducedMapStore(model=model, dataset=ds, cache_dir=tmp_path / "maps", max_items=3, batch_size=4)
+    store.prefetch([0, 2, 1])
+    assert store.computed == 3
+    got = store.get(2)
+    with torch.no_grad():
+        ref = model.reduce_featuremap(model.extract_featuremap(ds[2][0][None]))
+    assert len(got) == len(ref) == 3
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    store.get(0)
+    store.get(1)
+    assert store.computed == 3  # reused, not recomputed
+    store.get(4)  # a fourth image evicts the least recently used one from memory (bounded)
+    assert len(store._memory) == 3
+
+    fresh = ReducedMapStore(model=model, dataset=ds, cache_dir=tmp_path / "maps")
+    for g, r in zip(fresh.get(2), ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    assert fresh.computed == 0 and fresh.loaded == 1

@@ -1,0 +1,213 @@
+"""helpers.reranking: CVNet re-ranking in clean and paper modes against hand-written loops, the batched CVNet
+scorer against pair-by-pair scores, and SuperGlobal re-ranking as a full ranking."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.extraction import ReducedMapStore
+from helpers.reranking import (
+    CVNetPairScorer,
+    cvnet_rerank,
+    global_ranking,
+    merge_reranked,
+    resort_positions,
+    superglobal_rerank_ranking,
+)
+from helpers.vector_db.tensor import TensorVectorDB
+from models import CVNetRerank, SuperGlobalRerank
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # a 2-core machine shared with other test runs: OpenMP threads spinning against each other cost 10-100x
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+N_DB, NQ, DIM, TOP_K = 40, 4, 16, 6
+
+
+def stub_score(q: int, d: int) -> float:
+    """A deterministic stand-in for CVNet's pair score, in [0, 1)."""
+    return ((q * 7919 + d * 104729) % 1000) / 1000.0
+
+
+class StubScorer:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, pairs):
+        self.calls.extend(map(tuple, np.asarray(pairs).tolist()))
+        return np.array([stub_score(q, d) for q, d in pairs])
+
+
+@pytest.fixture
+def setup():
+    g = torch.Generator().manual_seed(0)
+    xq = F.normalize(torch.randn(NQ, DIM, generator=g), dim=1)
+    xb = F.normalize(torch.randn(N_DB, DIM, generator=g), dim=1)
+    _, ranks = global_ranking(xq, xb)
+    rng = np.random.default_rng(1)
+    gnd = []
+    for i in range(NQ):
+        head = ranks[:15, i]  # labels among the top so that the walk has something to skip
+        perm = rng.permutation(head)
+        gnd.append({"easy": perm[:3], "hard": perm[3:6], "junk": np.concatenate([perm[6:9], [ranks[-1, i]]]),
+                    "bbx": np.zeros(4)})
+    return xq, xb, ranks, gnd
+
+
+def reference_paper(ranks, sim, gnd, top_k, weight):
+    """The released protocol, written out as a loop: walk the ranking; junk skipped; easy -> E, M; hard -> M, H;
+    negative -> E, M, H; each protocol stops at top_k; re-sort among the positions taken."""
+    out = {p: ranks.copy() for p in ("easy", "medium", "hard")}
+    scored = set()
+    for i in range(ranks.shape[1]):
+        taken = {"easy": [], "medium": [], "hard": []}
+        for j in range(ranks.shape[0]):
+            d = ranks[j, i]
+            if d in gnd[i]["junk"]:
+                continue
+            if d in gnd[i]["easy"]:
+                wants = ("easy", "medium")
+            elif d in gnd[i]["hard"]:
+                wants = ("medium", "hard")
+            else:
+                wants = ("easy", "medium", "hard")
+            for p in wants:
+                if len(taken[p]) < top_k:
+                    taken[p].append(j)
+        for p, positions in taken.items():
+            items = [ranks[j, i] for j in positions]
+            scored |= {(i, int(d)) for d in items}
+            scores = [sim[d, i] + weight * stub_score(i, d) for d in items]
+            order = sorted(range(len(items)), key=lambda k: -scores[k])
+            for j, k in zip(positions, order):
+                out[p][j, i] = items[k]
+    return out, scored
+
+
+def reference_clean(ranks, sim, top_k, weight):
+    out = ranks.copy()
+    for i in range(ranks.shape[1]):
+        items = list(ranks[:top_k, i])
+        scores = [sim[d, i] + weight * stub_score(i, d) for d in items]
+        out[:top_k, i] = [items[k] for k in sorted(range(top_k), key=lambda k: -scores[k])]
+    return out
+
+
+def test_paper_mode_matches_the_protocol_loop(setup):
+    xq, xb, ranks, gnd = setup
+    sim = (xb @ xq.T).double().numpy()
+    scorer = StubScorer()
+    got = cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=scorer, mode="paper", gnd=gnd,
+                       top_k=TOP_K, weight=0.5)
+    ref, scored = reference_paper(ranks, sim, gnd, TOP_K, 0.5)
+    for p in ("easy", "medium", "hard"):
+        np.testing.assert_array_equal(got[p], ref[p], err_msg=p)
+        assert sorted(got[p][:, 0]) == list(range(N_DB))  # still a permutation
+    assert not np.array_equal(got["easy"], got["hard"])  # the protocols really differ here
+    # junk keeps its position in every protocol
+    for i in range(NQ):
+        for j in np.flatnonzero(np.isin(ranks[:, i], gnd[i]["junk"])):
+            assert all(got[p][j, i] == ranks[j, i] for p in got)
+    # every distinct pair some protocol re-scores is scored exactly once
+    assert len(scorer.calls) == len(set(scorer.calls))
+    assert set(scorer.calls) == scored
+    assert len(scored) < 3 * NQ * TOP_K  # shared between protocols, not scored three times
+
+
+def test_clean_mode_reranks_the_first_k_without_ground_truth(setup):
+    xq, xb, ranks, _ = setup
+    sim = (xb @ xq.T).double().numpy()
+    scorer = StubScorer()
+    got = cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=scorer, top_k=TOP_K, weight=0.5)
+    ref = reference_clean(ranks, sim, TOP_K, 0.5)
+    for p in ("easy", "medium", "hard"):
+        np.testing.assert_array_equal(got[p], ref)
+    np.testing.assert_array_equal(got["medium"][TOP_K:], ranks[TOP_K:])
+    assert sorted(scorer.calls) == sorted((i, int(d)) for i in range(NQ) for d in ranks[:TOP_K, i])
+
+
+def test_rerank_mode_errors(setup):
+    xq, xb, ranks, gnd = setup
+    with pytest.raises(ValueError, match="unknown re-ranking mode"):
+        cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=StubScorer(), mode="oracle", gnd=gnd)
+    with pytest.raises(ValueError, match="ground-truth"):
+        cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=StubScorer(), mode="paper")
+
+
+def test_resort_positions_touches_only_those_positions():
+    ranking = np.array([10, 11, 12, 13, 14, 15])
+    out = resort_positions(ranking, np.array([0, 2, 5]), np.array([0.1, 0.9, 0.5]))
+    np.testing.assert_array_equal(out, [12, 11, 15, 13, 14, 10])
+
+
+def test_global_ranking_is_descending_similarity():
+    g = torch.Generator().manual_seed(3)
+    xq, xb = torch.randn(3, 8, generator=g), torch.randn(25, 8, generator=g)
+    sim, ranks = global_ranking(xq, xb, query_chunk=2)
+    np.testing.assert_allclose(sim, (xb @ xq.T).numpy(), rtol=1e-6)
+    for i in range(3):
+        np.testing.assert_array_equal(ranks[:, i], np.argsort(-sim[:, i], kind="stable"))
+
+
+class MapDataset(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return [self.images[i]]
+
+
+def test_batched_cvnet_scorer_equals_pair_by_pair():
+    torch.manual_seed(0)
+    model = CVNetRerank(50).eval()
+    g = torch.Generator().manual_seed(5)
+    queries = [torch.randn(3, 80, 96, generator=g), torch.randn(3, 96, 80, generator=g)]
+    sizes = [(80, 80), (80, 112), (80, 80), (80, 80), (80, 112)]
+    db = [torch.randn(3, h, w, generator=g) for h, w in sizes]
+    pairs = np.array([(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 4), (1, 0)])
+    scorer = CVNetPairScorer(
+        model=model,
+        query_maps=ReducedMapStore(model=model, dataset=MapDataset(queries), batch_size=2),
+        db_maps=ReducedMapStore(model=model, dataset=MapDataset(db), batch_size=2, max_items=3),
+        batch_size=2, chunk_images=3, progress=False)
+    got = scorer(pairs)
+    with torch.no_grad():  # one stage-3 map per image, then every pair scored on its own
+        qmaps = [model.extract_featuremap(x[None]) for x in queries]
+        dmaps = [model.extract_featuremap(x[None]) for x in db]
+        ref = [float(model.score(qmaps[q], dmaps[d])[0]) for q, d in pairs]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    assert scorer.db_maps.computed == len(db)  # each database map computed once across both queries
+
+
+def test_superglobal_ranking_is_reranked_top_m_then_the_rest():
+    g = torch.Generator().manual_seed(7)
+    xb = F.normalize(torch.randn(60, DIM, generator=g), dim=1)
+    xq = F.normalize(torch.randn(5, DIM, generator=g), dim=1)
+    _, ranks = global_ranking(xq, xb)
+    reranker = SuperGlobalRerank(M=12, K=3, beta=0.15)
+    got = superglobal_rerank_ranking(query_vectors=xq, database=xb, ranks=ranks, reranker=reranker)
+    _, ids = reranker.rerank(xq, xb)
+    for i in range(5):
+        np.testing.assert_array_equal(got[:12, i], ids[i].numpy())
+        assert set(got[:12, i]) == set(ranks[:12, i])  # the same M candidates, re-ordered
+        np.testing.assert_array_equal(got[12:, i], ranks[12:, i])
+        assert sorted(got[:, i]) == list(range(60))
+    db = TensorVectorDB(DIM, progress=False)
+    db.add(xb, ids=np.arange(60))
+    np.testing.assert_array_equal(
+        superglobal_rerank_ranking(query_vectors=xq, database=db, ranks=ranks, reranker=reranker), got)
+
+
+def test_merge_reranked_keeps_global_order_of_the_rest():
+    ranks = np.array([[3, 1], [1, 0], [0, 3], [2, 2]])
+    out = merge_reranked(ranks, np.array([[0, 3], [2, -1]]))
+    np.testing.assert_array_equal(out, [[0, 2], [3, 1], [1, 0], [2, 3]])
