@@ -10,7 +10,6 @@ import hashlib
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from models.checkpoint import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +78,11 @@ def labels_key(labels: np.ndarray, n: int) -> str:
 
 
 def _save_cache(path: Path, key: str, labels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a name, np.savez would append ".npz"
             np.savez(f, key=np.array(key), labels=labels)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache behind
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)  # a crash never leaves a half-written cache behind
 
 
 def _load_cache(path: Path) -> tuple[str, np.ndarray] | None:

@@ -26,14 +26,14 @@ import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from models.checkpoint import atomic_write  # noqa: F401  (re-exported for the back-ends)
 
 logger = logging.getLogger(__name__)
 
@@ -159,24 +159,6 @@ def pad_results(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     pad_s = scores.new_full((q, k - have), PAD_SCORE)
     pad_i = ids.new_full((q, k - have), PAD_ID)
     return torch.cat([scores, pad_s], dim=1), torch.cat([ids, pad_i], dim=1)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move the file into place with ``os.replace``: a reader sees the old file or
-    the whole new one, never a partial write (the temp file lives in the same folder, hence the same disk)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class LocalMetadata:

@@ -152,3 +152,23 @@ def test_save_round_trip_keeps_weights_and_convention(tmp_path, official_state):
         assert torch.equal(a, b)
     # the same file serves the other models too (the re-ranker's 4D network is simply absent)
     load_official_checkpoint(SuperGlobal(50), path)
+
+
+def test_atomic_write_replaces_whole_file_with_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    from models.checkpoint import atomic_write
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    old_mask = os.umask(0o022)
+    try:
+        atomic_write(path, lambda tmp: open(tmp, "wb").write(b"new") and None)
+    finally:
+        os.umask(old_mask)
+    assert path.read_bytes() == b"new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    with pytest.raises(RuntimeError):
+        atomic_write(path, lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
