@@ -26,7 +26,6 @@ Re-ranking (optional):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from datasets.transforms import crop_query, min_size_guard, multiscale_tensors, read_image, to_tensor
+from helpers.extraction import aggregate_scales, state_dict_hash
 from helpers.vector_db.base import AbstractVectorDB, as_id_vector, atomic_write, check_metadata, check_unique
 from models.checkpoint import OFFICIAL_CONVENTION, InputConvention, load_official_checkpoint
 from models.cvnet import CVNetGlobal, CVNetRerank
@@ -195,13 +195,12 @@ def cvnet_global_descriptors(
     L2-normalised; the per-scale descriptors are averaged and the mean L2-normalised (the release's recipe).
     """
     device = torch.device(device)
-    total = torch.zeros(len(images), descriptor_dim(model))
+    out = torch.empty(len(images), descriptor_dim(model))
     for batch in same_size_groups([img.shape for img in images], batch_size):
         per_image = [multiscale_tensors(images[i], scales, model.input_convention) for i in batch]
-        for s in range(len(scales)):
-            x = torch.stack([tensors[s] for tensors in per_image]).to(device)
-            total[batch] += nn.functional.normalize(model(x).float(), dim=-1).cpu()
-    return nn.functional.normalize(total / len(scales), dim=-1)
+        per_scale = [model(torch.stack([t[s] for t in per_image]).to(device)).float().cpu() for s in range(len(scales))]
+        out[batch] = aggregate_scales(per_scale)
+    return out
 
 
 @torch.no_grad()
@@ -280,17 +279,9 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 of the weights the inference path uses (a model's ``derived_prefixes``, e.g. CVNet's momentum
-    encoder, are left out), so that an index is never queried with other weights than it was built with."""
-    derived = tuple(getattr(model, "derived_prefixes", ()))
-    h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        if name.startswith(derived):
-            continue
-        h.update(name.encode())
-        h.update(str(tuple(value.shape)).encode())
-        h.update(memoryview(np.ascontiguousarray(value.detach().cpu().float().numpy())).cast("B"))
-    return h.hexdigest()
+    """sha256 of the weights the inference path uses (see :func:`helpers.extraction.state_dict_hash`), so that
+    an index is never queried with other weights than it was built with."""
+    return state_dict_hash(model)
 
 
 def _seeded(build, seed: int) -> nn.Module:
