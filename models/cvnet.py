@@ -143,3 +143,61 @@ class CVNetRerank(nn.Module):
 
     def forward(self, query_images: Tensor, key_images: Tensor) -> Tensor:
         return self.score(self.extract_featuremap(query_images), self.extract_featuremap(key_images))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Fast path: same scores as score_reduced (to 1e-5), without the (B, 9, hq, wq, hk, wk) tensor
+    # ----------------------------------------------------------------------------------------------------------
+
+    def prepare_reduced(self, reduced: list[Tensor]) -> Tensor:
+        """Reduced maps (see :meth:`reduce_featuremap`) -> (B, S, h, w, 256): per scale, every position
+        L2-normalised and resized to the scale-1.0 size. Query-independent, like the reduced maps."""
+        return MF.normalized_upsampled(reduced, tuple(reduced[-1].shape[-2:]))
+
+    def score_prepared(self, query: Tensor, key: Tensor) -> Tensor:
+        """Pair scores from :meth:`prepare_reduced` outputs: query (Bq, S, hq, wq, C) with Bq in {1, B}, key
+        (B, S, hk, wk, C) -> (B,) probabilities of class 1, equal to :meth:`score_reduced` within 1e-5.
+
+        The cross-scale correlation is built as two GEMMs that give only the slices the first center-pivot
+        conv reads, and the 4D network runs channels-last (:mod:`models.functional`, fast path section).
+        """
+        learner = self.cv_learner
+        first = learner.block1[0]
+        by_key, by_query = MF.pivot_correlations(query, key, first.stride)
+        x = MF.center_pivot_conv4d_slices(by_key, by_query, first.conv1.weight, first.conv1.bias,
+                                          first.conv2.weight, first.conv2.bias, first.stride, first.padding)
+        del by_key, by_query  # the largest tensors of the pass: free them before the next layer allocates
+        x = self.run_channels_last(x, list(learner.block1)[1:])
+        for block in (learner.block2, learner.block3, learner.block4):
+            x = self.run_channels_last(x, list(block))
+        return self.head_channels_last(x)
+
+    @staticmethod
+    def run_channels_last(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
+        """CVLearner layers (center-pivot convs, GroupNorms, ReLUs) on a channels-last (B, ha, wa, hb, wb, C)
+        tensor; a GroupNorm and the ReLU after it run as one in-place step on the conv's fresh output."""
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, nn.GroupNorm):
+                relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+                x = MF.group_norm_channels_last_(x, layer.num_groups, layer.weight, layer.bias, layer.eps,
+                                                 relu=relu)
+                i += 2 if relu else 1
+                continue
+            if isinstance(layer, nn.ReLU):
+                x = x.relu_()
+            else:
+                x = MF.center_pivot_conv4d_channels_last(x, layer.conv1.weight, layer.conv1.bias,
+                                                         layer.conv2.weight, layer.conv2.bias, layer.stride,
+                                                         layer.padding)
+            i += 1
+        return x
+
+    def head_channels_last(self, x: Tensor) -> Tensor:
+        """Mean over all 4D positions of a channels-last (B, ..., 128) tensor -> MLP -> (B,) P(class 1)."""
+        pooled = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)
+        return torch.softmax(self.cv_learner.mlp(pooled), dim=1)[:, 1]
+
+    def score_reduced_fast(self, query: list[Tensor], key: list[Tensor]) -> Tensor:
+        """:meth:`score_reduced` through the fast path: same arguments, same scores within 1e-5."""
+        return self.score_prepared(self.prepare_reduced(query), self.prepare_reduced(key))

@@ -165,6 +165,166 @@ def center_pivot_conv4d(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Fast path of the correlation and the 4D network (same maths as above, other memory layouts)
+#
+# Bilinear interpolation is linear on each side of the correlation, so resizing the 4D cosine correlation of
+# two maps equals correlating their L2-normalised maps after a 2D resize of each: one GEMM per side instead
+# of F.interpolate over a huge 4D tensor. 4D tensors are kept "channels-last", (B, ha, wa, hb, wb, C), so every
+# 2D conv of a center-pivot layer runs on a channels-last view (what oneDNN is fast at) without copies.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def normalized_upsampled(feats: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+    """Per correlation scale: L2-normalise every position over channels, then resize bilinearly
+    (``align_corners=True``) to ``size``.
+
+    ``feats``: S maps (B, C, h_s, w_s) -> (B, S, H, W, C). Correlating two such tensors equals
+    ``interpolate_4d(cosine_correlation(q, k))`` up to the release's ``eps`` on the norm product (a relative
+    difference of ``eps / (|q| |k|)``). Query-independent for a database image, so it may be cached.
+    """
+    out = []
+    for f in feats:
+        f = F.normalize(f, p=2, dim=1)
+        if tuple(f.shape[-2:]) != tuple(size):
+            f = resize_featuremap(f, size)
+        out.append(f.permute(0, 2, 3, 1))
+    return torch.stack(out, dim=1)
+
+
+def _clamped_copy(src: Tensor) -> Tensor:
+    """``src.clamp(min=0)`` written contiguously in src's *logical* order: one pass that also does the permute."""
+    return torch.clamp(src, min=0, out=torch.empty(src.shape, dtype=src.dtype, device=src.device))
+
+
+def pivot_correlations(query: Tensor, key: Tensor, stride: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The two sub-sampled slices of the clamped cross-scale correlation that the first center-pivot conv reads.
+
+    ``query``: (Bq, S, hq, wq, C) with Bq in {1, B}, ``key``: (B, S, hk, wk, C), both from
+    :func:`normalized_upsampled`; ``stride = (query_stride, key_stride)`` of that conv. Returns
+    ``by_key`` (B, hk', wk', hq, wq, S*S): the correlation at key positions ``::key_stride``, and
+    ``by_query`` (B, hq', wq', hk, wk, S*S): at query positions ``::query_stride``; channel ``S*i + j`` pairs
+    query scale i with key scale j, as :func:`cross_scale_correlation`. Together they hold everything the
+    conv needs, so the full (B, S*S, hq, wq, hk, wk) tensor is never built.
+    """
+    sq, sk = stride
+    bq, s, hq, wq, c = query.shape
+    b, _, hk, wk, _ = key.shape
+    if bq not in (1, b):
+        raise ValueError(f"query batch must be 1 or the key batch {b}, got {bq}")
+    ks = key[:, :, ::sk, ::sk]
+    hk2, wk2 = ks.shape[2:4]
+    rows_k = ks.permute(0, 2, 3, 1, 4)  # (B, hk', wk', S_j, C)
+    cols_q = query.reshape(bq, s * hq * wq, c)  # (Bq, S_i * hq * wq, C)
+    qs = query[:, :, ::sq, ::sq]
+    hq2, wq2 = qs.shape[2:4]
+    rows_q = qs.permute(0, 2, 3, 1, 4)  # (Bq, hq', wq', S_i, C)
+    cols_k = key.reshape(b, s * hk * wk, c)
+    if bq == 1:
+        # one GEMM each, all keys folded into the rows (or columns) of the shared query
+        corr_k = rows_k.reshape(-1, c) @ cols_q[0].T
+        corr_k = corr_k.view(b, hk2, wk2, s, s, hq, wq).permute(0, 1, 2, 5, 6, 4, 3)
+        corr_q = rows_q.reshape(-1, c) @ cols_k.reshape(-1, c).T
+        corr_q = corr_q.view(hq2, wq2, s, b, s, hk, wk).permute(3, 0, 1, 5, 6, 2, 4)
+    else:
+        corr_k = torch.bmm(rows_k.reshape(b, -1, c), cols_q.transpose(1, 2))
+        corr_k = corr_k.view(b, hk2, wk2, s, s, hq, wq).permute(0, 1, 2, 5, 6, 4, 3)
+        corr_q = torch.bmm(rows_q.reshape(b, -1, c), cols_k.transpose(1, 2))
+        corr_q = corr_q.view(b, hq2, wq2, s, s, hk, wk).permute(0, 1, 2, 5, 6, 3, 4)
+    by_key = _clamped_copy(corr_k).view(b, hk2, wk2, hq, wq, s * s)
+    by_query = _clamped_copy(corr_q).view(b, hq2, wq2, hk, wk, s * s)
+    return by_key, by_query
+
+
+def _conv2d_channels_last(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int) -> Tensor:
+    """2D conv of (N, H, W, C) -> (N, H', W', Cout), through a channels-last view of the input."""
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride=stride, padding=padding)
+    return y.permute(0, 2, 3, 1)
+
+
+def center_pivot_conv4d_slices(
+    by_key: Tensor,
+    by_query: Tensor,
+    query_weight: Tensor,
+    query_bias: Tensor | None,
+    key_weight: Tensor,
+    key_bias: Tensor | None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+) -> Tensor:
+    """Center-pivot 4D conv from the two slices it reads (see :func:`pivot_correlations`).
+
+    ``by_key``: (B, hb', wb', ha, wa, Cin), the input at key positions ``::key_stride``; ``by_query``:
+    (B, ha', wa', hb, wb, Cin) at query positions ``::query_stride`` -> (B, ha', wa', hb', wb', Cout),
+    channels-last. Same result as :func:`center_pivot_conv4d` on the corresponding channels-first tensor.
+    """
+    sq, sk = stride
+    pq, pk = padding
+    b, hb2, wb2, ha, wa, cin = by_key.shape
+    _, ha2, wa2, hb, wb, _ = by_query.shape
+    out_q = _conv2d_channels_last(by_key.reshape(b * hb2 * wb2, ha, wa, cin), query_weight, query_bias, sq, pq)
+    out_k = _conv2d_channels_last(by_query.reshape(b * ha2 * wa2, hb, wb, cin), key_weight, key_bias, sk, pk)
+    oha, owa, cout = out_q.shape[1:]
+    ohb, owb = out_k.shape[1:3]
+    out = out_k.reshape(b, ha2, wa2, ohb, owb, cout)
+    if not out.is_contiguous():
+        out = out.contiguous()
+    return out.add_(out_q.reshape(b, hb2, wb2, oha, owa, cout).permute(0, 3, 4, 1, 2, 5))
+
+
+def center_pivot_conv4d_channels_last(
+    x: Tensor,
+    query_weight: Tensor,
+    query_bias: Tensor | None,
+    key_weight: Tensor,
+    key_bias: Tensor | None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+) -> Tensor:
+    """:func:`center_pivot_conv4d` on a channels-last tensor.
+
+    ``x``: (B, ha, wa, hb, wb, Cin) -> (B, ha', wa', hb', wb', Cout).
+    """
+    sq, sk = stride
+    by_key = x[:, :, :, ::sk, ::sk].permute(0, 3, 4, 1, 2, 5)
+    by_query = x[:, ::sq, ::sq]
+    return center_pivot_conv4d_slices(by_key, by_query, query_weight, query_bias, key_weight, key_bias,
+                                      stride, padding)
+
+
+def group_norm_channels_last_(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, *, relu: bool = False
+) -> Tensor:
+    """GroupNorm over all positions of a channels-last tensor (B, *positions, C), in place (then ReLU if ``relu``);
+    returns the result (``x`` itself when contiguous).
+
+    Two passes, as accurate as torch's channels-first kernel: per-channel means (a cascade sum over positions),
+    centring by the group mean, per-channel sums of squares of the centred values. (torch's channels-last
+    GroupNorm kernel measured ~4e-4 off the float64 result on a 9.4M-element tensor where this gives 5e-7.)
+    Half-precision input is normalised in float32 (as autocast runs group_norm) and returned in float32.
+    """
+    b, c = x.shape[0], x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"{c} channels do not split into {num_groups} groups")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # squares of half values overflow; the result is then a new tensor
+    if not x.is_contiguous():
+        x = x.contiguous()  # then the result is a new tensor, as any caller that uses the return value expects
+    cg = c // num_groups
+    flat = x.view(b, -1, c)
+    n = flat.shape[1] * cg
+    group_mean = flat.mean(dim=1).view(b, num_groups, cg).mean(dim=-1)  # (B, G)
+    flat.sub_(group_mean.repeat_interleave(cg, dim=1).unsqueeze(1))
+    group_var = (flat * flat).sum(dim=1).view(b, num_groups, cg).sum(dim=-1) / n
+    scale = (group_var + eps).rsqrt().repeat_interleave(cg, dim=1)  # (B, C)
+    if weight is not None:
+        scale = scale * weight
+    flat.mul_(scale.unsqueeze(1))
+    if bias is not None:
+        flat.add_(bias)
+    return flat.relu_().view(x.shape) if relu else x
+
+
+# --------------------------------------------------------------------------------------------------------------
 # SuperGlobal re-ranking (SuperGlobal Sec. 4)
 # --------------------------------------------------------------------------------------------------------------
 
@@ -176,19 +336,24 @@ def refine_candidates(candidates: Tensor, k: int = 9, beta: float = 0.15) -> Ten
     Each candidate becomes the weighted mean of its ``k + 1`` nearest candidates by inner product (itself
     included): weight 1 for the nearest (itself), ``beta * similarity`` for the other ``k``.
     """
-    m = candidates.shape[1]
+    q, m, d = candidates.shape
     n_neigh = min(k + 1, m)
     sim = torch.bmm(candidates, candidates.transpose(1, 2))
     vals, idx = sim.topk(n_neigh, dim=-1)
     weights = vals * beta
     weights[..., 0] = 1.0
-    # A sparse (M x M) weight matrix turns the gather of (q, M, k+1, d) neighbours into one batched matmul.
-    dense = torch.zeros_like(sim).scatter_(-1, idx, weights)
-    return torch.bmm(dense, candidates) / weights.sum(-1, keepdim=True)
+    # A weighted sum of k + 1 gathered rows per candidate, without materialising the (q, M, k+1, d) gather:
+    # embedding_bag reads the rows in place (k + 1 multiply-adds per output value instead of M for a dense
+    # (M x M) weight matrix times the candidates). Sum first, divide after, as the release does: the rounding,
+    # hence the order of near-ties, stays the release's.
+    rows = (idx + torch.arange(q, device=idx.device).view(q, 1, 1) * m).view(-1, n_neigh)
+    summed = F.embedding_bag(rows, candidates.reshape(q * m, d), per_sample_weights=weights.reshape(-1, n_neigh),
+                             mode="sum")
+    return summed.view(q, m, d).div_(weights.sum(-1, keepdim=True))
 
 
 def superglobal_rerank(
-    queries: Tensor, candidates: Tensor, candidate_ids: Tensor, k: int = 9, beta: float = 0.15
+    queries: Tensor, candidates: Tensor, candidate_ids: Tensor, k: int = 9, beta: float = 0.15, *, block: int = 8
 ) -> tuple[Tensor, Tensor]:
     """SuperGlobal re-ranking of each query's top-M candidates, vectorised over queries.
 
@@ -196,12 +361,20 @@ def superglobal_rerank(
     Returns ``(scores (q, M), ids (q, M))`` best first, score = (s1 + s2) / 2 where
     s1 = query . refined candidate and s2 = expanded query . refined candidate; the expanded query is the
     element-wise max over the top ``k + 1`` refined candidates by s1 (the release's count, ``K + 1``; the
-    query itself is not part of that max).
+    query itself is not part of that max). Queries go ``block`` at a time so that the temporaries, (block, M, M)
+    similarities and (block, M, d) refined vectors, stay small enough to be reused rather than re-allocated.
     """
-    refined = refine_candidates(candidates, k=k, beta=beta)
-    s1 = torch.einsum("qd,qmd->qm", queries, refined)
-    top = s1.topk(min(k + 1, s1.shape[1]), dim=-1).indices
-    expanded = torch.gather(refined, 1, top.unsqueeze(-1).expand(-1, -1, refined.shape[-1])).amax(dim=1)
-    s2 = torch.einsum("qd,qmd->qm", expanded, refined)
-    scores, order = ((s1 + s2) / 2).sort(dim=-1, descending=True)
-    return scores, torch.gather(candidate_ids, 1, order)
+    scores, order = [], []
+    for start in range(0, queries.shape[0], block):
+        xq = queries[start : start + block]
+        refined = refine_candidates(candidates[start : start + block], k=k, beta=beta)
+        s1 = torch.bmm(refined, xq.unsqueeze(-1)).squeeze(-1)
+        top = s1.topk(min(k + 1, s1.shape[1]), dim=-1).indices
+        expanded = torch.gather(refined, 1, top.unsqueeze(-1).expand(-1, -1, refined.shape[-1])).amax(dim=1)
+        s2 = torch.bmm(refined, expanded.unsqueeze(-1)).squeeze(-1)
+        s, o = ((s1 + s2) / 2).sort(dim=-1, descending=True)
+        scores.append(s)
+        order.append(o)
+    order_t = torch.cat(order) if order else torch.empty(0, candidates.shape[1], dtype=torch.int64)
+    scores_t = torch.cat(scores) if scores else torch.empty(0, candidates.shape[1], dtype=queries.dtype)
+    return scores_t, torch.gather(candidate_ids, 1, order_t.to(candidate_ids.device))

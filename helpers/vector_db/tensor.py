@@ -58,26 +58,42 @@ def chunked_topk(
     """Exact top-``k`` inner products of queries (q, d) against database (n, d), scanning ``chunk_size`` rows
     at a time: (scores (q, min(k, n)) float32, row indices (q, min(k, n)) int64), best first.
 
-    Scores accumulate in float32 whatever the database dtype. Never materialises more than (q, chunk) scores.
+    Scores accumulate in float32 whatever the database dtype. Never materialises more than (chunk, q) scores
+    plus, for float16 storage, one chunk converted to float32; both buffers are allocated once per call and
+    reused, since fresh large allocations cost page faults.
     """
     q, n = queries.shape[0], database.shape[0]
     kk = min(k, n)
+    rows_max = min(chunk_size, n)
     best_s = torch.full((q, 0), float("-inf"), dtype=torch.float32, device=queries.device)
     best_i = torch.zeros((q, 0), dtype=torch.int64, device=queries.device)
+    if n == 0 or q == 0:
+        return best_s, best_i
+    xq_t = queries.to(torch.float32).T
+    scores_buf = torch.empty(rows_max, q, dtype=torch.float32, device=queries.device)
+    convert_buf = None
+    if database.dtype != torch.float32:
+        convert_buf = torch.empty(rows_max, database.shape[1], dtype=torch.float32, device=database.device)
     starts = range(0, n, chunk_size)
     # a bar only where the scan takes seconds, not on every small search
     long_scan = len(starts) > 1 and q * n * queries.shape[1] >= _LONG_SCAN
     for start in tqdm(starts, desc="search", unit="chunk", leave=False, disable=not (progress and long_scan)):
         block = database[start : start + chunk_size]
-        if block.dtype != torch.float32:
-            block = block.float()
-        scores = queries @ block.T
-        top_s, top_i = scores.topk(min(kk, block.shape[0]), dim=1)
-        best_s = torch.cat([best_s, top_s], dim=1)
-        best_i = torch.cat([best_i, top_i + start], dim=1)
+        rows = block.shape[0]
+        if convert_buf is not None:
+            block = convert_buf[:rows].copy_(block)
+        # (rows, d) @ (d, q): the tall-skinny orientation is the faster GEMM for a few queries
+        scores = torch.mm(block, xq_t, out=scores_buf[:rows])
+        top_s, top_i = scores.topk(min(kk, rows), dim=0)
+        best_s = torch.cat([best_s, top_s.T], dim=1)
+        best_i = torch.cat([best_i, top_i.T + start], dim=1)
         if best_s.shape[1] > kk:
             best_s, pos = best_s.topk(kk, dim=1)
             best_i = best_i.gather(1, pos)
+    if len(starts) > 1:
+        # chunks that together hold no more than k rows were concatenated without a merge: order them
+        best_s, pos = best_s.sort(dim=1, descending=True, stable=True)
+        best_i = best_i.gather(1, pos)
     return best_s, best_i
 
 
@@ -141,6 +157,18 @@ class TensorVectorDB(AbstractVectorDB):
     def __repr__(self) -> str:
         return (f"TensorVectorDB(dim={self.dim}, n={self._n}, device={str(self._device)!r}, "
                 f"dtype={_dtype_name(self._dtype)})")
+
+    def reserve(self, capacity: int) -> None:
+        """Allocate storage for ``capacity`` vectors now, so that a bulk load through many ``add`` calls never
+        regrows it (geometric growth briefly holds the old and the new buffer: up to 2.5x the data)."""
+        if not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be a non-negative integer, got {capacity!r}")
+        if capacity > self._vectors.shape[0]:
+            vectors = torch.empty(capacity, self.dim, dtype=self._dtype, device=self._device)
+            row_ids = torch.empty(capacity, dtype=torch.int64, device=self._device)
+            vectors[: self._n] = self._vectors[: self._n]
+            row_ids[: self._n] = self._row_ids[: self._n]
+            self._vectors, self._row_ids = vectors, row_ids
 
     # ------------------------------------------------------------------ storage maths
     def _count(self) -> int:

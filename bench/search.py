@@ -1,0 +1,200 @@
+"""Exact top-k search: TensorVectorDB (float32 and float16 storage) against FAISS ``IndexFlatIP``.
+
+Queries per second for a batch of queries (``--nq``, 70 like revisited Oxford/Paris) and for single queries,
+the peak memory of a search and of the index, on the same number of threads for both libraries. Also the
+machine's limits: the achievable memory read bandwidth (a large sum and a matrix-vector product, GB/s) and
+float32 GEMM rate, and the lower bound they imply on the time of one search, max(bytes scanned / bandwidth,
+multiply-adds / GEMM rate), with each back-end's distance to it.
+
+Back-ends are built one after the other (at 1M x 2048 one float32 copy is 8 GB) from the same seeded vectors.
+Run: ``python -m bench.search`` (``--quick`` for a smoke test, ``--sizes 100000`` to skip the 1M run).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import (
+    PeakRSS,
+    add_common_args,
+    format_table,
+    machine_info,
+    median,
+    print_header,
+    setup_process,
+    time_once,
+)
+from helpers.vector_db.tensor import TensorVectorDB
+
+_GEN_ROWS = 32768
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--sizes", default="100000,1000000", help="database sizes, comma-separated")
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--nq", type=int, default=70, help="queries of the batched search")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--chunk-size", type=int, default=None, help="TensorVectorDB chunk (default: its own)")
+    p.add_argument("--backends", default="faiss,tensor32,tensor16",
+                   help="which of faiss, tensor32, tensor16 to run")
+    return p
+
+
+def unit_vectors(n: int, d: int, *, seed: int, rows: int = _GEN_ROWS) -> Iterator[torch.Tensor]:
+    """The same ``n`` random unit vectors (d,) for a given seed, yielded in blocks of ``rows``."""
+    g = torch.Generator().manual_seed(seed)
+    for start in range(0, n, rows):
+        yield F.normalize(torch.randn(min(rows, n - start), d, generator=g), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The machine's limits
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_bandwidth_gbs(*, mb: int = 1024, repeats: int = 3) -> dict[str, float]:
+    """Achievable read bandwidth, GB/s: a float32 sum and a matrix-vector product over ``mb`` MB."""
+    n = mb * 2**20 // 4
+    x = torch.ones(n)
+    mat = x.view(-1, 1024)
+    v = torch.ones(1024)
+    out: dict[str, float] = {}
+    for name, fn in (("sum", lambda: x.sum()), ("gemv", lambda: mat @ v)):
+        fn()
+        best = min(time_once(fn)[0] for _ in range(repeats))
+        out[name] = n * 4 / best / 1e9
+    return out
+
+
+def gemm_gflops(*, size: int = 2048, repeats: int = 3) -> float:
+    """float32 GEMM rate of this machine (torch's BLAS), GFLOP/s on (size x size) @ (size x size)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(time_once(lambda: a @ b)[0] for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def lower_bound_s(*, n: int, d: int, nq: int, bytes_per_value: int, bandwidth_gbs: float, gflops: float) -> float:
+    """A search cannot beat both reading the database once and doing its multiply-adds at the GEMM rate."""
+    return max(n * d * bytes_per_value / (bandwidth_gbs * 1e9), 2 * nq * n * d / (gflops * 1e9))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Back-ends
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build(kind: str, *, n: int, d: int, seed: int, chunk_size: int | None) -> tuple[Any, float, float]:
+    """(database, build seconds, index MB) of back-end ``kind`` over the seeded vectors."""
+    start = time.perf_counter()
+    if kind == "faiss":
+        from helpers.vector_db.faiss import FaissVectorDB
+
+        db: Any = FaissVectorDB(d, index="flat", use_gpu=False)
+        bytes_per_value = 4
+    else:
+        dtype = torch.float32 if kind == "tensor32" else torch.float16
+        kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+        db = TensorVectorDB(d, dtype=dtype, progress=False, **kwargs)
+        db.reserve(n)
+        bytes_per_value = 4 if kind == "tensor32" else 2
+    offset = 0
+    for block in unit_vectors(n, d, seed=seed):
+        db.add(block, ids=torch.arange(offset, offset + block.shape[0]))
+        offset += block.shape[0]
+    return db, time.perf_counter() - start, n * d * bytes_per_value / 2**20
+
+
+def measure(search: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
+    """(median seconds, peak extra RSS MB, last result) of ``search`` after one untimed call."""
+    times = []
+    with PeakRSS() as mem:
+        result = search()  # inside the window: a first search allocates its buffers
+        for _ in range(repeats):
+            t, result = time_once(search)
+            times.append(t)
+    return median(times), mem.delta_mb, result
+
+
+def run_backend(kind: str, *, n: int, d: int, queries: torch.Tensor, args: argparse.Namespace, repeats: int,
+                bandwidth_gbs: float, gflops: float, reference: dict[str, Any]) -> list[list]:
+    """Table rows of one back-end at size ``n``: the batched search and the single-query search.
+
+    The first back-end's batched results go into ``reference``; later ones report their agreement with it.
+    """
+    db, build_s, index_mb = build(kind, n=n, d=d, seed=args.seed, chunk_size=args.chunk_size)
+    bpv = 2 if kind == "tensor16" else 4
+    rows = []
+    for nq in sorted({args.nq, 1}, reverse=True):
+        xq = queries[:nq]
+        t, peak, (scores, ids) = measure(lambda xq=xq: db.search(xq, args.k), repeats)
+        bound = lower_bound_s(n=n, d=d, nq=nq, bytes_per_value=bpv, bandwidth_gbs=bandwidth_gbs, gflops=gflops)
+        agree = ""
+        if nq == args.nq:
+            if not reference:
+                reference.update(kind=kind, scores=scores, ids=ids)
+            else:
+                same = (ids == reference["ids"]).float().mean().item()
+                diff = (scores - reference["scores"]).abs().max().item()
+                agree = f"{same:.1%} ids, max |ds| {diff:.1e} vs {reference['kind']}"
+        rows.append([n, kind, nq, t * 1000, nq / t, bound * 1000, f"{bound / t:.0%}", peak, index_mb, build_s, agree])
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    setup_process(args)
+    sizes = [20000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    d = 256 if args.quick else args.dim
+    repeats = args.repeats or (1 if args.quick else 3)
+    kinds = [k.strip() for k in args.backends.split(",") if k.strip()]
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        if "faiss" in kinds:
+            print("   faiss is not installed (pip install faiss-cpu): skipping it")
+            kinds.remove("faiss")
+    info = machine_info()
+    print_header(f"Exact top-{args.k} search, inner product, d={d}", info, {
+        "sizes": sizes, "nq": args.nq, "repeats": repeats, "backends": kinds,
+        "threads (torch = faiss)": torch.get_num_threads()})
+
+    bw = read_bandwidth_gbs(mb=64 if args.quick else 1024)
+    gflops = gemm_gflops(size=512 if args.quick else 2048)
+    best_bw = max(bw.values())
+    print(f"   memory read bandwidth: sum {bw['sum']:.1f} GB/s, gemv {bw['gemv']:.1f} GB/s -> {best_bw:.1f} GB/s; "
+          f"float32 GEMM {gflops:.0f} GFLOP/s")
+
+    g = torch.Generator().manual_seed(args.seed + 1000)
+    queries = F.normalize(torch.randn(args.nq, d, generator=g), dim=1)
+    rows = []
+    for n in sizes:
+        reference: dict[str, Any] = {}
+        for kind in kinds:
+            rows += run_backend(kind, n=n, d=d, queries=queries, args=args, repeats=repeats, bandwidth_gbs=best_bw,
+                                gflops=gflops, reference=reference)
+            gc.collect()
+    print(format_table(["n", "backend", "nq", "ms/search", "queries/s", "bound ms", "of bound",
+                        "search extra RSS MB", "index MB", "build s", "agreement"], rows))
+    by = {(r[0], r[1], r[2]): r[3] for r in rows}
+    for n in sizes:
+        for nq in sorted({args.nq, 1}, reverse=True):
+            if (n, "faiss", nq) in by:
+                for kind in ("tensor32", "tensor16"):
+                    if (n, kind, nq) in by:
+                        print(f"   n={n} nq={nq}: {kind} takes {by[(n, kind, nq)] / by[(n, 'faiss', nq)]:.2f}x "
+                              f"the time of faiss flat")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

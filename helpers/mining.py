@@ -1,0 +1,275 @@
+"""Positive and hard-negative mining for CVNet-Rerank training, and the curriculum that makes negatives harder.
+
+CVNet (Sec. 3.4) trains the re-ranker on image pairs chosen with the global descriptors of the trained backbone:
+positives are images of the same landmark that the global model ranks high (so they actually share the object),
+hard negatives are top-ranked images of *other* landmarks. Its curriculum raises the difficulty over training;
+here the negative of a query is drawn from the ``pool`` most similar other-landmark images, with ``pool``
+shrinking from ``pool_start`` (easy: almost any negative) to ``pool_end`` (only the hardest), and the
+Hide-and-Seek probability growing alongside.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from datasets.augment import (
+    _SALT_HIDE,
+    _SALT_NEGATIVE,
+    _SALT_POSITIVE,
+    _SALT_QUERY,
+    TrainAugment,
+    hide_and_seek,
+    item_rng,
+)
+from datasets.transforms import to_tensor
+from helpers.training import CorruptSample, DistEnv, SkipCorrupt, all_gather_cat
+from models.checkpoint import InputConvention
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Descriptors and neighbours
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _keep_items(items: list[Any]) -> list[Any]:
+    return items
+
+
+@torch.no_grad()
+def extract_descriptors(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    env: DistEnv | None = None,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Global descriptors of every item of ``dataset`` (items ``(image (3, H, W), label)``, equal sizes).
+
+    Returns ``(descriptors (N, D) float32 on CPU, valid (N,) bool)``; an undecodable image gives a zero row and
+    ``valid`` False. Under DDP each rank describes every W-th item and the results are gathered, so every rank
+    returns the full matrix.
+    """
+    env = env or DistEnv()
+    n = len(dataset)
+    mine = list(range(env.rank, n, env.world_size))
+    data = SkipCorrupt(torch.utils.data.Subset(dataset, mine))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_keep_items)
+    model.eval()
+    blocks: list[tuple[Tensor, Tensor | None]] = []
+    for items in tqdm(loader, desc="mining: global descriptors", disable=not (progress and env.is_main)):
+        flags = torch.tensor([not isinstance(it, CorruptSample) for it in items], dtype=torch.bool)
+        good = [it[0] for it in items if not isinstance(it, CorruptSample)]
+        out = model(torch.stack(good).to(device)).float().cpu() if good else None
+        blocks.append((flags, out))
+    dims = {out.shape[1] for _, out in blocks if out is not None}
+    dim = dims.pop() if dims else int(model.head.fc.out_features)  # this rank's images all failed to decode
+    local = torch.zeros(len(mine), dim)
+    local_ok = torch.cat([f for f, _ in blocks]) if blocks else torch.zeros(0, dtype=torch.bool)
+    at = 0
+    for flags, out in blocks:
+        if out is not None:
+            local[at : at + len(flags)][flags] = out
+        at += len(flags)
+    if not env.distributed:
+        return local, local_ok
+    dev = env.device if env.device.type == "cuda" else torch.device("cpu")
+    gathered = all_gather_cat(local.to(dev), env).cpu()
+    gathered_ok = all_gather_cat(local_ok.to(dev), env).cpu()
+    order = torch.tensor([i for r in range(env.world_size) for i in range(r, n, env.world_size)])
+    desc = torch.zeros(n, dim)
+    valid = torch.zeros(n, dtype=torch.bool)
+    desc[order] = gathered
+    valid[order] = gathered_ok
+    return desc, valid
+
+
+def mine_neighbours(
+    descriptors: Tensor,
+    labels: Tensor,
+    *,
+    valid: Tensor | None = None,
+    num_positives: int = 20,
+    num_negatives: int = 100,
+    chunk: int | None = None,
+    rows: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    memory_budget: int = 1 << 30,
+) -> tuple[Tensor, Tensor]:
+    """For each image, its most similar same-label images and most similar other-label images.
+
+    descriptors (N, D) L2-normalised, labels (N,). Returns ``(positives (N, num_positives), negatives
+    (N, num_negatives))`` int64 indices on the CPU, sorted by decreasing cosine similarity, padded with -1 where
+    fewer exist. An image is never its own positive; invalid images (``valid`` False) are never chosen and get
+    -1 rows. ``rows`` restricts the computation to those query rows (the others stay -1), for sharding.
+    The (chunk, N) similarity blocks are computed on ``device``; ``chunk`` defaults to what fits in
+    ``memory_budget`` bytes (GLDv2's 1.6M images: a GPU is the practical choice).
+    """
+    n = descriptors.shape[0]
+    if labels.shape != (n,):
+        raise ValueError(f"labels must be ({n},), got {tuple(labels.shape)}")
+    device = torch.device(device)
+    valid = (torch.ones(n, dtype=torch.bool) if valid is None else valid.bool()).to(device)
+    x = descriptors.float().to(device)
+    labels = labels.long().to(device)
+    chunk = chunk or max(1, min(4096, memory_budget // (16 * max(n, 1))))
+    pos = torch.full((n, num_positives), -1, dtype=torch.long)
+    neg = torch.full((n, num_negatives), -1, dtype=torch.long)
+    todo = torch.arange(n, device=device) if rows is None else torch.as_tensor(list(rows), dtype=torch.long,
+                                                                                 device=device)
+    todo = todo[valid[todo]]
+    for start in tqdm(range(0, len(todo), chunk), desc="mining: neighbours", disable=len(todo) <= chunk * 8):
+        idx = todo[start : start + chunk]
+        sim = x[idx] @ x.T  # (c, N)
+        sim[:, ~valid] = -math.inf
+        same = labels[idx, None] == labels[None, :]
+        own = torch.zeros_like(same)
+        own[torch.arange(len(idx), device=device), idx] = True
+        for out, mask, k in ((pos, same & ~own, num_positives), (neg, ~same, num_negatives)):
+            if k == 0:
+                continue
+            kk = min(k, n)
+            val, ind = sim.masked_fill(~mask, -math.inf).topk(kk, dim=1)
+            out[idx.cpu(), :kk] = ind.masked_fill(~torch.isfinite(val), -1).cpu()
+    return pos, neg
+
+
+def mine_distributed(descriptors: Tensor, labels: Tensor, valid: Tensor, *, num_positives: int,
+                     num_negatives: int, env: DistEnv, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`mine_neighbours` with the query rows shared out over ranks, then gathered (same result)."""
+    n = descriptors.shape[0]
+    rows = list(range(env.rank, n, env.world_size))
+    pos, neg = mine_neighbours(descriptors, labels, valid=valid, num_positives=num_positives,
+                               num_negatives=num_negatives, chunk=chunk, rows=rows, device=env.device)
+    if not env.distributed:
+        return pos, neg
+    dev = env.device if env.device.type == "cuda" else torch.device("cpu")
+    order = torch.tensor([i for r in range(env.world_size) for i in range(r, n, env.world_size)])
+    full_pos, full_neg = torch.empty_like(pos), torch.empty_like(neg)
+    full_pos[order] = all_gather_cat(pos[rows].to(dev), env).cpu()
+    full_neg[order] = all_gather_cat(neg[rows].to(dev), env).cpu()
+    return full_pos, full_neg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Curriculum
+# --------------------------------------------------------------------------------------------------------------
+
+
+def curriculum_progress(epoch: int, total_epochs: int) -> float:
+    """0 at the first epoch, 1 at the last (a single epoch counts as 1: the hardest setting)."""
+    if total_epochs <= 1:
+        return 1.0
+    return min(max(epoch / (total_epochs - 1), 0.0), 1.0)
+
+
+def negative_pool_size(progress: float, *, start: int, end: int) -> int:
+    """How many top-ranked negatives a query draws from: geometric from ``start`` (progress 0) to ``end`` (1)."""
+    if start < 1 or end < 1:
+        raise ValueError(f"pool sizes must be >= 1, got start={start}, end={end}")
+    return max(1, int(round(start * (end / start) ** min(max(progress, 0.0), 1.0))))
+
+
+def linear_ramp(progress: float, *, start: float, end: float) -> float:
+    return start + (end - start) * min(max(progress, 0.0), 1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training triplets
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MinedTriplets(Dataset):
+    """``(query, positive, negative, label)`` normalised tensors for CVNet-Rerank training.
+
+    ``dataset`` yields ``(uint8 BGR image, label)``; ``positives`` / ``negatives`` come from
+    :func:`mine_neighbours`. For item i of epoch e (all draws from ``item_rng(seed, e, i, ...)``):
+    the positive is uniform among i's mined positives (an augmented second view of i itself when it has none),
+    the negative uniform among the first ``negative_pool_size(progress)`` mined negatives, where progress runs
+    0 -> 1 over ``total_epochs``; each of the three images is augmented and then Hide-and-Seek hides patches with
+    the probability of the curriculum.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        positives: Tensor,
+        negatives: Tensor,
+        *,
+        augment: TrainAugment,
+        convention: InputConvention,
+        total_epochs: int,
+        pool_start: int,
+        pool_end: int,
+        hide_grid: int = 4,
+        hide_prob_start: float = 0.0,
+        hide_prob_end: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if positives.shape[0] != len(dataset) or negatives.shape[0] != len(dataset):
+            raise ValueError("positives / negatives must have one row per dataset item")
+        self.dataset = dataset
+        self.positives = positives.numpy() if isinstance(positives, Tensor) else np.asarray(positives)
+        self.negatives = negatives.numpy() if isinstance(negatives, Tensor) else np.asarray(negatives)
+        self.augment = augment
+        self.convention = convention
+        self.total_epochs = int(total_epochs)
+        self.pool_start, self.pool_end = int(pool_start), int(pool_end)
+        self.hide_grid = int(hide_grid)
+        self.hide_prob_start, self.hide_prob_end = float(hide_prob_start), float(hide_prob_end)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def progress(self) -> float:
+        return curriculum_progress(self.epoch, self.total_epochs)
+
+    @property
+    def pool(self) -> int:
+        return negative_pool_size(self.progress, start=self.pool_start, end=self.pool_end)
+
+    @property
+    def hide_prob(self) -> float:
+        return linear_ramp(self.progress, start=self.hide_prob_start, end=self.hide_prob_end)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def pick(self, index: int) -> tuple[int, int]:
+        """(positive index, negative index) of item ``index`` this epoch; positive == index means a second view."""
+        rng = item_rng(self.seed, self.epoch, index, 0)
+        cands = self.positives[index][self.positives[index] >= 0]
+        pos = int(cands[rng.integers(len(cands))]) if len(cands) else int(index)
+        negs = self.negatives[index][self.negatives[index] >= 0][: self.pool]
+        if not len(negs):
+            raise ValueError(f"item {index} has no mined negative (is there a single landmark?)")
+        return pos, int(negs[rng.integers(len(negs))])
+
+    def _view(self, image, index: int, salt: int) -> Tensor:
+        x = to_tensor(self.augment(image, item_rng(self.seed, self.epoch, index, salt)), self.convention)
+        return hide_and_seek(x, item_rng(self.seed, self.epoch, index, _SALT_HIDE * 10 + salt),
+                             grid=self.hide_grid, prob=self.hide_prob)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        image, label = self.dataset[index]  # first: an undecodable image raises CorruptImageError here
+        pos, neg = self.pick(index)
+        positive = image if pos == index else self.dataset[pos][0]
+        negative = self.dataset[neg][0]
+        return (self._view(image, index, _SALT_QUERY), self._view(positive, index, _SALT_POSITIVE),
+                self._view(negative, index, _SALT_NEGATIVE), int(label))

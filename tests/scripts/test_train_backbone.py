@@ -1,0 +1,167 @@
+"""train_backbone.py on a tiny synthetic split: a 5-step run, SIGKILL + --resume == uninterrupted, two CPU ranks
+(gloo), and corrupt images skipped, counted and capped."""
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_backbone
+from datasets.synthetic import SyntheticConfig, build_synthetic, load_train_split
+from helpers.training import METRICS_NAME, TRAIN_STATE_NAME, ResumableDistributedSampler, read_jsonl
+from models.checkpoint import OFFICIAL_CONVENTION, load_official_checkpoint
+from models.cvnet import CVNetGlobal
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "train_backbone.py"
+TINY = SyntheticConfig(n_landmarks=2, views_per_landmark=2, queries_per_landmark=1, n_distractors=0,
+                       image_size=(128, 96), train_landmarks=3, train_views_per_landmark=4)
+DIM = 32
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bb_data")
+    build_synthetic(root, name="t", config=TINY, progress=False)
+    return root
+
+
+def _overrides(root, out_dir, *extra):
+    return [f"run.out_dir={out_dir}", f"data.root={root}", "data.synthetic.name=t", "data.image_size=32",
+            f"model.reduction_dim={DIM}", "loss.queue_size=64", "train.batch_size=4", "train.device=cpu",
+            "train.num_workers=0", "train.log_every=1", "optim.lr=0.02", "schedule.warmup_steps=0", *extra]
+
+
+def _subprocess_args(root, out_dir, *extra):
+    # one thread and deterministic kernels: bit-exact replays on CPU
+    return [sys.executable, str(SCRIPT), "--no-progress",
+            *_overrides(root, out_dir, "train.threads=1", "train.deterministic=true", *extra)]
+
+
+def _losses(out_dir):
+    return [r["loss"] for r in read_jsonl(out_dir / METRICS_NAME) if "loss" in r]
+
+
+def test_five_steps_on_a_fixed_batch_decrease_the_loss(data_root, tmp_path):
+    out = tmp_path / "run"
+    rc = train_backbone.main(["--no-progress", *_overrides(data_root, out, "train.steps=5", "train.fixed_batch=true",
+                                                            "train.checkpoint_every=100")])
+    assert rc == 0
+    losses = _losses(out)
+    assert len(losses) == 5 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+    # the final weights are an official-layout checkpoint that loads strictly and matches the training state
+    model = CVNetGlobal(50, DIM)
+    meta = load_official_checkpoint(model, out / "last.pyth")
+    assert meta["stage"] == "cvnet_global" and meta["step"] == 5
+    assert model.input_convention == OFFICIAL_CONVENTION  # random init: the releases' BGR convention
+    state = torch.load(out / TRAIN_STATE_NAME, weights_only=True)
+    trained = state["task"]["model"]
+    for key, value in model.state_dict().items():
+        if not key.startswith(("key_", )):
+            assert torch.equal(value, trained[key]), key
+    assert state["step"] == 5 and int(state["task"]["queue"]["ptr"]) == 5 * 4 % 64
+
+
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(data_root, tmp_path):
+    common = ("train.steps=6", "train.checkpoint_every=3")  # 12 images / batch 4: two epochs
+    ref = subprocess.Popen(_subprocess_args(data_root, tmp_path / "ref", *common), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+    killed = subprocess.Popen(_subprocess_args(data_root, tmp_path / "killed", *common),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_path = tmp_path / "killed" / TRAIN_STATE_NAME
+    deadline = time.time() + 120
+    while not state_path.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    first = torch.load(state_path, weights_only=True)
+    assert first["step"] == 3  # killed part-way: only the first checkpoint exists
+    args = _subprocess_args(data_root, tmp_path / "killed", *common)
+    args.insert(3, "--resume")
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
+
+    a = torch.load(tmp_path / "ref" / TRAIN_STATE_NAME, weights_only=True)
+    b = torch.load(state_path, weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "classifier", "queue"):
+        for key, value in a["task"][part].items():
+            assert torch.equal(value, b["task"][part][key]), f"{part}.{key}"
+    mom_a = [s["momentum_buffer"] for s in a["task"]["optimizer"]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in b["task"]["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+    assert _losses(tmp_path / "ref") == _losses(tmp_path / "killed")
+    official_a = torch.load(tmp_path / "ref" / "last.pyth", weights_only=True)["model_state"]
+    official_b = torch.load(tmp_path / "killed" / "last.pyth", weights_only=True)["model_state"]
+    assert official_a.keys() == official_b.keys()
+    assert all(torch.equal(official_a[k], official_b[k]) for k in official_a)
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_ranks_share_the_queue_and_stay_in_sync(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(_subprocess_args(data_root, out, "train.steps=3", "train.checkpoint_every=100"),
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] and summary["queue_filled"] == 3 * 4
+    start = read_jsonl(out / METRICS_NAME)[0]
+    assert start["world_size"] == 2 and start["batch_size"] == 4
+    # the queue holds the keys of both ranks, in rank order, step after step
+    _, raw = load_train_split(data_root, "t")
+    labels = np.unique(raw, return_inverse=True)[1]
+    shards = []
+    for rank in range(2):
+        s = ResumableDistributedSampler(range(len(raw)), num_replicas=2, rank=rank, seed=0)
+        s.set_epoch(0)
+        shards.append(list(s))
+    expected = [labels[i] for step in range(3) for shard in shards for i in shard[2 * step:2 * step + 2]]
+    queue = torch.load(out / TRAIN_STATE_NAME, weights_only=True)["task"]["queue"]
+    assert queue["labels"][:12].tolist() == expected and (queue["labels"][12:] == -1).all()
+
+
+def test_corrupt_image_is_skipped_counted_and_capped(data_root, tmp_path, caplog):
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    paths, _ = load_train_split(root, "t")
+    paths[5].write_bytes(b"not a jpeg at all")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        rc = train_backbone.main(["--no-progress", *_overrides(root, out, "train.steps=3", "data.max_corrupt=3",
+                                                                "train.checkpoint_every=100")])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["corrupt_images"] == 1 and summary["corrupt_skipped"] >= 1 and summary["steps"] == 3
+    records = read_jsonl(out / METRICS_NAME)
+    assert records[-1]["event"] == "end" and records[-1]["corrupt_images"] == 1
+    assert any(str(paths[5]) in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        rc = train_backbone.main(["--no-progress", *_overrides(root, tmp_path / "capped", "train.steps=3",
+                                                                "data.max_corrupt=0", "train.checkpoint_every=100")])
+    assert rc == 2
+    assert any("max_corrupt=0" in r.getMessage() for r in caplog.records)
