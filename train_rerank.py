@@ -85,15 +85,16 @@ DEFAULTS: dict[str, Any] = {
     "schedule": {"name": "cosine", "warmup_steps": 0, "final_ratio": 0.0},
     "train": {"epochs": 25, "steps": None, "batch_size": 144, "grad_clip": 15.0, "amp": "auto", "device": "auto",
               "num_workers": 8, "checkpoint_every": 1000, "log_every": 20, "threads": None,
-              "deterministic": False, "fixed_batch": False},
+              "deterministic": False, "fixed_batch": False, "pairs": "mined"},
 }
 
 
 class PairLogits(nn.Module):
     """What DistributedDataParallel wraps: the trainable head of CVNet-Rerank.
 
-    forward(query maps (B, 1024, hq, wq), key maps (r * B, 1024, hk, wk)) -> two-way logits (r * B, 2) of
-    "different" / "same object" (class 1 is the score CVNet re-ranks with).
+    forward(query maps (Bq, 1024, hq, wq), key maps (Bk, 1024, hk, wk), query_index (P,), key_index (P,))
+    -> two-way logits (P, 2) of pair p = (query_index[p], key_index[p]): "different" / "same object" (class 1 is
+    the score CVNet re-ranks with). Each map goes through the per-scale convs once, whatever its pairs.
     """
 
     def __init__(self, rerank: CVNetRerank) -> None:
@@ -107,15 +108,37 @@ class PairLogits(nn.Module):
         return [conv(MF.resize_featuremap(maps, MF.correlation_size(h, w, s)))
                 for s, conv in zip(self.scales, self.conv2ds)]
 
-    def forward(self, query_maps: Tensor, key_maps: Tensor) -> Tensor:
-        """Key batch = r x query batch: key j is compared with query j mod B (reduced once, then repeated)."""
-        reps, rem = divmod(key_maps.shape[0], query_maps.shape[0])
-        if rem:
-            raise ValueError(f"key batch {key_maps.shape[0]} must be a multiple of query batch {query_maps.shape[0]}")
-        q = [t.repeat(reps, 1, 1, 1) for t in self.reduce(query_maps)]
-        k = self.reduce(key_maps)
+    def forward(self, query_maps: Tensor, key_maps: Tensor, query_index: Tensor, key_index: Tensor) -> Tensor:
+        q = [t[query_index] for t in self.reduce(query_maps)]
+        k = [t[key_index] for t in self.reduce(key_maps)]
         size = (*q[-1].shape[-2:], *k[-1].shape[-2:])
         return self.cv_learner(MF.cross_scale_correlation(q, k, size))
+
+
+def training_pairs(labels: Tensor, key_labels: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(query_index, key_index, target) of the pairs a batch trains on.
+
+    Keys are the B positives then the B mined negatives. ``"mined"``: each query with its own positive and its
+    own hard negative (2B pairs, the paper's); ``"all"``: each query with every key of the batch (2B^2 pairs from
+    the same images: the other queries' keys add easy negatives and extra positives). Target 1 = same landmark.
+    """
+    b = labels.shape[0]
+    if mode == "mined":
+        qi = torch.arange(b, device=labels.device).repeat(2)
+        kj = torch.arange(2 * b, device=labels.device)
+    elif mode == "all":
+        qi = torch.arange(b, device=labels.device).repeat_interleave(2 * b)
+        kj = torch.arange(2 * b, device=labels.device).repeat(b)
+    else:
+        raise ValueError(f"train.pairs must be 'mined' or 'all', got {mode!r}")
+    return qi, kj, (labels[qi] == key_labels[kj]).long()
+
+
+def balanced_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean of the cross-entropy over positive pairs and over negative pairs (equal weight to each class)."""
+    per_pair = F.cross_entropy(logits.float(), target, reduction="none")
+    parts = [per_pair[target == c].mean() for c in (0, 1) if bool((target == c).any())]
+    return torch.stack(parts).mean()
 
 
 def read_backbone_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -192,11 +215,11 @@ def mine(*, ckpt: dict[str, Any], ckpt_path: str, depth: int, dim: int, data, mc
     labels = torch.as_tensor(data.labels, dtype=torch.long)
     key = _mining_key(ckpt_path, labels, mcfg, convention)
     cache = out_dir / "mining.pt"
-    if cache.is_file():
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
-        if saved.get("key") == key:
-            log.info("mined pairs loaded from %s", cache)
-            return saved["positives"], saved["negatives"]
+    saved = torch.load(cache, map_location="cpu", weights_only=True) if cache.is_file() else {}
+    # every rank must take the same branch (mining uses collectives), e.g. nodes without a shared file system
+    if all(all_gather_objects(saved.get("key") == key, env)):
+        log.info("mined pairs loaded from %s", cache)
+        return saved["positives"], saved["negatives"]
     model = CVNetGlobal(depth, dim)
     load_official_checkpoint(model, ckpt)
     model.to(env.device).eval()
@@ -273,22 +296,22 @@ def _train(cfg: dict[str, Any], env: DistEnv, *, resume: bool, progress: bool) -
     scheduler = build_scheduler(optimizer, cfg["schedule"], total)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     grad_clip = tcfg.get("grad_clip")
+    pair_mode = str(tcfg.get("pairs", "mined"))
     if env.is_main:
         log.info("CVNet-Rerank R%d on frozen %s: %s, %d images; %d steps (%d epochs) of %d queries (2 pairs each) "
                  "on %d rank(s) (%s%s)", depth, ckpt_path, data.description, len(triplets), total, epochs,
                  loop.batch_size, env.world_size, device, ", AMP" if amp else "")
 
     def step_fn(batch: Any, step: int) -> dict[str, float]:
-        q, p, n, _ = (t.to(device, non_blocking=True) for t in batch)
+        q, p, n, labels, neg_labels = (t.to(device, non_blocking=True) for t in batch)
         b = q.shape[0]
+        qi, kj, target = training_pairs(labels, torch.cat([labels, neg_labels]), pair_mode)
         head.train()
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             with torch.no_grad():
                 maps = rerank.extract_featuremap(torch.cat([q, p, n]))
-            qm, km = maps[:b], maps[b:]
-            logits = head(qm, km)  # (query, positive) pairs first, then (query, negative)
-        target = torch.cat([torch.ones(b), torch.zeros(b)]).long().to(device)
-        loss = F.cross_entropy(logits.float(), target)
+            logits = head(maps[:b], maps[b:], qi, kj)
+        loss = balanced_cross_entropy(logits, target)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -301,7 +324,8 @@ def _train(cfg: dict[str, Any], env: DistEnv, *, resume: bool, progress: bool) -
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        acc = (logits.detach().argmax(1) == target).float().mean().item()
+        hit = logits.detach().argmax(1) == target
+        acc = 0.5 * (hit[target == 1].float().mean() + hit[target == 0].float().mean()).item()
         return {"loss": loss.item(), "acc": acc, "lr": lr, "grad_norm": grad_norm, "pool": triplets.pool,
                 "hide_prob": triplets.hide_prob}
 

@@ -15,7 +15,7 @@ import argparse
 import gc
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from bench.common import (
     PeakRSS,
     add_common_args,
     format_table,
+    interleaved,
     machine_info,
     median,
     print_header,
@@ -83,6 +84,18 @@ def gemm_gflops(*, size: int = 2048, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def _available_bytes() -> float:
+    """MemAvailable from /proc/meminfo (8 GB where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 8e9
+
+
 def lower_bound_s(*, n: int, d: int, nq: int, bytes_per_value: int, bandwidth_gbs: float, gflops: float) -> float:
     """A search cannot beat both reading the database once and doing its multiply-adds at the GEMM rate."""
     return max(n * d * bytes_per_value / (bandwidth_gbs * 1e9), 2 * nq * n * d / (gflops * 1e9))
@@ -114,40 +127,48 @@ def build(kind: str, *, n: int, d: int, seed: int, chunk_size: int | None) -> tu
     return db, time.perf_counter() - start, n * d * bytes_per_value / 2**20
 
 
-def measure(search: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
-    """(median seconds, peak extra RSS MB, last result) of ``search`` after one untimed call."""
-    times = []
-    with PeakRSS() as mem:
-        result = search()  # inside the window: a first search allocates its buffers
-        for _ in range(repeats):
-            t, result = time_once(search)
-            times.append(t)
-    return median(times), mem.delta_mb, result
+_BYTES_PER_VALUE = {"faiss": 4, "tensor32": 4, "tensor16": 2}
 
 
-def run_backend(kind: str, *, n: int, d: int, queries: torch.Tensor, args: argparse.Namespace, repeats: int,
-                bandwidth_gbs: float, gflops: float, reference: dict[str, Any]) -> list[list]:
-    """Table rows of one back-end at size ``n``: the batched search and the single-query search.
+def phases(kinds: Sequence[str], *, n: int, d: int, budget_bytes: float) -> list[list[str]]:
+    """Back-ends built together and timed interleaved: all of them when they fit in ``budget_bytes``, else each
+    one beside the first (the reference, e.g. faiss), so that every comparison is made under the same load."""
+    if sum(_BYTES_PER_VALUE[k] for k in kinds) * n * d <= budget_bytes or len(kinds) < 2:
+        return [list(kinds)]
+    return [[kinds[0], k] for k in kinds[1:]]
 
-    The first back-end's batched results go into ``reference``; later ones report their agreement with it.
+
+def run_phase(kinds: Sequence[str], *, n: int, d: int, queries: torch.Tensor, args: argparse.Namespace,
+              repeats: int, bandwidth_gbs: float, gflops: float) -> tuple[list[list], dict[tuple[str, int], float]]:
+    """Build ``kinds`` over the same vectors, then time their batched and single-query searches interleaved.
+
+    Returns the table rows and {(kind, nq): median seconds}. Agreement is reported against the first kind.
     """
-    db, build_s, index_mb = build(kind, n=n, d=d, seed=args.seed, chunk_size=args.chunk_size)
-    bpv = 2 if kind == "tensor16" else 4
-    rows = []
+    built = {kind: build(kind, n=n, d=d, seed=args.seed, chunk_size=args.chunk_size) for kind in kinds}
+    rows, medians = [], {}
     for nq in sorted({args.nq, 1}, reverse=True):
         xq = queries[:nq]
-        t, peak, (scores, ids) = measure(lambda xq=xq: db.search(xq, args.k), repeats)
-        bound = lower_bound_s(n=n, d=d, nq=nq, bytes_per_value=bpv, bandwidth_gbs=bandwidth_gbs, gflops=gflops)
-        agree = ""
-        if nq == args.nq:
-            if not reference:
-                reference.update(kind=kind, scores=scores, ids=ids)
-            else:
-                same = (ids == reference["ids"]).float().mean().item()
-                diff = (scores - reference["scores"]).abs().max().item()
-                agree = f"{same:.1%} ids, max |ds| {diff:.1e} vs {reference['kind']}"
-        rows.append([n, kind, nq, t * 1000, nq / t, bound * 1000, f"{bound / t:.0%}", peak, index_mb, build_s, agree])
-    return rows
+        results, peaks = {}, {}
+        for kind, (db, _, _) in built.items():
+            with PeakRSS() as mem:  # a first search allocates its buffers: its peak is the search's memory
+                results[kind] = db.search(xq, args.k)
+            peaks[kind] = mem.delta_mb
+        times = interleaved({kind: (lambda db=db, xq=xq: db.search(xq, args.k)) for kind, (db, _, _) in built.items()},
+                            repeats=repeats, warmup=0)
+        ref_kind = kinds[0]
+        for kind, (_, build_s, index_mb) in built.items():
+            t = median(times[kind])
+            medians[(kind, nq)] = t
+            bound = lower_bound_s(n=n, d=d, nq=nq, bytes_per_value=_BYTES_PER_VALUE[kind],
+                                  bandwidth_gbs=bandwidth_gbs, gflops=gflops)
+            agree = ""
+            if kind != ref_kind:
+                (s_ref, i_ref), (s, i) = results[ref_kind], results[kind]
+                agree = (f"{(i == i_ref).float().mean().item():.1%} ids, max |ds| "
+                         f"{(s - s_ref).abs().max().item():.1e}; {t / median(times[ref_kind]):.2f}x {ref_kind}'s time")
+            rows.append([n, kind, nq, t * 1000, nq / t, bound * 1000, f"{bound / t:.0%}", peaks[kind], index_mb,
+                         build_s, agree])
+    return rows, medians
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,23 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     g = torch.Generator().manual_seed(args.seed + 1000)
     queries = F.normalize(torch.randn(args.nq, d, generator=g), dim=1)
+    budget = 0.6 * _available_bytes()
     rows = []
     for n in sizes:
-        reference: dict[str, Any] = {}
-        for kind in kinds:
-            rows += run_backend(kind, n=n, d=d, queries=queries, args=args, repeats=repeats, bandwidth_gbs=best_bw,
-                                gflops=gflops, reference=reference)
+        for phase in phases(kinds, n=n, d=d, budget_bytes=budget):
+            phase_rows, _ = run_phase(phase, n=n, d=d, queries=queries, args=args, repeats=repeats,
+                                      bandwidth_gbs=best_bw, gflops=gflops)
+            rows += phase_rows
             gc.collect()
     print(format_table(["n", "backend", "nq", "ms/search", "queries/s", "bound ms", "of bound",
-                        "search extra RSS MB", "index MB", "build s", "agreement"], rows))
-    by = {(r[0], r[1], r[2]): r[3] for r in rows}
-    for n in sizes:
-        for nq in sorted({args.nq, 1}, reverse=True):
-            if (n, "faiss", nq) in by:
-                for kind in ("tensor32", "tensor16"):
-                    if (n, kind, nq) in by:
-                        print(f"   n={n} nq={nq}: {kind} takes {by[(n, kind, nq)] / by[(n, 'faiss', nq)]:.2f}x "
-                              f"the time of faiss flat")
+                        "search extra RSS MB", "index MB", "build s", "agreement (interleaved timing)"], rows))
     return 0
 
 

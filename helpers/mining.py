@@ -193,7 +193,7 @@ def linear_ramp(progress: float, *, start: float, end: float) -> float:
 
 
 class MinedTriplets(Dataset):
-    """``(query, positive, negative, label)`` normalised tensors for CVNet-Rerank training.
+    """``(query, positive, negative, label, negative's label)`` for CVNet-Rerank training (normalised tensors).
 
     ``dataset`` yields ``(uint8 BGR image, label)``; ``positives`` / ``negatives`` come from
     :func:`mine_neighbours`. For item i of epoch e (all draws from ``item_rng(seed, e, i, ...)``):
@@ -266,10 +266,10 @@ class MinedTriplets(Dataset):
         return hide_and_seek(x, item_rng(self.seed, self.epoch, index, _SALT_HIDE * 10 + salt),
                              grid=self.hide_grid, prob=self.hide_prob)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, int, int]:
         image, label = self.dataset[index]  # first: an undecodable image raises CorruptImageError here
         pos, neg = self.pick(index)
         positive = image if pos == index else self.dataset[pos][0]
-        negative = self.dataset[neg][0]
+        negative, negative_label = self.dataset[neg]
         return (self._view(image, index, _SALT_QUERY), self._view(positive, index, _SALT_POSITIVE),
-                self._view(negative, index, _SALT_NEGATIVE), int(label))
+                self._view(negative, index, _SALT_NEGATIVE), int(label), int(negative_label))

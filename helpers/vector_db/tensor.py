@@ -38,6 +38,8 @@ FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _SCORE_BUDGET = 1 << 26  # elements of the (query block, chunk) score matrix: 256 MB of float32
 _LONG_SCAN = 2e10  # multiply-adds of a search worth a progress bar (seconds on a CPU)
+_GEMM_BYTES = 1 << 23  # float32 database rows multiplied at a time on the CPU (8 MB: L3-resident)
+_FEW_QUERIES = 8  # fewer queries than this scan as matrix-vector products
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -58,35 +60,48 @@ def chunked_topk(
     """Exact top-``k`` inner products of queries (q, d) against database (n, d), scanning ``chunk_size`` rows
     at a time: (scores (q, min(k, n)) float32, row indices (q, min(k, n)) int64), best first.
 
-    Scores accumulate in float32 whatever the database dtype. Never materialises more than (chunk, q) scores
-    plus, for float16 storage, one chunk converted to float32; both buffers are allocated once per call and
-    reused, since fresh large allocations cost page faults.
+    Scores accumulate in float32 whatever the database dtype. Never materialises more than (q, chunk) scores.
+    On the CPU each chunk is multiplied in blocks of ~8 MB of float32 rows, the size at which a float16 block
+    converted to float32 is still in cache when the GEMM reads it (and at which BLAS runs a few queries against
+    many rows best); the buffers are allocated once per call, since fresh large allocations cost page faults.
     """
     q, n = queries.shape[0], database.shape[0]
     kk = min(k, n)
-    rows_max = min(chunk_size, n)
     best_s = torch.full((q, 0), float("-inf"), dtype=torch.float32, device=queries.device)
     best_i = torch.zeros((q, 0), dtype=torch.int64, device=queries.device)
     if n == 0 or q == 0:
         return best_s, best_i
-    xq_t = queries.to(torch.float32).T
-    scores_buf = torch.empty(rows_max, q, dtype=torch.float32, device=queries.device)
+    d = database.shape[1]
+    rows_max = min(chunk_size, n)
+    sub = rows_max if database.device.type == "cuda" else max(1, min(rows_max, _GEMM_BYTES // (4 * d)))
+    # a few queries: (rows, q) scores, a matrix-vector product per block; else (q, rows), the GEMM faiss runs
+    few = q < _FEW_QUERIES
+    xq = queries.to(torch.float32)
+    scores_buf = torch.empty((rows_max, q) if few else (q, rows_max), dtype=torch.float32, device=queries.device)
     convert_buf = None
     if database.dtype != torch.float32:
-        convert_buf = torch.empty(rows_max, database.shape[1], dtype=torch.float32, device=database.device)
+        convert_buf = torch.empty(sub, d, dtype=torch.float32, device=database.device)
     starts = range(0, n, chunk_size)
     # a bar only where the scan takes seconds, not on every small search
     long_scan = len(starts) > 1 and q * n * queries.shape[1] >= _LONG_SCAN
     for start in tqdm(starts, desc="search", unit="chunk", leave=False, disable=not (progress and long_scan)):
-        block = database[start : start + chunk_size]
-        rows = block.shape[0]
-        if convert_buf is not None:
-            block = convert_buf[:rows].copy_(block)
-        # (rows, d) @ (d, q): the tall-skinny orientation is the faster GEMM for a few queries
-        scores = torch.mm(block, xq_t, out=scores_buf[:rows])
-        top_s, top_i = scores.topk(min(kk, rows), dim=0)
-        best_s = torch.cat([best_s, top_s.T], dim=1)
-        best_i = torch.cat([best_i, top_i.T + start], dim=1)
+        rows = min(chunk_size, n - start)
+        for s0 in range(0, rows, sub):
+            block = database[start + s0 : start + min(s0 + sub, rows)]
+            r = block.shape[0]
+            if convert_buf is not None:
+                block = convert_buf[:r].copy_(block)
+            if few:
+                torch.mm(block, xq.T, out=scores_buf[s0 : s0 + r])
+            else:
+                torch.mm(xq, block.T, out=scores_buf[:, s0 : s0 + r])
+        if few:
+            top_s, top_i = scores_buf[:rows].topk(min(kk, rows), dim=0)
+            top_s, top_i = top_s.T, top_i.T
+        else:
+            top_s, top_i = scores_buf[:, :rows].topk(min(kk, rows), dim=1)
+        best_s = torch.cat([best_s, top_s], dim=1)
+        best_i = torch.cat([best_i, top_i + start], dim=1)
         if best_s.shape[1] > kk:
             best_s, pos = best_s.topk(kk, dim=1)
             best_i = best_i.gather(1, pos)

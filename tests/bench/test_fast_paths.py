@@ -217,10 +217,14 @@ def unit(n: int, d: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
 
 
+@pytest.mark.parametrize("nq", [5, 12])  # a few queries scan as matrix-vector products, more as one GEMM
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 199, 200, 1000])
-def test_chunked_topk_equals_brute_force(dtype, chunk):
-    xb, xq = unit(200, 24, 7).to(dtype), unit(5, 24, 8)
+def test_chunked_topk_equals_brute_force(dtype, chunk, nq, monkeypatch):
+    import helpers.vector_db.tensor as tensor_db
+
+    monkeypatch.setattr(tensor_db, "_GEMM_BYTES", 24 * 4 * 16)  # blocks of 16 rows inside each chunk
+    xb, xq = unit(200, 24, 7).to(dtype), unit(nq, 24, 8)
     scores, rows = chunked_topk(xq, xb, 30, chunk_size=chunk)
     full = xq @ xb.float().T
     ref_s, ref_i = full.topk(30, dim=1)

@@ -284,8 +284,8 @@ def test_mined_triplets_draw_within_the_curriculum_pool():
             assert labels[p] == labels[i] and p != i and labels[n] != labels[i]
             assert n in neg[i, :pool].tolist()
             assert tri.pick(i) == (p, n)
-    q, p_img, n_img, label = tri[4]
-    assert q.shape == p_img.shape == n_img.shape == (3, 8, 8) and label == 1
+    q, p_img, n_img, label, neg_label = tri[4]
+    assert q.shape == p_img.shape == n_img.shape == (3, 8, 8) and label == 1 and neg_label != 1
     assert item_rng(0, 1, 2).random() == item_rng(0, 1, 2).random()
 
 

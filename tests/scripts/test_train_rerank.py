@@ -89,6 +89,24 @@ def test_five_steps_decrease_the_loss_and_write_a_complete_checkpoint(setup, tmp
     assert (labels[neg] != labels[:, None]).all()
 
 
+def test_training_pairs_and_their_balanced_loss():
+    labels = torch.tensor([0, 1, 1])
+    key_labels = torch.cat([labels, torch.tensor([2, 0, 0])])  # positives, then mined negatives
+    qi, kj, target = train_rerank.training_pairs(labels, key_labels, "mined")
+    assert qi.tolist() == [0, 1, 2, 0, 1, 2] and kj.tolist() == [0, 1, 2, 3, 4, 5]
+    assert target.tolist() == [1, 1, 1, 0, 0, 0]
+    qi, kj, target = train_rerank.training_pairs(labels, key_labels, "all")
+    assert len(qi) == 18
+    assert all(target[p] == int(labels[qi[p]] == key_labels[kj[p]]) for p in range(18))
+    assert target.view(3, 6).tolist()[1] == [0, 1, 1, 0, 0, 0]  # query 1 also matches query 2's positive
+    logits = torch.randn(18, 2, generator=torch.Generator().manual_seed(0))
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    expected = 0.5 * (ce[target == 1].mean() + ce[target == 0].mean())
+    assert torch.allclose(train_rerank.balanced_cross_entropy(logits, target), expected)
+    with pytest.raises(ValueError, match="pairs"):
+        train_rerank.training_pairs(labels, key_labels, "some")
+
+
 def test_missing_backbone_checkpoint_says_what_to_do(setup, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         rc = train_rerank.main(["--no-progress", *_overrides(setup, tmp_path / "x", "train.steps=1"),
