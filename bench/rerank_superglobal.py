@@ -33,7 +33,6 @@ from bench.common import (
     print_header,
     ratio,
     setup_process,
-    time_once,
 )
 from helpers.vector_db.tensor import TensorVectorDB
 from models import functional as MF
@@ -167,13 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for start in range(0, n, _GEN_ROWS):
             db.add(xb[start : start + _GEN_ROWS], ids=torch.arange(start, min(start + _GEN_ROWS, n)))
         reranker = SuperGlobalRerank(M=args.M, K=args.K, beta=args.beta)
-        base_t = [time_once(lambda xb=xb, xq=xq, m=m: release_pipeline(xq, xb, M=m, K=args.K, beta=args.beta))[0]
-                  for _ in range(1 if n > 200_000 else repeats)]
-        fast_t, fast = [], None
-        for _ in range(repeats + 1):  # the first call is an untimed warm-up
-            t, fast = time_once(lambda db=db, xq=xq, r=reranker: r.rerank(xq, db))
-            fast_t.append(t)
-        base, fast_s = median(base_t), median(fast_t[1:])
+        fast = reranker.rerank(xq, db)  # untimed warm-up; also the result checked below
+        times = interleaved({
+            "loop": lambda xb=xb, xq=xq, m=m: release_pipeline(xq, xb, M=m, K=args.K, beta=args.beta),
+            "fast": lambda db=db, xq=xq, r=reranker: r.rerank(xq, db),
+        }, repeats=1 if n > 200_000 else repeats, warmup=0)
+        base, fast_s = median(times["loop"]), median(times["fast"])
         check, good = agreement(fast, release_pipeline(xq, xb, M=m, K=args.K, beta=args.beta))
         ok &= good
         label = f"end to end (TensorVectorDB {str(dtype).removeprefix('torch.')} vs full sort + loop)"

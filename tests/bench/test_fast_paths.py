@@ -194,16 +194,16 @@ def test_bucketed_batched_extraction_equals_one_by_one(name):
     model = (CVNetGlobal(50) if name == "cvnet" else SuperGlobal(50)).eval()
     randomise_batchnorm_(model, seed=2)
     scales = CVNET_SCALES if name == "cvnet" else (1.0,)
-    images = make_images(5, seed=3, scale=0.125 if name == "cvnet" else 0.1875)
+    images = make_images(4, seed=3, scale=0.125 if name == "cvnet" else 0.1875)
     items = [multiscale_tensors(im, scales, OFFICIAL_CONVENTION) for im in images]
     batches = [ids for ids, _ in bucket_batches(enumerate(items), batch_size=2)]
-    assert sorted(len(b) for b in batches) == [1, 1, 1, 2]  # 3 sizes, the repeated one batched
+    assert sorted(len(b) for b in batches) == [1, 1, 2]  # 3 sizes, the repeated one batched
     cpu = torch.device("cpu")
     expected = baseline_descriptors(model, items, cpu)
     for fast in (True, False):
         got = library_descriptors(model, items, cpu, batch_size=2, fast=fast)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(4))
     with pytest.raises(ValueError, match="CUDA"):
         library_descriptors(model, items, cpu, batch_size=2, dtype=torch.bfloat16)
 
