@@ -29,15 +29,13 @@ from helpers.training import (
     LoopConfig,
     TooManyCorruptImages,
     all_gather_cat,
-    all_gather_objects,
     build_labelled_dataset,
     build_optimizer,
     build_scheduler,
     cleanup_distributed,
     configure_runtime,
-    dump_summary,
+    finish_run,
     init_distributed,
-    parameters_checksum,
     resolve_total_steps,
     run_loop,
     seed_everything,
@@ -252,18 +250,8 @@ def _train(cfg: dict[str, Any], env: DistEnv, *, resume: bool, progress: bool) -
     result = run_loop(dataset=pairs, env=env, cfg=loop, step_fn=step_fn, get_state=get_state, set_state=set_state,
                       on_checkpoint=on_checkpoint, resume=resume,
                       extra_log={"stage": "backbone", "num_classes": data.num_classes, "images": len(pairs)})
-    checksums = all_gather_objects(parameters_checksum(objective), env)
-    summary = {"stage": "backbone", "steps": result.steps, "seconds": round(result.seconds, 1),
-               "final": result.last_metrics, "corrupt_images": result.corrupt_images,
-               "corrupt_skipped": result.corrupt_skipped, "world_size": env.world_size,
-               "ranks_in_sync": len(set(checksums)) == 1, "queue_filled": len(queue),
-               "checkpoint": str(out_dir / "last.pyth")}
-    if env.is_main:
-        dump_summary(out_dir / "summary.json", summary)
-        log.info("done: %d steps in %.0f s, final loss %.4f; %d corrupt images skipped; weights %s",
-                 result.steps, result.seconds, result.last_metrics.get("loss", float("nan")),
-                 result.corrupt_images, out_dir / "last.pyth")
-    return summary
+    return finish_run(stage="backbone", result=result, env=env, trained=objective, out_dir=out_dir,
+                      extra={"queue_filled": len(queue)})
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -43,9 +43,8 @@ from helpers.training import (
     build_scheduler,
     cleanup_distributed,
     configure_runtime,
-    dump_summary,
+    finish_run,
     init_distributed,
-    parameters_checksum,
     resolve_total_steps,
     run_loop,
     seed_everything,
@@ -352,17 +351,7 @@ def _train(cfg: dict[str, Any], env: DistEnv, *, resume: bool, progress: bool) -
     result = run_loop(dataset=triplets, env=env, cfg=loop, step_fn=step_fn, get_state=get_state,
                       set_state=set_state, on_checkpoint=on_checkpoint, resume=resume,
                       extra_log={"stage": "rerank", "images": len(triplets), "epochs": epochs})
-    checksums = all_gather_objects(parameters_checksum(head), env)
-    summary = {"stage": "rerank", "steps": result.steps, "seconds": round(result.seconds, 1),
-               "final": result.last_metrics, "corrupt_images": result.corrupt_images,
-               "corrupt_skipped": result.corrupt_skipped, "world_size": env.world_size,
-               "ranks_in_sync": len(set(checksums)) == 1, "checkpoint": str(out_dir / "last.pyth")}
-    if env.is_main:
-        dump_summary(out_dir / "summary.json", summary)
-        log.info("done: %d steps in %.0f s, final loss %.4f; %d corrupt images skipped; weights %s",
-                 result.steps, result.seconds, result.last_metrics.get("loss", float("nan")),
-                 result.corrupt_images, out_dir / "last.pyth")
-    return summary
+    return finish_run(stage="rerank", result=result, env=env, trained=head, out_dir=out_dir)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from tqdm import tqdm
 
 from datasets.folder import CorruptImageError
-from models.checkpoint import atomic_torch_save
+from models.checkpoint import atomic_torch_save, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -657,10 +657,27 @@ def run_loop(
 
 def dump_summary(path: str | os.PathLike, summary: Mapping[str, Any]) -> None:
     """A small JSON summary next to the run's outputs (written atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dict(summary), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dict(summary), indent=2) + "\n"))
+
+
+def finish_run(
+    *, stage: str, result: LoopResult, env: DistEnv, trained: nn.Module, out_dir: Path,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The end of a training script: check the ranks agree on ``trained``'s parameters, write
+    ``summary.json`` and log the outcome (main rank). Returns the summary on every rank."""
+    checksums = all_gather_objects(parameters_checksum(trained), env)
+    summary = {"stage": stage, "steps": result.steps, "seconds": round(result.seconds, 1),
+               "final": result.last_metrics, "corrupt_images": result.corrupt_images,
+               "corrupt_skipped": result.corrupt_skipped, "world_size": env.world_size,
+               "ranks_in_sync": len(set(checksums)) == 1, **(extra or {}),
+               "checkpoint": str(out_dir / "last.pyth")}
+    if env.is_main:
+        dump_summary(out_dir / "summary.json", summary)
+        log.info("done: %d steps in %.0f s, final loss %.4f; %d corrupt images skipped; weights %s",
+                 result.steps, result.seconds, result.last_metrics.get("loss", float("nan")),
+                 result.corrupt_images, out_dir / "last.pyth")
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------------------
