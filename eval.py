@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
         "root": "data",
         "datasets": ["roxford5k", "rparis6k"],
         "distractors": None,
+        "distractors_dtype": "float32",
         "min_side": None,
         "synthetic": None,
     },
@@ -423,9 +424,10 @@ def run_evaluation(cfg: Mapping[str, Any], *, dist: DistInfo | None = None) -> d
                     r1m = _open_distractors(root, conv, scales, data_cfg.get("min_side"), progress,
                                             check=not checked_r1m)
                     checked_r1m = True
-                    entry["vectors"][(kind, "distractors")] = cached_global_descriptors(
+                    vectors = cached_global_descriptors(
                         model=model, dataset=r1m, label=f"revisitop1m-{kind}-r{depth}",
                         weights_hash=hashes[kind], **extract_kw)
+                    entry["vectors"][(kind, "distractors")] = _stored(vectors, data_cfg["distractors_dtype"])
         data[name] = entry
     if not dist.main:
         logger.info("rank %d: extraction done; rank 0 evaluates", dist.rank)
@@ -446,11 +448,12 @@ def run_evaluation(cfg: Mapping[str, Any], *, dist: DistInfo | None = None) -> d
             ranked: dict[str, tuple[np.ndarray, Any, Any]] = {}
             for kind in global_kinds:
                 xq = entry["vectors"][(kind, "query")]
-                xb = entry["vectors"][(kind, "db")]
-                if extra:
-                    xb = torch.cat([xb, entry["vectors"][(kind, "distractors")]])
+                xb: Any = entry["vectors"][(kind, "db")]
+                if extra:  # the database then the distractors, never concatenated (+1M: 8 GB per copy)
+                    xb = [xb, entry["vectors"][(kind, "distractors")]]
                 with timer.stage(f"rank {kind} {label}"):
-                    _, ranks = global_ranking(xq, xb, device=device)
+                    _, ranks = global_ranking(xq, xb, device=device, with_similarities=False,
+                                              rank_dtype=np.int32)
                 ranked[kind] = (ranks, xq, xb)
             for method in methods:
                 kind = "cvnet_global" if method.startswith("cvnet") else "superglobal"
@@ -480,6 +483,14 @@ def run_evaluation(cfg: Mapping[str, Any], *, dist: DistInfo | None = None) -> d
             "names": names, "builtin": builtin, "distractors": distractors}
 
 
+def _stored(vectors: torch.Tensor | None, dtype: str) -> torch.Tensor | None:
+    """The distractors' descriptors as kept for ranking: float32 (faithful) or float16 (half the memory, 4 GB
+    instead of 8 GB per model for R1M; scores then carry float16 rounding, so the +1M figures can move slightly)."""
+    if dtype not in ("float32", "float16"):
+        raise ConfigError(f"data.distractors_dtype must be float32 or float16, got {dtype!r}")
+    return vectors.half() if vectors is not None and dtype == "float16" else vectors
+
+
 def _open_distractors(root: str, convention: Any, scales: Sequence[float], min_side: int | None,
                       progress: bool, *, check: bool = False) -> Revisitop1M:
     """The R1M distractors; with ``check``, every listed image must be on disk (a missing one changes mAP)."""
@@ -495,20 +506,28 @@ def _open_distractors(root: str, convention: Any, scales: Sequence[float], min_s
     return r1m
 
 
-def _superglobal_database(xb: torch.Tensor, *, kind: str, device: torch.device) -> Any:
+def _superglobal_database(xb: Any, *, kind: str, device: torch.device) -> Any:
+    """What SuperGlobal re-ranks over: ``tensor`` passes the descriptors (or their parts) through, and the
+    candidates are read off the global ranking; ``tensor_db`` / ``faiss`` index them and search again."""
     if kind == "tensor":
-        return xb.to(device)
+        return xb
+    parts = list(xb) if isinstance(xb, (list, tuple)) else [xb]
+    d = parts[0].shape[1]
     if kind == "tensor_db":
         from helpers.vector_db.tensor import TensorVectorDB
 
-        db = TensorVectorDB(xb.shape[1], device=device, progress=False)
+        db = TensorVectorDB(d, device=device, progress=False)
+        db.reserve(sum(p.shape[0] for p in parts))
     elif kind == "faiss":
         from helpers.vector_db.faiss import FaissVectorDB
 
-        db = FaissVectorDB(xb.shape[1], index="flat")
+        db = FaissVectorDB(d, index="flat")
     else:
         raise ConfigError(f"rerank.superglobal.database must be tensor, tensor_db or faiss, got {kind!r}")
-    db.add(xb, ids=np.arange(xb.shape[0]))
+    offset = 0
+    for part in parts:
+        db.add(part, ids=np.arange(offset, offset + part.shape[0]))
+        offset += part.shape[0]
     return db
 
 

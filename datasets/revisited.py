@@ -176,7 +176,9 @@ def _download_hint(root: str, name: str) -> str:
 
 
 class RevisitedDataset(Dataset):
-    """ROxford5k, RParis6k (or any dataset in their layout), database or query side; item i -> list of (3, H_s, W_s) tensors, one per scale.
+    """ROxford5k, RParis6k (or any dataset in their layout), database or query side.
+
+    Item i -> list of (3, H_s, W_s) tensors, one per scale.
 
     Queries are cropped to their ``bbx`` once, before any resizing (the official protocol); database images
     are used whole. Images are read at their stored size (at most 1024 a side) in BGR and normalised with

@@ -306,10 +306,22 @@ def superglobal_rerank_ranking(*, query_vectors: Tensor | np.ndarray, database: 
                                reranker: nn.Module) -> np.ndarray:
     """SuperGlobal re-ranking (Shao et al., ICCV 2023, Sec. 3.3) as a full ranking matrix (n_db, nq).
 
-    ``database``: the (n_db, d) L2-normalised descriptors (tensor) or any ``AbstractVectorDB`` holding them under
-    ids 0..n_db-1; ``reranker``: a ``models.SuperGlobalRerank`` (M, K, beta). The re-ordered top M come first,
-    then the rest of the global ranking ``ranks`` unchanged.
+    ``database``: the (n_db, d) L2-normalised descriptors (a tensor or array, or the list of parts of their
+    concatenation as for :func:`global_ranking`) or any ``AbstractVectorDB`` holding them under ids 0..n_db-1;
+    ``reranker``: a ``models.SuperGlobalRerank`` (M, K, beta). Descriptors given as arrays are not searched again:
+    as in the release, the candidates are the top M of ``ranks``, gathered ``reranker.query_chunk`` queries at a
+    time, so the +1M sets are never concatenated. The re-ordered top M come first, then the rest of the global
+    ranking ``ranks`` unchanged.
     """
     xq = _as_tensor(query_vectors).float()
-    _, ids = reranker.rerank(xq, database)
-    return merge_reranked(ranks, ids.cpu().numpy())
+    if not isinstance(database, (Tensor, np.ndarray, list, tuple)):
+        _, ids = reranker.rerank(xq, database)
+        return merge_reranked(ranks, ids.cpu().numpy())
+    m = min(int(reranker.M), ranks.shape[0])
+    top = torch.from_numpy(np.ascontiguousarray(np.asarray(ranks)[:m].T).astype(np.int64))  # (nq, M)
+    out = []
+    for start in range(0, xq.shape[0], int(reranker.query_chunk)):
+        ids = top[start : start + int(reranker.query_chunk)]
+        vectors = _db_rows(database, ids.reshape(-1)).view(*ids.shape, -1).to(xq.device)
+        out.append(reranker.rerank_candidates(xq[start : start + ids.shape[0]], vectors, ids)[1].cpu())
+    return merge_reranked(ranks, torch.cat(out).numpy())

@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 
 from helpers.vector_db.base import (
     AbstractVectorDB,
+    ArrayLike,
     CorruptIndexError,
     LocalMetadata,
     Metadata,
     atomic_write,
+    pad_results,
     unknown_ids_error,
 )
 
@@ -222,6 +224,23 @@ class TensorVectorDB(AbstractVectorDB):
         self._meta.set(ids, metadata)
 
     def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        scores, rows = self._search_rows(queries, k)
+        return scores, self._row_ids[rows]
+
+    def search_with_vectors(self, queries: ArrayLike, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        # the rows found are read directly: no id -> row lookups (the generic path's per-id dictionary walk
+        # cost 0.5 s for 70 queries x 400 candidates, more than SuperGlobal's re-ranking itself)
+        xq = self._validate_vectors(queries, name="queries")
+        k = self._check_k(k)
+        scores, rows = self._search_rows(xq, k)
+        vectors = self._vectors[rows].to(torch.float32)
+        scores, ids = pad_results(scores, self._row_ids[rows], k)
+        if vectors.shape[1] < k:
+            vectors = torch.cat([vectors, vectors.new_zeros(xq.shape[0], k - vectors.shape[1], self.dim)], dim=1)
+        return scores, ids, vectors
+
+    def _search_rows(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-``k`` (scores (q, k'), storage rows (q, k')), k' = min(k, n)."""
         xq = queries.to(device=self._device, dtype=torch.float32)
         if self._n == 0:
             empty = torch.empty(xq.shape[0], 0, device=self._device)
@@ -234,8 +253,7 @@ class TensorVectorDB(AbstractVectorDB):
                                 chunk_size=self.chunk_size, progress=self.progress)
             scores.append(s)
             rows.append(r)
-        rows_t = torch.cat(rows)
-        return torch.cat(scores), self._row_ids[rows_t]
+        return torch.cat(scores), torch.cat(rows)
 
     def _rows(self, ids: Tensor) -> Tensor:
         rows = [self._row_of.get(i, -1) for i in ids.tolist()]

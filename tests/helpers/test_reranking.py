@@ -207,6 +207,26 @@ def test_superglobal_ranking_is_reranked_top_m_then_the_rest():
         superglobal_rerank_ranking(query_vectors=xq, database=db, ranks=ranks, reranker=reranker), got)
 
 
+def test_superglobal_ranking_over_parts_reads_candidates_off_the_ranking():
+    # +1M layout: database and distractors stay two parts (float16 distractors allowed); the candidates come from
+    # the global ranking in query chunks, and the result equals re-ranking the concatenation
+    g = torch.Generator().manual_seed(8)
+    db = F.normalize(torch.randn(30, DIM, generator=g), dim=1)
+    distractors = F.normalize(torch.randn(50, DIM, generator=g), dim=1).half()
+    xq = F.normalize(torch.randn(7, DIM, generator=g), dim=1)
+    _, ranks = global_ranking(xq, [db, distractors], rank_dtype=np.int32, with_similarities=False)
+    assert ranks.dtype == np.int32
+    reranker = SuperGlobalRerank(M=15, K=3, beta=0.15, query_chunk=3)
+    got = superglobal_rerank_ranking(query_vectors=xq, database=[db, distractors], ranks=ranks, reranker=reranker)
+    whole = torch.cat([db, distractors.float()])
+    np.testing.assert_array_equal(got, superglobal_rerank_ranking(query_vectors=xq, database=whole, ranks=ranks,
+                                                                  reranker=SuperGlobalRerank(M=15, K=3)))
+    _, ids = reranker.rerank(xq, whole)
+    np.testing.assert_array_equal(got[:15].T, ids.numpy())
+    with pytest.raises(ValueError, match="vectors"):
+        reranker.rerank_candidates(xq, whole[:15], torch.zeros(7, 15, dtype=torch.int64))
+
+
 def test_merge_reranked_keeps_global_order_of_the_rest():
     ranks = np.array([[3, 1], [1, 0], [0, 3], [2, 2]])
     out = merge_reranked(ranks, np.array([[0, 3], [2, -1]]))

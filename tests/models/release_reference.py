@@ -207,7 +207,8 @@ class RerankReference(nn.Module):
         self.conv2ds = nn.ModuleList(nn.Conv2d(1024, 256, 3, padding=1, bias=False) for _ in range(3))
         self.cv_learner = nn.Module()
         specs = {1: [(9, 16, 5, 2)], 2: [(16, 16, 3, 1), (16, 32, 3, 2)],
-                 3: [(32, 32, 3, 1), (32, 32, 3, 1), (32, 64, 3, 2)], 4: [(64, 64, 3, 1), (64, 64, 3, 1), (64, 128, 3, 1)]}
+                 3: [(32, 32, 3, 1), (32, 32, 3, 1), (32, 64, 3, 2)],
+                 4: [(64, 64, 3, 1), (64, 64, 3, 1), (64, 128, 3, 1)]}
         for bi, layers in specs.items():
             seq = nn.Sequential()
             for li, (cin, cout, k, s) in enumerate(layers):

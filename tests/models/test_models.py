@@ -99,7 +99,8 @@ def test_cvnet_rerank_matches_release(released_r50, images):
     assert score.shape == (1,)
     assert abs(score.item() - ref_score.item()) < 1e-5
     # and end to end from images
-    torch.testing.assert_close(model(images[:1], images[1:]), released_r50(images[:1], images[1:]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(images[:1], images[1:]), released_r50(images[:1], images[1:]), rtol=1e-5,
+                               atol=1e-6)
 
 
 @torch.no_grad()

@@ -99,9 +99,11 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(data_root, tmp_
     for part in ("model", "classifier", "queue"):
         for key, value in a["task"][part].items():
             assert torch.equal(value, b["task"][part][key]), f"{part}.{key}"
-    mom_a = [s["momentum_buffer"] for s in a["task"]["optimizer"]["state"].values()]
-    mom_b = [s["momentum_buffer"] for s in b["task"]["optimizer"]["state"].values()]
-    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+    opt_a, opt_b = a["task"]["optimizer"]["state"], b["task"]["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys() and opt_a  # e.g. AdamW's moments and step counts, every parameter
+    for index, slots in opt_a.items():
+        assert slots.keys() == opt_b[index].keys()
+        assert all(torch.equal(value, opt_b[index][name]) for name, value in slots.items()), index
     assert _losses(tmp_path / "ref") == _losses(tmp_path / "killed")
     official_a = torch.load(tmp_path / "ref" / "last.pyth", weights_only=True)["model_state"]
     official_b = torch.load(tmp_path / "killed" / "last.pyth", weights_only=True)["model_state"]
