@@ -31,12 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datasets.augment import ResizedImages, TrainAugment
-from helpers.config import load_config, save_resolved
+from helpers.config import save_resolved
 from helpers.mining import MinedTriplets, extract_descriptors, mine_distributed
 from helpers.training import (
     DistEnv,
     LoopConfig,
-    TooManyCorruptImages,
     all_gather_objects,
     build_labelled_dataset,
     build_optimizer,
@@ -47,8 +46,10 @@ from helpers.training import (
     init_distributed,
     resolve_total_steps,
     run_loop,
+    run_training_cli,
     seed_everything,
     steps_per_epoch,
+    training_arg_parser,
 )
 from models import functional as MF
 from models.checkpoint import (
@@ -355,25 +356,12 @@ def _train(cfg: dict[str, Any], env: DistEnv, *, resume: bool, progress: bool) -
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train the CVNet re-ranking head on mined pairs (backbone frozen).")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                   help="experiment YAML (default: the built-in synthetic demo, configs/builtin_rerank.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/train_state.pth")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32 data.root=/data")
-    return p
+    return training_arg_parser(description="Train the CVNet re-ranking head on mined pairs (backbone frozen).",
+                               default_config=DEFAULT_CONFIG, example="train.batch_size=32 data.root=/data")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
-    try:
-        train_rerank(cfg=cfg, resume=args.resume, progress=not args.no_progress)
-    except (TooManyCorruptImages, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return run_training_cli(train_rerank, get_args_parser().parse_args(argv), DEFAULTS)
 
 
 if __name__ == "__main__":

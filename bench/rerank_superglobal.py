@@ -118,17 +118,26 @@ def vectorised(xq: Tensor, candidates: Tensor, ids: Tensor, *, K: int, beta: flo
 
 def agreement(fast: tuple[Tensor, Tensor], loop: tuple[Tensor, Tensor], tie: float = 1e-6) -> tuple[str, bool]:
     """How far two rankings (scores (q, M), ids (q, M)) agree: identical, or differing only where items whose
-    scores are within ``tie`` swapped places (float rounding decides near-ties); the bool says 'same result'."""
+    scores are within ``tie`` swapped places (float rounding decides near-ties); the bool says 'same result'.
+
+    Per query: the same ids, each id's score within 1e-5 of the loop's, and the fast order inverts no two ids whose
+    loop scores differ by more than ``tie``.
+    """
     same = (fast[1] == loop[1]).all(dim=1)
-    worst_gap = 0.0
+    worst_inversion, per_id, ok = 0.0, 0.0, True
     for i in torch.nonzero(~same).flatten().tolist():
-        pos = torch.nonzero(fast[1][i] != loop[1][i]).flatten()
-        worst_gap = max(worst_gap, float(fast[0][i, pos].max() - fast[0][i, pos].min()))
-    diff = (fast[0] - loop[0]).abs().max().item()
-    ok = worst_gap <= tie and diff <= 1e-5
+        loop_score = dict(zip(loop[1][i].tolist(), loop[0][i].tolist()))
+        if set(loop_score) != set(fast[1][i].tolist()):
+            ok = False
+            continue
+        in_fast_order = torch.tensor([loop_score[j] for j in fast[1][i].tolist()], dtype=torch.float64)
+        worst_inversion = max(worst_inversion, float((in_fast_order[1:] - in_fast_order[:-1]).clamp(min=0).max()))
+        per_id = max(per_id, float((in_fast_order - fast[0][i].double()).abs().max()))
+    diff = max(per_id, (fast[0][same] - loop[0][same]).abs().max().item() if bool(same.any()) else 0.0)
+    ok = ok and worst_inversion <= tie and diff <= 1e-5
     text = f"{same.float().mean().item():.0%} identical"
     if not bool(same.all()):
-        text += f", others swap near-ties (gap {worst_gap:.0e})"
+        text += f", others swap near-ties (largest inversion {worst_inversion:.0e})"
     return text + f"; max |d score| {diff:.0e}", ok
 
 

@@ -14,6 +14,7 @@ Multi-process runs use ``torchrun`` (or any launcher that sets ``RANK``, ``WORLD
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -765,3 +766,36 @@ def build_labelled_dataset(data_cfg: Mapping[str, Any], *, env: DistEnv | None =
         ds = cifar10(root, train=True)
         return _contiguous(ds, ds.targets, f"CIFAR-10 train under {root}")
     raise ValueError(f"data.name must be synthetic, gldv2, folder or cifar10, got {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The two training scripts' command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def training_arg_parser(*, description: str, default_config: str | os.PathLike, example: str
+                        ) -> argparse.ArgumentParser:
+    """``[--config YAML] [--resume] [--no-progress] [dotted overrides ...]``, shared by both training scripts."""
+    p = argparse.ArgumentParser(description=description)
+    shown = Path(*Path(default_config).parts[-2:])  # configs/<name>.yaml
+    p.add_argument("--config", default=str(default_config),
+                   help=f"experiment YAML (default: the built-in synthetic demo, {shown})")
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/train_state.pth")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    return p
+
+
+def run_training_cli(train: Callable[..., Any], args: argparse.Namespace, defaults: Mapping[str, Any]) -> int:
+    """Load the config (YAML + overrides over ``defaults``) and run ``train(cfg=, resume=, progress=)``; a missing
+    file or too many corrupt images is logged and exits with 2 rather than a traceback."""
+    from helpers.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides, defaults=defaults)
+    try:
+        train(cfg=cfg, resume=args.resume, progress=not args.no_progress)
+    except (TooManyCorruptImages, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    return 0

@@ -329,27 +329,6 @@ def group_norm_channels_last_(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def candidate_similarities(candidates: Tensor, *, min_split: int = 64) -> Tensor:
-    """Inner products among each query's candidates: (q, M, d) -> (q, M, M).
-
-    The matrix is symmetric, so from ``min_split`` candidates on the off-diagonal half-block is multiplied once and
-    mirrored: three (M/2 x M/2 x d) products instead of four, a quarter of the multiply-adds of the step that
-    bounds SuperGlobal re-ranking.
-    """
-    q, m, _ = candidates.shape
-    if m < min_split:
-        return torch.bmm(candidates, candidates.transpose(1, 2))
-    h = m // 2
-    top, bottom = candidates[:, :h], candidates[:, h:]
-    sim = candidates.new_empty(q, m, m)
-    sim[:, :h, :h] = torch.bmm(top, top.transpose(1, 2))
-    cross = torch.bmm(bottom, top.transpose(1, 2))
-    sim[:, h:, :h] = cross
-    sim[:, :h, h:] = cross.transpose(1, 2)
-    sim[:, h:, h:] = torch.bmm(bottom, bottom.transpose(1, 2))
-    return sim
-
-
 def refine_candidates(candidates: Tensor, k: int = 9, beta: float = 0.15) -> Tensor:
     """Database-side refinement among the top-M candidates of each query (SuperGlobal's "MDescAug").
 
@@ -359,7 +338,9 @@ def refine_candidates(candidates: Tensor, k: int = 9, beta: float = 0.15) -> Ten
     """
     q, m, d = candidates.shape
     n_neigh = min(k + 1, m)
-    sim = candidate_similarities(candidates)
+    # one product per query, as the release computes it: a split (symmetric) product would save a quarter of the
+    # multiply-adds but rounds differently, and near-tied neighbours could then be picked differently
+    sim = torch.bmm(candidates, candidates.transpose(1, 2))
     vals, idx = sim.topk(n_neigh, dim=-1)
     weights = vals * beta
     weights[..., 0] = 1.0

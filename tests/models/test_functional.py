@@ -119,14 +119,6 @@ def test_refine_candidates_matches_loop():
             torch.testing.assert_close(out[q, i], (cand[q, order] * w[:, None]).sum(0) / w.sum())
 
 
-@pytest.mark.parametrize("m", [12, 100, 101])
-def test_candidate_similarities_equal_the_full_product(m):
-    # from 64 candidates on, the symmetric matrix is assembled from three half-size products (odd M included)
-    torch.manual_seed(5)
-    cand = F.normalize(torch.randn(3, m, 8, dtype=torch.float64), dim=-1)
-    torch.testing.assert_close(MF.candidate_similarities(cand), cand @ cand.transpose(1, 2), rtol=0, atol=1e-12)
-
-
 def test_superglobal_rerank_matches_per_query_loop():
     torch.manual_seed(4)
     X = F.normalize(torch.randn(300, 16, dtype=torch.float64), dim=1)

@@ -5,7 +5,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from datasets.synthetic import SyntheticConfig, build_synthetic, load_train_spli
 from helpers.training import METRICS_NAME, TRAIN_STATE_NAME, ResumableDistributedSampler, read_jsonl
 from models.checkpoint import OFFICIAL_CONVENTION, load_official_checkpoint
 from models.cvnet import CVNetGlobal
+from tests.scripts.launch import run_two_cpu_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_backbone.py"
@@ -111,23 +111,9 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(data_root, tmp_
     assert all(torch.equal(official_a[k], official_b[k]) for k in official_a)
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_cpu_ranks_share_the_queue_and_stay_in_sync(data_root, tmp_path):
     out = tmp_path / "ddp"
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(_subprocess_args(data_root, out, "train.steps=3", "train.checkpoint_every=100"),
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    run_two_cpu_ranks(_subprocess_args(data_root, out, "train.steps=3", "train.checkpoint_every=100"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] and summary["queue_filled"] == 3 * 4
     start = read_jsonl(out / METRICS_NAME)[0]
