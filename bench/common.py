@@ -71,6 +71,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def meminfo_bytes(field: str) -> int | None:
+    """A /proc/meminfo field (``MemTotal``, ``MemAvailable``, ...) in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     """What the figures depend on: CPU, cores, threads, memory, library versions, GPU, allocator, load."""
     info: dict[str, Any] = {
@@ -80,11 +92,9 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "thp_alloc": os.environ.get(THP_ENV, "0"),
     }
-    try:
-        with open("/proc/meminfo") as f:
-            info["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
+    total = meminfo_bytes("MemTotal")
+    if total is not None:
+        info["memory_gb"] = round(total / 2**30, 1)
     try:
         info["load_avg_1min"] = round(os.getloadavg()[0], 2)
     except OSError:

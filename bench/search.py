@@ -28,6 +28,7 @@ from bench.common import (
     interleaved,
     machine_info,
     median,
+    meminfo_bytes,
     print_header,
     setup_process,
     time_once,
@@ -82,18 +83,6 @@ def gemm_gflops(*, size: int = 2048, repeats: int = 3) -> float:
     a @ b
     best = min(time_once(lambda: a @ b)[0] for _ in range(repeats))
     return 2 * size**3 / best / 1e9
-
-
-def _available_bytes() -> float:
-    """MemAvailable from /proc/meminfo (8 GB where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 8e9
 
 
 def lower_bound_s(*, n: int, d: int, nq: int, bytes_per_value: int, bandwidth_gbs: float, gflops: float) -> float:
@@ -197,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     g = torch.Generator().manual_seed(args.seed + 1000)
     queries = F.normalize(torch.randn(args.nq, d, generator=g), dim=1)
-    budget = 0.6 * _available_bytes()
+    budget = 0.6 * (meminfo_bytes("MemAvailable") or 8e9)  # 8 GB where unknown
     rows = []
     for n in sizes:
         for phase in phases(kinds, n=n, d=d, budget_bytes=budget):

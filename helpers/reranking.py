@@ -317,11 +317,11 @@ def superglobal_rerank_ranking(*, query_vectors: Tensor | np.ndarray, database: 
     if not isinstance(database, (Tensor, np.ndarray, list, tuple)):
         _, ids = reranker.rerank(xq, database)
         return merge_reranked(ranks, ids.cpu().numpy())
-    m = min(int(reranker.M), ranks.shape[0])
+    m, chunk = min(int(reranker.M), ranks.shape[0]), int(reranker.query_chunk)
     top = torch.from_numpy(np.ascontiguousarray(np.asarray(ranks)[:m].T).astype(np.int64))  # (nq, M)
     out = []
-    for start in range(0, xq.shape[0], int(reranker.query_chunk)):
-        ids = top[start : start + int(reranker.query_chunk)]
+    for start in range(0, xq.shape[0], chunk):
+        ids = top[start : start + chunk]
         vectors = _db_rows(database, ids.reshape(-1)).view(*ids.shape, -1).to(xq.device)
         out.append(reranker.rerank_candidates(xq[start : start + ids.shape[0]], vectors, ids)[1].cpu())
     return merge_reranked(ranks, torch.cat(out).numpy())

@@ -270,9 +270,23 @@ class AbstractVectorDB(abc.ABC):
         """Top-``k`` with the candidates' vectors: (scores (q, k), ids (q, k), vectors (q, k, d)).
 
         What SuperGlobal re-ranking consumes (its top-M). Padded entries get a zero vector. The default is
-        ``search`` then ``get`` of the distinct ids; back-ends with a cheaper path override it.
+        ``search`` then ``get`` of the distinct ids; back-ends with a cheaper path override
+        :meth:`_search_with_vectors`.
         """
-        scores, ids = self.search(queries, k)
+        xq = self._validate_vectors(queries, name="queries")
+        k = self._check_k(k)
+        if xq.shape[0] == 0:
+            return (torch.empty(0, k, dtype=torch.float32, device=self.device),
+                    torch.empty(0, k, dtype=torch.int64, device=self.device),
+                    torch.empty(0, k, self.dim, dtype=torch.float32, device=self.device))
+        scores, ids, vectors = self._search_with_vectors(xq, k)
+        if vectors.shape[1] < k:
+            vectors = torch.cat([vectors, vectors.new_zeros(xq.shape[0], k - vectors.shape[1], self.dim)], dim=1)
+        return (*pad_results(scores, ids, k), vectors[:, :k])
+
+    def _search_with_vectors(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Validated queries -> (scores (q, k'), ids (q, k'), vectors (q, k', d) float32), k' <= k, unpadded."""
+        scores, ids = self._search(queries, k)
         return scores, ids, self._gather_vectors(ids)
 
     def get(self, ids: IdsLike) -> Tensor:

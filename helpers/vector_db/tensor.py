@@ -24,12 +24,10 @@ from tqdm.auto import tqdm
 
 from helpers.vector_db.base import (
     AbstractVectorDB,
-    ArrayLike,
     CorruptIndexError,
     LocalMetadata,
     Metadata,
     atomic_write,
-    pad_results,
     unknown_ids_error,
 )
 
@@ -227,17 +225,11 @@ class TensorVectorDB(AbstractVectorDB):
         scores, rows = self._search_rows(queries, k)
         return scores, self._row_ids[rows]
 
-    def search_with_vectors(self, queries: ArrayLike, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _search_with_vectors(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         # the rows found are read directly: no id -> row lookups (the generic path's per-id dictionary walk
         # cost 0.5 s for 70 queries x 400 candidates, more than SuperGlobal's re-ranking itself)
-        xq = self._validate_vectors(queries, name="queries")
-        k = self._check_k(k)
-        scores, rows = self._search_rows(xq, k)
-        vectors = self._vectors[rows].to(torch.float32)
-        scores, ids = pad_results(scores, self._row_ids[rows], k)
-        if vectors.shape[1] < k:
-            vectors = torch.cat([vectors, vectors.new_zeros(xq.shape[0], k - vectors.shape[1], self.dim)], dim=1)
-        return scores, ids, vectors
+        scores, rows = self._search_rows(queries, k)
+        return scores, self._row_ids[rows], self._vectors[rows].to(torch.float32)
 
     def _search_rows(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-``k`` (scores (q, k'), storage rows (q, k')), k' = min(k, n)."""

@@ -240,6 +240,8 @@ def test_padding_when_k_exceeds_the_collection(kind):
     assert ids[:, 3:].eq(-1).all() and torch.isneginf(scores[:, 3:]).all()
     assert torch.isfinite(scores[:, :3]).all() and sorted(ids[0, :3].tolist()) == [0, 1, 2]
     assert vecs[:, 3:].eq(0).all()
+    scores, ids, vecs = db.search_with_vectors(unit_rows(0, seed=2), 5)  # no queries: empty, correctly shaped
+    assert scores.shape == ids.shape == (0, 5) and vecs.shape == (0, 5, D)
 
 
 @pytest.mark.parametrize("kind", LOCAL)
