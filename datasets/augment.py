@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from datasets.folder import read_bgr_image
 from datasets.transforms import to_tensor
-from models.checkpoint import InputConvention
+from common.convention import InputConvention
 
 #: salts that keep the streams of one (seed, epoch, index) apart
 _SALT_QUERY, _SALT_POSITIVE, _SALT_NEGATIVE, _SALT_HIDE = 11, 12, 13, 14

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from models.checkpoint import atomic_write
+from common.io import atomic_write
 
 logger = logging.getLogger(__name__)
 

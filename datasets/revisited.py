@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from datasets.transforms import crop_query, min_size_guard, multiscale_tensors, read_image
-from models.checkpoint import OFFICIAL_CONVENTION, InputConvention
+from common.convention import OFFICIAL_CONVENTION, InputConvention
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.checkpoint import InputConvention
+from common.convention import InputConvention
 
 
 def _cv2():

@@ -38,7 +38,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm import tqdm
 
 from models.backbone import ResNetBackbone
-from models.checkpoint import atomic_torch_save
+from common.io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 

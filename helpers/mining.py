@@ -31,7 +31,7 @@ from datasets.augment import (
 )
 from datasets.transforms import to_tensor
 from helpers.training import CorruptSample, DistEnv, SkipCorrupt, all_gather_cat
-from models.checkpoint import InputConvention
+from common.convention import InputConvention
 
 log = logging.getLogger(__name__)
 

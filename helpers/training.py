@@ -34,135 +34,24 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from tqdm import tqdm
 
 from datasets.folder import CorruptImageError
-from models.checkpoint import atomic_torch_save, atomic_write
+from common.io import atomic_torch_save, atomic_write
+from helpers.distributed import (  # noqa: F401  (re-exported while the loop moves)
+    DistEnv,
+    all_gather_cat,
+    all_gather_objects,
+    all_reduce_mean,
+    cleanup_distributed,
+    init_distributed,
+    parameters_checksum,
+    resolve_device,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
 TRAIN_STATE_NAME = "train_state.pth"
 METRICS_NAME = "metrics.jsonl"
 TRAIN_STATE_FORMAT = "cvnet-train-state-v1"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Distributed setup
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process stands in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; ``"cpu"`` / ``"cuda"`` explicit."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu (or auto)")
-        return torch.device("cuda", local_rank)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-
-
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else a single-process env.
-
-    Backend: NCCL on CUDA, gloo on CPU. ``init_method="env://"`` reads ``MASTER_ADDR`` / ``MASTER_PORT``.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
-    if world_size > 1:
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            from datetime import timedelta
-
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://", rank=rank,
-                                    world_size=world_size, timeout=timedelta(seconds=timeout_s))
-        log.info("distributed: rank %d of %d on %s (%s)", rank, world_size, dev, dist.get_backend())
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
-
-
-def cleanup_distributed(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def all_gather_cat(tensor: Tensor, env: DistEnv) -> Tensor:
-    """Concatenate ``tensor`` (n_r, ...) of every rank along dim 0, in rank order; ranks may differ in n_r.
-
-    Used to feed the momentum queue with the keys of all ranks (every rank then holds the same queue). No
-    gradient flows through the result.
-    """
-    if not env.distributed:
-        return tensor.detach()
-    tensor = tensor.detach().contiguous()
-    n = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(env.world_size)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    longest = max(sizes)
-    if longest == 0:
-        return tensor
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    out = [torch.empty_like(padded) for _ in range(env.world_size)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
-
-
-def all_reduce_mean(values: Mapping[str, float], env: DistEnv) -> dict[str, float]:
-    """Average scalar metrics over ranks (for logging)."""
-    if not env.distributed or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device(env))
-    dist.all_reduce(t)
-    return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist())}
-
-
-def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
-    if not env.distributed:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _collective_device(env: DistEnv) -> torch.device:
-    return env.device if env.device.type == "cuda" else torch.device("cpu")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def parameters_checksum(model: nn.Module) -> float:
-    """Sum of all parameters in float64: equal across ranks when they are in sync.
-
-    Buffers are left out: each rank's last forward pass updates its own BatchNorm statistics (DDP re-broadcasts
-    rank 0's at the next forward).
-    """
-    with torch.no_grad():
-        return float(sum(p.detach().double().sum().item() for p in unwrap(model).parameters()))
 
 
 # --------------------------------------------------------------------------------------------------------------

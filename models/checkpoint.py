@@ -5,52 +5,18 @@ import logging
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+# re-exported: the input convention travels with the weights, and checkpoints are written atomically
+from common.convention import OFFICIAL_CONVENTION, TORCHVISION_CONVENTION, InputConvention  # noqa: F401
+from common.io import atomic_torch_save, atomic_write  # noqa: F401
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InputConvention:
-    """How images must be fed to a set of weights.
-
-    ``mean``/``std`` are listed in ``channel_order`` (the order of the tensor's channel axis).
-    The official CVNet/SuperGlobal weights descend from pycls ImageNet weights trained on BGR input.
-    """
-
-    channel_order: str = "BGR"
-    mean: tuple[float, float, float] = (0.406, 0.456, 0.485)
-    std: tuple[float, float, float] = (0.225, 0.224, 0.229)
-
-    def __post_init__(self) -> None:
-        if self.channel_order not in ("BGR", "RGB"):
-            raise ValueError(f"channel_order must be 'BGR' or 'RGB', got {self.channel_order!r}")
-
-    def to_dict(self) -> dict:
-        return {"channel_order": self.channel_order, "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> InputConvention:
-        return cls(channel_order=d["channel_order"], mean=tuple(d["mean"]), std=tuple(d["std"]))
-
-    def as_rgb(self) -> InputConvention:
-        """The same normalisation expressed for an RGB tensor (channels reversed when BGR)."""
-        if self.channel_order == "RGB":
-            return self
-        return InputConvention("RGB", tuple(reversed(self.mean)), tuple(reversed(self.std)))
-
-
-#: The convention of the released CVPR2022_CVNet_R50/R101.pyth files (pycls lineage: BGR).
-OFFICIAL_CONVENTION = InputConvention()
-#: torchvision's ImageNet weights expect RGB with these statistics.
-TORCHVISION_CONVENTION = InputConvention("RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -260,36 +226,3 @@ def save_official_checkpoint(
     payload = {"model_state": official_state_dict(model), "input_convention": convention.to_dict(),
                "depth": int(getattr(model, "depth", 50)), **(extra or {})}
     atomic_torch_save(payload, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    A reader (or a crash) sees the old file or the whole new one, never a partial write. The file gets the
-    permissions a plain ``open(path, "w")`` would give (mkstemp alone makes it owner-only).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))

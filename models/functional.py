@@ -54,6 +54,17 @@ def scale_gem(descriptors: Sequence[Tensor] | Tensor, mode: str = "max") -> Tens
     raise ValueError(f"scale_gem mode must be 'max' or 'mean', got {mode!r}")
 
 
+def aggregate_scales(descriptors: Sequence[Tensor]) -> Tensor:
+    """CVNet's multi-scale test descriptor: L2 each scale's (B, D) descriptor, average over scales, L2 -> (B, D).
+
+    One scale passes through as its L2-normalised self.
+    """
+    if not descriptors:
+        raise ValueError("need at least one scale's descriptors")
+    stacked = torch.stack([F.normalize(d, dim=-1) for d in descriptors])
+    return F.normalize(stacked.mean(dim=0), dim=-1)
+
+
 def relu_up(x: Tensor, alpha: float = 0.014) -> Tensor:
     """SuperGlobal's ReLU-up: ``max(x, alpha)`` in place of ``max(x, 0)``."""
     return x.clamp(min=alpha)
@@ -322,6 +333,17 @@ def group_norm_channels_last_(
     if bias is not None:
         flat.add_(bias)
     return flat.relu_().view(x.shape) if relu else x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CVNet's final similarity (CVNet Sec. 3.5)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cvnet_score_mix(global_scores: Tensor, cvnet_scores: Tensor, weight: float = 0.5) -> Tensor:
+    """The similarity CVNet re-ranks with: ``global cosine + weight * CVNet score`` (weight 0.5 in the release),
+    element-wise over matching shapes; the result has ``global_scores``' dtype."""
+    return global_scores + weight * cvnet_scores.to(global_scores.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------

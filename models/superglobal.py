@@ -9,6 +9,8 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
+from common.constants import SUPERGLOBAL_SCALES
+
 from . import functional as MF
 from .backbone import ResNetBackbone
 from .checkpoint import OFFICIAL_CONVENTION, InputConvention
@@ -16,7 +18,6 @@ from .layers import GeMPlus, GlobalHead, RegionalGeM, ScaleGeM, l2n
 
 log = logging.getLogger(__name__)
 
-SUPERGLOBAL_SCALES = (0.7071, 1.0, 1.4142)
 
 
 class SuperGlobal(nn.Module):

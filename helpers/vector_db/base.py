@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.checkpoint import atomic_write  # noqa: F401  (re-exported for the back-ends)
+from common.io import atomic_write  # noqa: F401  (re-exported for the back-ends)
 
 logger = logging.getLogger(__name__)
 

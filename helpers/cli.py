@@ -1,0 +1,69 @@
+"""What every config-driven script shares on its command line: ``--config FILE``, ``--print-config`` and dotted
+overrides, checked against the script's :class:`~helpers.config.Schema` before anything heavy is imported.
+
+Torch-free: a script calls :func:`config_from_args` first and imports torch only once its config is known good.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from helpers.config import ConfigError, Schema, dump_config, load_config
+
+log = logging.getLogger(__name__)
+
+
+def config_arg_parser(*, description: str, schema: Schema, default_config: str | os.PathLike | None,
+                      example: str) -> argparse.ArgumentParser:
+    """``SCRIPT [--config FILE] [--print-config] [key.sub=value ...]``; its help says where the keys are."""
+    sections = ", ".join(k for k, v in schema.defaults.items() if isinstance(v, Mapping))
+    epilog = (f"Config keys: the defaults of {schema.name} live in helpers/schemas.py (sections: {sections}); "
+              f"an experiment YAML overrides some of them, dotted overrides override both "
+              f"(e.g. {example}). --print-config prints every key with its resolved value.")
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+    default = f" (default: {default_config})" if default_config else ""
+    parser.add_argument("--config", default=None, help=f"experiment YAML{default}")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults <- YAML <- overrides) and exit")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, schema: Schema, default_config: str | os.PathLike | None
+                     ) -> dict[str, Any] | int:
+    """The checked config, or an exit code: 0 after ``--print-config``, 2 after a config error (printed on
+    stderr as one line, no traceback)."""
+    try:
+        cfg = load_config(args.config or default_config, args.overrides, schema=schema)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"{schema.name}: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(dump_config(cfg))
+        return 0
+    return cfg
+
+
+def setup_logging(main: bool = True) -> None:
+    """INFO on the main process, WARNING on the others, on stdout."""
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run_reporting_errors(fn: Callable[[], int], *, errors: Sequence[type[BaseException]], name: str) -> int:
+    """``fn()``, with the listed exception types printed as one ``name: error: ...`` line (exit code 2)."""
+    try:
+        return fn()
+    except tuple(errors) as exc:  # noqa: B030  (a tuple built from the caller's list)
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def repo_path(script: str, *parts: str) -> Path:
+    """A path inside the repository, from a top-level script's ``__file__``."""
+    return Path(script).resolve().parent.joinpath(*parts)
