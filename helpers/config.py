@@ -125,10 +125,11 @@ class Rule:
         elif self.choices is not None:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         else:
-            text = " or ".join(_type_name(t) for t in (self.types or _default_types(default)))
+            types = self.types or _default_types(default)
+            text = " or ".join(_type_name(t) for t in types if not (t is int and float in types))
             if self.items is not None:
                 items = self.items if isinstance(self.items, tuple) else (self.items,)
-                text += " of " + " or ".join(_type_name(t) for t in items)
+                text += " of " + " or ".join(_PLURALS.get(t, t.__name__) for t in items)
             if self.length is not None:
                 text += f" of length {self.length}"
             if self.min is not None and self.max is not None:
@@ -221,6 +222,9 @@ def _default_types(default: Any) -> tuple[type, ...]:
 def _type_name(t: type) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
             dict: "a mapping", object: "any value"}.get(t, t.__name__)
+
+
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
 
 def _is_instance(value: Any, types: tuple[type, ...]) -> bool:

@@ -1,0 +1,93 @@
+"""helpers.builders: one model builder (kinds, aliases, seeded random weights, strict official loading) and one
+database factory."""
+import pytest
+import torch
+
+from helpers.builders import (
+    backend_name,
+    build_model,
+    build_superglobal_reranker,
+    copy_backbone,
+    kind_of,
+    load_database,
+    make_database,
+    model_kind,
+)
+from models import CVNetGlobal, CVNetRerank, SuperGlobal, SuperGlobalRerank
+from models.checkpoint import CheckpointError, official_state_dict, save_official_checkpoint
+
+
+@pytest.mark.parametrize("kind,cls", [("cvnet_global", CVNetGlobal), ("cvnet", CVNetGlobal),
+                                      ("CVNetGlobal", CVNetGlobal), ("superglobal", SuperGlobal),
+                                      ("SuperGlobal", SuperGlobal), ("cvnet_rerank", CVNetRerank)])
+def test_kinds_and_aliases(kind, cls):
+    model = build_model(kind, warn_random=False)
+    assert type(model) is cls and not model.training
+    assert kind_of(model) == model_kind(kind)
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="model kind must be one of"):
+        build_model("resnet")
+
+
+def test_seeded_weights_are_reproducible_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_model("superglobal", seed=7, warn_random=False)
+    after = torch.rand(1)
+    b = build_model("superglobal", seed=7, warn_random=False)
+    c = build_model("superglobal", seed=8, warn_random=False)
+    assert torch.equal(after, expected_next)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.head.fc.weight, c.head.fc.weight)
+
+
+def test_random_weights_are_announced(caplog):
+    build_model("cvnet_global", seed=1)
+    assert "RANDOM weights" in caplog.text and "CVPR2022_CVNet_R50.pyth" in caplog.text
+
+
+def test_official_file_loads_into_every_kind(tmp_path):
+    # an official file holds the whole ResNet with its head (encoder_q.*) and the re-ranking head
+    source = build_model("cvnet_rerank", seed=3, warn_random=False)
+    full = build_model("cvnet_global", seed=4, warn_random=False)
+    state = {**official_state_dict(full), **official_state_dict(source)}
+    path = tmp_path / "w.pyth"
+    torch.save({"model_state": state}, path)
+    for kind in ("cvnet_global", "superglobal", "cvnet_rerank"):
+        model = build_model(kind, weights=path, seed=99)
+        assert torch.equal(model.backbone.conv1.weight, source.backbone.conv1.weight)
+    rerank = build_model("cvnet_rerank", weights=path)
+    assert all(torch.equal(x, y) for x, y in zip(rerank.state_dict().values(), source.state_dict().values()))
+
+
+def test_wrong_depth_file_is_refused(tmp_path):
+    save_official_checkpoint(build_model("cvnet_global", seed=0, warn_random=False), tmp_path / "w.pyth")
+    with pytest.raises(CheckpointError):
+        build_model("cvnet_global", depth=101, weights=tmp_path / "w.pyth")
+
+
+def test_options_and_copy_backbone():
+    sg = build_model("superglobal", options={"scales": [1.0], "sgem": False}, warn_random=False)
+    assert sg.scales == (1.0,) and sg.sgem is False
+    target = build_model("cvnet_rerank", seed=5, warn_random=False)
+    copy_backbone(source=sg, target=target)
+    assert torch.equal(target.backbone.layer3[0].conv1.weight, sg.backbone.layer3[0].conv1.weight)
+    assert isinstance(build_superglobal_reranker(M=10, K=3), SuperGlobalRerank)
+
+
+def test_database_factory_round_trip(tmp_path):
+    x = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    for backend in ("tensor", "faiss"):
+        db = make_database(backend, 8)
+        assert backend_name(db) == backend
+        db.add(x)
+        db.save(tmp_path / backend)
+        back = load_database(backend, tmp_path / backend)
+        assert len(back) == 5 and torch.allclose(back.get([3]), x[3:4])
+    with pytest.raises(ValueError, match="tensor, faiss, pinecone"):
+        make_database("annoy", 8)
+    with pytest.raises(TypeError):
+        backend_name(object())
