@@ -402,3 +402,169 @@ def superglobal_rerank(
     order_t = torch.cat(order) if order else torch.empty(0, candidates.shape[1], dtype=torch.int64)
     scores_t = torch.cat(scores) if scores else torch.empty(0, candidates.shape[1], dtype=queries.dtype)
     return scores_t, torch.gather(candidate_ids, 1, order_t.to(candidate_ids.device))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The field's standard post-processing of global descriptors: alpha-QE, alpha-DBA (Radenovic et al., TPAMI 2019),
+# learned PCA whitening (Radenovic et al.), k-reciprocal re-ranking (Zhong et al., CVPR 2017)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _top_neighbours(queries: Tensor, database: Tensor, k: int, *, exclude_self: bool = False,
+                    chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """(similarities (nq, k), indices (nq, k)) of each query's ``k`` largest inner products with ``database``,
+    best first, ``chunk`` queries at a time so that at most (chunk, n) similarities exist at once. With
+    ``exclude_self`` the queries are the database itself and row i never lists i."""
+    n = database.shape[0]
+    k = min(k, n - 1 if exclude_self else n)
+    vals, idx = [], []
+    for start in range(0, queries.shape[0], chunk):
+        sim = queries[start : start + chunk] @ database.T
+        if exclude_self:
+            rows = torch.arange(sim.shape[0], device=sim.device)
+            sim[rows, rows + start] = float("-inf")
+        v, i = sim.topk(k, dim=1) if k > 0 else (sim[:, :0], sim[:, :0].long())
+        vals.append(v)
+        idx.append(i)
+    return torch.cat(vals), torch.cat(idx)
+
+
+def _alpha_weighted_sum(vectors: Tensor, sims: Tensor, neighbours: Tensor, alpha: float) -> Tensor:
+    """L2(v + sum_i max(s_i, 0)^alpha * n_i) for (m, d) vectors, (m, k) similarities, (m, k, d) neighbours."""
+    weights = sims.clamp(min=0).pow(alpha)
+    return F.normalize(vectors + torch.einsum("mk,mkd->md", weights, neighbours), dim=-1)
+
+
+def alpha_query_expansion(Q: Tensor, X: Tensor, k: int = 2, alpha: float = 3.0, *, chunk: int = 4096) -> Tensor:
+    """alpha-weighted query expansion (alpha-QE): ``q' = L2(q + sum_{i=1..k} max(q . x_(i), 0)^alpha x_(i))``.
+
+    ``Q``: (nq, d) queries, ``X``: (n, d) database, both L2-normalised; ``x_(i)`` are q's top-``k`` database
+    vectors by inner product. ``alpha=0`` gives average query expansion (every neighbour weighs 1).
+    Returns (nq, d) L2-normalised expanded queries; ``k=0`` returns the queries unchanged.
+    """
+    if k <= 0:
+        return Q.clone()
+    sims, idx = _top_neighbours(Q, X, k, chunk=chunk)
+    return _alpha_weighted_sum(Q, sims, X[idx], alpha)
+
+
+def database_side_augmentation(X: Tensor, k: int = 2, alpha: float = 3.0, *, chunk: int = 4096) -> Tensor:
+    """alpha-weighted database-side augmentation (alpha-DBA): each database vector becomes
+    ``L2(x + sum_{i=1..k} max(x . x_(i), 0)^alpha x_(i))`` over its top-``k`` *other* database vectors.
+
+    ``X``: (n, d) L2-normalised -> (n, d). Memory: (chunk, n) similarities at a time; time O(n^2 d), so for a
+    1M database augment only the vectors a query can reach (:func:`database_side_augmentation_of`).
+    """
+    if k <= 0:
+        return X.clone()
+    sims, idx = _top_neighbours(X, X, k, exclude_self=True, chunk=chunk)
+    return _alpha_weighted_sum(X, sims, X[idx], alpha)
+
+
+def database_side_augmentation_of(vectors: Tensor, neighbour_sims: Tensor, neighbours: Tensor,
+                                  alpha: float = 3.0) -> Tensor:
+    """alpha-DBA of given database vectors (m, d) whose top-k other database vectors (m, k, d) and their
+    similarities (m, k) were found by a search (the shortlist mode of DBA on large databases)."""
+    return _alpha_weighted_sum(vectors, neighbour_sims, neighbours, alpha)
+
+
+def learn_pca_whitening(X: Tensor, dim: int | None = None) -> dict[str, Tensor]:
+    """Learned PCA whitening (Radenovic et al.): from (n, d) descriptors, the mean ``m`` (d,) and the projection
+    ``P`` (d, dim) whose columns are the covariance's eigenvectors, largest eigenvalue first, each divided by the
+    square root of its eigenvalue, so that ``(X - m) P`` has identity covariance.
+
+    ``dim`` defaults to min(d, n - 1): directions beyond the centred data's rank have zero variance and cannot be
+    whitened. Computed in float64; returned in ``X``'s dtype.
+    """
+    n, d = X.shape
+    rank = min(d, n - 1)
+    if rank < 1:
+        raise ValueError(f"PCA whitening needs at least 2 descriptors, got {n}")
+    dim = rank if dim is None else int(dim)
+    if not 1 <= dim <= rank:
+        raise ValueError(f"whitening dim must be in [1, {rank}] for {n} descriptors of dimension {d}, got {dim}")
+    x = X.double()
+    m = x.mean(dim=0)
+    xc = x - m
+    cov = xc.T @ xc / n
+    cov = (cov + cov.T) / 2
+    eigval, eigvec = torch.linalg.eigh(cov)
+    order = eigval.argsort(descending=True)[:dim]
+    P = eigvec[:, order] / eigval[order].clamp(min=torch.finfo(torch.float64).tiny).sqrt()
+    return {"mean": m.to(X.dtype), "projection": P.to(X.dtype)}
+
+
+def apply_whitening(x: Tensor, whitening: dict[str, Tensor], eps: float = 1e-6) -> Tensor:
+    """``L2((x - m) P)`` for (n, d) descriptors and a :func:`learn_pca_whitening` result -> (n, dim)."""
+    y = (x - whitening["mean"].to(x)) @ whitening["projection"].to(x)
+    return y / (y.norm(dim=-1, keepdim=True) + eps)
+
+
+def _k_reciprocal_pool(feats: Tensor, num_queries: int, k1: int, k2: int, lambda_value: float) -> Tensor:
+    """The k-reciprocal re-ranking of Zhong et al. over one pool of (n, d) vectors whose first ``num_queries``
+    rows are the queries; returns their (num_queries, n - num_queries) final distances.
+
+    The pool's squared Euclidean distances are normalised per column by the column's maximum (and transposed),
+    neighbours are ranked on them; the k-reciprocal set R(i, k1) of every vector is expanded by the
+    R(j, round(k1 / 2)) of its members j that share more than 2/3 of their set with R(i, k1); the encoding V(i)
+    puts exp(-distance) weights, normalised to sum 1, on the expanded set; V(i) is averaged over i's k2 nearest
+    (local query expansion); the Jaccard distance is 1 - sum min(V_q, V_j) / (2 - sum min(V_q, V_j)), and the
+    result is (1 - lambda) * Jaccard + lambda * the normalised squared distance.
+    """
+    n = feats.shape[0]
+    sq = (feats * feats).sum(dim=1)
+    dist = (sq[:, None] + sq[None, :] - 2 * feats @ feats.T).clamp_(min=0)
+    dist = (dist / dist.amax(dim=0, keepdim=True).clamp(min=torch.finfo(dist.dtype).tiny)).T.contiguous()
+    order = dist.argsort(dim=1, stable=True)
+
+    def reciprocal(k: int) -> Tensor:
+        near = torch.zeros(n, n, dtype=torch.bool, device=feats.device)
+        near.scatter_(1, order[:, : k + 1], True)
+        return near & near.T  # [i, j]: j in i's top k + 1 and i in j's
+
+    r1 = reciprocal(k1)
+    half = reciprocal(int(round(k1 / 2)))
+    r1f, halff = r1.to(dist.dtype), half.to(dist.dtype)
+    shared = r1f @ halff.T  # [i, j] = |R(i, k1) & R(j, k1 / 2)|
+    keep = r1 & (shared > (2.0 / 3.0) * halff.sum(dim=1)[None, :])
+    expanded = r1 | ((keep.to(dist.dtype) @ halff) > 0)
+    weights = torch.where(expanded, torch.exp(-dist), torch.zeros_like(dist))
+    V = weights / weights.sum(dim=1, keepdim=True)
+    if k2 != 1:  # local query expansion, one neighbour at a time: never an (n, k2, n) gather
+        expanded_v = torch.zeros_like(V)
+        for t in range(k2):
+            expanded_v += V[order[:, t]]
+        V = expanded_v / k2
+    jaccard = torch.empty(num_queries, n, dtype=dist.dtype, device=dist.device)
+    for i in range(num_queries):
+        overlap = torch.minimum(V[i][None, :], V).sum(dim=1)
+        jaccard[i] = 1 - overlap / (2 - overlap)
+    final = jaccard * (1 - lambda_value) + dist[:num_queries] * lambda_value
+    return final[:, num_queries:]
+
+
+def k_reciprocal_distance(Q: Tensor, X: Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> Tensor:
+    """k-reciprocal encoding re-ranking (Zhong et al., CVPR 2017) of queries ``Q`` (nq, d) against a database
+    ``X`` (n, d): the final (nq, n) distance, smaller is better (sort ascending).
+
+    Queries and database form one pool, as in the authors' function. Memory O((nq + n)^2): for sets up to a few
+    thousand vectors; on larger databases use :func:`k_reciprocal_shortlist`.
+    """
+    if k1 < 1 or k2 < 1:
+        raise ValueError(f"k1 and k2 must be >= 1, got {k1}, {k2}")
+    return _k_reciprocal_pool(torch.cat([Q, X]), Q.shape[0], k1, k2, lambda_value)
+
+
+def k_reciprocal_shortlist(Q: Tensor, candidates: Tensor, k1: int = 20, k2: int = 6,
+                           lambda_value: float = 0.3) -> Tensor:
+    """k-reciprocal re-ranking restricted to each query's shortlist: ``Q`` (nq, d), ``candidates`` (nq, N, d)
+    (each query's top-N database vectors) -> (nq, N) final distances over those candidates.
+
+    Each query forms a pool with its own N candidates, so memory is bounded by O((N + 1)^2) whatever the
+    database size (N = 1000: about 8 MB of float64 per matrix). It equals :func:`k_reciprocal_distance` on a
+    database of those N vectors and one query.
+    """
+    if candidates.ndim != 3 or candidates.shape[0] != Q.shape[0]:
+        raise ValueError(f"candidates must be (nq, N, d) for {Q.shape[0]} queries, got {tuple(candidates.shape)}")
+    return torch.cat([k_reciprocal_distance(Q[i : i + 1], candidates[i], k1, k2, lambda_value)
+                      for i in range(Q.shape[0])]) if Q.shape[0] else candidates.new_zeros(0, candidates.shape[1])
