@@ -8,14 +8,19 @@ from .checkpoint import (
     load_official_checkpoint,
     save_official_checkpoint,
 )
+from .classification import ClassificationByRetrieval
 from .cvnet import CVNetGlobal, CVNetRerank
 from .superglobal import SuperGlobal, SuperGlobalRerank
+from .timm_global import FeatureMapGlobal, TimmGlobal
 
 __all__ = [
     "CVNetGlobal",
     "CVNetRerank",
     "SuperGlobal",
     "SuperGlobalRerank",
+    "ClassificationByRetrieval",
+    "TimmGlobal",
+    "FeatureMapGlobal",
     "ResNetBackbone",
     "InputConvention",
     "OFFICIAL_CONVENTION",

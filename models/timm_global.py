@@ -1,0 +1,123 @@
+"""Any backbone as a global descriptor model: a module that returns (B, C, H, W) feature maps (or a ViT's patch
+tokens), a pooling (GeM, SuperGlobal's GeM+ or Regional-GeM + GeM+), an optional linear projection, L2.
+
+    model = TimmGlobal("resnet50", pretrained=False, pooling="gem")                 # random weights, no download
+    model = TimmGlobal("vit_small_patch16_224", pooling="gem+", dim=512)            # ViT patch tokens -> maps
+    model = TimmGlobal("resnet50", pretrained=True,                                 # local weights file
+                       pretrained_file="weights/resnet50_a1_0-14fe96d1.pth")
+    model = FeatureMapGlobal(my_module, channels=512)                              # any map-returning module
+
+timm is imported when a :class:`TimmGlobal` is built, not before.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.convention import TORCHVISION_CONVENTION, InputConvention
+
+from . import functional as MF
+from .layers import GeM
+
+POOLINGS = ("gem", "gem+", "rgem")
+
+
+class FeatureMapGlobal(nn.Module):
+    """A global descriptor from any module ``body`` with ``body(images) -> (B, C, H, W)``.
+
+    ``pooling``: ``"gem"`` (learnable p, init 3, CVNet's), ``"gem+"`` (fixed p = 4.6, SuperGlobal's) or
+    ``"rgem"`` (SuperGlobal's Regional-GeM on the rectified map, then GeM+). ``dim``: a linear projection
+    to ``dim`` of the L2-normalised pooled vector (SuperGlobal's order: L2, fc, L2; None: keep C). Output (B, D),
+    L2-normalised.
+    """
+
+    def __init__(self, body: nn.Module, channels: int, *, pooling: str = "gem", dim: int | None = None,
+                 input_convention: InputConvention = TORCHVISION_CONVENTION) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.body = body
+        self.pooling = pooling
+        self.channels = channels
+        self.pool = GeM(p=3.0) if pooling == "gem" else None
+        self.projection = nn.Linear(channels, dim) if dim is not None else None
+        self.dim = dim if dim is not None else channels
+        self.input_convention = input_convention
+
+    def feature_maps(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, C, h, w)."""
+        return self.body(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        maps = self.feature_maps(images)
+        if maps.ndim != 4 or maps.shape[1] != self.channels:
+            raise ValueError(f"the backbone must return (B, {self.channels}, H, W) maps, got {tuple(maps.shape)}")
+        if self.pooling == "gem":
+            pooled = self.pool(maps)
+        elif self.pooling == "gem+":
+            pooled = MF.gem(maps, 4.6, 1e-8)
+        else:  # Regional-GeM's LP-pool needs non-negative input (a ViT's tokens are signed)
+            pooled = MF.gem(MF.regional_gem(maps.clamp(min=0)), 4.6, 1e-8)
+        if self.projection is not None:
+            pooled = self.projection(F.normalize(pooled, dim=-1))
+        return F.normalize(pooled, dim=-1)
+
+
+class _TimmMaps(nn.Module):
+    """A timm model's ``forward_features`` as (B, C, h, w) maps: CNN maps as they are, a ViT's patch tokens
+    (prefix tokens dropped) laid back on their grid."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        feats = self.model.forward_features(images)
+        if feats.ndim == 4:
+            return feats
+        if feats.ndim != 3:
+            raise ValueError(f"unsupported feature shape {tuple(feats.shape)} from {type(self.model).__name__}")
+        prefix = int(getattr(self.model, "num_prefix_tokens", 0))
+        tokens = feats[:, prefix:]
+        patch = self.model.patch_embed.patch_size
+        h, w = images.shape[-2] // patch[0], images.shape[-1] // patch[1]
+        if h * w != tokens.shape[1]:
+            raise ValueError(f"{tokens.shape[1]} patch tokens do not fit a {h} x {w} grid")
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+class TimmGlobal(FeatureMapGlobal):
+    """Any timm model as a global descriptor model (its classifier and pooling removed).
+
+    ``pretrained=True`` loads timm's weights: from the local file ``pretrained_file`` when given (no download),
+    else through timm's own download, which needs the network. ViTs are built with ``dynamic_img_size=True``
+    so that any input size divisible by the patch size works. ``input_convention`` defaults to timm's
+    pretrained config (RGB, its mean/std). Extra ``timm_kwargs`` go to ``timm.create_model``.
+    """
+
+    def __init__(self, model_name: str, pretrained: bool = False, pooling: str = "gem", *, dim: int | None = None,
+                 pretrained_file: str | os.PathLike | None = None, **timm_kwargs: Any) -> None:
+        import timm
+
+        kwargs: dict[str, Any] = {"num_classes": 0, **timm_kwargs}
+        if pretrained_file is not None:
+            if not os.path.isfile(pretrained_file):
+                raise FileNotFoundError(f"pretrained_file {pretrained_file} not found")
+            kwargs["pretrained_cfg_overlay"] = {"file": os.fspath(pretrained_file)}
+            pretrained = True
+        if "vit" in model_name or "deit" in model_name or "eva" in model_name:
+            kwargs.setdefault("dynamic_img_size", True)
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        convention = InputConvention("RGB", tuple(cfg.get("mean", TORCHVISION_CONVENTION.mean)),
+                                     tuple(cfg.get("std", TORCHVISION_CONVENTION.std)))
+        super().__init__(_TimmMaps(model), int(model.num_features), pooling=pooling, dim=dim,
+                         input_convention=convention)
+        self.model_name = model_name
+        self.depth = None  # not a ResNet of this project: no official checkpoint fits it
+
+    def extra_repr(self) -> str:
+        return f"model_name={self.model_name!r}, pooling={self.pooling!r}, dim={self.dim}"
