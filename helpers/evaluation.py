@@ -12,7 +12,9 @@ indices from most to least similar for query ``i``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -173,15 +175,21 @@ def evaluate_revisited(
     return results
 
 
-def format_revisited(results: Mapping[str, Mapping], *, name: str = "") -> str:
-    """One line per metric in percent, revisitop style: ``name: mAP E: 84.81, M: 64.67, H: 38.47``."""
-    prefix = f"{name}: " if name else ""
-    lines = [prefix + "mAP " + ", ".join(f"{p[0].upper()}: {100 * results[p]['mAP']:.2f}" for p in PROTOCOLS)]
-    kappas = list(results[PROTOCOLS[0]]["mP@k"])
-    if kappas:
-        parts = []
-        for p in PROTOCOLS:
-            vals = " ".join(f"{100 * results[p]['mP@k'][k]:.2f}" for k in kappas)
-            parts.append(f"{p[0].upper()}: [{vals}]")
-        lines.append(prefix + f"mP@k{kappas} " + ", ".join(parts))
-    return "\n".join(lines)
+def _percent(value: float) -> float | None:
+    # a protocol without any query that has positives has no mAP: null in JSON rather than NaN
+    return None if math.isnan(value) else 100 * value
+
+
+def metrics_percent(results: Mapping[str, Mapping]) -> dict[str, Any]:
+    """:func:`evaluate_revisited`'s output in percent for a report: ``{"mAP": {protocol: %}, "mP@k": {protocol:
+    {"k": %}}, "n_queries": {protocol: queries with positives}}``; a protocol without such queries gets None."""
+    return {
+        "mAP": {p: _percent(results[p]["mAP"]) for p in PROTOCOLS},
+        "mP@k": {p: {str(k): _percent(v) for k, v in results[p]["mP@k"].items()} for p in PROTOCOLS},
+        "n_queries": {p: int(np.sum(~np.isnan(results[p]["aps"]))) for p in PROTOCOLS},
+    }
+
+
+def format_percent(value: float | None) -> str:
+    """A percentage as printed in the tables: two decimals, ``n/a`` for None."""
+    return "n/a" if value is None else f"{value:.2f}"

@@ -6,7 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.evaluation import build_protocols, compute_ap, compute_map, evaluate_revisited, format_revisited
+from helpers.evaluation import (
+    build_protocols,
+    compute_ap,
+    compute_map,
+    evaluate_revisited,
+    format_percent,
+    metrics_percent,
+)
 
 
 def test_ap_single_positive_first_place_is_one():
@@ -167,8 +174,19 @@ def test_evaluate_revisited_single_and_per_protocol_rankings():
         np.testing.assert_array_equal(per[p]["aps"], aps)
     with pytest.raises(KeyError):
         evaluate_revisited({"easy": mats["easy"]}, gnd)
-    line = format_revisited(per, name="toy")
-    assert line.startswith("toy: mAP E: ") and f"{100 * per['hard']['mAP']:.2f}" in line
+
+
+def test_metrics_in_percent_for_the_report():
+    gnd = [{"easy": [0], "hard": [], "junk": []}, {"easy": [], "hard": [2], "junk": []}]
+    ranks = np.array([[0, 1], [1, 2], [2, 0]])  # query 0: positive first; query 1: hard positive second (AP 1/4)
+    out = metrics_percent(evaluate_revisited(ranks, gnd, kappas=(1, 2)))
+    assert out["n_queries"] == {"easy": 1, "medium": 2, "hard": 1}
+    assert out["mAP"]["easy"] == 100.0 and out["mAP"]["hard"] == 25.0 and out["mAP"]["medium"] == 62.5
+    assert out["mP@k"]["hard"] == {"1": 0.0, "2": 50.0}
+    # a protocol without a query that has positives: null, printed n/a
+    none = metrics_percent(evaluate_revisited(ranks, [{"easy": [0], "hard": [], "junk": []}] * 2, kappas=(1,)))
+    assert none["mAP"]["hard"] is None and none["n_queries"]["hard"] == 0
+    assert format_percent(none["mAP"]["hard"]) == "n/a" and format_percent(12.345) == "12.35"
 
 
 # --- metric regression fixture: revisitop's precomputed R-GeM features ----------------------------------

@@ -1,0 +1,395 @@
+"""The evaluation run behind ``eval.py``: datasets, weights, models, global descriptors, rankings, re-ranking and
+the revisited metrics, for every (dataset, method) of a checked config.
+
+    cfg = load_config("configs/eval_builtin.yaml", schema=EVAL)
+    outcome = run_evaluation(cfg, env=init_distributed(cfg["device"]))
+    outcome.results["synth"]["cvnet_rerank"]["mAP"]["hard"]  # percent
+
+Methods: ``cvnet_global``, ``cvnet_rerank`` (CVNet-Global ranking re-ranked by CVNet-Rerank), ``superglobal``,
+``superglobal_rerank``. The models the methods need are built once and their descriptors shared. Under torchrun
+every rank extracts its shards of the descriptors; rank 0 alone ranks and scores.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
+from datasets.revisited import RevisitedDataset, Revisitop1M
+from helpers.builders import GLOBAL_KINDS, build_model, build_superglobal_reranker, copy_backbone, make_database
+from helpers.config import ConfigError
+from helpers.distributed import DistEnv
+from helpers.evaluation import PROTOCOLS, evaluate_revisited, format_percent, metrics_percent
+from helpers.extraction import ReducedMapStore, cached_global_descriptors, state_dict_hash
+from helpers.reranking import CVNetPairScorer, cvnet_rerank, global_ranking, superglobal_rerank_ranking
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS = "random — numbers are meaningless"
+#: Seed offsets of the random-weights models (``seed * 1000 + offset``): each model's weights do not depend on
+#: which other models a run builds.
+SEED_OFFSETS = {"cvnet_global": 1, "superglobal": 2, "cvnet_rerank": 3}
+
+
+class Timer:
+    """Wall time per named stage (seconds, summed over repeats)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.stages[name] = self.stages.get(name, 0.0) + elapsed
+            logger.info("stage %-40s %7.1f s", name, elapsed)
+
+
+def dataset_label(name: str, distractors: str | None) -> str:
+    """``roxford5k`` or, with the R1M distractors, ``roxford5k+1m``."""
+    return f"{name}+1m" if distractors else name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------------------
+
+
+def open_revisited(*, root: str, name: str, split: str, convention: Any, scales: Sequence[float],
+                   min_side: int | None) -> RevisitedDataset:
+    """ROxford5k / RParis6k, or any dataset in their layout (the built-in benchmark), through one class."""
+    return RevisitedDataset(root, name, split, convention=convention, scales=tuple(scales), min_side=min_side)
+
+
+def build_builtin_dataset(*, root: str, synthetic: Mapping[str, Any], progress: bool) -> str:
+    """Build (idempotently) the synthetic benchmark ``synthetic["name"]`` under ``root``; returns its name."""
+    from datasets.synthetic import SyntheticConfig, build_synthetic
+
+    name = synthetic["name"]
+    build_synthetic(root, name=name, config=SyntheticConfig(**(synthetic.get("config") or {})), progress=progress)
+    return name
+
+
+def open_distractors(*, root: str, convention: Any, scales: Sequence[float], min_side: int | None,
+                     progress: bool = False, check: bool = False) -> Revisitop1M:
+    """The R1M distractors; with ``check``, every listed image must be on disk (a missing one changes mAP)."""
+    r1m = Revisitop1M(root, convention=convention, scales=tuple(scales), min_side=min_side)
+    if not check:
+        return r1m
+    report = r1m.check_complete(progress=progress)
+    if not report.complete:
+        raise FileNotFoundError(
+            f"revisitop1m: {len(report.missing)} of {report.n_listed} listed images are missing under "
+            f"{r1m.image_dir} (e.g. {report.missing[0]}); a +1M evaluation needs all of them. Re-run "
+            f"`python -m datasets.download --root {root} --datasets revisitop1m`.")
+    return r1m
+
+
+class CombinedReader:
+    """``read(j)`` over the database followed by the distractors (indices continue after the database)."""
+
+    def __init__(self, db: Any, distractors: Any | None) -> None:
+        self.db, self.distractors = db, distractors
+
+    def read(self, j: int) -> np.ndarray:
+        n = len(self.db)
+        return self.db.read(j) if j < n else self.distractors.read(j - n)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weights and models
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightsPlan:
+    """Which file feeds which model; ``None`` means random weights (seeded)."""
+
+    global_path: str | None = None
+    rerank_path: str | None = None
+    rerank_backbone_from_global: bool = False
+    source: str = "random"  # "official", "builtin" or "random"
+    description: str = RANDOM_WEIGHTS
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_weights(model_cfg: Mapping[str, Any]) -> WeightsPlan:
+    """``model.weights`` (one official-layout file for every model), else the built-in training run's newest
+    checkpoints (``model.builtin_checkpoints``: rerank for all models, else backbone for the global models and
+    a random re-ranking head), else random weights."""
+    if model_cfg.get("weights"):
+        path = os.fspath(model_cfg["weights"])
+        return WeightsPlan(path, path, source="official", description=path)
+    builtin = model_cfg.get("builtin_checkpoints") or {}
+    rerank, backbone = builtin.get("rerank"), builtin.get("backbone")
+    if rerank and os.path.isfile(rerank):
+        return WeightsPlan(rerank, rerank, source="builtin",
+                           description=f"built-in training run: {rerank} (all models)")
+    if backbone and os.path.isfile(backbone):
+        return WeightsPlan(backbone, None, rerank_backbone_from_global=True, source="builtin",
+                           description=f"built-in training run: {backbone} (global models); "
+                                       "CVNet re-ranking head: random",
+                           warnings=[f"no re-ranking checkpoint at {rerank}: the CVNet re-ranking head "
+                                     f"(conv2ds, cv_learner) is random — its numbers are meaningless"])
+    looked = ", ".join(p for p in (rerank, backbone) if p) or "nowhere (model.weights is unset)"
+    return WeightsPlan(warnings=[f"weights: {RANDOM_WEIGHTS} (no checkpoint found; looked at {looked}). "
+                                 "Train with the built-in training run or pass model.weights=<file>."])
+
+
+def needed_models(methods: Sequence[str]) -> set[str]:
+    """The models ('cvnet_global', 'cvnet_rerank', 'superglobal') the methods need (names checked by the
+    schema: helpers.schemas.EVAL_METHODS)."""
+    needed = set()
+    for m in methods:
+        needed.add("superglobal" if m.startswith("superglobal") else "cvnet_global")
+        if m == "cvnet_rerank":
+            needed.add("cvnet_rerank")
+    return needed
+
+
+def build_models(*, needed: set[str], model_cfg: Mapping[str, Any], plan: WeightsPlan, seed: int,
+                 device: torch.device) -> dict[str, nn.Module]:
+    """The models in ``needed``, loaded per ``plan``, in eval mode on ``device``. Random weights come from the
+    seed ``seed * 1000 + SEED_OFFSETS[kind]``, whatever else is built."""
+    depth = int(model_cfg["depth"])
+    kw = {"depth": depth, "device": device, "warn_random": False}  # the plan's warnings say it louder
+    models: dict[str, nn.Module] = {}
+    for kind in GLOBAL_KINDS:
+        if kind in needed:
+            options = dict(model_cfg.get("superglobal") or {}) if kind == "superglobal" else None
+            models[kind] = build_model(kind, weights=plan.global_path, seed=seed * 1000 + SEED_OFFSETS[kind],
+                                       options=options, **kw)
+    if "cvnet_rerank" in needed:
+        rerank = build_model("cvnet_rerank", weights=plan.rerank_path,
+                             seed=seed * 1000 + SEED_OFFSETS["cvnet_rerank"], **kw)
+        if plan.rerank_path is None and plan.rerank_backbone_from_global:
+            source = models.get("cvnet_global")
+            if source is None:
+                source = build_model("cvnet_global", weights=plan.global_path, seed=None, **kw)
+            copy_backbone(source=source, target=rerank)
+        models["cvnet_rerank"] = rerank
+    return models
+
+
+def scales_for(kind: str, model_cfg: Mapping[str, Any]) -> tuple[float, ...]:
+    """The dataset's image scales for a global model's extraction."""
+    # CVNet: the dataset resizes the uint8 image per scale; SuperGlobal does its Scale-GeM inside the model
+    if kind != "cvnet_global":
+        return (1.0,)
+    return tuple(float(s) for s in model_cfg.get("cvnet_scales", CVNET_TEST_SCALES))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Re-ranking
+# --------------------------------------------------------------------------------------------------------------
+
+
+def stored_distractors(vectors: torch.Tensor | None, dtype: str) -> torch.Tensor | None:
+    """The distractors' descriptors as kept for ranking: float32 (faithful) or float16 (half the memory, 4 GB
+    instead of 8 GB per model for R1M; scores then carry float16 rounding, so the +1M figures can move slightly)."""
+    return vectors.half() if vectors is not None and dtype == "float16" else vectors
+
+
+def superglobal_database(xb: Any, *, kind: str, device: torch.device) -> Any:
+    """What SuperGlobal re-ranks over: ``tensor`` passes the descriptors (or their parts) through, and the
+    candidates are read off the global ranking; ``tensor_db`` / ``faiss`` index them and search again."""
+    if kind == "tensor":
+        return xb
+    parts = list(xb) if isinstance(xb, (list, tuple)) else [xb]
+    d = parts[0].shape[1]
+    if kind == "tensor_db":
+        db = make_database("tensor", d, device=device, progress=False)
+        db.reserve(sum(p.shape[0] for p in parts))
+    else:
+        db = make_database(kind, d, index="flat")
+    offset = 0
+    for part in parts:
+        db.add(part, ids=np.arange(offset, offset + part.shape[0]))
+        offset += part.shape[0]
+    return db
+
+
+def run_cvnet_rerank(*, model: nn.Module, root: str, name: str, extra: str | None, min_side: int | None,
+                     rr: Mapping[str, Any], ext_cfg: Mapping[str, Any], ranks: np.ndarray, xq: torch.Tensor,
+                     xb: Any, gnd: Sequence[Mapping], device: torch.device, weights_hash: str,
+                     progress: bool) -> dict[str, np.ndarray]:
+    """CVNet re-ranking of one dataset's global ranking (maps at scale 1.0: cropped queries, full images)."""
+    kw = {"convention": model.input_convention, "scales": (1.0,), "min_side": min_side}
+    queries = open_revisited(root=root, name=name, split="query", **kw)
+    db: Dataset = open_revisited(root=root, name=name, split="db", **kw)
+    if extra:
+        db = ConcatDataset([db, open_distractors(root=root, **kw)])
+    map_cache = (os.path.join(ext_cfg["cache_dir"], "rerank_maps")
+                 if rr.get("cache_maps") and ext_cfg.get("cache_dir") else None)
+    store_kw = {"model": model, "device": device, "cache_dir": map_cache, "batch_size": int(ext_cfg["batch_size"]),
+                "num_workers": int(ext_cfg["num_workers"]), "weights_hash": weights_hash}
+    scorer = CVNetPairScorer(
+        model=model,
+        query_maps=ReducedMapStore(dataset=queries, **store_kw),
+        db_maps=ReducedMapStore(dataset=db, max_items=int(rr["chunk_images"]), **store_kw),
+        batch_size=int(rr["batch_size"]), chunk_images=int(rr["chunk_images"]), progress=progress)
+    return cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=scorer, mode=rr["mode"], gnd=gnd,
+                        top_k=int(rr.get("top_k", CVNET_RERANK_TOP_K)),
+                        weight=float(rr.get("weight", CVNET_SCORE_WEIGHT)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalOutcome:
+    """What a run found: ``results[label][method]`` (percent, :func:`helpers.evaluation.metrics_percent`), the
+    Medium ranking (n_db, nq) behind each, the weights plan, stage timings and the datasets opened."""
+
+    results: dict[str, dict[str, Any]]
+    rankings: dict[tuple[str, str], np.ndarray]
+    plan: WeightsPlan
+    timer: Timer
+    data: dict[str, dict[str, Any]]
+    names: list[str]
+    builtin: bool
+    distractors: str | None
+    root: str = ""
+    min_side: int | None = None
+
+    def query_set(self, label: str) -> RevisitedDataset:
+        return self.data[label.removesuffix("+1m")]["query_set"]
+
+    def db_reader(self, label: str) -> CombinedReader:
+        """Images of the ranked items of ``label``: the database, then the distractors for a ``+1m`` label."""
+        db = self.data[label.removesuffix("+1m")]["db_set"]
+        extra = None
+        if label.endswith("+1m"):
+            extra = open_distractors(root=self.root, convention=db.convention, scales=(1.0,), min_side=self.min_side)
+        return CombinedReader(db, extra)
+
+
+def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> EvalOutcome | None:
+    """Evaluate every (dataset, method) of the checked config ``cfg`` (see helpers.schemas.EVAL) on
+    ``env.device``; returns the outcome on rank 0, None on the other ranks."""
+    env = env or DistEnv()
+    timer = Timer()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    data_cfg, model_cfg, ext_cfg = cfg["data"], cfg["model"], cfg["extraction"]
+    methods = list(cfg["methods"])
+    if not methods:
+        raise ConfigError("methods is empty")
+    needed = needed_models(methods)
+    progress = bool(cfg.get("progress", True)) and env.is_main
+    device = env.device
+    depth = int(model_cfg["depth"])
+    root = os.fspath(data_cfg["root"])
+    min_side = data_cfg.get("min_side")
+    distractors = data_cfg.get("distractors")
+    names = list(data_cfg["datasets"])
+    builtin = bool((data_cfg.get("synthetic") or {}).get("name"))
+    if builtin:
+        with timer.stage("build synthetic dataset"):
+            names = [build_builtin_dataset(root=root, synthetic=data_cfg["synthetic"], progress=progress)]
+    if not names:
+        raise ConfigError("data.datasets is empty")
+
+    plan = plan_weights(model_cfg)
+    with timer.stage("build models"):
+        models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=int(cfg.get("seed", 0)),
+                              device=device)
+        hashes = {k: state_dict_hash(m) for k, m in models.items()}
+    extract_kw = {"device": device, "batch_size": int(ext_cfg["batch_size"]),
+                  "num_workers": int(ext_cfg["num_workers"]), "shard_size": ext_cfg.get("shard_size"),
+                  "rank": env.rank, "world_size": env.world_size, "progress": progress,
+                  "cache_dir": ext_cfg.get("cache_dir")}
+
+    # phase 1, every rank: global descriptors (queries, database, distractors) per dataset and model
+    global_kinds = sorted(needed & set(GLOBAL_KINDS))
+    data: dict[str, dict[str, Any]] = {}
+    checked_r1m = False
+    for name in names:
+        entry: dict[str, Any] = {"vectors": {}}
+        for kind in global_kinds:
+            model = models[kind]
+            conv, scales = model.input_convention, scales_for(kind, model_cfg)
+            sets = {split: open_revisited(root=root, name=name, split=split, convention=conv, scales=scales,
+                                          min_side=min_side) for split in ("query", "db")}
+            entry.setdefault("query_set", sets["query"])
+            entry.setdefault("db_set", sets["db"])
+            for split, ds in sets.items():
+                with timer.stage(f"extract {kind} {name} {split}"):
+                    entry["vectors"][(kind, split)] = cached_global_descriptors(
+                        model=model, dataset=ds, label=f"{name}-{split}-{kind}-r{depth}",
+                        weights_hash=hashes[kind], **extract_kw)
+            if distractors:
+                with timer.stage(f"extract {kind} revisitop1m"):
+                    # the completeness scan of the 1M files runs once per run, not once per model
+                    r1m = open_distractors(root=root, convention=conv, scales=scales, min_side=min_side,
+                                           progress=progress, check=not checked_r1m)
+                    checked_r1m = True
+                    vectors = cached_global_descriptors(
+                        model=model, dataset=r1m, label=f"revisitop1m-{kind}-r{depth}",
+                        weights_hash=hashes[kind], **extract_kw)
+                    entry["vectors"][(kind, "distractors")] = stored_distractors(vectors,
+                                                                                 data_cfg["distractors_dtype"])
+        data[name] = entry
+    if not env.is_main:
+        logger.info("rank %d: extraction done; rank 0 evaluates", env.rank)
+        return None
+
+    # phase 2, rank 0: rankings, re-ranking, metrics
+    kappas = [int(k) for k in cfg["eval"]["kappas"]]
+    rr_cfg = cfg["rerank"]
+    results: dict[str, dict[str, Any]] = {}
+    rankings: dict[tuple[str, str], np.ndarray] = {}
+    for name in names:
+        entry = data[name]
+        gnd = entry["query_set"].gnd
+        for extra in [None] + ([distractors] if distractors else []):
+            label = dataset_label(name, extra)
+            results[label] = {}
+            ranked: dict[str, tuple[np.ndarray, Any, Any]] = {}
+            for kind in global_kinds:
+                xq = entry["vectors"][(kind, "query")]
+                xb: Any = entry["vectors"][(kind, "db")]
+                if extra:  # the database then the distractors, never concatenated (+1M: 8 GB per copy)
+                    xb = [xb, entry["vectors"][(kind, "distractors")]]
+                with timer.stage(f"rank {kind} {label}"):
+                    _, ranks = global_ranking(xq, xb, device=device, with_similarities=False, rank_dtype=np.int32)
+                ranked[kind] = (ranks, xq, xb)
+            for method in methods:
+                ranks, xq, xb = ranked["cvnet_global" if method.startswith("cvnet") else "superglobal"]
+                if method in GLOBAL_KINDS:
+                    final: Any = ranks
+                elif method == "cvnet_rerank":
+                    with timer.stage(f"cvnet_rerank {label}"):
+                        final = run_cvnet_rerank(
+                            model=models["cvnet_rerank"], root=root, name=name, extra=extra, min_side=min_side,
+                            rr=rr_cfg["cvnet"], ext_cfg=ext_cfg, ranks=ranks, xq=xq, xb=xb, gnd=gnd,
+                            device=device, weights_hash=hashes["cvnet_rerank"], progress=progress)
+                else:
+                    with timer.stage(f"superglobal_rerank {label}"):
+                        sgr = rr_cfg["superglobal"]
+                        reranker = build_superglobal_reranker(M=sgr["M"], K=sgr["K"], beta=sgr["beta"])
+                        database = superglobal_database(xb, kind=sgr.get("database", "tensor"), device=device)
+                        final = superglobal_rerank_ranking(query_vectors=xq.to(device), database=database,
+                                                           ranks=ranks, reranker=reranker)
+                with timer.stage("evaluate"):
+                    results[label][method] = metrics_percent(evaluate_revisited(final, gnd, kappas))
+                rankings[(label, method)] = final["medium"] if isinstance(final, Mapping) else final
+                logger.info("%s %s: mAP E %s M %s H %s", label, method,
+                            *(format_percent(results[label][method]["mAP"][p]) for p in PROTOCOLS))
+    return EvalOutcome(results=results, rankings=rankings, plan=plan, timer=timer, data=data, names=names,
+                       builtin=builtin, distractors=distractors, root=root, min_side=min_side)

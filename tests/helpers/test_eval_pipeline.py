@@ -1,0 +1,153 @@
+"""The evaluation run's pieces: the weights plan, the models it builds (seeded random weights independent of one
+another), the SuperGlobal re-ranking databases, the distractors' storage and the reader behind +1M grids."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.eval_pipeline import (
+    SEED_OFFSETS,
+    CombinedReader,
+    build_models,
+    dataset_label,
+    needed_models,
+    plan_weights,
+    scales_for,
+    stored_distractors,
+    superglobal_database,
+)
+from helpers.reranking import global_ranking, superglobal_rerank_ranking
+from models import CVNetGlobal, CVNetRerank, SuperGlobal, SuperGlobalRerank
+
+CPU = torch.device("cpu")
+
+
+def test_weights_plan(tmp_path):
+    rerank, backbone = tmp_path / "rerank.pyth", tmp_path / "backbone.pyth"
+    builtin = {"rerank": str(rerank), "backbone": str(backbone)}
+    plan = plan_weights({"weights": None, "builtin_checkpoints": builtin})
+    assert plan.source == "random" and plan.global_path is None and "meaningless" in plan.warnings[0]
+    assert "rerank.pyth" in plan.warnings[0]  # says where it looked
+    plan = plan_weights({"weights": None, "builtin_checkpoints": {"rerank": None, "backbone": None}})
+    assert plan.source == "random" and "nowhere" in plan.warnings[0]
+    backbone.write_bytes(b"")
+    plan = plan_weights({"weights": None, "builtin_checkpoints": builtin})
+    assert (plan.global_path, plan.rerank_path, plan.rerank_backbone_from_global) == (str(backbone), None, True)
+    assert "random" in plan.warnings[0]
+    rerank.write_bytes(b"")
+    plan = plan_weights({"weights": None, "builtin_checkpoints": builtin})
+    assert (plan.global_path, plan.rerank_path, plan.source) == (str(rerank), str(rerank), "builtin")
+    plan = plan_weights({"weights": "w/CVPR2022_CVNet_R50.pyth", "builtin_checkpoints": builtin})
+    assert plan.source == "official" and plan.rerank_path == "w/CVPR2022_CVNet_R50.pyth" and not plan.warnings
+
+
+def test_needed_models():
+    assert needed_models(["cvnet_global"]) == {"cvnet_global"}
+    assert needed_models(["cvnet_rerank"]) == {"cvnet_global", "cvnet_rerank"}
+    assert needed_models(["superglobal_rerank"]) == {"superglobal"}
+    assert needed_models(["superglobal", "cvnet_rerank"]) == {"cvnet_global", "cvnet_rerank", "superglobal"}
+
+
+def test_labels_and_scales():
+    assert dataset_label("roxford5k", None) == "roxford5k" and dataset_label("roxford5k", "revisitop1m") == \
+        "roxford5k+1m"
+    cfg = {"cvnet_scales": [0.5, 1]}
+    assert scales_for("cvnet_global", cfg) == (0.5, 1.0) and scales_for("superglobal", cfg) == (1.0,)
+    assert scales_for("cvnet_global", {}) == (0.7071, 1.0, 1.4142)
+
+
+def test_random_weights_are_seeded_per_model_and_leave_the_global_rng_alone():
+    model_cfg = {"depth": 50, "superglobal": {"gemp": True, "rgem": True, "sgem": True, "relup": True,
+                                              "scales": [0.7071, 1.0, 1.4142], "antialias": True}}
+    plan = plan_weights({"weights": None, "builtin_checkpoints": {}})
+    state = torch.random.get_rng_state()
+    models = build_models(needed={"cvnet_global", "cvnet_rerank", "superglobal"}, model_cfg=model_cfg, plan=plan,
+                          seed=2, device=CPU)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(not m.training for m in models.values())
+    # the draws of the scheme the built-in figures were made with: torch.manual_seed(seed * 1000 + offset)
+    for kind, cls in (("cvnet_global", CVNetGlobal), ("superglobal", SuperGlobal), ("cvnet_rerank", CVNetRerank)):
+        torch.manual_seed(2 * 1000 + SEED_OFFSETS[kind])
+        expected = cls(50).state_dict()
+        got = models[kind].state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), kind
+    # a model's weights do not depend on which others a run builds
+    alone = build_models(needed={"cvnet_rerank"}, model_cfg=model_cfg, plan=plan, seed=2, device=CPU)
+    assert torch.equal(alone["cvnet_rerank"].state_dict()["conv2ds.0.weight"],
+                       models["cvnet_rerank"].state_dict()["conv2ds.0.weight"])
+    assert models["superglobal"].scales == (0.7071, 1.0, 1.4142)
+
+
+def test_builtin_checkpoints_feed_the_models(tmp_path):
+    from models.checkpoint import official_state_dict
+
+    torch.manual_seed(1)
+    trained_global, trained_rerank = CVNetGlobal(50), CVNetRerank(50)
+    backbone_path, full_path = tmp_path / "backbone.pyth", tmp_path / "rerank.pyth"
+    torch.save({"model_state": official_state_dict(trained_global)}, backbone_path)
+    full = {**official_state_dict(trained_global), **{k: v for k, v in official_state_dict(trained_rerank).items()
+                                                      if k.startswith(("conv2ds.", "cv_learner."))}}
+    torch.save({"model_state": full}, full_path)
+    needed = {"cvnet_global", "cvnet_rerank"}
+    model_cfg = {"depth": 50, "builtin_checkpoints": {"rerank": str(tmp_path / "absent.pyth"),
+                                                      "backbone": str(backbone_path)}}
+
+    # backbone only: global model and the re-ranker's ResNet stages from it, the re-ranking head random
+    plan = plan_weights(model_cfg)
+    models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=0, device=CPU)
+    g, r = models["cvnet_global"].state_dict(), models["cvnet_rerank"].state_dict()
+    torch.testing.assert_close(g["head.fc.weight"], trained_global.state_dict()["head.fc.weight"])
+    torch.testing.assert_close(r["backbone.layer3.5.conv3.weight"], g["backbone.layer3.5.conv3.weight"])
+    assert not torch.equal(r["conv2ds.0.weight"], trained_rerank.state_dict()["conv2ds.0.weight"])
+
+    # the re-ranking checkpoint feeds every model, the re-ranking head included
+    model_cfg["builtin_checkpoints"]["rerank"] = str(full_path)
+    plan = plan_weights(model_cfg)
+    models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=0, device=CPU)
+    r = models["cvnet_rerank"].state_dict()
+    torch.testing.assert_close(r["conv2ds.0.weight"], trained_rerank.state_dict()["conv2ds.0.weight"])
+    torch.testing.assert_close(r["backbone.layer1.0.conv1.weight"],
+                               trained_global.state_dict()["backbone.layer1.0.conv1.weight"])
+
+
+@pytest.mark.parametrize("kind", ["tensor_db", "faiss"])
+def test_superglobal_databases_give_the_ranking_of_the_plain_descriptors(kind):
+    pytest.importorskip("faiss") if kind == "faiss" else None
+    g = torch.Generator().manual_seed(0)
+    xb = F.normalize(torch.randn(60, 16, generator=g), dim=1)
+    xq = F.normalize(xb[:5] + 0.3 * torch.randn(5, 16, generator=g), dim=1)
+    parts = [xb[:40], xb[40:]]  # as +1M passes them: database, then distractors
+    _, ranks = global_ranking(xq, parts, device=CPU, with_similarities=False, rank_dtype=np.int32)
+    reranker = SuperGlobalRerank(M=12, K=3, beta=0.15)
+    plain = superglobal_rerank_ranking(query_vectors=xq, database=superglobal_database(parts, kind="tensor",
+                                                                                       device=CPU),
+                                       ranks=ranks, reranker=reranker)
+    db = superglobal_database(parts, kind=kind, device=CPU)
+    assert len(db) == 60
+    indexed = superglobal_rerank_ranking(query_vectors=xq, database=db, ranks=ranks, reranker=reranker)
+    np.testing.assert_array_equal(indexed[:12], plain[:12])
+    assert not np.array_equal(plain[:12], ranks[:12])  # the re-ranking did move something
+
+
+def test_distractors_storage():
+    x = torch.randn(4, 3)
+    assert stored_distractors(x, "float32") is x
+    assert stored_distractors(x, "float16").dtype == torch.float16
+    assert stored_distractors(None, "float16") is None
+
+
+class _Images:
+    def __init__(self, values):
+        self.values = values
+
+    def __len__(self):
+        return len(self.values)
+
+    def read(self, j):
+        return self.values[j]
+
+
+def test_combined_reader_continues_after_the_database():
+    reader = CombinedReader(_Images(["a", "b"]), _Images(["x", "y", "z"]))
+    assert [reader.read(j) for j in range(5)] == ["a", "b", "x", "y", "z"]
+    assert CombinedReader(_Images(["a"]), None).read(0) == "a"
