@@ -5,6 +5,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,9 @@ class CheckpointError(RuntimeError):
 
 
 def _read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint file, with every way a file can be damaged named:
+    missing, empty, truncated, a byte changed in a stored record (the zip format's CRC32), not a checkpoint,
+    or holding Python objects that need unsafe unpickling. Each is an error that names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -106,23 +110,55 @@ def _read_checkpoint(path: str | os.PathLike) -> Any:
             "CVPR2022_CVNet_R101.pyth from the CVNet release (https://github.com/sungonce/CVNet, Google Drive "
             "links in its README); put them under weights/ (see README, 'Official weights')."
         )
+    refetch = "fetch or copy it again (python prepare_data.py weights R50 R101 for the official files)"
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or copy; {refetch}")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise CheckpointError(f"{path} is a damaged checkpoint archive ({exc}); {refetch}") from None
+        if damaged is not None:
+            raise CheckpointError(f"{path} is damaged: its record {damaged!r} fails its CRC32 check (a changed "
+                                  f"or truncated byte); {refetch}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "global" not in str(exc).lower():  # not a disallowed class: the bytes are no checkpoint at all
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (its pickle stream is invalid): "
+                                  f"truncated, damaged or another kind of file; {refetch}") from None
         raise CheckpointError(
             f"{path} cannot be loaded with torch.load(weights_only=True): it contains Python objects that need "
-            f"unsafe unpickling ({str(exc).splitlines()[0]}). Only load files you trust; if you trust this one, "
+            f"unsafe unpickling ({message}). Only load files you trust; if you trust this one, "
             "re-save its tensors: torch.save({'model_state': torch.load(p, weights_only=False)['model_state']}, "
             "new_path), and load new_path."
         ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {message}): "
+                              f"truncated, damaged or another kind of file; {refetch}") from None
 
 
-def _unwrap_state(checkpoint: Any) -> Mapping[str, Tensor]:
+def _unwrap_state(checkpoint: Any, source: str = "checkpoint") -> Mapping[str, Tensor]:
     state = checkpoint.get("model_state", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError("checkpoint holds no state dict: expected {'model_state': {name: tensor}} or a bare "
-                              "{name: tensor} dict")
+    if (not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state)
+            or not all(isinstance(v, Tensor) for v in state.values())):
+        raise CheckpointError(f"{source} holds no state dict: expected {{'model_state': {{name: tensor}}}} or a "
+                              f"bare {{name: tensor}} dict, got {type(checkpoint).__name__}"
+                              + (f" with keys {_list(map(str, checkpoint), 6)}" if isinstance(checkpoint, Mapping)
+                                 else ""))
     return state
+
+
+def check_finite_state(state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Every floating-point tensor of ``state`` must be finite: one NaN weight makes every descriptor NaN, and NaN
+    scores rank in database order, which reads as a believable (wrong) table."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source} has NaN or Inf values in {len(bad)} tensor(s): {_list(bad, 6)}. The file "
+                              "is damaged or came from a diverged training run; do not use it.")
 
 
 def _list(keys, limit: int = 12) -> str:
@@ -189,15 +225,24 @@ def load_official_checkpoint(model: nn.Module, path_or_state: str | os.PathLike 
     uses ``torch.load(weights_only=True)``. Sets ``model.input_convention`` from the file (official files carry
     none and are BGR, :data:`OFFICIAL_CONVENTION`). Returns the checkpoint's metadata (everything but weights).
     """
+    source = "checkpoint" if isinstance(path_or_state, Mapping) else os.fspath(path_or_state)
     checkpoint = path_or_state if isinstance(path_or_state, Mapping) else _read_checkpoint(path_or_state)
-    state = _unwrap_state(checkpoint)
-    remapped = remap_official_state_dict(state, model)
+    state = _unwrap_state(checkpoint, source)
+    check_finite_state(state, source)
+    meta = {k: v for k, v in checkpoint.items() if k not in ("model_state",)} if "model_state" in checkpoint else {}
+    convention = meta.get("input_convention")
+    try:
+        parsed = InputConvention.from_dict(convention) if convention is not None else OFFICIAL_CONVENTION
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{source}: malformed input_convention: {exc}") from None
+    try:
+        remapped = remap_official_state_dict(state, model)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
     model.load_state_dict(remapped, strict=False)
     if hasattr(model, "after_official_load"):
         model.after_official_load()
-    meta = {k: v for k, v in checkpoint.items() if k not in ("model_state",)} if "model_state" in checkpoint else {}
-    convention = meta.get("input_convention")
-    model.input_convention = InputConvention.from_dict(convention) if convention else OFFICIAL_CONVENTION
+    model.input_convention = parsed
     return meta
 
 

@@ -172,3 +172,98 @@ def test_atomic_write_replaces_whole_file_with_umask_permissions(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(path, lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")))
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged and malformed files: each is a CheckpointError that names the file
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _saved(tmp_path):
+    import torch
+
+    from helpers.builders import build_model
+    from models.checkpoint import save_official_checkpoint
+
+    path = tmp_path / "w.pyth"
+    save_official_checkpoint(build_model("cvnet_global", seed=0, warn_random=False), path)
+    return path, torch
+
+
+def _load(path):
+    from helpers.builders import build_model
+    from models.checkpoint import load_official_checkpoint
+
+    return load_official_checkpoint(build_model("cvnet_global", seed=1, warn_random=False), path)
+
+
+def test_flipped_byte_in_tensor_data_is_caught(tmp_path):
+    import struct
+    import zipfile
+
+    from models.checkpoint import CheckpointError
+
+    path, _ = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[record.header_offset + 26 : record.header_offset + 30])
+    data[record.header_offset + 30 + name_len + extra_len + record.file_size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"w\.pyth is damaged: its record .* fails its CRC32 check"):
+        _load(path)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("zero", r"w\.pyth is empty \(0 bytes\)"),
+    ("truncated", r"w\.pyth is not a readable PyTorch checkpoint"),
+    ("text", r"w\.pyth is not a readable PyTorch checkpoint"),
+    ("int_keys", r"w\.pyth holds no state dict"),
+    ("empty_dict", r"w\.pyth holds no state dict"),
+])
+def test_damaged_or_foreign_files_name_the_path(tmp_path, damage, message):
+    from models.checkpoint import CheckpointError
+
+    path, torch = _saved(tmp_path)
+    data = path.read_bytes()
+    if damage == "zero":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "text":
+        path.write_text("not a checkpoint\n")
+    elif damage == "int_keys":
+        torch.save({101: torch.zeros(1)}, path)
+    else:
+        torch.save({}, path)
+    with pytest.raises(CheckpointError, match=message):
+        _load(path)
+
+
+def test_nan_weight_is_refused_with_the_tensor_named(tmp_path):
+    from models.checkpoint import CheckpointError
+
+    path, torch = _saved(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    key = next(k for k in ckpt["model_state"] if k.endswith("s3.b2.f.b.weight"))
+    ckpt["model_state"][key][0, 0, 0, 0] = float("nan")
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=rf"w\.pyth has NaN or Inf values in 1 tensor\(s\): {key}"):
+        _load(path)
+
+
+@pytest.mark.parametrize("convention,message", [
+    ({"channel_order": "BGR", "mean": [0.4, 0.4], "std": [0.2, 0.2, 0.2]}, "mean must be 3 finite numbers"),
+    ({"channel_order": "BGR", "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.0, 0.2]}, "std must be positive"),
+    ({"channel_order": "BGR", "mean": [0.4, 0.4, 0.4]}, "exactly channel_order, mean and std"),
+    ({"channel_order": "BRG", "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}, "channel_order must be"),
+])
+def test_malformed_input_convention_is_refused(tmp_path, convention, message):
+    from models.checkpoint import CheckpointError
+
+    path, torch = _saved(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["input_convention"] = convention
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=rf"w\.pyth: malformed input_convention: .*{message}"):
+        _load(path)
