@@ -2,9 +2,9 @@
 
 - Global descriptors: a dataset item is a list of (3, H_s, W_s) tensors, one per test scale. Each scale goes
   through the model (CVNet-Global / SuperGlobal, which return L2-normalised (B, D) descriptors) and the scales
-  are combined by :func:`aggregate_scales` (per-scale L2, mean, L2: CVNet's multi-scale test). SuperGlobal's
-  datasets yield scale 1.0 only, since its Scale-GeM resizes inside the model; one scale passes through
-  unchanged.
+  are combined by :func:`models.functional.aggregate_scales` (per-scale L2, mean, L2: CVNet's multi-scale
+  test). SuperGlobal's datasets yield scale 1.0 only, since its Scale-GeM resizes inside the model; one scale
+  passes through unchanged.
 - Images of identical size are batched (:func:`bucket_batches`); the revisited sets hold many sizes, so most
   batches hold one image, which is handled the same way.
 - :func:`cached_global_descriptors` keeps an on-disk cache keyed by sha256 of the model weights, the extraction
@@ -17,6 +17,7 @@
 - Fast path (``fast=True``, the default): the model runs as :func:`inference_copy` (BatchNorm folded into the
   convs, channels-last weights and inputs) under ``inference_mode``; optionally ``torch.compile`` and, on CUDA,
   bfloat16/float16 autocast. In float32 it gives the faithful path's descriptors within 1e-5.
+- Images already in memory (the retrieval API's) go through the same engine as :class:`ImageArrays`.
 """
 from __future__ import annotations
 
@@ -31,40 +32,46 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm import tqdm
 
-from models.backbone import ResNetBackbone
+from common.convention import OFFICIAL_CONVENTION, InputConvention
 from common.io import atomic_torch_save
+from datasets.transforms import multiscale_tensors
+from models.backbone import ResNetBackbone
+from models.functional import aggregate_scales
 
 logger = logging.getLogger(__name__)
 
-#: CVNet's multi-scale test scales (the uint8 image resized with OpenCV by the dataset).
-CVNET_TEST_SCALES = (0.7071, 1.0, 1.4142)
 #: Bumped when the cached tensors' meaning changes, so older cache files are not taken for current ones.
 CACHE_FORMAT = 1
 _MODEL_OPTIONS = ("gemp", "rgem", "sgem", "relup", "scales", "antialias")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Pure maths
-# --------------------------------------------------------------------------------------------------------------
-
-
-def aggregate_scales(descriptors: Sequence[Tensor]) -> Tensor:
-    """CVNet's multi-scale descriptor: L2 each scale's (B, D) descriptor, average over scales, L2 -> (B, D)."""
-    if not descriptors:
-        raise ValueError("need at least one scale's descriptors")
-    stacked = torch.stack([F.normalize(d, dim=-1) for d in descriptors])
-    return F.normalize(stacked.mean(dim=0), dim=-1)
-
-
 def describe_multiscale(model: nn.Module, per_scale: Sequence[Tensor]) -> Tensor:
-    """One batch through ``model`` at every scale: list of (B, 3, H_s, W_s) -> (B, D) aggregated descriptors."""
+    """One batch through ``model`` at every scale: list of (B, 3, H_s, W_s) -> (B, D) descriptors combined by
+    :func:`models.functional.aggregate_scales` (per-scale L2, mean, L2)."""
     return aggregate_scales([model(x) for x in per_scale])
+
+
+class ImageArrays(Dataset):
+    """Images already in memory as engine items: item i is one normalised (3, H_s, W_s) tensor per scale of the
+    uint8 (H, W, 3) BGR image ``images[i]``, resized with OpenCV per scale as the datasets do
+    (:func:`datasets.transforms.multiscale_tensors`). CVNet-Global takes its three test scales, SuperGlobal and
+    CVNet-Rerank's maps scale 1.0 only."""
+
+    def __init__(self, images: Sequence[np.ndarray], *, scales: Sequence[float] = (1.0,),
+                 convention: InputConvention = OFFICIAL_CONVENTION) -> None:
+        self.images, self.scales, self.convention = images, tuple(float(s) for s in scales), convention
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> list[Tensor]:
+        return multiscale_tensors(self.images[i], self.scales, self.convention)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -311,14 +318,17 @@ def extract_global_descriptors(
     fast: bool = True,
     compile_model: bool = False,
     dtype: torch.dtype | None = None,
+    runner: nn.Module | None = None,
 ) -> Tensor:
     """Global descriptors (N, D) float32 on CPU of ``dataset[indices]`` (all by default), in that order.
 
     ``model`` must already be on ``device`` and return L2-normalised (B, D) descriptors per scale; the scales a
-    dataset item holds are combined by :func:`aggregate_scales`. ``fast`` runs an :func:`inference_copy`
-    (BatchNorm folded, channels-last) on channels-last batches, equal to the model as given within 1e-5;
-    ``compile_model`` adds ``torch.compile`` (worth it for long runs only); ``dtype`` bfloat16/float16
-    autocasts on CUDA.
+    dataset item holds are combined by :func:`models.functional.aggregate_scales`. ``fast`` runs an
+    :func:`inference_copy` (BatchNorm folded, channels-last) on channels-last batches, equal to the model as given
+    within 1e-5; ``compile_model`` adds ``torch.compile`` (worth it for long runs only); ``dtype``
+    bfloat16/float16 autocasts on CUDA. ``runner``: the module to run in place of the one ``fast`` derives from
+    ``model``, e.g. a :func:`fast_runner` kept by a caller that extracts a few images at a time, so that the model
+    is not copied on every call.
     """
     indices = list(range(len(dataset))) if indices is None else list(indices)
     if not indices:
@@ -326,7 +336,8 @@ def extract_global_descriptors(
     model.eval()
     device = torch.device(device)
     autocast = _autocast(device, dtype)
-    runner = fast_runner(model) if fast else model
+    if runner is None:
+        runner = fast_runner(model) if fast else model
     if compile_model:
         runner = torch.compile(runner)
     layout = torch.channels_last if fast else torch.contiguous_format
@@ -507,6 +518,9 @@ class ReducedMapStore:
     on the other image of a pair, so each image's maps are computed once: kept in memory (at most
     ``max_items``, least recently used dropped first; None = no bound) and, with ``cache_dir``, written to disk
     (one file per image, keyed by the weights and the image's name, size and box) for later runs.
+    ``dataset`` is anything indexable by the keys asked for, each item the list ``[(3, H, W)]`` of the image at
+    scale 1.0: a benchmark dataset indexed 0..n-1, or the retrieval API's database images indexed by database
+    id (the disk cache needs ``image_paths``, so it is for the former only).
     ``prefetch(indices)`` computes the missing ones in batches of same-size images. ``fast=True`` computes them
     with an :func:`inference_copy` of the model (BatchNorm folded, channels-last), 1.3x faster on a CPU: the same
     maps up to float32 rounding (~1e-6 of their largest value, so scores agree to ~1e-7), not bit-identical, hence
@@ -621,6 +635,19 @@ class ReducedMapStore:
     def clear(self) -> None:
         """Drop the maps held in memory (the disk cache stays)."""
         self._memory.clear()
+
+    def forget(self, indices: Iterable[int]) -> None:
+        """Drop the in-memory maps of ``indices`` (e.g. database ids whose image was replaced)."""
+        for i in indices:
+            self._memory.pop(int(i), None)
+
+    def in_memory(self, index: int) -> bool:
+        """Whether the maps of ``index`` are held in memory now."""
+        return int(index) in self._memory
+
+    def cached_indices(self) -> list[int]:
+        """The indices whose maps are held in memory, least recently used first."""
+        return list(self._memory)
 
     def get(self, index: int) -> list[Tensor]:
         """Reduced maps of image ``index``: list of (1, 256, h_s, w_s), one per correlation scale."""

@@ -4,7 +4,8 @@ Ranking matrices follow revisitop's layout: ``ranks`` is (n_db, n_queries), colu
 from most to least similar for query i.
 
 CVNet re-ranking (Lee et al., CVPR 2022, Sec. 4): the final similarity of a re-ranked candidate is
-``global cosine + weight * CVNet score`` (weight 0.5) over the top ``top_k`` (100) candidates. Two modes:
+``global cosine + weight * CVNet score`` (weight 0.5, :func:`models.functional.cvnet_score_mix`) over the top
+``top_k`` (100) candidates. Two modes for ranking matrices (:func:`cvnet_rerank`):
 
 - ``clean`` (default): the first ``top_k`` of the global ranking, the same for every protocol; no ground truth.
 - ``paper``: the released evaluation's protocol, needed to match the paper's numbers. Walking the global ranking,
@@ -12,6 +13,8 @@ CVNet re-ranking (Lee et al., CVPR 2022, Sec. 4): the final similarity of a re-r
   a negative for all three, until each protocol has ``top_k``; the re-scored items are re-sorted only among the
   positions they held, every other position (interleaved junk included) keeps its place. It uses the ground
   truth at re-ranking time and gives one ranking matrix per protocol.
+
+:func:`apply_cvnet_rerank` is the same rule for one query's search result (the retrieval API's ``clean`` mode).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT
 from helpers.evaluation import PROTOCOLS
+from models.functional import cvnet_score_mix
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +167,8 @@ def cvnet_rerank(
     score_pairs: PairScorer,
     mode: str = "clean",
     gnd: Sequence[Mapping[str, Any]] | None = None,
-    top_k: int = 100,
-    weight: float = 0.5,
+    top_k: int = CVNET_RERANK_TOP_K,
+    weight: float = CVNET_SCORE_WEIGHT,
 ) -> dict[str, np.ndarray]:
     """CVNet re-ranking of a global ranking: {'easy','medium','hard'} -> (n_db, nq) ranking matrices.
 
@@ -189,7 +194,8 @@ def cvnet_rerank(
     local = np.asarray(score_pairs(pairs), dtype=np.float64).reshape(-1)
     if local.shape[0] != pairs.shape[0]:
         raise ValueError(f"score_pairs returned {local.shape[0]} scores for {pairs.shape[0]} pairs")
-    mixed = {(int(q), int(d)): g + weight * s for (q, d), g, s in zip(pairs, global_sim, local)}
+    mixed_scores = cvnet_score_mix(torch.from_numpy(global_sim), torch.from_numpy(local), weight).tolist()
+    mixed = {(int(q), int(d)): m for (q, d), m in zip(pairs, mixed_scores)}
     logger.info("CVNet re-ranking (%s mode, top %d): %d distinct pairs scored", mode, top_k, len(pairs))
 
     out = {p: ranks.copy() for p in PROTOCOLS} if mode == "paper" else dict.fromkeys(PROTOCOLS, ranks.copy())
@@ -203,6 +209,18 @@ def cvnet_rerank(
                 done[pos.tobytes()] = resort_positions(col, pos, scores)
             out[p][:, i] = done[pos.tobytes()]
     return out
+
+
+def apply_cvnet_rerank(scores: Tensor, ids: Tensor, pair_scores: Tensor, *, weight: float = CVNET_SCORE_WEIGHT
+                       ) -> tuple[Tensor, Tensor]:
+    """CVNet re-ranking of one query's search result: the first ``t = len(pair_scores)`` of ``scores`` (m,) /
+    ``ids`` (m,) (best first) re-scored with ``global + weight * pair score`` and re-sorted among their own
+    positions (ties keep their order); positions t.. keep their place and score. Returns (scores, ids)."""
+    t = pair_scores.numel()
+    if t > scores.numel():
+        raise ValueError(f"{t} pair scores for a ranking of {scores.numel()}")
+    head, order = cvnet_score_mix(scores[:t], pair_scores, weight).sort(descending=True, stable=True)
+    return torch.cat([head, scores[t:]]), torch.cat([ids[:t][order], ids[t:]])
 
 
 #: Elements of the 4D correlation a scoring batch may hold, (pairs x scales^2 x hq wq hk wk): 2^28 float32 is

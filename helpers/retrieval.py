@@ -1,6 +1,6 @@
 """The retrieval front door: index your own images and query them, with optional re-ranking. No training needed.
 
-    model = build_global_model("superglobal", depth=50, weights="weights/CVPR2022_CVNet_R50.pyth")
+    model = build_model("superglobal", depth=50, weights="weights/CVPR2022_CVNet_R50.pyth")   # helpers.builders
     retriever = Retriever(model, TensorVectorDB(2048), reranker=SuperGlobalRerank(),
                           weights="weights/CVPR2022_CVNet_R50.pyth")
     retriever.index(["photos/a.jpg", "photos/b.jpg"])          # -> ids tensor([0, 1])
@@ -9,12 +9,18 @@
     retriever.save("my_index")                                  # database + retriever.json
     retriever = Retriever.load("my_index")                      # rebuilds the model from the recorded weights
 
+:func:`build_index` and :func:`query_index` are what ``python retrieve.py build`` / ``query`` run.
+
 Images are uint8 (H, W, 3) arrays in **BGR** order (OpenCV's, as both releases read them) or paths, read with
 :func:`datasets.transforms.read_image`. An RGB array is accepted only with an explicit ``channel_order="RGB"``.
 Each image is downscaled (INTER_AREA) so that its longer side is at most ``max_side`` (the revisited
 benchmarks are at most 1024 a side), and a short side below ``min_side`` is enlarged so that every scale of the
 multi-scale descriptor still leaves a stage-4 map large enough for Regional-GeM's 5 x 5 reflection padding.
 The model's input convention (channel order, mean, std) is read from ``model.input_convention``.
+
+The work is done by the evaluation's engine: descriptors by :func:`helpers.extraction.extract_global_descriptors`
+(the prepared images wrapped in :class:`helpers.extraction.ImageArrays`), CVNet maps by
+:class:`helpers.extraction.ReducedMapStore`, pair scores by :class:`helpers.reranking.CVNetPairScorer`.
 
 Re-ranking (optional):
 
@@ -30,8 +36,7 @@ import json
 import logging
 import math
 import os
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,19 +44,40 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from datasets.transforms import crop_query, min_size_guard, multiscale_tensors, read_image, to_tensor
-from helpers.extraction import aggregate_scales, state_dict_hash
-from helpers.vector_db.base import AbstractVectorDB, as_id_vector, atomic_write, check_metadata, check_unique
-from models.checkpoint import OFFICIAL_CONVENTION, InputConvention, load_official_checkpoint
-from models.cvnet import CVNetGlobal, CVNetRerank
-from models.superglobal import SuperGlobal, SuperGlobalRerank
+from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
+from common.io import atomic_write
+from datasets.folder import IMAGE_EXTENSIONS
+from datasets.transforms import crop_query, min_size_guard, read_image, to_tensor
+from helpers.builders import (
+    GLOBAL_KINDS,
+    OFFICIAL_WEIGHTS_HINT,
+    backend_name,
+    build_model,
+    build_superglobal_reranker,
+    kind_of,
+    load_database,
+    make_database,
+    model_kind,
+)
+from helpers.distributed import resolve_device
+from helpers.extraction import (
+    ImageArrays,
+    ReducedMapStore,
+    extract_global_descriptors,
+    fast_runner,
+    state_dict_hash,
+)
+from helpers.reranking import CVNetPairScorer, apply_cvnet_rerank
+from helpers.vector_db.base import AbstractVectorDB, as_id_vector, check_metadata, check_unique
+from models.checkpoint import OFFICIAL_CONVENTION
+from models.cvnet import CVNetRerank
+from models.superglobal import SuperGlobalRerank
 
 logger = logging.getLogger(__name__)
 
-#: CVNet's multi-scale test scales (SuperGlobal carries its own inside the model).
-CVNET_SCALES = (0.7071, 1.0, 1.4142)
 #: Short side below which an image is enlarged: at scale 0.7071 a 92 px side is the least that leaves a 3 x 3
 #: stage-4 map, which Regional-GeM's reflection padding of 2 needs; 96 keeps a margin.
 DEFAULT_MIN_SIDE = 96
@@ -62,16 +88,7 @@ FORMAT_NAME = "helpers.retrieval.Retriever"
 FORMAT_VERSION = 1
 _DATABASE_FILES = {"tensor": "database.pt", "faiss": "database.faiss"}
 _ADD_EVERY = 256  # descriptors accumulated before one database write (bounds memory and lost work)
-
-OFFICIAL_WEIGHTS_HINT = (
-    "For meaningful results download the official weights CVPR2022_CVNet_R50.pyth (or CVPR2022_CVNet_R101.pyth) "
-    "from the CVNet release (https://github.com/sungonce/CVNet, Google Drive links in its README), put the file "
-    "under weights/, and pass it as weights= (command line: --weights weights/CVPR2022_CVNet_R50.pyth). "
-    "SuperGlobal uses the very same files."
-)
-
-_MODEL_CLASSES = {"superglobal": SuperGlobal, "cvnet": CVNetGlobal}
-_CLASS_NAMES = {"SuperGlobal": "superglobal", "CVNetGlobal": "cvnet"}
+RERANKERS = ("none", "superglobal", "cvnet")
 
 
 @dataclass(frozen=True)
@@ -147,108 +164,72 @@ def prepare_image(
     return min_size_guard(img, min_side)
 
 
-def same_size_groups(shapes: Sequence[tuple[int, ...]], batch_size: int) -> list[list[int]]:
-    """Indices grouped by equal shape, each group cut into batches of at most ``batch_size`` (first-seen order)."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, shape in enumerate(shapes):
-        groups.setdefault(tuple(shape), []).append(i)
-    return [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+def list_images(
+    root: str | os.PathLike, *, extensions: Sequence[str] = IMAGE_EXTENSIONS, exclude: str | os.PathLike | None = None
+) -> list[Path]:
+    """Image files under ``root`` (recursive, extension case-insensitive, sorted), skipping anything under
+    ``exclude`` (the index folder, when it lies inside the image folder)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    exts = tuple(e.lower() for e in extensions)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    files = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in exts:
+            continue
+        if skip is not None and path.resolve().is_relative_to(skip):
+            continue
+        files.append(path)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(exts)}) found under {root}")
+    return files
+
+
+class StoredImages(Dataset):
+    """The database's images by id, for :class:`ReducedMapStore`: item ``id`` is ``[(3, H, W)]``, the image read
+    back from the path stored in the entry's metadata, prepared as at indexing time (scale 1.0).
+
+    :meth:`load_paths` reads the paths of many ids in one metadata request (a remote database answers it once)
+    and names an id that has none; an id not loaded that way is looked up on its own.
+    """
+
+    def __init__(self, database: AbstractVectorDB, *, convention: Any, max_side: int | None,
+                 min_side: int | None) -> None:
+        self.database, self.convention = database, convention
+        self.max_side, self.min_side = max_side, min_side
+        self._paths: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.database)
+
+    def load_paths(self, ids: Iterable[int]) -> None:
+        """Read the stored paths of ``ids`` (replacing those read before, which may be stale by now)."""
+        ids = list(dict.fromkeys(int(i) for i in ids))
+        self._paths = {}
+        if ids:
+            self._add_paths(ids)
+
+    def _add_paths(self, ids: list[int]) -> None:
+        for i, entry in zip(ids, self.database.get_metadata(ids)):
+            path = None if entry is None else entry.get(PATH_KEY)
+            if not path:
+                raise ValueError(
+                    f"database id {i} has no stored image path (it was indexed from an array): CVNet "
+                    "re-ranking recomputes database feature maps from the image files. Index paths instead, "
+                    "or re-rank with SuperGlobalRerank, which needs only the stored descriptors.")
+            self._paths[i] = path
+
+    def __getitem__(self, i: int) -> list[Tensor]:
+        i = int(i)
+        if i not in self._paths:
+            self._add_paths([i])
+        img = prepare_image(read_image(self._paths[i]), max_side=self.max_side, min_side=self.min_side)
+        return [to_tensor(img, self.convention)]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Descriptors and feature maps (one small function per model kind)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _stack(images: Sequence[np.ndarray], convention: InputConvention, device: torch.device) -> Tensor:
-    return torch.stack([to_tensor(img, convention) for img in images]).to(device)
-
-
-@torch.no_grad()
-def superglobal_descriptors(
-    model: SuperGlobal, images: Sequence[np.ndarray], *, device: torch.device | str = "cpu", batch_size: int = 4
-) -> Tensor:
-    """SuperGlobal global descriptors of uint8 BGR images: (n, d) float32 on CPU, L2-normalised.
-
-    The model resizes to its scales internally (Scale-GeM); images of equal size are batched.
-    """
-    device = torch.device(device)
-    out = torch.empty(len(images), descriptor_dim(model))
-    for batch in same_size_groups([img.shape for img in images], batch_size):
-        x = _stack([images[i] for i in batch], model.input_convention, device)
-        out[batch] = model(x).float().cpu()
-    return out
-
-
-@torch.no_grad()
-def cvnet_global_descriptors(
-    model: CVNetGlobal,
-    images: Sequence[np.ndarray],
-    *,
-    scales: Sequence[float] = CVNET_SCALES,
-    device: torch.device | str = "cpu",
-    batch_size: int = 4,
-) -> Tensor:
-    """CVNet-Global multi-scale test descriptors: (n, d) float32 on CPU.
-
-    Per scale the uint8 image is resized with OpenCV (INTER_AREA below 1, INTER_LINEAR above), described and
-    L2-normalised; the per-scale descriptors are averaged and the mean L2-normalised (the release's recipe).
-    """
-    device = torch.device(device)
-    out = torch.empty(len(images), descriptor_dim(model))
-    for batch in same_size_groups([img.shape for img in images], batch_size):
-        per_image = [multiscale_tensors(images[i], scales, model.input_convention) for i in batch]
-        per_scale = [model(torch.stack([t[s] for t in per_image]).to(device)).float().cpu() for s in range(len(scales))]
-        out[batch] = aggregate_scales(per_scale)
-    return out
-
-
-@torch.no_grad()
-def cvnet_reduced_maps(
-    reranker: CVNetRerank, images: Sequence[np.ndarray], *, device: torch.device | str = "cpu", batch_size: int = 4
-) -> list[list[Tensor]]:
-    """CVNet-Rerank's query-independent part of each image at scale 1.0: per image, the list (one per
-    correlation scale) of reduced maps (1, 256, h_s, w_s), on ``device``."""
-    device = torch.device(device)
-    out: list[list[Tensor] | None] = [None] * len(images)
-    for batch in same_size_groups([img.shape for img in images], batch_size):
-        x = _stack([images[i] for i in batch], reranker.input_convention, device)
-        reduced = reranker.reduce_featuremap(reranker.extract_featuremap(x))
-        for row, i in enumerate(batch):
-            out[i] = [m[row : row + 1] for m in reduced]
-    return out  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def cvnet_pair_scores(
-    reranker: CVNetRerank, query_maps: list[Tensor], key_maps: Sequence[list[Tensor]], *, batch_size: int = 4
-) -> Tensor:
-    """CVNet scores (probability of "same object") of one query against each key: (n,) float32 on CPU.
-
-    Keys whose reduced maps have equal sizes are scored together, ``batch_size`` at a time (each pair holds a
-    9 x hq x wq x hk x wk correlation: about 340 MB for two 1024 x 768 images).
-    """
-    scores = torch.empty(len(key_maps))
-    shapes = [tuple(m.shape for m in maps) for maps in key_maps]
-    for batch in same_size_groups(shapes, batch_size):
-        keys = [torch.cat([key_maps[i][s] for i in batch]) for s in range(len(query_maps))]
-        scores[batch] = reranker.score_reduced(query_maps, keys).float().cpu()
-    return scores
-
-
-def apply_cvnet_rerank(scores: Tensor, ids: Tensor, pair_scores: Tensor, *, mix: float) -> tuple[Tensor, Tensor]:
-    """Re-score the first ``t = len(pair_scores)`` of a global ranking (scores (m,), ids (m,), best first) with
-    ``global + mix * pair score`` and re-sort them among their own positions; positions t.. keep their place."""
-    t = pair_scores.numel()
-    if t > scores.numel():
-        raise ValueError(f"{t} pair scores for a ranking of {scores.numel()}")
-    head = scores[:t] + mix * pair_scores.to(scores.dtype)
-    head, order = head.sort(descending=True, stable=True)
-    return torch.cat([head, scores[t:]]), torch.cat([ids[:t][order], ids[t:]])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Models: configuration, construction, fingerprint
+# Models: configuration, fingerprint
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -257,18 +238,21 @@ def descriptor_dim(model: nn.Module) -> int:
     return int(model.head.fc.out_features)
 
 
-def model_kind(model: nn.Module) -> str:
-    """``"superglobal"`` or ``"cvnet"`` (CVNet-Global); anything else is a TypeError."""
-    if isinstance(model, SuperGlobal):
-        return "superglobal"
-    if isinstance(model, CVNetGlobal):
-        return "cvnet"
-    raise TypeError(f"model must be a models.SuperGlobal or models.CVNetGlobal, got {type(model).__name__}")
+def global_kind(model: nn.Module) -> str:
+    """``"superglobal"`` or ``"cvnet_global"`` (see :func:`helpers.builders.kind_of`); anything else is a
+    TypeError."""
+    try:
+        kind = kind_of(model)
+    except TypeError:
+        kind = None
+    if kind not in GLOBAL_KINDS:
+        raise TypeError(f"model must be a models.SuperGlobal or models.CVNetGlobal, got {type(model).__name__}")
+    return kind
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
     """What rebuilds the architecture: class, depth, options and input convention (weights not included)."""
-    kind = model_kind(model)
+    kind = global_kind(model)
     options: dict[str, Any] = {"reduction_dim": descriptor_dim(model)}
     if kind == "superglobal":
         options.update(gemp=model.gemp, rgem=model.rgem, sgem=model.sgem, relup=model.relup,
@@ -284,115 +268,6 @@ def weights_fingerprint(model: nn.Module) -> str:
     return state_dict_hash(model)
 
 
-def _seeded(build, seed: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-def _warn_random(what: str, seed: int) -> None:
-    logger.warning(
-        "\n%s\n!! NO WEIGHTS: %s uses RANDOM weights (seed %d). Rankings are MEANINGLESS (for testing the "
-        "pipeline only).\n!! %s\n%s", "!" * 100, what, seed, OFFICIAL_WEIGHTS_HINT, "!" * 100)
-
-
-def build_global_model(
-    kind: str = "superglobal",
-    *,
-    depth: int = 50,
-    weights: str | os.PathLike | None = None,
-    seed: int = 0,
-    options: Mapping[str, Any] | None = None,
-) -> nn.Module:
-    """A SuperGlobal (``kind="superglobal"``) or CVNet-Global (``"cvnet"``) model in eval mode.
-
-    ``weights``: an official-format checkpoint (CVPR2022_CVNet_R50/R101.pyth or this project's training
-    checkpoints), loaded strictly; it sets the input convention. Without it the weights are random, drawn
-    from ``seed`` (reproducibly, leaving the global RNG untouched), with a loud warning. ``options`` are the
-    model's constructor options (see :func:`model_config`). Class names ("SuperGlobal") are accepted as kinds.
-    """
-    kind = _CLASS_NAMES.get(kind, kind)
-    if kind not in _MODEL_CLASSES:
-        raise ValueError(f"model kind must be one of {sorted(_MODEL_CLASSES)}, got {kind!r}")
-    cls = _MODEL_CLASSES[kind]
-    opts = dict(options or {})
-    if "scales" in opts:
-        opts["scales"] = tuple(opts["scales"])
-    model = _seeded(lambda: cls(depth=depth, **opts), seed)
-    if weights is not None:
-        load_official_checkpoint(model, weights)
-    else:
-        _warn_random(f"{cls.__name__} (ResNet-{depth})", seed)
-    return model.eval()
-
-
-def build_reranker(
-    kind: str,
-    *,
-    depth: int = 50,
-    weights: str | os.PathLike | None = None,
-    seed: int = 0,
-    M: int = 400,
-    K: int = 9,
-    beta: float = 0.15,
-) -> nn.Module | None:
-    """``"none"`` -> None; ``"superglobal"`` -> SuperGlobalRerank(M, K, beta) (no weights);
-    ``"cvnet"`` -> CVNetRerank(depth) loaded from ``weights`` (the same official file as the global model),
-    or random from ``seed`` with a loud warning."""
-    if kind in (None, "none"):
-        return None
-    if kind == "superglobal":
-        return SuperGlobalRerank(M=M, K=K, beta=beta)
-    if kind != "cvnet":
-        raise ValueError(f"reranker must be 'none', 'superglobal' or 'cvnet', got {kind!r}")
-    reranker = _seeded(lambda: CVNetRerank(depth=depth), seed)
-    if weights is not None:
-        load_official_checkpoint(reranker, weights)
-    else:
-        _warn_random(f"CVNetRerank (ResNet-{depth})", seed)
-    return reranker.eval()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Databases
-# --------------------------------------------------------------------------------------------------------------
-
-
-def backend_name(database: AbstractVectorDB) -> str:
-    """``"tensor"``, ``"faiss"`` or ``"pinecone"`` (the modules are imported here, not at module import)."""
-    from helpers.vector_db.faiss import FaissVectorDB
-    from helpers.vector_db.pinecone import PineconeVectorDB
-    from helpers.vector_db.tensor import TensorVectorDB
-
-    for name, cls in (("tensor", TensorVectorDB), ("faiss", FaissVectorDB), ("pinecone", PineconeVectorDB)):
-        if isinstance(database, cls):
-            return name
-    raise TypeError(f"cannot save a {type(database).__name__}: Retriever.save knows TensorVectorDB, FaissVectorDB "
-                    "and PineconeVectorDB; save your database yourself and pass it to Retriever.load(database=...)")
-
-
-def open_database(
-    spec: Mapping[str, Any], directory: str | os.PathLike, *, dim: int, api_key: str | None = None
-) -> AbstractVectorDB:
-    """The database a ``retriever.json`` describes: a local file of ``directory``, or a Pinecone namespace
-    (API key from ``api_key`` or ``PINECONE_API_KEY``; host/index name as recorded or from the environment)."""
-    backend = spec.get("backend")
-    if backend == "tensor":
-        from helpers.vector_db.tensor import TensorVectorDB
-
-        return TensorVectorDB.load(Path(directory) / spec["file"])
-    if backend == "faiss":
-        from helpers.vector_db.faiss import FaissVectorDB
-
-        return FaissVectorDB.load(Path(directory) / spec["file"])
-    if backend == "pinecone":
-        from helpers.vector_db.pinecone import PineconeVectorDB
-
-        return PineconeVectorDB(dim, index_name=spec.get("index_name"), host=spec.get("host"), api_key=api_key,
-                                namespace=spec.get("namespace", ""))
-    raise ValueError(f"unknown database backend {backend!r} in {Path(directory) / CONFIG_FILE}")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Retriever
 # --------------------------------------------------------------------------------------------------------------
@@ -403,7 +278,8 @@ class Retriever:
 
     Args:
         model: a :class:`models.SuperGlobal` or :class:`models.CVNetGlobal` (its ``input_convention`` is used);
-            moved to ``device`` and put in eval mode.
+            moved to ``device`` and put in eval mode. Descriptors are computed by the engine's fast copy of it
+            (BatchNorm folded, made at first use), so its weights must not change afterwards.
         database: any :class:`helpers.vector_db.base.AbstractVectorDB` of the model's descriptor dimension.
         reranker: None, a :class:`models.SuperGlobalRerank` or a :class:`models.CVNetRerank`.
         rerank_top_k: global candidates CVNet re-scores (100 in the paper).
@@ -425,18 +301,18 @@ class Retriever:
         database: AbstractVectorDB,
         *,
         reranker: nn.Module | None = None,
-        rerank_top_k: int = 100,
-        mix: float = 0.5,
+        rerank_top_k: int = CVNET_RERANK_TOP_K,
+        mix: float = CVNET_SCORE_WEIGHT,
         device: torch.device | str = "cpu",
         batch_size: int = 4,
         max_side: int | None = DEFAULT_MAX_SIDE,
         min_side: int | None = DEFAULT_MIN_SIDE,
-        scales: Sequence[float] = CVNET_SCALES,
+        scales: Sequence[float] = CVNET_TEST_SCALES,
         map_cache_size: int = 128,
         weights: str | os.PathLike | None = None,
         seed: int | None = None,
     ) -> None:
-        self.kind = model_kind(model)
+        self.kind = global_kind(model)
         if not isinstance(database, AbstractVectorDB):
             raise TypeError(f"database must be an AbstractVectorDB, got {type(database).__name__}")
         dim = descriptor_dim(model)
@@ -468,7 +344,8 @@ class Retriever:
         self.map_cache_size = int(map_cache_size)
         self.weights = None if weights is None else os.fspath(weights)
         self.seed = seed
-        self._maps: OrderedDict[int, list[Tensor]] = OrderedDict()
+        self._runner: nn.Module | None = None
+        self._db_maps: ReducedMapStore | None = None
 
     @property
     def dim(self) -> int:
@@ -490,10 +367,15 @@ class Retriever:
                              min_side=self.min_side, bbox=bbox)
 
     def _describe_prepared(self, images: Sequence[np.ndarray]) -> Tensor:
-        if self.kind == "superglobal":
-            return superglobal_descriptors(self.model, images, device=self.device, batch_size=self.batch_size)
-        return cvnet_global_descriptors(self.model, images, scales=self.scales, device=self.device,
-                                        batch_size=self.batch_size)
+        if not images:
+            return torch.empty(0, self.dim)
+        if self._runner is None:  # the engine's fast copy of the model, made once rather than per batch
+            self._runner = fast_runner(self.model)
+        # SuperGlobal resizes to its scales inside the model (Scale-GeM); CVNet-Global is fed one image per scale
+        scales = (1.0,) if self.kind == "superglobal" else self.scales
+        dataset = ImageArrays(images, scales=scales, convention=self.model.input_convention)
+        return extract_global_descriptors(model=self.model, dataset=dataset, device=self.device,
+                                          batch_size=self.batch_size, progress=False, runner=self._runner)
 
     def describe(
         self,
@@ -551,8 +433,8 @@ class Retriever:
             added = self.database.add(torch.cat(pending_desc), None if id_t is None else id_t[rows],
                                       [meta_rows[r] for r in rows])
             out[rows] = added
-            for i in added.tolist():
-                self._maps.pop(i, None)  # a replaced image must not be re-ranked with its old maps
+            if self._db_maps is not None:  # a replaced image must not be re-ranked with its old maps
+                self._db_maps.forget(added.tolist())
             pending.clear()
             pending_desc.clear()
 
@@ -650,15 +532,26 @@ class Retriever:
 
     def _cvnet_rows(self, queries: Tensor, prepared: Sequence[np.ndarray], k: int) -> list[tuple]:
         scores, ids = (t.cpu() for t in self.database.search(queries, max(k, self.rerank_top_k)))
-        query_maps = cvnet_reduced_maps(self.reranker, prepared, device=self.device, batch_size=self.batch_size)
-        rows = []
+        found, pairs = [], []
         for r in range(queries.shape[0]):
             valid = ids[r] >= 0
             s, i = scores[r][valid], ids[r][valid]
             t = min(self.rerank_top_k, i.numel())
-            pair = cvnet_pair_scores(self.reranker, query_maps[r], self.database_maps(i[:t]),
-                                     batch_size=self.batch_size)
-            new_s, new_i = apply_cvnet_rerank(s, i, pair, mix=self.mix)
+            found.append((s, i, t))
+            pairs.extend((r, j) for j in i[:t].tolist())
+        store = self._map_store()
+        store.dataset.load_paths(j for _, j in pairs if not store.in_memory(j))
+        query_maps = ReducedMapStore(model=self.reranker, device=self.device, batch_size=self.batch_size,
+                                     dataset=ImageArrays(prepared, convention=self.reranker.input_convention))
+        scorer = CVNetPairScorer(model=self.reranker, query_maps=query_maps, db_maps=store,
+                                 batch_size=self.batch_size, progress=False)
+        pair_scores = torch.from_numpy(scorer(np.asarray(pairs, dtype=np.int64).reshape(-1, 2))).float()
+        if self.map_cache_size == 0:
+            store.clear()
+        rows, start = [], 0
+        for s, i, t in found:
+            new_s, new_i = apply_cvnet_rerank(s, i, pair_scores[start : start + t], weight=self.mix)
+            start += t
             by_id = dict(zip(i.tolist(), s.tolist()))
             globals_ = torch.tensor([by_id[j] for j in new_i.tolist()], dtype=torch.float32)
             rows.append((new_s[:k], new_i[:k], globals_[:k]))
@@ -674,46 +567,34 @@ class Retriever:
         return out
 
     # ------------------------------------------------------------------ CVNet database maps
-    def database_maps(self, ids: Tensor) -> list[list[Tensor]]:
-        """Reduced CVNet maps of database ids, recomputed from their stored image paths (LRU-cached by id)."""
+    def _map_store(self) -> ReducedMapStore:
+        """The reduced CVNet maps of database images by id (LRU, ``map_cache_size``), for the current re-ranker."""
         if not isinstance(self.reranker, CVNetRerank):
-            raise ValueError("database_maps needs a CVNetRerank re-ranker")
-        id_list = [int(i) for i in ids.tolist()]
-        missing = list(dict.fromkeys(i for i in id_list if i not in self._maps))
-        fresh: dict[int, list[Tensor]] = {}
-        if missing:
-            paths = []
-            for i, entry in zip(missing, self.database.get_metadata(missing)):
-                path = None if entry is None else entry.get(PATH_KEY)
-                if not path:
-                    raise ValueError(
-                        f"database id {i} has no stored image path (it was indexed from an array): CVNet "
-                        "re-ranking recomputes database feature maps from the image files. Index paths instead, "
-                        "or re-rank with SuperGlobalRerank, which needs only the stored descriptors.")
-                paths.append(path)
-            images = [prepare_image(read_image(p), max_side=self.max_side, min_side=self.min_side) for p in paths]
-            maps = cvnet_reduced_maps(self.reranker, images, device=self.device, batch_size=self.batch_size)
-            fresh = dict(zip(missing, maps))
-        out = []
-        for i in id_list:
-            if i in self._maps:
-                self._maps.move_to_end(i)
-                out.append(self._maps[i])
-            else:
-                out.append(fresh[i])
-        for i, maps in fresh.items():
-            self._maps[i] = maps
-        while len(self._maps) > self.map_cache_size:
-            self._maps.popitem(last=False)
-        return out
+            raise ValueError("database maps need a CVNetRerank re-ranker")
+        if self._db_maps is None or self._db_maps.model is not self.reranker:
+            images = StoredImages(self.database, convention=self.reranker.input_convention,
+                                  max_side=self.max_side, min_side=self.min_side)
+            # a cache of 0 still holds one query's candidates while they are scored (then it is cleared)
+            self._db_maps = ReducedMapStore(model=self.reranker, dataset=images, device=self.device,
+                                            max_items=max(1, self.map_cache_size), batch_size=self.batch_size)
+        return self._db_maps
+
+    def database_maps(self, ids: Tensor | Sequence[int]) -> list[list[Tensor]]:
+        """Reduced CVNet maps of database ids, recomputed from their stored image paths (LRU-cached by id): per
+        id, the list of (1, 256, h_s, w_s) maps, one per correlation scale."""
+        store = self._map_store()
+        id_list = [int(i) for i in (ids.tolist() if isinstance(ids, Tensor) else ids)]
+        store.dataset.load_paths(i for i in id_list if not store.in_memory(i))
+        return [store.get(i) for i in id_list]
 
     def cached_map_ids(self) -> list[int]:
         """Ids whose CVNet maps are cached, least recently used first."""
-        return list(self._maps)
+        return [] if self._db_maps is None else self._db_maps.cached_indices()
 
     def clear_cache(self) -> None:
         """Forget the cached CVNet maps (e.g. after image files changed on disk)."""
-        self._maps.clear()
+        if self._db_maps is not None:
+            self._db_maps.clear()
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike, *, remote: Mapping[str, Any] | None = None) -> Path:
@@ -724,9 +605,13 @@ class Retriever:
         (``host``, ``index_name``; the namespace is read from the database). API keys are never written.
         Returns the path of ``retriever.json``, which is written last.
         """
+        try:
+            backend = backend_name(self.database)
+        except TypeError as exc:
+            raise TypeError(f"{exc}: Retriever.save cannot write it; save your database yourself and pass it to "
+                            "Retriever.load(database=...)") from None
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        backend = backend_name(self.database)
         if backend in _DATABASE_FILES:
             spec: dict[str, Any] = {"backend": backend, "file": _DATABASE_FILES[backend]}
             self.database.save(directory / spec["file"])
@@ -756,7 +641,7 @@ class Retriever:
         path = Path(directory) / CONFIG_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no saved retriever in {directory}: {path} is missing "
-                                    "(build one with Retriever.save or `python -m helpers.index build`)")
+                                    "(build one with Retriever.save or `python retrieve.py build`)")
         try:
             with open(path) as f:
                 config = json.load(f)
@@ -799,11 +684,19 @@ class Retriever:
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"the index was built with weights {path}, which is missing: put the file "
                                         "back or pass weights= (--weights) with its new location")
-            model = build_global_model(recorded["class"], depth=recorded["depth"], weights=path,
-                                       seed=recorded.get("seed") or 0, options=recorded["options"])
+            model = build_model(recorded["class"], depth=recorded["depth"], weights=path,
+                                seed=recorded.get("seed") or 0, options=recorded["options"])
         _check_same_model(model, recorded, check_weights=check_weights, where=directory)
         if database is None:
-            database = open_database(config["database"], directory, dim=config["dim"], api_key=api_key)
+            spec = config["database"]
+            backend = spec.get("backend")
+            if backend in _DATABASE_FILES:
+                database = load_database(backend, Path(directory) / spec["file"])
+            elif backend == "pinecone":
+                database = make_database("pinecone", config["dim"], index_name=spec.get("index_name"),
+                                         host=spec.get("host"), api_key=api_key, namespace=spec.get("namespace", ""))
+            else:
+                raise ValueError(f"unknown database backend {backend!r} in {Path(directory) / CONFIG_FILE}")
         if len(database) != config["count"]:
             logger.warning("%s: the database holds %d vectors, %d when saved", directory, len(database),
                            config["count"])
@@ -811,6 +704,8 @@ class Retriever:
         return cls(model, database, reranker=reranker, device=device,
                    weights=weights if weights is not None else recorded.get("weights"),
                    seed=recorded.get("seed"), **kwargs)
+
+
 
 
 def _check_same_model(model: nn.Module, recorded: Mapping[str, Any], *, check_weights: bool, where: Any) -> None:
@@ -838,3 +733,117 @@ def _per_item(values: Sequence[Any] | None, n: int, name: str) -> list[Any]:
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} entries for {n} images")
     return values
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What `python retrieve.py build` and `query` run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_index(
+    *,
+    images: str | os.PathLike,
+    index_dir: str | os.PathLike,
+    model: str = "superglobal",
+    weights: str | os.PathLike | None = None,
+    depth: int = 50,
+    backend: str = "tensor",
+    max_side: int | None = DEFAULT_MAX_SIDE,
+    min_side: int | None = DEFAULT_MIN_SIDE,
+    device: str = "cpu",
+    batch_size: int = 4,
+    seed: int = 0,
+    scales: Sequence[float] | None = None,
+    overwrite: bool = False,
+    skip_unreadable: bool = False,
+    host: str | None = None,
+    index_name: str | None = None,
+    namespace: str = "",
+    progress: bool = True,
+) -> Retriever:
+    """Index every image under ``images`` into ``index_dir`` (ids 0..n-1 in sorted path order); returns the
+    :class:`Retriever`. ``model``: ``"superglobal"`` or ``"cvnet"`` (CVNet-Global). Without ``weights`` the model
+    is random (seeded, loudly warned: results meaningless). ``device``: auto, cpu, cuda or cuda:N.
+
+    ``scales``: the multi-scale factors (default: the model's, 0.7071, 1, 1.4142; ``[1.0]`` is single scale,
+    about 3.5 times faster). An unreadable image is an error naming it, unless ``skip_unreadable``. An existing
+    index is replaced only with ``overwrite`` (for Pinecone: a namespace that already holds vectors).
+    """
+    index_dir = Path(index_dir)
+    if (index_dir / CONFIG_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{index_dir} already holds an index: pass --overwrite to replace it")
+    files = list_images(images, exclude=index_dir)
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}. {OFFICIAL_WEIGHTS_HINT}")
+    torch_device = resolve_device(device)
+    kind = global_kind_name(model)
+    options = {"scales": list(scales)} if scales is not None and kind == "superglobal" else None
+    net = build_model(kind, depth=depth, weights=weights, seed=seed, options=options)
+    extra = {"scales": tuple(scales)} if scales is not None and kind == "cvnet_global" else {}
+    database = make_database(backend, descriptor_dim(net), host=host, index_name=index_name, namespace=namespace)
+    if len(database):
+        if not overwrite:
+            raise FileExistsError(f"the {backend} database already holds {len(database)} vectors: pass --overwrite "
+                                  "to delete them first, or use another --namespace")
+        database.delete(database.ids())
+    retriever = Retriever(net, database, device=torch_device, batch_size=batch_size, max_side=max_side,
+                          min_side=min_side, weights=weights, seed=None if weights is not None else seed, **extra)
+    logger.info("indexing %d images from %s with %s (ResNet-%d)", len(files), images, type(net).__name__, depth)
+    ids = retriever.index(files, ids=range(len(files)), on_error="skip" if skip_unreadable else "raise",
+                          progress=progress)
+    if int((ids >= 0).sum()) == 0:
+        raise ValueError(f"none of the {len(files)} images under {images} could be read")
+    retriever.save(index_dir, remote={"host": host, "index_name": index_name} if backend == "pinecone" else None)
+    return retriever
+
+
+def global_kind_name(name: str) -> str:
+    """A global model's kind from a builder kind or alias (``"superglobal"``, ``"cvnet"``, ``"CVNetGlobal"``, ...)."""
+    kind = model_kind(name)
+    if kind not in GLOBAL_KINDS:
+        raise ValueError(f"a global model is one of {GLOBAL_KINDS} (or 'cvnet'), got {name!r}")
+    return kind
+
+
+def query_index(
+    *,
+    index_dir: str | os.PathLike,
+    image: str | os.PathLike,
+    k: int = 10,
+    rerank: str = "none",
+    bbox: Sequence[float] | None = None,
+    weights: str | os.PathLike | None = None,
+    rerank_weights: str | os.PathLike | None = None,
+    device: str = "cpu",
+    rerank_top_k: int | None = None,
+    mix: float | None = None,
+    M: int | None = None,
+    K: int | None = None,
+    beta: float | None = None,
+) -> tuple[list[Hit], Retriever]:
+    """Query a saved index with one image: (hits best first, the retriever).
+
+    ``rerank``: ``"none"``, ``"superglobal"`` (``M``, ``K``, ``beta``; None: SuperGlobal's 400, 9, 0.15) or
+    ``"cvnet"`` (its weights: ``rerank_weights``, else the checkpoint the index was built with, which holds both
+    parts, else random like the index's model; ``rerank_top_k`` and ``mix``, None: the index's settings).
+    ``weights`` points at the index's checkpoint if it moved since the build.
+    """
+    if rerank not in RERANKERS:
+        raise ValueError(f"rerank must be one of {RERANKERS}, got {rerank!r}")
+    config = Retriever.read_config(index_dir)
+    recorded = config["model"]
+    reranker: nn.Module | None = None
+    if rerank == "superglobal":
+        reranker = build_superglobal_reranker(**_given(M=M, K=K, beta=beta))
+    elif rerank == "cvnet":
+        source = weights if weights is not None else recorded.get("weights")
+        reranker = build_model("cvnet_rerank", depth=recorded["depth"], weights=rerank_weights or source,
+                               seed=recorded.get("seed") or 0)
+    retriever = Retriever.load(index_dir, weights=weights, reranker=reranker, device=resolve_device(device),
+                               **_given(rerank_top_k=rerank_top_k, mix=mix))
+    return retriever.query(image, k, bbox=bbox), retriever
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments that were given (not None), so that the callee's defaults apply to the rest."""
+    return {name: value for name, value in values.items() if value is not None}

@@ -33,8 +33,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.io import atomic_write  # noqa: F401  (re-exported for the back-ends)
-
 logger = logging.getLogger(__name__)
 
 ArrayLike = Tensor | np.ndarray | Sequence[Sequence[float]]

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from common.io import atomic_write
 from helpers.vector_db.base import (
     AbstractVectorDB,
     ArrayLike,
     CorruptIndexError,
     LocalMetadata,
     Metadata,
-    atomic_write,
     unknown_ids_error,
 )
 

@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from common.io import atomic_write
 from helpers.vector_db.base import (
     AbstractVectorDB,
     CorruptIndexError,
     LocalMetadata,
     Metadata,
-    atomic_write,
     unknown_ids_error,
 )
 

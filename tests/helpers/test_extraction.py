@@ -1,4 +1,5 @@
-"""helpers.extraction: multi-scale aggregation, size buckets, the feature cache, resumable shards, re-ranking maps."""
+"""helpers.extraction: multi-scale aggregation, size buckets, the feature cache, resumable shards, re-ranking maps,
+and images held in memory (the retrieval API's) through the same engine."""
 import os
 import pickle
 
@@ -10,22 +11,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from common.constants import CVNET_TEST_SCALES
 from datasets.revisited import RevisitedDataset
 from helpers.extraction import (
-    CVNET_TEST_SCALES,
+    ImageArrays,
     ReducedMapStore,
-    aggregate_scales,
     bucket_batches,
     cached_global_descriptors,
     dataset_signature,
     extract_global_descriptors,
     extract_sharded,
+    fast_runner,
     feature_cache_key,
     shard_ranges,
     shards_of_rank,
     state_dict_hash,
 )
-from models import OFFICIAL_CONVENTION, CVNetGlobal, CVNetRerank
+from models import OFFICIAL_CONVENTION, CVNetGlobal, CVNetRerank, SuperGlobal
+from models.functional import aggregate_scales
 
 
 @pytest.fixture(autouse=True)
@@ -261,3 +264,60 @@ def test_reduced_map_store_computes_once_and_reloads_from_disk(layout, tmp_path)
     for g, r in zip(fresh.get(2), ref):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
     assert fresh.computed == 0 and fresh.loaded == 1
+
+
+def test_images_in_memory_go_through_the_engine_like_the_reference():
+    """ImageArrays: uint8 BGR arrays resized with OpenCV per scale; the engine's descriptors equal the model run by
+    hand (within the fast path's 1e-5), with the runner made once or per call, and SuperGlobal at scale 1.0."""
+    torch.manual_seed(0)
+    model = CVNetGlobal(50).eval()
+    rng = np.random.default_rng(3)
+    images = [cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 1.5)
+              for h, w in ((96, 112), (112, 96), (96, 112))]  # two of a size: one batch of 2
+    ds = ImageArrays(images, scales=CVNET_TEST_SCALES, convention=model.input_convention)
+    assert len(ds) == 3 and [tuple(t.shape) for t in ds[0]] == [(3, 68, 79), (3, 96, 112), (3, 136, 158)]
+    got = extract_global_descriptors(model=model, dataset=ds, batch_size=2, progress=False)
+    kept = extract_global_descriptors(model=model, dataset=ds, batch_size=2, progress=False,
+                                      runner=fast_runner(model))
+    torch.testing.assert_close(kept, got, atol=0, rtol=0)
+    with torch.no_grad():
+        for row, img in enumerate(images):
+            per_scale = []
+            for s in CVNET_TEST_SCALES:
+                interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+                im = img if s == 1 else cv2.resize(img, None, fx=s, fy=s, interpolation=interp)
+                x = torch.from_numpy(((im.astype(np.float32) / 255 - np.float32(OFFICIAL_CONVENTION.mean))
+                                      / np.float32(OFFICIAL_CONVENTION.std)).transpose(2, 0, 1).copy())
+                per_scale.append(F.normalize(model(x[None])[0], dim=0))
+            ref = F.normalize(torch.stack(per_scale).mean(0), dim=0)
+            torch.testing.assert_close(got[row], ref, atol=1e-5, rtol=0)
+
+    torch.manual_seed(1)
+    sg = SuperGlobal(depth=50, scales=(1.0,)).eval()
+    one = ImageArrays(images, convention=sg.input_convention)  # scale 1.0 only: Scale-GeM resizes inside
+    with torch.no_grad():
+        ref = torch.cat([sg(one[i][0][None]) for i in range(3)])
+    torch.testing.assert_close(extract_global_descriptors(model=sg, dataset=one, progress=False), ref,
+                               atol=1e-5, rtol=0)
+
+
+def test_reduced_map_store_by_key_forgets_and_reports_what_it_holds():
+    """A store over any key -> [image] mapping (the retrieval API keys it by database id): LRU order, forget."""
+    torch.manual_seed(0)
+    model = CVNetRerank(50).eval()
+    g = torch.Generator().manual_seed(2)
+    by_id = {10: [torch.randn(3, 64, 64, generator=g)], 42: [torch.randn(3, 64, 80, generator=g)],
+             7: [torch.randn(3, 64, 64, generator=g)]}
+    store = ReducedMapStore(model=model, dataset=by_id, max_items=2, batch_size=2)
+    store.prefetch([42, 10])
+    assert store.cached_indices() == [42, 10] and store.in_memory(10) and not store.in_memory(7)
+    store.get(42)
+    store.get(7)  # evicts 10, the least recently used
+    assert store.cached_indices() == [42, 7] and store.computed == 3
+    store.forget([42, 99])
+    assert store.cached_indices() == [7]
+    with torch.no_grad():
+        ref = model.reduce_featuremap(model.extract_featuremap(by_id[42][0][None]))
+    for got, r in zip(store.get(42), ref):
+        torch.testing.assert_close(got, r, atol=1e-6, rtol=0)
+    assert store.computed == 4  # recomputed after being forgotten

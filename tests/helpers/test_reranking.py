@@ -1,5 +1,6 @@
-"""helpers.reranking: CVNet re-ranking in clean and paper modes against hand-written loops, the batched CVNet
-scorer against pair-by-pair scores, and SuperGlobal re-ranking as a full ranking."""
+"""helpers.reranking: CVNet re-ranking in clean and paper modes against hand-written loops, the same rule on one
+search result (the retrieval API's), the batched CVNet scorer against pair-by-pair scores, and SuperGlobal
+re-ranking as a full ranking."""
 import numpy as np
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from helpers.extraction import ReducedMapStore
 from helpers.reranking import (
     CVNetPairScorer,
+    apply_cvnet_rerank,
     cvnet_rerank,
     global_ranking,
     merge_reranked,
@@ -138,6 +140,29 @@ def test_rerank_mode_errors(setup):
         cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=StubScorer(), mode="oracle", gnd=gnd)
     with pytest.raises(ValueError, match="ground-truth"):
         cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=StubScorer(), mode="paper")
+
+
+def test_apply_cvnet_rerank_resorts_the_head_and_keeps_the_tail():
+    scores, ids = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([5, 6, 7, 8])
+    new_s, new_i = apply_cvnet_rerank(scores, ids, torch.tensor([0.0, 0.5, 0.1]), weight=0.5)
+    assert new_i.tolist() == [6, 5, 7, 8]
+    torch.testing.assert_close(new_s, torch.tensor([1.05, 0.9, 0.75, 0.6]))
+    with pytest.raises(ValueError, match="pair scores"):
+        apply_cvnet_rerank(scores[:2], ids[:2], torch.zeros(3))
+
+
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_one_search_result_reranks_like_the_ranking_matrix(setup, weight):
+    """The retrieval API's per-query rule and the evaluation's clean mode order the top k alike."""
+    xq, xb, ranks, _ = setup
+    got = cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=StubScorer(), top_k=TOP_K,
+                       weight=weight)["medium"]
+    for i in range(NQ):
+        ids = torch.from_numpy(ranks[:, i])
+        scores = (xb[ids] @ xq[i]).double()
+        pair = torch.tensor([stub_score(i, int(d)) for d in ids[:TOP_K]], dtype=torch.float64)
+        _, order = apply_cvnet_rerank(scores, ids, pair, weight=weight)
+        np.testing.assert_array_equal(order.numpy(), got[:, i])
 
 
 def test_resort_positions_touches_only_those_positions():

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.vector_db.base import CorruptIndexError, atomic_write
+from common.io import atomic_write
+from helpers.vector_db.base import CorruptIndexError
 from helpers.vector_db.tensor import TensorVectorDB, chunked_topk
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None

@@ -1,9 +1,13 @@
-"""`python -m helpers.index build|query` through main([...]) on a temp folder of generated images: the printed
+"""`python retrieve.py build|query` through main([...]) on a temp folder of generated images: the printed
 ranking parsed, the result grid, the three back-ends (Pinecone through the real SDK against the local test
-server), and the user errors (empty folder, unreadable image named, existing index, bad box, missing weights)."""
+server), the user errors (empty folder, unreadable image named, existing index, bad box, missing or unfit weights,
+a failed Pinecone write) as one line without traceback, and a --help that answers without importing torch."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -11,8 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.index import fit_thumbnail, list_images, main, make_grid, parse_bbox, tile_origin
+from helpers.grid import fit_thumbnail, make_grid, tile_origin
+from retrieve import main, parse_bbox
 from tests.helpers.pinecone_server import FakePinecone
+
+REPO = Path(__file__).resolve().parents[2]
 
 # nested folders, mixed and upper-case extensions; notes.txt must be ignored
 NAMES = ["img0.png", "sub/img1.jpg", "sub/deeper/img2.PNG"]
@@ -68,9 +75,14 @@ def _query(capsys, index: Path, image: Path, *extra: str) -> list[tuple[int, flo
 
 
 def _fails(capsys, argv: list[str]) -> str:
+    """The error a failing command prints: one line on stderr (no traceback), nothing on stdout."""
     capsys.readouterr()
-    assert main(argv) == 1
-    return capsys.readouterr().err
+    assert main(argv) != 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("retrieve.py: error: "), captured.err
+    assert captured.out == ""
+    return lines[0]
 
 
 @pytest.mark.parametrize("rerank", ["none", "superglobal"])
@@ -172,19 +184,36 @@ def test_build_errors_are_reported_clearly(folder, built, tmp_path, capsys):
     assert "--overwrite" in _fails(capsys, ["build", "--images", str(folder[0]), "--index", str(built)])
     assert "CVPR2022_CVNet_R50.pyth" in _fails(capsys, ["build", "--images", str(folder[0]), "--index",
                                                         str(tmp_path / "i3"), "--weights", str(tmp_path / "w.pyth")])
+    unfit = tmp_path / "unfit.pyth"
+    torch.save({"model_state": {"encoder_q.nothing": torch.zeros(1)}}, unfit)
+    assert "does not fit" in _fails(capsys, ["build", "--images", str(folder[0]), "--index", str(tmp_path / "i4"),
+                                             "--weights", str(unfit), "--quiet"])
     assert "retriever.json" in _fails(capsys, ["query", "--index", str(tmp_path / "i0"), "--image",
                                                str(folder[1][0])])
 
 
-def test_list_images_is_recursive_sorted_and_skips_the_index_folder(folder, tmp_path):
+def test_a_failed_pinecone_write_is_one_line(folder, tmp_path, capsys, monkeypatch):
     root, files = folder
-    assert list_images(root) == sorted(Path(root) / n for n in NAMES)
-    inside = root / "idx_inside"
-    inside.mkdir(exist_ok=True)
-    cv2.imwrite(str(inside / "grid.png"), _image(5))
-    try:
-        assert len(list_images(root, exclude=inside)) == len(NAMES)
-        assert len(list_images(root)) == len(NAMES) + 1
-    finally:
-        (inside / "grid.png").unlink()
-        inside.rmdir()
+    with FakePinecone(2048) as fake:
+        monkeypatch.setenv("PINECONE_API_KEY", fake.api_key)
+        fake.drop_ids = {"1"}  # acknowledged but never stored
+        err = _fails(capsys, ["build", "--images", str(root), "--index", str(tmp_path / "p"), "--backend",
+                              "pinecone", "--host", fake.host, "--scales", "1", "--device", "cpu", "--quiet"])
+    assert "does not hold 1 ids" in err
+    assert not (tmp_path / "p" / "retriever.json").exists()
+
+
+def test_bad_device_is_one_line(built, folder, capsys):
+    err = _fails(capsys, ["query", "--index", str(built), "--image", str(folder[1][0]), "--device", "gpu", "--quiet"])
+    assert "device" in err and "'gpu'" in err
+
+
+def test_help_answers_fast_without_importing_torch():
+    start = time.perf_counter()
+    for argv in (["--help"], ["build", "--help"], ["query", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "retrieve.py", *argv], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "usage: retrieve.py" in done.stdout
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+        assert "torch" not in imported and "numpy" not in imported
+    assert time.perf_counter() - start < 3 * 2.0  # under 2 s each (typically 0.1 s)

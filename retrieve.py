@@ -1,0 +1,172 @@
+"""Index a folder of your own images and query it, offline, with no training.
+
+    python retrieve.py build --images photos/ --index my_index --weights weights/CVPR2022_CVNet_R50.pyth
+    python retrieve.py query --index my_index --image photos/q.jpg --k 10 --rerank superglobal --grid q.png
+
+``build`` describes every image under ``--images`` (recursively; jpg, png, bmp, webp, tif, ppm, pgm) with
+SuperGlobal (default) or CVNet-Global and stores the descriptors, with each image's path, in ``--index``
+(``retriever.json`` + ``database.pt`` or ``database.faiss``), or in a Pinecone namespace with
+``--backend pinecone``. ``query`` prints the ranked list (rank, score, path), optionally re-ranked, and can
+write a PNG grid of the query and its top-k. The work is done by :func:`helpers.retrieval.build_index` and
+:func:`helpers.retrieval.query_index`; torch is imported only once the arguments are parsed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from helpers.cli import run_reporting_errors
+
+NAME = "retrieve.py"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=NAME, description="Index a folder of your own images and query it (no training needed).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="describe every image under a folder and save the index")
+    b.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    b.add_argument("--index", required=True, help="output folder of the index")
+    b.add_argument("--model", choices=["superglobal", "cvnet"], default="superglobal",
+                   help="global descriptor (default: superglobal)")
+    b.add_argument("--weights", default=None,
+                   help="official checkpoint, e.g. weights/CVPR2022_CVNet_R50.pyth (without: random, meaningless)")
+    b.add_argument("--depth", type=int, choices=[50, 101], default=None, help="ResNet depth of the checkpoint (50)")
+    b.add_argument("--backend", choices=["tensor", "faiss", "pinecone"], default="tensor",
+                   help="vector database (pinecone: needs PINECONE_API_KEY)")
+    b.add_argument("--max-side", type=int, default=None,
+                   help="downscale images whose longer side exceeds this (INTER_AREA; default 1024); 0 = never")
+    b.add_argument("--min-side", type=int, default=None,
+                   help="enlarge images whose short side is below this (default 96); 0 = never")
+    b.add_argument("--batch-size", type=int, default=None, help="images of equal size described together (4)")
+    b.add_argument("--scales", type=_floats, default=None,
+                   help="multi-scale factors, e.g. 1 for single scale (default 0.7071,1,1.4142)")
+    b.add_argument("--seed", type=int, default=None, help="seed of the random weights used without --weights (0)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index / non-empty namespace")
+    b.add_argument("--skip-unreadable", action="store_true", help="skip (and log) images that cannot be read")
+    b.add_argument("--host", default=None, help="Pinecone index host (or env PINECONE_HOST)")
+    b.add_argument("--index-name", default=None, help="Pinecone index name (or env PINECONE_INDEX)")
+    b.add_argument("--namespace", default="", help="Pinecone namespace")
+    _common(b)
+
+    q = sub.add_parser("query", help="rank the indexed images for one query image")
+    q.add_argument("--index", required=True, help="folder written by `build`")
+    q.add_argument("--image", required=True, help="query image")
+    q.add_argument("--k", type=int, default=10, help="results to print")
+    q.add_argument("--rerank", choices=["none", "superglobal", "cvnet"], default="none")
+    q.add_argument("--bbox", default=None, help="query box x1,y1,x2,y2 in the image's pixels")
+    q.add_argument("--grid", default=None, help="write a PNG of the query and its top-k here")
+    q.add_argument("--weights", default=None, help="the index's checkpoint, if it moved since `build`")
+    q.add_argument("--rerank-weights", default=None, help="CVNet re-ranking checkpoint (default: the index's)")
+    q.add_argument("--rerank-top-k", type=int, default=None, help="candidates CVNet re-scores (default 100)")
+    q.add_argument("--mix", type=float, default=None, help="CVNet: global + mix * score (default 0.5)")
+    q.add_argument("--sg-m", type=int, default=None, help="SuperGlobal re-ranking: candidates re-ranked (M, 400)")
+    q.add_argument("--sg-k", type=int, default=None, help="SuperGlobal re-ranking: neighbours (K, 9)")
+    q.add_argument("--sg-beta", type=float, default=None, help="SuperGlobal re-ranking: neighbour weight (beta, 0.15)")
+    _common(q)
+    return parser
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers separated by commas, got {text!r}")
+    return values
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--quiet", action="store_true", help="warnings only, no progress bar")
+
+
+def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    """``"x1,y1,x2,y2"`` -> four floats (None stays None); a malformed or empty box is a ValueError."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        box = tuple(float(p) for p in parts)
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        raise ValueError(f"--bbox must be four numbers x1,y1,x2,y2, got {text!r}")
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"--bbox {text!r} is empty: need x2 > x1 and y2 > y1")
+    return box  # type: ignore[return-value]
+
+
+def format_hits(hits: Sequence[Any]) -> list[str]:
+    """One line per hit: ``rank<TAB>score<TAB>path`` (``id:<id>`` when the entry has no path)."""
+    return [f"{rank}\t{hit.score:.6f}\t{hit.path or f'id:{hit.id}'}" for rank, hit in enumerate(hits, start=1)]
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options given on the command line (not None): the library's defaults apply to the others."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _sides(args: argparse.Namespace) -> dict[str, int | None]:
+    """--max-side / --min-side when given, 0 meaning never (None); absent ones keep the library's defaults."""
+    given = _given(max_side=args.max_side, min_side=args.min_side)
+    return {name: value or None for name, value in given.items()}
+
+
+def build(args: argparse.Namespace) -> int:
+    from helpers.builders import OFFICIAL_WEIGHTS_HINT
+    from helpers.retrieval import build_index
+
+    retriever = build_index(
+        images=args.images, index_dir=args.index, model=args.model, weights=args.weights, backend=args.backend,
+        device=args.device, scales=args.scales, overwrite=args.overwrite, skip_unreadable=args.skip_unreadable,
+        host=args.host, index_name=args.index_name, namespace=args.namespace, progress=not args.quiet,
+        **_sides(args), **_given(depth=args.depth, batch_size=args.batch_size, seed=args.seed))
+    print(f"indexed {len(retriever)} images into {args.index} ({args.backend}, "
+          f"{type(retriever.model).__name__} ResNet-{retriever.model.depth})")
+    if args.weights is None:
+        print("WARNING: built with RANDOM weights, rankings are meaningless. " + OFFICIAL_WEIGHTS_HINT,
+              file=sys.stderr)
+    return 0
+
+
+def query(args: argparse.Namespace) -> int:
+    bbox = parse_bbox(args.bbox)
+    from helpers.grid import write_grid
+    from helpers.retrieval import query_index
+
+    hits, retriever = query_index(
+        index_dir=args.index, image=args.image, k=args.k, rerank=args.rerank, bbox=bbox, weights=args.weights,
+        rerank_weights=args.rerank_weights, device=args.device,
+        **_given(rerank_top_k=args.rerank_top_k, mix=args.mix, M=args.sg_m, K=args.sg_k, beta=args.sg_beta))
+    print(f"# query {args.image}: top {len(hits)} of {len(retriever)} ({type(retriever.model).__name__}, "
+          f"rerank {args.rerank})")
+    print("# rank\tscore\tpath")
+    for line in format_hits(hits):
+        print(line)
+    if args.grid:
+        print(f"# grid written to {write_grid(args.grid, args.image, hits, bbox=bbox)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # the error types come with the heavy modules, so they are imported only now that the arguments parsed
+    from helpers.vector_db.pinecone import PineconeWriteError
+    from models.checkpoint import CheckpointError
+
+    errors = [OSError, ValueError, KeyError, ImportError, CheckpointError, PineconeWriteError]
+    return run_reporting_errors(lambda: build(args) if args.command == "build" else query(args), errors=errors,
+                                name=NAME)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
