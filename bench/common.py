@@ -16,6 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from helpers.distributed import DEVICE_CHOICES, DeviceError, resolve_device
 
 #: torch's CPU allocator asks the kernel for transparent huge pages on large allocations when this is set.
 #: It is read once, at the first large allocation of the process, and only matters where fresh pages are costly
@@ -28,7 +32,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions of each measurement")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default: cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-thp", action="store_true",
                         help=f"do not set {THP_ENV}=1 (torch's huge-page allocation) for this process")
@@ -53,10 +57,36 @@ def setup_process(args: argparse.Namespace) -> torch.device:
     except ImportError:
         pass
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
-    return device
+    try:
+        return resolve_device(args.device)
+    except DeviceError as exc:
+        raise SystemExit(f"--device: {exc}") from None
+
+
+#: The fast paths' compute dtypes (``--dtype``); the half-precision ones run under CUDA autocast.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def fast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The ``--dtype`` of a fast path; half precision is a CUDA option (autocast)."""
+    dtype = DTYPES[name]
+    if dtype != torch.float32 and device.type != "cuda":
+        raise SystemExit(f"--dtype {name} is a CUDA option (autocast); on the CPU use float32")
+    return dtype
+
+
+class InMemory(Dataset):
+    """Preprocessed images as a dataset: item i = the list of per-scale (3, H_s, W_s) tensors of image i, what the
+    revisited datasets yield and what the extraction engine reads."""
+
+    def __init__(self, items: Sequence[Sequence[Tensor]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> list[Tensor]:
+        return list(self.items[i])
 
 
 def cpu_model() -> str:

@@ -8,7 +8,9 @@ adds ``torch.compile``; on CUDA ``--dtype bfloat16``/``float16`` runs under auto
 give the baseline's descriptors within 1e-5.
 
 Images are random uint8 BGR arrays preprocessed before timing (the release's OpenCV resize per scale for CVNet,
-scale 1.0 for SuperGlobal, which resizes inside the model): the figures are the models' throughput.
+scale 1.0 for SuperGlobal, which resizes inside the model): the figures are the models' throughput. A short side
+below the retrieval pipeline's ``min_side`` (96) is enlarged as that pipeline does, so that ``--quick``'s small
+images still leave SuperGlobal's Regional-GeM a 3x3 stage-4 map at scale 0.7071.
 Run: ``python -m bench.extract`` (``--quick`` for a smoke test).
 """
 from __future__ import annotations
@@ -19,13 +21,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from bench.common import (
+    DTYPES,
+    InMemory,
     add_common_args,
     check_equal,
+    fast_dtype,
     format_table,
     interleaved,
     machine_info,
@@ -34,17 +37,18 @@ from bench.common import (
     ratio,
     setup_process,
 )
-from datasets.transforms import multiscale_tensors
+from common.constants import CVNET_TEST_SCALES
+from common.convention import OFFICIAL_CONVENTION
+from datasets.transforms import min_size_guard, multiscale_tensors
+from helpers.builders import build_model
 from helpers.extraction import extract_global_descriptors
-from models.checkpoint import OFFICIAL_CONVENTION
-from models.cvnet import CVNetGlobal
-from models.superglobal import SuperGlobal
+from helpers.retrieval import DEFAULT_MIN_SIDE
+from models.functional import aggregate_scales
 
-#: CVNet's multi-scale test (the uint8 image resized with OpenCV per scale).
-CVNET_SCALES = (0.7071, 1.0, 1.4142)
 #: (H, W) of the images, cycled: revisited Oxford/Paris are mostly 1024x768 either way, some 3:2.
 IMAGE_SIZES = ((768, 1024), (1024, 768), (768, 1024), (683, 1024))
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: What each model is built as, and the scales its data pipeline feeds it (SuperGlobal resizes inside the model).
+MODELS = {"cvnet": ("cvnet_global", CVNET_TEST_SCALES), "superglobal": ("superglobal", (1.0,))}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,42 +59,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2, help="images per batch of a size bucket (fast path)")
     p.add_argument("--models", default="cvnet,superglobal", help="which of cvnet, superglobal")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast model (slow first call)")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="fast path dtype (CUDA autocast)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="fast path dtype (CUDA autocast)")
     p.add_argument("--atol", type=float, default=1e-5)
     return p
 
 
-def make_images(n: int, *, seed: int, scale: float = 1.0) -> list[np.ndarray]:
-    """``n`` random uint8 BGR images (H, W, 3), sizes cycled from :data:`IMAGE_SIZES` (times ``scale``)."""
+def make_images(n: int, *, seed: int, scale: float = 1.0, min_side: int | None = DEFAULT_MIN_SIDE
+                ) -> list[np.ndarray]:
+    """``n`` random uint8 BGR images (H, W, 3), sizes cycled from :data:`IMAGE_SIZES` (times ``scale``), a short
+    side below ``min_side`` enlarged by the retrieval pipeline's guard (a no-op at full size)."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (int(h * scale), int(w * scale), 3), dtype=np.uint8)
+    return [min_size_guard(rng.integers(0, 256, (int(h * scale), int(w * scale), 3), dtype=np.uint8), min_side)
             for h, w in (IMAGE_SIZES[i % len(IMAGE_SIZES)] for i in range(n))]
-
-
-def aggregate(per_scale: Sequence[Tensor]) -> Tensor:
-    """CVNet's multi-scale descriptor: L2 each scale's (B, D), mean, L2 (a single scale passes through)."""
-    if len(per_scale) == 1:
-        return per_scale[0]
-    return F.normalize(torch.stack([F.normalize(d, dim=-1) for d in per_scale]).mean(0), dim=-1)
 
 
 @torch.no_grad()
 def baseline_descriptors(model: nn.Module, items: Sequence[Sequence[Tensor]], device: torch.device) -> Tensor:
-    """One image at a time, each scale through the model as built."""
-    return torch.cat([aggregate([model(x.unsqueeze(0).to(device)) for x in scales]) for scales in items]).float().cpu()
-
-
-class InMemory(Dataset):
-    """Preprocessed images, item i = list of per-scale (3, H_s, W_s) tensors (what the revisited datasets yield)."""
-
-    def __init__(self, items: Sequence[Sequence[Tensor]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> list[Tensor]:
-        return list(self.items[i])
+    """One image at a time, each scale through the model as built, the scales combined by the library's rule."""
+    return torch.cat([aggregate_scales([model(x.unsqueeze(0).to(device)) for x in scales])
+                      for scales in items]).float().cpu()
 
 
 def library_descriptors(model: nn.Module, items: Sequence[Sequence[Tensor]], device: torch.device, *,
@@ -99,15 +86,6 @@ def library_descriptors(model: nn.Module, items: Sequence[Sequence[Tensor]], dev
     """``helpers.extraction.extract_global_descriptors`` over the preprocessed images."""
     return extract_global_descriptors(model=model, dataset=InMemory(items), device=device, batch_size=batch_size,
                                       progress=False, fast=fast, compile_model=compile_model, dtype=dtype)
-
-
-def build_model(name: str, depth: int) -> tuple[nn.Module, tuple[float, ...]]:
-    """(model with random weights, the scales the data pipeline feeds it)."""
-    if name == "cvnet":
-        return CVNetGlobal(depth), CVNET_SCALES
-    if name == "superglobal":
-        return SuperGlobal(depth), (1.0,)
-    raise SystemExit(f"unknown model {name!r}: expected cvnet or superglobal")
 
 
 def randomise_batchnorm_(model: nn.Module, seed: int) -> None:
@@ -125,9 +103,11 @@ def randomise_batchnorm_(model: nn.Module, seed: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     device = setup_process(args)
-    dtype = _DTYPES[args.dtype]
-    if dtype != torch.float32 and device.type != "cuda":
-        raise SystemExit(f"--dtype {args.dtype} is a CUDA option (autocast); on the CPU use float32")
+    dtype = fast_dtype(args.dtype, device)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; expected some of {', '.join(MODELS)}")
     scale = 0.125 if args.quick else 1.0
     n_images = min(args.images, 4) if args.quick else args.images
     repeats = args.repeats or (1 if args.quick else 2)
@@ -136,8 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "depth": args.depth, "images": f"{n_images} of sizes {sorted({im.shape[:2] for im in images})}",
         "batch_size": args.batch_size, "compile": args.compile, "dtype": args.dtype, "repeats": repeats})
     rows, ok = [], True
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        model, scales = build_model(name, args.depth)
+    for name in names:
+        kind, scales = MODELS[name]
+        # seed=None: random weights from the global RNG that setup_process seeded, the models of earlier runs
+        model = build_model(kind, depth=args.depth, seed=None, warn_random=False)
         randomise_batchnorm_(model, args.seed)
         model = model.to(device).eval()
         items = [multiscale_tensors(im, scales, OFFICIAL_CONVENTION) for im in images]

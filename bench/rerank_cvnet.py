@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from bench.common import (
+    DTYPES,
+    InMemory,
     add_common_args,
     check_equal,
+    fast_dtype,
     format_table,
     interleaved,
     machine_info,
@@ -41,6 +43,8 @@ from bench.common import (
     synchronize,
     time_once,
 )
+from common.constants import CVNET_RERANK_TOP_K
+from helpers.builders import build_model
 from helpers.extraction import ReducedMapStore, inference_copy
 from helpers.reranking import CVNetPairScorer
 from models import functional as MF
@@ -48,18 +52,18 @@ from models.cvnet import CVNetRerank
 
 #: (H, W) of the candidates, cycled: landscape, portrait and a 3:2 image, as in revisited Oxford/Paris.
 CANDIDATE_SIZES = ((768, 1024), (1024, 768), (768, 1024), (683, 1024))
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--depth", type=int, default=50, choices=(50, 101))
-    p.add_argument("--top-k", type=int, default=8, help="candidates of the query (the paper re-ranks 100)")
+    p.add_argument("--top-k", type=int, default=8,
+                   help=f"candidates of the query (the paper re-ranks {CVNET_RERANK_TOP_K})")
     p.add_argument("--baseline-pairs", type=int, default=2, help="pairs timed through the baseline")
     p.add_argument("--query-size", default="768x1024", help="HxW of the query image")
     p.add_argument("--batch-size", type=int, default=2, help="candidates scored together (same map size)")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="fast-path compute dtype; float16/bfloat16 need CUDA (autocast)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-stage profile of one pair")
     p.add_argument("--atol", type=float, default=1e-5, help="allowed |fast - faithful| of a score")
@@ -81,13 +85,6 @@ def make_images(n: int, sizes: Sequence[tuple[int, int]], *, seed: int, scale: f
     return out
 
 
-def group_by_size(images: Sequence[Tensor]) -> dict[tuple[int, ...], list[int]]:
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, img in enumerate(images):
-        groups.setdefault(tuple(img.shape[-2:]), []).append(i)
-    return groups
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The two pipelines
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,17 +99,9 @@ def baseline_scores(model: CVNetRerank, query: Tensor, candidates: Sequence[Tens
     return torch.cat(scores).float().cpu()
 
 
-class InMemoryImages(Dataset):
+def single_scale(images: Sequence[Tensor]) -> InMemory:
     """Images (1, 3, H, W) as a dataset of single-scale items, what ``ReducedMapStore`` reads."""
-
-    def __init__(self, images: Sequence[Tensor]) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> list[Tensor]:
-        return [self.images[i][0]]
+    return InMemory([[img[0]] for img in images])
 
 
 class FastReranker:
@@ -129,8 +118,8 @@ class FastReranker:
         query's are recomputed (a new query each call)."""
         kw = {"model": self.model, "device": self.device, "batch_size": self.batch_size, "fast": True}
         if self.db_maps is None:
-            self.db_maps = ReducedMapStore(dataset=InMemoryImages(candidates), **kw)
-            self.query_maps = ReducedMapStore(dataset=InMemoryImages([query]), **kw)
+            self.db_maps = ReducedMapStore(dataset=single_scale(candidates), **kw)
+            self.query_maps = ReducedMapStore(dataset=single_scale([query]), **kw)
         self.query_maps.clear()
         scorer = CVNetPairScorer(model=self.model, query_maps=self.query_maps, db_maps=self.db_maps,
                                  batch_size=self.batch_size, progress=False, fast=True)
@@ -220,16 +209,15 @@ def profile_fast(fast: FastReranker, q_img: Tensor, k_img: Tensor, device: torch
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     device = setup_process(args)
-    dtype = _DTYPES[args.dtype]
-    if dtype != torch.float32 and device.type != "cuda":
-        raise SystemExit(f"--dtype {args.dtype} is a CUDA option (autocast); on the CPU use float32")
+    dtype = fast_dtype(args.dtype, device)
     scale = 0.2 if args.quick else 1.0
     top_k = min(args.top_k, 4) if args.quick else args.top_k
     n_base = max(1, min(args.baseline_pairs, top_k, 2 if args.quick else args.baseline_pairs))
     repeats = args.repeats or (1 if args.quick else 2)
     qh, qw = parse_size(args.query_size)
 
-    model = CVNetRerank(args.depth).to(device).eval()
+    # seed=None: random weights from the global RNG that setup_process seeded (speed does not depend on them)
+    model = build_model("cvnet_rerank", depth=args.depth, seed=None, device=device, warn_random=False)
     query = make_images(1, [(qh, qw)], seed=args.seed, scale=scale)[0]
     candidates = make_images(top_k, CANDIDATE_SIZES, seed=args.seed + 1, scale=scale)
     print_header("CVNet re-ranking: one query against its top-k, pairs/s", machine_info(device), {

@@ -3,8 +3,9 @@
 Two measurements against a per-query loop baseline that makes the release's choices (full sorts where a top-k
 suffices, a gathered (M, K+1, d) neighbour tensor per query, a Python loop over queries):
 
-- re-ranking only: each query's top-M ids given; baseline loop vs ``models.functional.superglobal_rerank``
-  vectorised over queries (what ``SuperGlobalRerank`` runs);
+- re-ranking only: each query's top-M ids given; baseline loop vs ``SuperGlobalRerank.rerank_candidates``
+  (``models.functional.superglobal_rerank``, vectorised over queries), ``query_chunk`` queries at a time as its
+  ``rerank`` does;
 - end to end from the database: baseline = the release's evaluation (the full (n, q) similarity matrix in
   float32, a full ``numpy.argsort`` of every column, then the loop) vs ``SuperGlobalRerank.rerank`` over a
   ``TensorVectorDB`` (chunked exact top-M with the candidates' vectors; float16 storage from 100k vectors on,
@@ -34,8 +35,7 @@ from bench.common import (
     ratio,
     setup_process,
 )
-from helpers.vector_db.tensor import TensorVectorDB
-from models import functional as MF
+from helpers.builders import build_superglobal_reranker, make_database
 from models.superglobal import SuperGlobalRerank
 
 _GEN_ROWS = 32768
@@ -105,12 +105,13 @@ def release_pipeline(xq: Tensor, xb: Tensor, *, M: int, K: int, beta: float) -> 
     return loop_rerank(xq, xb, top, K=K, beta=beta)
 
 
-def vectorised(xq: Tensor, candidates: Tensor, ids: Tensor, *, K: int, beta: float, chunk: int = 64
-               ) -> tuple[Tensor, Tensor]:
+def vectorised(reranker: SuperGlobalRerank, xq: Tensor, candidates: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The library's re-ranking of given candidates (q, M, d) / ids (q, M), in its ``query_chunk``s."""
+    chunk = reranker.query_chunk
     out_s, out_i = [], []
     for start in range(0, xq.shape[0], chunk):
-        s, i = MF.superglobal_rerank(xq[start : start + chunk], candidates[start : start + chunk],
-                                     ids[start : start + chunk], k=K, beta=beta)
+        s, i = reranker.rerank_candidates(xq[start : start + chunk], candidates[start : start + chunk],
+                                          ids[start : start + chunk])
         out_s.append(s)
         out_i.append(i)
     return torch.cat(out_s), torch.cat(out_i)
@@ -150,31 +151,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     nq = min(args.nq, 16) if args.quick else args.nq
     print_header(f"SuperGlobal re-ranking, M={args.M} K={args.K} beta={args.beta}, ms/query", machine_info(), {
         "db sizes": sizes, "nq": nq, "d": args.dim, "repeats": repeats})
+    reranker = build_superglobal_reranker(M=args.M, K=args.K, beta=args.beta)
     rows, ok = [], True
     for n in sizes:
         dtype = torch.float16 if n >= args.fp16_from else torch.float32
         xb, xq = make_data(n, args.dim, nq, seed=args.seed, fp16_values=dtype == torch.float16)
         m = min(args.M, n)
-        # ---- re-ranking only (top-M given)
-        top = (xq @ xb.T).topk(m, dim=1).indices
-        cand = xb[top]
+        # ---- re-ranking only (top-M given: the library's exact search of a tensor database)
+        cand, top = reranker.candidates(xq, xb, m)
         times = interleaved({
             "loop": lambda xb=xb, xq=xq, top=top: loop_rerank(xq, xb, top, K=args.K, beta=args.beta),
-            "vectorised": lambda xq=xq, cand=cand, top=top: vectorised(xq, cand, top, K=args.K, beta=args.beta),
+            "vectorised": lambda xq=xq, cand=cand, top=top: vectorised(reranker, xq, cand, top),
         }, repeats=repeats, warmup=1)
         loop_s, vec_s = median(times["loop"]), median(times["vectorised"])
-        check, good = agreement(vectorised(xq, cand, top, K=args.K, beta=args.beta),
+        check, good = agreement(vectorised(reranker, xq, cand, top),
                                 loop_rerank(xq, xb, top, K=args.K, beta=args.beta))
         ok &= good
         rows.append([n, "re-rank only (top-M given)", loop_s / nq * 1000, vec_s / nq * 1000,
                      ratio(loop_s, vec_s), check])
         del cand
         # ---- end to end from the database
-        db = TensorVectorDB(args.dim, dtype=dtype, progress=False, norm_tolerance=1e-2)
+        db = make_database("tensor", args.dim, dtype=dtype, progress=False, norm_tolerance=1e-2)
         db.reserve(n)
         for start in range(0, n, _GEN_ROWS):
             db.add(xb[start : start + _GEN_ROWS], ids=torch.arange(start, min(start + _GEN_ROWS, n)))
-        reranker = SuperGlobalRerank(M=args.M, K=args.K, beta=args.beta)
         fast = reranker.rerank(xq, db)  # untimed warm-up; also the result checked below
         times = interleaved({
             "loop": lambda xb=xb, xq=xq, m=m: release_pipeline(xq, xb, M=m, K=args.K, beta=args.beta),

@@ -33,9 +33,10 @@ from bench.common import (
     setup_process,
     time_once,
 )
-from helpers.vector_db.tensor import TensorVectorDB
+from helpers.builders import make_database
 
 _GEN_ROWS = 32768
+_BYTES_PER_VALUE = {"faiss": 4, "tensor32": 4, "tensor16": 2}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -99,24 +100,17 @@ def build(kind: str, *, n: int, d: int, seed: int, chunk_size: int | None) -> tu
     """(database, build seconds, index MB) of back-end ``kind`` over the seeded vectors."""
     start = time.perf_counter()
     if kind == "faiss":
-        from helpers.vector_db.faiss import FaissVectorDB
-
-        db: Any = FaissVectorDB(d, index="flat", use_gpu=False)
-        bytes_per_value = 4
+        db: Any = make_database("faiss", d, index="flat", use_gpu=False)
     else:
         dtype = torch.float32 if kind == "tensor32" else torch.float16
         kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
-        db = TensorVectorDB(d, dtype=dtype, progress=False, **kwargs)
+        db = make_database("tensor", d, dtype=dtype, progress=False, **kwargs)
         db.reserve(n)
-        bytes_per_value = 4 if kind == "tensor32" else 2
     offset = 0
     for block in unit_vectors(n, d, seed=seed):
         db.add(block, ids=torch.arange(offset, offset + block.shape[0]))
         offset += block.shape[0]
-    return db, time.perf_counter() - start, n * d * bytes_per_value / 2**20
-
-
-_BYTES_PER_VALUE = {"faiss": 4, "tensor32": 4, "tensor16": 2}
+    return db, time.perf_counter() - start, n * d * _BYTES_PER_VALUE[kind] / 2**20
 
 
 def phases(kinds: Sequence[str], *, n: int, d: int, budget_bytes: float) -> list[list[str]]:

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from common.convention import InputConvention
 from datasets.folder import read_bgr_image
 from datasets.transforms import to_tensor
-from common.convention import InputConvention
 
 #: salts that keep the streams of one (seed, epoch, index) apart
 _SALT_QUERY, _SALT_POSITIVE, _SALT_NEGATIVE, _SALT_HIDE = 11, 12, 13, 14

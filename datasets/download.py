@@ -1,6 +1,6 @@
 """The documented downloads: what to fetch, where it goes, resumable transfers, checksums and extraction.
 
-``python -m datasets.download --root DATA --datasets roxford5k rparis6k [revisitop1m] [--dry-run]``
+Command line: ``python prepare_data.py download --root DATA --datasets roxford5k rparis6k [revisitop1m] [--dry-run]``.
 
 Every file is written to ``<dest>.part`` and renamed when complete, so an interrupted transfer resumes
 from the size of its ``.part`` with an HTTP Range request. Archives are extracted (then deleted unless asked
@@ -9,13 +9,11 @@ knows they are done.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
 import re
 import shutil
-import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -41,32 +39,38 @@ class RemoteFile:
     flatten: bool = False
 
 
+#: Where revisitop and the Oxford VGG pages publish the files (also quoted by datasets.revisited's error hints).
+GND_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
+IMAGE_URLS = {
+    "roxford5k": ("https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",),
+    "rparis6k": (
+        "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
+        "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2-v1.tgz",
+    ),
+}
+R1M_LIST_URL = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt"
+R1M_TAR_URL = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.{i}.tar.gz"
+FEATURES_URL = "http://cmp.felk.cvut.cz/revisitop/data/features/{name}_resnet_rsfm120k_gem.mat"
+
+
 def _build_table() -> dict[str, tuple[RemoteFile, ...]]:
     # md5: None everywhere -- neither revisitop nor the Oxford VGG pages publish checksums for these files,
     # and a guessed value would reject good downloads. Integrity is then the HTTP length and a readable tar.
     table: dict[str, tuple[RemoteFile, ...]] = {}
-    for name, archives in (
-        ("roxford5k", ("https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",)),
-        ("rparis6k", ("https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
-                      "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2-v1.tgz")),
-    ):
-        gnd = RemoteFile(name, f"http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl",
-                         f"{name}/gnd_{name}.pkl")
+    for name, archives in IMAGE_URLS.items():
+        gnd = RemoteFile(name, GND_URL.format(name=name), f"{name}/gnd_{name}.pkl")
         tars = tuple(RemoteFile(name, url, f"{name}/{url.rsplit('/', 1)[1]}", extract_to=f"{name}/jpg",
                                 flatten=True) for url in archives)
         table[name] = (gnd, *tars)
-    r1m = "http://ptak.felk.cvut.cz/revisitop/revisitop1m"
     table["revisitop1m"] = (
-        RemoteFile("revisitop1m", f"{r1m}/revisitop1m.txt", "revisitop1m/revisitop1m.txt"),
-        *(RemoteFile("revisitop1m", f"{r1m}/jpg/revisitop1m.{i}.tar.gz",
-                     f"revisitop1m/tars/revisitop1m.{i}.tar.gz", extract_to="revisitop1m/jpg")
+        RemoteFile("revisitop1m", R1M_LIST_URL, "revisitop1m/revisitop1m.txt"),
+        *(RemoteFile("revisitop1m", R1M_TAR_URL.format(i=i), f"revisitop1m/tars/revisitop1m.{i}.tar.gz",
+                     extract_to="revisitop1m/jpg")
           for i in range(1, 101)),
     )
     # revisitop's precomputed R-GeM features: the metric regression fixture (tests/helpers/test_evaluation.py)
     table["revisitop-features"] = tuple(
-        RemoteFile("revisitop-features",
-                   f"http://cmp.felk.cvut.cz/revisitop/data/features/{name}_resnet_rsfm120k_gem.mat",
-                   f"features/{name}_resnet_rsfm120k_gem.mat")
+        RemoteFile("revisitop-features", FEATURES_URL.format(name=name), f"features/{name}_resnet_rsfm120k_gem.mat")
         for name in ("roxford5k", "rparis6k")
     )
     return table
@@ -272,6 +276,7 @@ def download(
 
 
 def format_plan(plan: Sequence[PlannedDownload]) -> str:
+    """The plan as text, two lines a step (action and URL, then the destination), for a dry run."""
     if not plan:
         return "nothing to do: every requested file is present"
     lines = []
@@ -280,28 +285,3 @@ def format_plan(plan: Sequence[PlannedDownload]) -> str:
         target = f" -> extract to {step.remote.extract_to}" if step.remote.extract_to else ""
         lines.append(f"{step.action:>10}  {step.remote.url}\n            {step.path}{target}{extra}")
     return "\n".join(lines)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Download revisited Oxford/Paris and the R1M distractors.")
-    p.add_argument("--root", required=True, help="data root (the folder to hold roxford5k/, rparis6k/, ...)")
-    p.add_argument("--datasets", nargs="+", default=["roxford5k", "rparis6k"], choices=sorted(DOWNLOADS))
-    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    p.add_argument("--keep-archives", action="store_true", help="keep the tars after extracting them")
-    p.add_argument("--no-verify", action="store_true", help="skip md5 checks of files already present")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = plan_downloads(args.root, args.datasets, verify_md5=not args.no_verify)
-    print(format_plan(plan))
-    if args.dry_run or not plan:
-        return 0
-    download(plan, root=args.root, keep_archives=args.keep_archives)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

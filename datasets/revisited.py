@@ -8,7 +8,7 @@ Layout under a data root::
     <root>/revisitop1m/revisitop1m.txt      one image path per line, relative to revisitop1m/jpg/
     <root>/revisitop1m/jpg/...
 
-``python -m datasets.download --root <root> --datasets roxford5k rparis6k revisitop1m`` fetches all of it.
+``python prepare_data.py download --root <root> --datasets roxford5k rparis6k revisitop1m`` fetches all of it.
 """
 from __future__ import annotations
 
@@ -23,23 +23,14 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from datasets.transforms import crop_query, min_size_guard, multiscale_tensors, read_image
 from common.convention import OFFICIAL_CONVENTION, InputConvention
+from datasets.download import GND_URL, IMAGE_URLS, R1M_LIST_URL, R1M_TAR_URL
+from datasets.transforms import crop_query, min_size_guard, multiscale_tensors, read_image
 
 logger = logging.getLogger(__name__)
 
 REVISITED_NAMES = ("roxford5k", "rparis6k")
 
-GND_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
-IMAGE_URLS = {
-    "roxford5k": ("https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",),
-    "rparis6k": (
-        "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
-        "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2-v1.tgz",
-    ),
-}
-R1M_LIST_URL = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt"
-R1M_TAR_URL = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.{i}.tar.gz"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,11 +155,11 @@ def load_ground_truth(path: str | os.PathLike) -> dict:
 def _download_hint(root: str, name: str) -> str:
     if name not in REVISITED_NAMES:  # a dataset in the revisitop layout of the user's (or the built-in one)
         return (f"Any dataset in the revisitop layout works: {os.path.join(root, name, f'gnd_{name}.pkl')} and "
-                f"{os.path.join(root, name, 'jpg')}/*.jpg (the built-in one: python -m datasets.synthetic "
-                f"--root {root} --name {name}).")
+                f"{os.path.join(root, name, 'jpg')}/*.jpg (the built-in one: python prepare_data.py "
+                f"synthetic --root {root} --name {name}).")
     images = "\n".join(f"    {u}" for u in IMAGE_URLS[name])
     return (
-        f"Fetch them with `python -m datasets.download --root {root} --datasets {name}`, or by hand:\n"
+        f"Fetch them with `python prepare_data.py download --root {root} --datasets {name}`, or by hand:\n"
         f"  ground truth {GND_URL.format(name=name)}\n"
         f"    -> {os.path.join(root, name, f'gnd_{name}.pkl')}\n"
         f"  images (extract every .jpg, flattened, into {os.path.join(root, name, 'jpg')}/):\n{images}"
@@ -291,7 +282,7 @@ class Revisitop1M(Dataset):
         if not os.path.isfile(self.list_path):
             raise FileNotFoundError(
                 f"dataset revisitop1m: image list {self.list_path} is missing.\n"
-                f"Fetch it with `python -m datasets.download --root {self.root} --datasets revisitop1m`, "
+                f"Fetch it with `python prepare_data.py download --root {self.root} --datasets revisitop1m`, "
                 f"or by hand:\n  {R1M_LIST_URL} -> {self.list_path}\n"
                 f"  and the 100 archives {R1M_TAR_URL.format(i='{1..100}')}, extracted into {self.image_dir}/"
             )

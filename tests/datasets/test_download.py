@@ -3,8 +3,12 @@ import hashlib
 import http.server
 import io
 import re
+import subprocess
+import sys
 import tarfile
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +20,16 @@ from datasets.download import (
     extract_archive,
     extraction_marker,
     fetch,
-    main,
     plan_downloads,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def prepare_data(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python prepare_data.py ARGS`` from the repository root."""
+    return subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
@@ -196,9 +207,52 @@ def test_extract_keeps_tree_and_refuses_escapes(tmp_path):
     assert (tmp_path / "out3" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
 
 
-def test_cli_dry_run_prints_the_plan(tmp_path, capsys):
-    assert main(["--root", str(tmp_path), "--datasets", "roxford5k", "revisitop1m", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "oxbuild_images-v1.tgz" in out and "gnd_roxford5k.pkl" in out
-    assert "revisitop1m.100.tar.gz" in out and "revisitop1m.txt" in out
+def test_cli_dry_run_prints_the_plan(tmp_path):
+    run = prepare_data("download", "--root", str(tmp_path), "--datasets", "roxford5k", "revisitop1m", "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert "oxbuild_images-v1.tgz" in run.stdout and "gnd_roxford5k.pkl" in run.stdout
+    assert "revisitop1m.100.tar.gz" in run.stdout and "revisitop1m.txt" in run.stdout
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_cli_downloads_and_reports_errors_in_one_line(tmp_path, server, monkeypatch, capsys):
+    """A real run against the local server (through the table), then a failed transfer: one line, exit != 0."""
+    import datasets.download as download_module
+
+    gnd = b"ground truth"
+    server.files["/gnd.pkl"] = gnd
+    monkeypatch.setitem(download_module.DOWNLOADS, "roxford5k",
+                        (RemoteFile("roxford5k", f"{server.url}/gnd.pkl", "roxford5k/gnd_roxford5k.pkl"),))
+    from prepare_data import main
+
+    assert main(["download", "--root", str(tmp_path), "--datasets", "roxford5k"]) == 0
+    assert (tmp_path / "roxford5k" / "gnd_roxford5k.pkl").read_bytes() == gnd
+    monkeypatch.setitem(download_module.DOWNLOADS, "rparis6k",
+                        (RemoteFile("rparis6k", f"{server.url}/missing.pkl", "rparis6k/gnd_rparis6k.pkl"),))
+    capsys.readouterr()
+    assert main(["download", "--root", str(tmp_path), "--datasets", "rparis6k"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prepare_data.py download: error: download of") and "HTTP 404" in err
+    assert err.count("\n") == 1
+
+
+def test_cli_help_is_fast_and_torch_free():
+    code = ("import runpy, sys\n"
+            "for argv in (['--help'], ['download', '--help'], ['synthetic', '--help']):\n"
+            "    sys.argv = ['prepare_data.py', *argv]\n"
+            "    try:\n"
+            "        runpy.run_path('prepare_data.py', run_name='__main__')\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, e.code\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'cv2', 'numpy'}))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"  # --help imports neither torch nor OpenCV/numpy
+    start = time.perf_counter()
+    assert prepare_data("--help").returncode == 0
+    assert time.perf_counter() - start < 2.0
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    run = prepare_data("download", "--root", str(tmp_path), "--datasets", "imagenet")
+    assert run.returncode != 0 and "invalid choice" in run.stderr and "Traceback" not in run.stderr

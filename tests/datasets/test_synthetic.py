@@ -2,23 +2,26 @@
 import csv
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-import datasets.synthetic as synthetic
+import datasets.synthetic.build as synthetic_build
 from datasets.synthetic import (
     SyntheticConfig,
     ViewParams,
     build_synthetic,
     label_view,
     load_train_split,
-    main,
     view_homography,
     visible_fraction,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = SyntheticConfig(n_landmarks=3, views_per_landmark=4, queries_per_landmark=2, n_distractors=3,
                        image_size=(128, 96), train_landmarks=2, train_views_per_landmark=3)
@@ -183,8 +186,8 @@ def test_build_is_idempotent_and_guards_existing_folders(tmp_path, monkeypatch):
         raise AssertionError("a complete build with the same config was regenerated")
 
     with monkeypatch.context() as m:
-        m.setattr(synthetic, "_build_test_split", must_not_run)
-        m.setattr(synthetic, "_build_train_split", must_not_run)
+        m.setattr(synthetic_build, "_build_test_split", must_not_run)
+        m.setattr(synthetic_build, "_build_train_split", must_not_run)
         assert build_synthetic(tmp_path, name="t", config=TINY, progress=False) == out
     assert (out / "gnd_t.pkl").stat().st_mtime_ns == stamp
 
@@ -205,7 +208,7 @@ def test_a_crash_leaves_no_dataset_behind(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash while drawing the train split")
 
-    monkeypatch.setattr(synthetic, "_build_train_split", crash)
+    monkeypatch.setattr(synthetic_build, "_build_train_split", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_synthetic(tmp_path, name="t", config=TINY, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -293,12 +296,26 @@ def test_bad_name_is_rejected(tmp_path):
         build_synthetic(tmp_path, name="a/b", config=TINY, progress=False)
 
 
-def test_cli_builds_and_reports(tmp_path, caplog):
-    argv = ["--root", str(tmp_path), "--name", "cli", "--n-landmarks", "2", "--views-per-landmark", "2",
-            "--n-distractors", "1", "--image-size", "96", "64", "--train-landmarks", "1",
-            "--train-views-per-landmark", "2", "--no-progress"]
-    with caplog.at_level("INFO", logger="datasets.synthetic"):
-        assert main(argv) == 0
+def test_cli_builds_and_reports(tmp_path):
+    argv = [sys.executable, str(ROOT / "prepare_data.py"), "synthetic", "--root", str(tmp_path), "--name", "cli",
+            "--n-landmarks", "2", "--views-per-landmark", "2", "--n-distractors", "1", "--image-size", "96", "64",
+            "--train-landmarks", "1", "--train-views-per-landmark", "2", "--no-progress"]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
     assert (tmp_path / "cli" / "gnd_cli.pkl").is_file() and (tmp_path / "cli_train" / "train.csv").is_file()
-    assert "2 queries" in caplog.text and "2 images of 1 landmarks" in caplog.text
-    assert main(argv[:-1] + ["--seed", "5", "--no-progress"]) == 1  # another config, no --overwrite
+    assert "2 queries" in run.stderr and "2 images of 1 landmarks" in run.stderr
+    # the options given reach the config; the others keep SyntheticConfig's defaults
+    expected = SyntheticConfig(n_landmarks=2, views_per_landmark=2, n_distractors=1, image_size=(96, 64),
+                               train_landmarks=1, train_views_per_landmark=2)
+    assert json.loads((tmp_path / "cli" / "meta.json").read_text())["config"] == expected.to_dict()
+
+    again = subprocess.run(argv[:-1] + ["--seed", "5", "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)  # another config, no --overwrite: one line naming what differs
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines() == [again.stderr.strip()] and "differs in ['seed']" in again.stderr
+
+
+def test_package_keeps_the_generator_name_in_meta(tmp_path):
+    """meta.json names the package (datasets.synthetic), whichever module of it builds: older builds stay current."""
+    out = build_synthetic(tmp_path, name="t", config=TINY, progress=False)
+    assert json.loads((out / "meta.json").read_text())["generator"] == "datasets.synthetic"

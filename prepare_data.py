@@ -1,0 +1,97 @@
+"""Prepare the data: draw the built-in synthetic benchmark, or download revisited Oxford/Paris and the 1M distractors.
+
+    python prepare_data.py synthetic --root data [--name synth] [--seed N] [--n-landmarks N] [--overwrite] ...
+    python prepare_data.py download --root data --datasets roxford5k rparis6k [revisitop1m] [--dry-run]
+
+Both write the revisitop layout that eval.py reads (``<root>/<name>/jpg/``, ``<root>/<name>/gnd_<name>.pkl``).
+The work is done by ``datasets.synthetic.build_synthetic`` and ``datasets.download``; errors are one line on
+stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from datasets.download import DOWNLOADS  # torch-free: the table of names is what --datasets accepts
+from helpers.cli import run_reporting_errors
+
+log = logging.getLogger("prepare_data")
+
+#: The SyntheticConfig fields settable here (dest names equal the field names); the rest keep their defaults.
+SYNTHETIC_OPTIONS = ("seed", "n_landmarks", "views_per_landmark", "queries_per_landmark", "n_distractors",
+                     "image_size", "train_landmarks", "train_views_per_landmark", "jpeg_quality")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{synthetic,download}")
+
+    s = commands.add_parser("synthetic", help="draw the built-in landmark benchmark (no download)",
+                            description="Build the built-in synthetic landmark-retrieval benchmark (revisitop "
+                                        "layout, no download). Options left out keep the defaults of "
+                                        "datasets.synthetic.SyntheticConfig.")
+    s.add_argument("--root", default="data", help="folder that will hold <name>/ and <name>_train/ (default: data)")
+    s.add_argument("--name", default="synth", help="dataset name (default: synth)")
+    for field in SYNTHETIC_OPTIONS:
+        if field == "image_size":
+            s.add_argument("--image-size", type=int, nargs=2, metavar=("LONG", "SHORT"))
+        else:
+            s.add_argument("--" + field.replace("_", "-"), type=int)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing build with another config")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    d = commands.add_parser("download", help="download revisited Oxford/Paris and the R1M distractors",
+                            description="Download revisited Oxford/Paris and the R1M distractors (resumable, "
+                                        "extracted in place).")
+    d.add_argument("--root", required=True, help="data root (the folder to hold roxford5k/, rparis6k/, ...)")
+    d.add_argument("--datasets", nargs="+", default=["roxford5k", "rparis6k"], choices=sorted(DOWNLOADS))
+    d.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    d.add_argument("--keep-archives", action="store_true", help="keep the tars after extracting them")
+    d.add_argument("--no-verify", action="store_true", help="skip md5 checks of files already present")
+    return parser
+
+
+def synthetic(args: argparse.Namespace) -> int:
+    from datasets.synthetic import SyntheticConfig, build_synthetic
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    given = {f: getattr(args, f) for f in SYNTHETIC_OPTIONS if getattr(args, f) is not None}
+    out = build_synthetic(args.root, name=args.name, config=SyntheticConfig(**given), overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    c = json.loads((out / "meta.json").read_text())["counts"]
+    log.info("test split  %s: %d queries, %d database images (%d easy, %d hard, %d junk, %d distractors); "
+             "ground truth %s", out, c["queries"], c["database"], c["easy"], c["hard"], c["junk"],
+             c["distractors"], out / f"gnd_{args.name}.pkl")
+    train_dir = out.parent / f"{args.name}_train"
+    train = json.loads((train_dir / "meta.json").read_text())["counts"]
+    log.info("train split %s: %d images of %d landmarks", train_dir, train["images"], train["classes"])
+    return 0
+
+
+def download(args: argparse.Namespace) -> int:
+    from datasets.download import download as run_plan
+    from datasets.download import format_plan, plan_downloads
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    plan = plan_downloads(args.root, args.datasets, verify_md5=not args.no_verify)
+    print(format_plan(plan))
+    if args.dry_run or not plan:
+        return 0
+    run_plan(plan, root=args.root, keep_archives=args.keep_archives)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    command = {"synthetic": synthetic, "download": download}[args.command]
+    # OSError covers FileExistsError (a folder holding another build) and failed transfers; ValueError a bad
+    # config value, an md5 mismatch or an unknown dataset
+    return run_reporting_errors(lambda: command(args), errors=[OSError, ValueError],
+                                name=f"prepare_data.py {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
