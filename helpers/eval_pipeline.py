@@ -94,7 +94,7 @@ def open_distractors(*, root: str, convention: Any, scales: Sequence[float], min
         raise FileNotFoundError(
             f"revisitop1m: {len(report.missing)} of {report.n_listed} listed images are missing under "
             f"{r1m.image_dir} (e.g. {report.missing[0]}); a +1M evaluation needs all of them. Re-run "
-            f"`python -m datasets.download --root {root} --datasets revisitop1m`.")
+            f"`python prepare_data.py download --root {root} --datasets revisitop1m`.")
     return r1m
 
 

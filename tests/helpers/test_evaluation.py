@@ -206,7 +206,7 @@ def test_revisitop_regression_fixture(dataset):
     data = os.environ.get("REVISITOP_DATA")
     if not data:
         pytest.skip("set REVISITOP_DATA to a folder holding revisitop's gnd_<name>.pkl and "
-                    "<name>_resnet_rsfm120k_gem.mat (python -m datasets.download --root DATA "
+                    "<name>_resnet_rsfm120k_gem.mat (python prepare_data.py download --root DATA "
                     "--datasets roxford5k rparis6k revisitop-features)")
     root = Path(data)
     mat = _find(root, dataset, f"{dataset}_resnet_rsfm120k_gem.mat")
