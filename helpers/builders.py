@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from models.checkpoint import load_official_checkpoint
+from common.convention import OFFICIAL_CONVENTION, TORCHVISION_CONVENTION
+from models.checkpoint import load_official_checkpoint, official_state_dict
 from models.cvnet import CVNetGlobal, CVNetRerank
 from models.superglobal import SuperGlobal, SuperGlobalRerank
 
@@ -184,3 +185,119 @@ def load_database(backend: str, path: str | os.PathLike) -> Any:
 
         return FaissVectorDB.load(Path(path))
     raise ValueError(f"only local databases (tensor, faiss) are loaded from files, got {backend!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training initialisation
+# --------------------------------------------------------------------------------------------------------------
+
+#: The official-layout keys of CVNet-Rerank's trainable head (the rest of a checkpoint is the backbone).
+RERANK_HEAD_PREFIXES = ("conv2ds.", "cv_learner.")
+
+
+def build_training_backbone(*, depth: int, reduction_dim: int, key_momentum: float,
+                            imagenet_weights: bool | str = "auto", init_checkpoint: str | os.PathLike | None = None,
+                            zero_init_residual: bool = False) -> CVNetGlobal:
+    """CVNet-Global to train (train mode, on the CPU), initialised from the first that applies:
+
+    - ``init_checkpoint``: an official-layout checkpoint (its own input convention);
+    - ``imagenet_weights`` true, or ``"auto"`` when torchvision's ImageNet weights are in the torch hub cache:
+      those weights (RGB input convention); ``"auto"`` falls back to random when they are absent;
+    - random weights (the releases' BGR convention), the bottlenecks zero-initialised if ``zero_init_residual``.
+
+    Random weights come from the global RNG (seed it first: every rank must draw the same).
+    """
+    choice = str(imagenet_weights).lower()
+    if choice not in ("auto", "true", "false"):
+        raise ValueError(f"model.imagenet_weights must be true, false or auto, got {imagenet_weights!r}")
+    options = {"reduction_dim": int(reduction_dim), "momentum": float(key_momentum)}
+    build = dict(depth=int(depth), seed=None, warn_random=False, eval_mode=False)
+    if init_checkpoint:
+        model = build_model("cvnet_global", weights=init_checkpoint, options=options, **build)
+        log.info("initialised from %s (input convention %s)", init_checkpoint,
+                 model.input_convention.channel_order)
+        return model
+    if choice != "false":
+        try:
+            model = build_model("cvnet_global", options={**options, "imagenet_weights": True,
+                                                         "input_convention": TORCHVISION_CONVENTION}, **build)
+            log.info("initialised from torchvision's ImageNet weights (RGB input convention)")
+            return model
+        except RuntimeError as err:
+            if choice == "true":
+                raise
+            log.warning("%s\n-> training from random initialisation instead (model.imagenet_weights=auto)", err)
+    log.info("random initialisation (BGR input convention of the official releases)")
+    model = build_model("cvnet_global", options={**options, "input_convention": OFFICIAL_CONVENTION}, **build)
+    if zero_init_residual:
+        zero_init_residual_(model)
+    return model
+
+
+@torch.no_grad()
+def zero_init_residual_(model: CVNetGlobal) -> None:
+    """Zero the last BN scale of every bottleneck (Goyal et al. 2017): each block starts as the identity, which
+    speeds up training from random initialisation. The key encoder is reset to match."""
+    for name, module in model.backbone.named_modules():
+        if name.endswith(".bn3") and isinstance(module, nn.BatchNorm2d):
+            module.weight.zero_()
+    model.reset_key_encoder()
+
+
+def read_backbone_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """An official-layout checkpoint file as ``{"model_state": ..., metadata}`` (weights_only), with a message
+    saying how to get one when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone checkpoint not found: {path}. Train it first (`python train_backbone.py` for the built-in "
+            "demo, or with your config), or point backbone.checkpoint=<file> at an official-layout CVNet "
+            "checkpoint such as CVPR2022_CVNet_R50.pyth (see README, 'Official weights').")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint")
+    if "model_state" not in ckpt:
+        ckpt = {"model_state": ckpt}
+    return ckpt
+
+
+def checkpoint_geometry(ckpt: Mapping[str, Any]) -> tuple[int, int]:
+    """(ResNet depth, global descriptor dimension) of an official-layout checkpoint dict."""
+    state = ckpt["model_state"]
+    prefix = "encoder_q." if any(k.startswith("encoder_q.") for k in state) else "globalmodel."
+    blocks = {k.split(".")[2] for k in state if k.startswith(prefix + "s3.")}
+    depth = int(ckpt.get("depth") or (101 if len(blocks) > 6 else 50))
+    dim = int(state[prefix + "head.fc.weight"].shape[0])
+    return depth, dim
+
+
+def _without_rerank_head(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in state.items() if not k.startswith(RERANK_HEAD_PREFIXES)}
+
+
+def build_training_rerank(backbone: Mapping[str, Any], *, depth: int, head_init: str = "random") -> CVNetRerank:
+    """CVNet-Rerank to train (train mode, CPU) on a frozen backbone: stages 1-3 (and the input convention) from
+    the official-layout checkpoint dict ``backbone``, stages frozen; the head (``conv2ds``, ``cv_learner``)
+    ``"random"`` (drawn from the global RNG: seed it first) or the ``"checkpoint"``'s own."""
+    if head_init not in ("random", "checkpoint"):
+        raise ValueError(f"model.head_init must be random or checkpoint, got {head_init!r}")
+    if head_init == "checkpoint":
+        if not any(k.startswith(RERANK_HEAD_PREFIXES) for k in backbone["model_state"]):
+            raise ValueError("model.head_init=checkpoint but the backbone checkpoint has no conv2ds/cv_learner")
+        rerank = build_model("cvnet_rerank", depth=depth, weights=backbone, seed=None, eval_mode=False)
+    else:
+        rerank = build_model("cvnet_rerank", depth=depth, seed=None, warn_random=False, eval_mode=False)
+        # the checkpoint's stages around this model's own random head: a strict load of the whole
+        load_official_checkpoint(rerank, {**{k: v for k, v in backbone.items() if k != "model_state"},
+                                          "model_state": complete_rerank_checkpoint(backbone, rerank)})
+    for p in rerank.backbone.parameters():
+        p.requires_grad_(False)
+    return rerank
+
+
+def complete_rerank_checkpoint(backbone: Mapping[str, Any], rerank: CVNetRerank) -> dict[str, Tensor]:
+    """The full official layout: the backbone checkpoint's ``encoder_q.*`` (stages 1-4, global head) and the
+    trained ``conv2ds.*`` / ``cv_learner.*`` of ``rerank``, so every model of this project loads it."""
+    state = _without_rerank_head(backbone["model_state"])
+    state.update({k: v for k, v in official_state_dict(rerank).items() if k.startswith(RERANK_HEAD_PREFIXES)})
+    return state

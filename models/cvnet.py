@@ -91,7 +91,8 @@ class CVNetRerank(nn.Module):
     ``extract_featuremap(images) -> (B, 1024, H/16, W/16)``; ``score(query_maps, key_maps) -> (B,)`` the
     probability that the pair shows the same object; ``model(query_images, key_images) -> (B,)`` both steps.
     A query batch of 1 is broadcast over B keys. :meth:`reduce_featuremap` is the query-independent part of
-    the key side (per-scale resize + 3x3 conv), which can be cached per database image.
+    the key side (per-scale resize + 3x3 conv), which can be cached per database image. Training optimises
+    :meth:`pair_logits`, the two-way logits of index-chosen pairs, through the same :meth:`logits_reduced`.
     """
 
     official_ignored_prefixes = ("head.", "backbone.layer4.")
@@ -128,14 +129,33 @@ class CVNetRerank(nn.Module):
             for s, conv in zip(self.scales, self.conv2ds)
         ]
 
-    def score_reduced(self, query: list[Tensor], key: list[Tensor]) -> Tensor:
-        """Pair scores from reduced maps (see :meth:`reduce_featuremap`) -> (B,) probabilities of class 1."""
+    def logits_reduced(self, query: list[Tensor], key: list[Tensor]) -> Tensor:
+        """Two-way logits ("different", "same object") of reduced maps paired row by row.
+
+        query / key: per scale (Bq, 256, h_s, w_s) / (B, 256, h_s, w_s) from :meth:`reduce_featuremap`, Bq in
+        {1, B} (a single query is broadcast) -> (B, 2). The one place the correlation and the 4D network run on
+        the faithful path: scoring (:meth:`score_reduced`) and training (:meth:`pair_logits`) both call it.
+        """
         b = max(query[0].shape[0], key[0].shape[0])
         query = [q.expand(b, *q.shape[1:]) for q in query]
         key = [k.expand(b, *k.shape[1:]) for k in key]
         size = (*query[-1].shape[-2:], *key[-1].shape[-2:])
-        corr = MF.cross_scale_correlation(query, key, size)
-        return torch.softmax(self.cv_learner(corr), dim=1)[:, 1]
+        return self.cv_learner(MF.cross_scale_correlation(query, key, size))
+
+    def score_reduced(self, query: list[Tensor], key: list[Tensor]) -> Tensor:
+        """Pair scores from reduced maps (see :meth:`reduce_featuremap`) -> (B,) probabilities of class 1."""
+        return torch.softmax(self.logits_reduced(query, key), dim=1)[:, 1]
+
+    def pair_logits(self, query_maps: Tensor, key_maps: Tensor, query_index: Tensor, key_index: Tensor) -> Tensor:
+        """Two-way logits of the pairs ``(query_index[p], key_index[p])`` of two batches of stage-3 maps.
+
+        query_maps (Bq, 1024, hq, wq), key_maps (Bk, 1024, hk, wk), query_index / key_index (P,) -> (P, 2):
+        class 0 "different", class 1 "same object" (softmax class 1 is :meth:`score`). Each map goes through the
+        per-scale convs once, however many pairs it is in; this is what CVNet-Rerank training optimises.
+        """
+        query = [t[query_index] for t in self.reduce_featuremap(query_maps)]
+        key = [t[key_index] for t in self.reduce_featuremap(key_maps)]
+        return self.logits_reduced(query, key)
 
     def score(self, query_maps: Tensor, key_maps: Tensor) -> Tensor:
         """(Bq, 1024, hq, wq) and (B, 1024, hk, wk) stage-3 maps, Bq in {1, B} -> (B,) scores."""

@@ -1,7 +1,10 @@
-"""Training losses of CVNet-Global (Lee et al., CVPR 2022, Sec. 3.1): CurricularFace and a momentum contrastive loss.
+"""Training losses of CVNet (Lee et al., CVPR 2022): CurricularFace and a momentum contrastive loss for
+CVNet-Global (Sec. 3.1), the pairs and the class-balanced cross-entropy of CVNet-Rerank (Sec. 3.4).
 
 CVNet-Global is trained with a CurricularFace-margined classification loss (Eq. 1) plus a momentum contrastive
 loss (Eq. 2) whose keys come from a momentum (EMA) encoder and are kept, with their labels, in a FIFO queue.
+CVNet-Rerank's head is trained with cross-entropy on the two-way logits of (query, positive) and (query, hard
+negative) pairs (:func:`training_pairs`, :func:`balanced_cross_entropy`).
 
 Sources and how sure each value is:
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -259,6 +263,10 @@ class MomentumContrastiveLoss(nn.Module):
     -> scalar loss. q and k are L2-normalised here; the loss uses the queue as it was *before* this batch, then,
     in training mode only (so validation passes leave it untouched), the detached keys are enqueued.
     No gradient reaches the queue or k.
+
+    ``gather``: under data parallelism, a function concatenating a tensor (n, ...) over all processes in a fixed
+    order (e.g. ``helpers.distributed.all_gather_cat``); every process then enqueues the keys of all of them, so
+    the queues stay identical. None: this process's keys only.
     """
 
     def __init__(
@@ -267,6 +275,7 @@ class MomentumContrastiveLoss(nn.Module):
         queue_size: int = DEFAULT_QUEUE_SIZE,
         temperature: float = DEFAULT_TEMPERATURE,
         form: str = "supcon",
+        gather: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if form not in CONTRASTIVE_FORMS:
@@ -275,6 +284,7 @@ class MomentumContrastiveLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.form = form
+        self.gather = gather
         self.queue = LabelledQueue(dim, queue_size)
 
     def forward(self, q: Tensor, k: Tensor, labels: Tensor) -> Tensor:
@@ -291,8 +301,45 @@ class MomentumContrastiveLoss(nn.Module):
             form=self.form,
         )
         if self.training:
+            if self.gather is not None:
+                k, labels = self.gather(k), self.gather(labels)
             self.queue.enqueue(k, labels)
         return loss
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:.6g}, form={self.form!r}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CVNet-Rerank (Sec. 3.4)
+# --------------------------------------------------------------------------------------------------------------
+
+RERANK_PAIR_MODES = ("mined", "all")
+
+
+def training_pairs(labels: Tensor, key_labels: Tensor, mode: str = "mined") -> tuple[Tensor, Tensor, Tensor]:
+    """(query_index (P,), key_index (P,), target (P,)) of the pairs a CVNet-Rerank batch trains on.
+
+    labels (B,) of the queries; key_labels (2B,): the B positives then the B mined negatives. ``"mined"``: each
+    query with its own positive and its own hard negative (P = 2B, the paper's); ``"all"``: each query with
+    every key of the batch (P = 2B^2 from the same images: the other queries' keys add easy negatives and
+    extra positives). Target 1 = same landmark.
+    """
+    b = labels.shape[0]
+    if mode == "mined":
+        qi = torch.arange(b, device=labels.device).repeat(2)
+        kj = torch.arange(2 * b, device=labels.device)
+    elif mode == "all":
+        qi = torch.arange(b, device=labels.device).repeat_interleave(2 * b)
+        kj = torch.arange(2 * b, device=labels.device).repeat(b)
+    else:
+        raise ValueError(f"pairs must be one of {RERANK_PAIR_MODES}, got {mode!r}")
+    return qi, kj, (labels[qi] == key_labels[kj]).long()
+
+
+def balanced_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Class-balanced cross-entropy: the mean over positive pairs and the mean over negative pairs, averaged
+    (equal weight to each class present). logits (P, 2), target (P,) in {0, 1} -> scalar (float32 or wider)."""
+    per_pair = F.cross_entropy(logits.float(), target, reduction="none")
+    parts = [per_pair[target == c].mean() for c in (0, 1) if bool((target == c).any())]
+    return torch.stack(parts).mean()

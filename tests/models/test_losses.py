@@ -1,4 +1,5 @@
-"""CurricularFace and the momentum contrastive loss against hand-written per-sample loops (float64)."""
+"""CurricularFace and the momentum contrastive loss against hand-written per-sample loops (float64); the
+re-ranker's training pairs and class-balanced cross-entropy."""
 import math
 
 import pytest
@@ -9,8 +10,10 @@ from models.losses import (
     CurricularFace,
     LabelledQueue,
     MomentumContrastiveLoss,
+    balanced_cross_entropy,
     curricular_face_logits,
     momentum_contrastive_loss,
+    training_pairs,
 )
 
 
@@ -311,6 +314,41 @@ def test_momentum_loss_state_dict_round_trip():
     q, k, y = torch.randn(2, 3), torch.randn(2, 3), torch.tensor([1, 2])
     assert other(q, k, y).item() == pytest.approx(crit(q, k, y).item(), rel=1e-6)
     assert torch.equal(other.queue.queue, crit.queue.queue) and int(other.queue.ptr) == int(crit.queue.ptr)
+
+
+def test_momentum_loss_gather_enqueues_the_keys_of_every_process():
+    torch.manual_seed(10)
+    other_keys, other_labels = _unit(torch.randn(2, 3)), torch.tensor([5, 6])
+    # a stand-in for two processes: this one's tensor first, then the other's, as all_gather_cat orders them
+    gather = lambda t: torch.cat([t, other_keys if t.is_floating_point() else other_labels])  # noqa: E731
+    crit = MomentumContrastiveLoss(dim=3, queue_size=8, gather=gather)
+    alone = MomentumContrastiveLoss(dim=3, queue_size=8)
+    q, k, y = torch.randn(2, 3), torch.randn(2, 3), torch.tensor([1, 2])
+    assert crit(q, k, y).item() == alone(q, k, y).item()  # the loss is the local batch's against the old queue
+    assert crit.queue.labels.tolist()[:4] == [1, 2, 5, 6] and int(crit.queue.ptr) == 4
+    torch.testing.assert_close(crit.queue.queue[:4], torch.cat([_unit(k), other_keys]))
+    assert len(alone.queue) == 2
+
+
+def test_rerank_training_pairs_and_their_balanced_loss():
+    labels = torch.tensor([0, 1, 1])
+    key_labels = torch.cat([labels, torch.tensor([2, 0, 0])])  # positives, then mined negatives
+    qi, kj, target = training_pairs(labels, key_labels, "mined")
+    assert qi.tolist() == [0, 1, 2, 0, 1, 2] and kj.tolist() == [0, 1, 2, 3, 4, 5]
+    assert target.tolist() == [1, 1, 1, 0, 0, 0]
+    qi, kj, target = training_pairs(labels, key_labels, "all")
+    assert len(qi) == 18
+    assert all(target[p] == int(labels[qi[p]] == key_labels[kj[p]]) for p in range(18))
+    assert target.view(3, 6).tolist()[1] == [0, 1, 1, 0, 0, 0]  # query 1 also matches query 2's positive
+    logits = torch.randn(18, 2, generator=torch.Generator().manual_seed(0))
+    ce = F.cross_entropy(logits, target, reduction="none")
+    expected = 0.5 * (ce[target == 1].mean() + ce[target == 0].mean())
+    assert torch.allclose(balanced_cross_entropy(logits, target), expected)
+    only_negatives = torch.zeros(4, dtype=torch.long)  # a class absent from the batch does not count
+    assert torch.allclose(balanced_cross_entropy(logits[:4], only_negatives),
+                          F.cross_entropy(logits[:4], only_negatives))
+    with pytest.raises(ValueError, match="pairs"):
+        training_pairs(labels, key_labels, "some")
 
 
 def test_contrastive_rejects_bad_arguments():

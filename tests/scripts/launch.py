@@ -1,7 +1,13 @@
-"""Start a training script as two CPU ranks (gloo) the way torchrun would, through the environment."""
+"""How the training-script tests start the scripts: as two CPU ranks (gloo) the way torchrun would, through the
+environment, and as a fresh interpreter that records which modules it imported (config errors must answer
+before torch is imported)."""
 import os
 import socket
 import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -20,3 +26,24 @@ def run_two_cpu_ranks(args: list[str], timeout: float = 300) -> None:
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     for p in procs:
         assert p.wait(timeout=timeout) == 0, p.stderr.read().decode()[-2000:]
+
+
+@dataclass
+class ScriptRun:
+    returncode: int
+    stdout: str
+    stderr: str  # without the import-time lines
+    modules: set[str]  # every module the interpreter imported
+    seconds: float
+
+
+def run_recording_imports(script: Path, *args: str, timeout: float = 60) -> ScriptRun:
+    """``python -X importtime script args...``: its outcome, wall time and imported modules."""
+    start = time.perf_counter()
+    p = subprocess.run([sys.executable, "-X", "importtime", str(script), *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=script.parent)
+    seconds = time.perf_counter() - start
+    lines = p.stderr.splitlines()
+    modules = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    stderr = "\n".join(line for line in lines if not line.startswith("import time:"))
+    return ScriptRun(p.returncode, p.stdout, stderr, modules, seconds)

@@ -1,5 +1,5 @@
 """train_backbone.py on a tiny synthetic split: a 5-step run, SIGKILL + --resume == uninterrupted, two CPU ranks
-(gloo), and corrupt images skipped, counted and capped."""
+(gloo), corrupt images skipped, counted and capped, and config errors answered before torch is imported."""
 import json
 import logging
 import os
@@ -13,13 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import train_backbone
 from datasets.synthetic import SyntheticConfig, build_synthetic, load_train_split
-from helpers.training import METRICS_NAME, TRAIN_STATE_NAME, ResumableDistributedSampler, read_jsonl
+from helpers.training.data import ResumableDistributedSampler
+from helpers.training.loop import METRICS_NAME, read_jsonl
+from helpers.training.state import TRAIN_STATE_NAME
 from models.checkpoint import OFFICIAL_CONVENTION, load_official_checkpoint
 from models.cvnet import CVNetGlobal
-from tests.scripts.launch import run_two_cpu_ranks
+from tests.scripts.launch import run_recording_imports, run_two_cpu_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_backbone.py"
@@ -131,7 +134,7 @@ def test_two_cpu_ranks_share_the_queue_and_stay_in_sync(data_root, tmp_path):
     assert queue["labels"][:12].tolist() == expected and (queue["labels"][12:] == -1).all()
 
 
-def test_corrupt_image_is_skipped_counted_and_capped(data_root, tmp_path, caplog):
+def test_corrupt_image_is_skipped_counted_and_capped(data_root, tmp_path, caplog, capsys):
     root = tmp_path / "data"
     shutil.copytree(data_root, root)
     paths, _ = load_train_split(root, "t")
@@ -147,9 +150,25 @@ def test_corrupt_image_is_skipped_counted_and_capped(data_root, tmp_path, caplog
     assert records[-1]["event"] == "end" and records[-1]["corrupt_images"] == 1
     assert any(str(paths[5]) in r.getMessage() for r in caplog.records)
 
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        rc = train_backbone.main(["--no-progress", *_overrides(root, tmp_path / "capped", "train.steps=3",
-                                                                "data.max_corrupt=0", "train.checkpoint_every=100")])
+    capsys.readouterr()
+    rc = train_backbone.main(["--no-progress", *_overrides(root, tmp_path / "capped", "train.steps=3",
+                                                            "data.max_corrupt=0", "train.checkpoint_every=100")])
     assert rc == 2
-    assert any("max_corrupt=0" in r.getMessage() for r in caplog.records)
+    assert "max_corrupt=0" in capsys.readouterr().err  # one line, no traceback
+
+
+def test_config_errors_answer_at_once_without_importing_torch():
+    for args, named in ((["train.stepz=3"], ("'train.stepz'", "'train.steps'")),
+                        (["train.checkpoint_every=0"], ("train.checkpoint_every", ">= 1")),
+                        (["model.depth=34"], ("model.depth", "50"))):
+        run = run_recording_imports(SCRIPT, *args)
+        assert run.returncode == 2 and run.seconds < 5, (args, run.stderr)
+        assert all(word in run.stderr for word in named) and "Traceback" not in run.stderr, run.stderr
+        assert "torch" not in run.modules
+    helped = run_recording_imports(SCRIPT, "--help")
+    assert helped.returncode == 0 and helped.seconds < 2 and "torch" not in helped.modules
+    assert "--resume" in helped.stdout and "--print-config" in helped.stdout and "helpers/schemas.py" in helped.stdout
+    printed = run_recording_imports(SCRIPT, "--print-config", "train.steps=7")
+    assert printed.returncode == 0 and "torch" not in printed.modules
+    cfg = yaml.safe_load(printed.stdout)
+    assert cfg["train"]["steps"] == 7 and cfg["model"]["zero_init_residual"] is True  # defaults <- built-in YAML

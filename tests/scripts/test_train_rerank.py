@@ -1,5 +1,6 @@
 """train_rerank.py on a tiny synthetic split and a random backbone checkpoint: a 5-step run, the complete
-official-layout output, SIGKILL + --resume == uninterrupted, two CPU ranks (gloo), and corrupt images."""
+official-layout output, SIGKILL + --resume == uninterrupted, two CPU ranks (gloo), corrupt images, and config
+errors answered before torch is imported."""
 import json
 import logging
 import os
@@ -13,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import train_rerank
 from datasets.synthetic import SyntheticConfig, build_synthetic, load_train_split
-from helpers.training import METRICS_NAME, TRAIN_STATE_NAME, read_jsonl
+from helpers.training.loop import METRICS_NAME, read_jsonl
+from helpers.training.state import TRAIN_STATE_NAME
 from models.checkpoint import load_official_checkpoint, save_official_checkpoint
 from models.cvnet import CVNetGlobal, CVNetRerank
-from tests.scripts.launch import run_two_cpu_ranks
+from tests.scripts.launch import run_recording_imports, run_two_cpu_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_rerank.py"
@@ -89,30 +92,12 @@ def test_five_steps_decrease_the_loss_and_write_a_complete_checkpoint(setup, tmp
     assert (labels[neg] != labels[:, None]).all()
 
 
-def test_training_pairs_and_their_balanced_loss():
-    labels = torch.tensor([0, 1, 1])
-    key_labels = torch.cat([labels, torch.tensor([2, 0, 0])])  # positives, then mined negatives
-    qi, kj, target = train_rerank.training_pairs(labels, key_labels, "mined")
-    assert qi.tolist() == [0, 1, 2, 0, 1, 2] and kj.tolist() == [0, 1, 2, 3, 4, 5]
-    assert target.tolist() == [1, 1, 1, 0, 0, 0]
-    qi, kj, target = train_rerank.training_pairs(labels, key_labels, "all")
-    assert len(qi) == 18
-    assert all(target[p] == int(labels[qi[p]] == key_labels[kj[p]]) for p in range(18))
-    assert target.view(3, 6).tolist()[1] == [0, 1, 1, 0, 0, 0]  # query 1 also matches query 2's positive
-    logits = torch.randn(18, 2, generator=torch.Generator().manual_seed(0))
-    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-    expected = 0.5 * (ce[target == 1].mean() + ce[target == 0].mean())
-    assert torch.allclose(train_rerank.balanced_cross_entropy(logits, target), expected)
-    with pytest.raises(ValueError, match="pairs"):
-        train_rerank.training_pairs(labels, key_labels, "some")
-
-
-def test_missing_backbone_checkpoint_says_what_to_do(setup, tmp_path, caplog):
-    with caplog.at_level(logging.ERROR):
-        rc = train_rerank.main(["--no-progress", *_overrides(setup, tmp_path / "x", "train.steps=1"),
-                                f"backbone.checkpoint={tmp_path / 'absent.pyth'}"])
+def test_missing_backbone_checkpoint_says_what_to_do(setup, tmp_path, capsys):
+    rc = train_rerank.main(["--no-progress", *_overrides(setup, tmp_path / "x", "train.steps=1"),
+                            f"backbone.checkpoint={tmp_path / 'absent.pyth'}"])
     assert rc == 2
-    assert any("python train_backbone.py" in r.getMessage() for r in caplog.records)
+    err = capsys.readouterr().err
+    assert "python train_backbone.py" in err and "Traceback" not in err
 
 
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(setup, tmp_path):
@@ -151,7 +136,7 @@ def test_two_cpu_ranks_train_in_sync(setup, tmp_path):
     assert (mined["negatives"] >= 0).all()
 
 
-def test_corrupt_image_is_skipped_counted_and_capped(setup, tmp_path, caplog):
+def test_corrupt_image_is_skipped_counted_and_capped(setup, tmp_path, caplog, capsys):
     root = tmp_path / "data"
     shutil.copytree(setup[0], root)
     paths, _ = load_train_split(root, "t")
@@ -165,9 +150,26 @@ def test_corrupt_image_is_skipped_counted_and_capped(setup, tmp_path, caplog):
     assert summary["corrupt_images"] == 1 and summary["corrupt_skipped"] >= 1
     mined = torch.load(tmp_path / "run" / "mining.pt", weights_only=True)
     assert (mined["negatives"] != 2).all() and (mined["positives"] != 2).all()  # never mined as a partner
-    with caplog.at_level(logging.ERROR):
-        rc = train_rerank.main(["--no-progress", *_overrides(setup, tmp_path / "capped", "train.steps=3",
-                                                              "data.max_corrupt=0", "train.checkpoint_every=100",
-                                                              root=root)])
+    capsys.readouterr()
+    rc = train_rerank.main(["--no-progress", *_overrides(setup, tmp_path / "capped", "train.steps=3",
+                                                          "data.max_corrupt=0", "train.checkpoint_every=100",
+                                                          root=root)])
     assert rc == 2
-    assert any("max_corrupt=0" in r.getMessage() for r in caplog.records)
+    assert "max_corrupt=0" in capsys.readouterr().err  # one line, no traceback
+
+
+def test_config_errors_answer_at_once_without_importing_torch():
+    for args, named in ((["train.stepz=3"], ("'train.stepz'", "'train.steps'")),
+                        (["train.pairs=some"], ("train.pairs", "mined")),
+                        (["mining.num_negatives=0"], ("mining.num_negatives", ">= 1"))):
+        run = run_recording_imports(SCRIPT, *args)
+        assert run.returncode == 2 and run.seconds < 5, (args, run.stderr)
+        assert all(word in run.stderr for word in named) and "Traceback" not in run.stderr, run.stderr
+        assert "torch" not in run.modules
+    helped = run_recording_imports(SCRIPT, "--help")
+    assert helped.returncode == 0 and helped.seconds < 2 and "torch" not in helped.modules
+    assert "--resume" in helped.stdout and "--print-config" in helped.stdout and "helpers/schemas.py" in helped.stdout
+    printed = run_recording_imports(SCRIPT, "--print-config", "train.steps=7")
+    assert printed.returncode == 0 and "torch" not in printed.modules
+    cfg = yaml.safe_load(printed.stdout)
+    assert cfg["train"]["steps"] == 7 and cfg["optim"]["name"] == "adam"  # defaults <- built-in YAML

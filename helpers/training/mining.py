@@ -6,12 +6,18 @@ hard negatives are top-ranked images of *other* landmarks. Its curriculum raises
 here the negative of a query is drawn from the ``pool`` most similar other-landmark images, with ``pool``
 shrinking from ``pool_start`` (easy: almost any negative) to ``pool_end`` (only the hardest), and the
 Hide-and-Seek probability growing alongside.
+
+:func:`mine_pairs` is the whole step as training runs it: describe every training image with the frozen backbone,
+mine, and cache the result in ``<out_dir>/mining.pt`` (keyed by the backbone file, the labels and the settings).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,20 +26,27 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from common.convention import InputConvention
+from common.io import atomic_torch_save
 from datasets.augment import (
     _SALT_HIDE,
     _SALT_NEGATIVE,
     _SALT_POSITIVE,
     _SALT_QUERY,
+    ResizedImages,
     TrainAugment,
     hide_and_seek,
     item_rng,
 )
 from datasets.transforms import to_tensor
-from helpers.training import CorruptSample, DistEnv, SkipCorrupt, all_gather_cat
-from common.convention import InputConvention
+from helpers.builders import build_model
+from helpers.distributed import DistEnv, all_gather_cat, all_gather_objects
+from helpers.training.data import CorruptSample, LabelledData, SkipCorrupt
 
 log = logging.getLogger(__name__)
+
+MINING_NAME = "mining.pt"
+MINING_FORMAT = "cvnet-mining-v1"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -162,6 +175,50 @@ def mine_distributed(descriptors: Tensor, labels: Tensor, valid: Tensor, *, num_
     full_pos[order] = all_gather_cat(pos[rows].to(dev), env).cpu()
     full_neg[order] = all_gather_cat(neg[rows].to(dev), env).cpu()
     return full_pos, full_neg
+
+
+def mining_key(backbone_path: str | os.PathLike, labels: Tensor, mining_cfg: Mapping[str, Any],
+               convention: InputConvention) -> str:
+    """What a cached mining result depends on: the backbone file (path, size, mtime), the labels (N,), the
+    ``mining`` settings and the input convention, as a hex digest."""
+    st = os.stat(backbone_path)
+    h = hashlib.sha256()
+    h.update(f"{MINING_FORMAT}|{os.path.abspath(backbone_path)}|{st.st_size}|{st.st_mtime_ns}|".encode())
+    h.update(repr(sorted((k, str(v)) for k, v in mining_cfg.items())).encode())
+    h.update(repr(convention.to_dict()).encode())
+    h.update(labels.numpy().tobytes())
+    return h.hexdigest()
+
+
+def mine_pairs(*, backbone: Mapping[str, Any], backbone_path: str, depth: int, dim: int, data: LabelledData,
+               mining_cfg: Mapping[str, Any], convention: InputConvention, env: DistEnv, out_dir: Path,
+               progress: bool = True, num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """Positives (N, num_positives) and hard negatives (N, num_negatives) of every training image, from the
+    global descriptors of the frozen backbone (an official-layout checkpoint dict read from ``backbone_path``),
+    cached in ``<out_dir>/mining.pt``. ``mining_cfg``: image_size, batch_size, num_positives, num_negatives."""
+    labels = torch.as_tensor(data.labels, dtype=torch.long)
+    key = mining_key(backbone_path, labels, mining_cfg, convention)
+    cache = out_dir / MINING_NAME
+    saved = torch.load(cache, map_location="cpu", weights_only=True) if cache.is_file() else {}
+    # every rank must take the same branch (mining uses collectives), e.g. nodes without a shared file system
+    if all(all_gather_objects(saved.get("key") == key, env)):
+        log.info("mined pairs loaded from %s", cache)
+        return saved["positives"], saved["negatives"]
+    # seed=None: the global RNG as before (the checkpoint overwrites every weight anyway)
+    model = build_model("cvnet_global", depth=depth, weights=backbone, seed=None, options={"reduction_dim": dim},
+                        device=env.device, warn_random=False)
+    images = ResizedImages(data.dataset, size=int(mining_cfg["image_size"]), convention=convention)
+    desc, valid = extract_descriptors(model, images, batch_size=int(mining_cfg["batch_size"]), device=env.device,
+                                      num_workers=num_workers, env=env, progress=progress)
+    pos, neg = mine_distributed(desc, labels, valid, num_positives=int(mining_cfg["num_positives"]),
+                                num_negatives=int(mining_cfg["num_negatives"]), env=env)
+    if env.is_main:
+        same = (labels[neg[:, 0].clamp(min=0)] == labels) & (neg[:, 0] >= 0)
+        assert not bool(same.any()), "a mined negative shares the query's label"
+        atomic_torch_save({"key": key, "positives": pos, "negatives": neg}, cache)
+        log.info("mined %d positives and %d hard negatives per image (%d images, %d undecodable)",
+                 pos.shape[1], neg.shape[1], len(labels), int((~valid).sum()))
+    return pos, neg
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""Training data: the resumable distributed order, corrupt images (dropped, counted once, capped), the labelled
+sets, and the augmentations training draws (Hide-and-Seek, random resized crops, augmented pairs)."""
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from datasets.augment import AugmentedPairs, TrainAugment, hide_and_seek, hide_and_seek_mask, random_resized_crop
+from datasets.folder import CorruptImageError
+from datasets.paired import PairedDataset
+from helpers.training.data import (
+    CorruptSample,
+    CorruptTally,
+    ResumableDistributedSampler,
+    SkipCorrupt,
+    TooManyCorruptImages,
+    _contiguous,
+    collate_skip_corrupt,
+)
+from helpers.training.loop import steps_per_epoch
+from models.checkpoint import OFFICIAL_CONVENTION
+
+# ------------------------------------------------------------------------------------------------ data order
+
+
+class _Range(Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+def test_sampler_resumes_mid_epoch_with_the_same_order():
+    s = ResumableDistributedSampler(_Range(23), num_replicas=1, rank=0, seed=5)
+    s.set_epoch(3)
+    full = list(s)
+    s.set_start(10)
+    assert list(s) == full[10:] and len(s) == 13
+    s.set_epoch(4)
+    s.set_start(0)
+    assert list(s) != full  # another epoch, another permutation
+    with pytest.raises(ValueError):
+        s.set_start(99)
+
+
+def test_global_batches_do_not_depend_on_the_number_of_ranks():
+    n, batch = 24, 6
+    one = ResumableDistributedSampler(_Range(n), num_replicas=1, rank=0, seed=1)
+    one.set_epoch(2)
+    order = list(one)
+    shards = []
+    for r in range(2):
+        s = ResumableDistributedSampler(_Range(n), num_replicas=2, rank=r, seed=1)
+        s.set_epoch(2)
+        shards.append(list(s))
+    per_rank = batch // 2
+    for step in range(n // batch):
+        two = shards[0][step * per_rank:(step + 1) * per_rank] + shards[1][step * per_rank:(step + 1) * per_rank]
+        assert sorted(two) == sorted(order[step * batch:(step + 1) * batch])
+    assert steps_per_epoch(n, batch, 2) == steps_per_epoch(n, batch, 1) == n // batch
+
+
+# ------------------------------------------------------------------------------------------------ corrupt images
+
+
+class _Flaky(Dataset):
+    def __init__(self, bad):
+        self.bad = set(bad)
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise CorruptImageError(f"/x/{i}.jpg", "truncated")
+        return torch.full((2,), float(i)), i
+
+
+def test_corrupt_items_are_dropped_from_the_batch_and_counted_once():
+    data = SkipCorrupt(_Flaky({1, 4}))
+    batch = collate_skip_corrupt([data[i] for i in range(6)])
+    assert batch.size == 4 and batch.data[1].tolist() == [0, 2, 3, 5]
+    assert [c.path for c in batch.corrupt] == ["/x/1.jpg", "/x/4.jpg"]
+    tally = CorruptTally(max_corrupt=2)
+    assert tally.add(batch.corrupt) == ["/x/1.jpg", "/x/4.jpg"]
+    assert tally.add([CorruptSample(1, "/x/1.jpg", "again")]) == []  # the same file again: not a new one
+    assert len(tally.paths) == 2 and tally.skipped == 3
+    with pytest.raises(TooManyCorruptImages, match="max_corrupt=2"):
+        tally.add([CorruptSample(0, "/x/0.jpg", "bad")])
+    empty = collate_skip_corrupt([data[1]])
+    assert empty.data is None and empty.size == 0
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+
+def test_hide_and_seek_hides_whole_grid_cells_with_the_given_probability():
+    rng = np.random.default_rng(0)
+    masks = np.stack([hide_and_seek_mask(12, 16, rng, grid=4, prob=0.3) for _ in range(2000)])
+    cells = masks.reshape(-1, 4, 3, 4, 4)  # (draws, grid rows, 3 px, grid cols, 4 px)
+    assert (cells.all(axis=(2, 4)) | ~cells.any(axis=(2, 4))).all()  # a cell is hidden entirely or not at all
+    assert abs(masks.mean() - 0.3) < 0.01
+    assert not hide_and_seek_mask(5, 5, rng, grid=2, prob=0.0).any()
+    assert hide_and_seek_mask(5, 5, rng, grid=2, prob=1.0).all()
+    x = torch.randn(3, 12, 16)
+    y = hide_and_seek(x, np.random.default_rng(1), grid=4, prob=0.5, fill=0.0)
+    m = torch.from_numpy(hide_and_seek_mask(12, 16, np.random.default_rng(1), grid=4, prob=0.5))
+    assert torch.equal(y[:, m], torch.zeros_like(y[:, m])) and torch.equal(y[:, ~m], x[:, ~m])
+
+
+def test_random_resized_crop_size_and_determinism():
+    img = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    a = random_resized_crop(img, np.random.default_rng(7), size=24)
+    b = random_resized_crop(img, np.random.default_rng(7), size=24)
+    assert a.shape == (24, 24, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert random_resized_crop(img, np.random.default_rng(7), size=(10, 20)).shape == (10, 20, 3)
+
+
+def test_augmented_pairs_are_a_pure_function_of_seed_epoch_index(constant_images):
+    aug = TrainAugment(size=16, brightness=0.3, contrast=0.3, saturation=0.3)
+    make = lambda: AugmentedPairs(PairedDataset(constant_images(), seed=1), augment=aug,  # noqa: E731
+                                  convention=OFFICIAL_CONVENTION, seed=1)
+    a, b = make(), make()
+    a.set_epoch(2)
+    b.set_epoch(2)
+    for i in (0, 5, 11):
+        x, y = a[i], b[i]
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2] == i // 3
+        assert x[0].shape == (3, 16, 16)
+    b.set_epoch(3)
+    assert any(not torch.equal(a[i][0], b[i][0]) for i in range(12))
+
+
+def test_labels_become_contiguous_class_indices(constant_images):
+    data = _contiguous(constant_images(6), [7, 7, 3, 9, 3, 7], "toy")
+    assert data.num_classes == 3 and data.labels.tolist() == [1, 1, 0, 2, 0, 1]
+    assert [data.dataset[i][1] for i in range(6)] == [1, 1, 0, 2, 0, 1]
+    same = _contiguous(constant_images(3), [0, 1, 1], "toy")
+    assert isinstance(same.dataset, constant_images) and same.num_classes == 2  # already contiguous: not wrapped
