@@ -185,7 +185,10 @@ TRAIN_RERANK = Schema(
         "mining": {"image_size": 512, "batch_size": 64, "num_positives": 20, "num_negatives": 100},
         "curriculum": {"pool_start": 100, "pool_end": 10, "hide_grid": 4, "hide_prob_start": 0.0,
                        "hide_prob_end": 0.3},
-        **_TRAIN_COMMON_DEFAULTS,
+        # the re-ranking head's optimiser defaults are Adam's, unlike the backbone's SGD
+        "optim": {"name": "adam", "lr": 0.0015, "momentum": 0.9, "weight_decay": 0.0, "nesterov": False,
+                  "betas": [0.9, 0.999]},
+        "schedule": dict(_TRAIN_COMMON_DEFAULTS["schedule"]),
         "train": {**_train_section(144), "pairs": "mined"},
     },
     rules={

@@ -217,7 +217,3 @@ class CVNetRerank(nn.Module):
         """Mean over all 4D positions of a channels-last (B, ..., 128) tensor -> MLP -> (B,) P(class 1)."""
         pooled = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)
         return torch.softmax(self.cv_learner.mlp(pooled), dim=1)[:, 1]
-
-    def score_reduced_fast(self, query: list[Tensor], key: list[Tensor]) -> Tensor:
-        """:meth:`score_reduced` through the fast path: same arguments, same scores within 1e-5."""
-        return self.score_prepared(self.prepare_reduced(query), self.prepare_reduced(key))

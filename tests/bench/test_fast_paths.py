@@ -117,12 +117,12 @@ def rerank_model() -> CVNetRerank:
 
 
 @pytest.mark.parametrize("bq", [1, 3])
-def test_score_reduced_fast_equals_score_reduced(rerank_model, bq):
+def test_prepared_fast_path_equals_score_reduced(rerank_model, bq):
     with torch.inference_mode():
         q = rerank_model.reduce_featuremap(torch.randn(bq, 1024, 9, 11))
         k = rerank_model.reduce_featuremap(torch.randn(3, 1024, 10, 7))
         faithful = rerank_model.score_reduced(q, k)
-        fast = rerank_model.score_reduced_fast(q, k)
+        fast = rerank_model.score_prepared(rerank_model.prepare_reduced(q), rerank_model.prepare_reduced(k))
     assert fast.shape == (3,)
     torch.testing.assert_close(fast, faithful, rtol=0, atol=1e-5)
     assert faithful.std() > 1e-4  # the three pairs really differ, so a broadcast mistake would show
