@@ -243,16 +243,17 @@ def _strip(label: str, i: int, title: str, ranking: Mapping[str, Any], db_names:
         if before_ids is not None:
             if j in before_ids:
                 d = before_ids.index(j) + 1 - r
-                move = (f'<span class="move up">\u25b2{d}</span>' if d > 0 else
-                        f'<span class="move down">\u25bc{-d}</span>' if d < 0 else "")
+                move = (f'<span class="move up" title="up {d} from #{r + d}">\u25b2{d}</span>' if d > 0 else
+                        f'<span class="move down" title="down {-d} from #{r + d}">\u25bc{-d}</span>' if d < 0
+                        else "")
             else:
-                move = '<span class="move up">new</span>'
+                move = f'<span class="move up" title="not in the top {len(before_ids)} before">new</span>'
         tip = f"#{r} \u00b7 {LABEL_TEXT[lab]} \u00b7 score {score or 'n/a'} \u00b7 {name}"
         tiles.append(
             f'<li class="tile {lab}" title="{_e(tip)}"><span class="frame">'
             f'{_img(thumbs.get("item", label, int(j), THUMB_HEIGHT), alt=name, height=THUMB_HEIGHT)}'
-            f'<span class="mark">{LABEL_MARK[lab]}</span></span>'
-            f'<span class="cap"><b>#{r}</b>{move}<span class="score">{_e(score)}</span></span>'
+            f'<span class="mark">{LABEL_MARK[lab]}</span>{move}</span>'
+            f'<span class="cap"><b>#{r}</b><span class="score">{_e(score)}</span></span>'
             f'<span class="fn">{_e(name)}</span></li>')
     return (f'<div class="strip"><div class="side">{"".join(side)}</div>'
             f'<ol class="tiles">{"".join(tiles)}</ol></div>')
@@ -463,9 +464,11 @@ ol.tiles { list-style: none; display: flex; flex-wrap: wrap; gap: 6px; margin: 0
 .tile .mark { position: absolute; top: 0; left: 0; padding: 0 4px; color: #fff; font-weight: 700; font-size: 12px;
               background: var(--neg); border-bottom-right-radius: 3px; }
 .tile.positive .mark { background: var(--pos); } .tile.junk .mark { background: var(--junk); }
-.cap { display: flex; gap: 4px; align-items: baseline; margin-top: 2px; }
+.cap { display: flex; gap: 4px; align-items: baseline; margin-top: 2px; white-space: nowrap; overflow: hidden; }
 .cap .score { margin-left: auto; font-variant-numeric: tabular-nums; }
-.move { font-size: 11px; } .move.up { color: var(--pos); } .move.down { color: var(--neg); }
+.move { position: absolute; top: 0; right: 0; padding: 0 4px; font-size: 11px; font-weight: 700;
+        background: rgba(255, 255, 255, 0.9); border-bottom-left-radius: 3px; }
+.move.up { color: var(--pos); } .move.down { color: var(--neg); }
 .fn { display: block; color: var(--muted); font-size: 11px; overflow: hidden; text-overflow: ellipsis;
       white-space: nowrap; max-width: 142px; }
 .tile .fn { max-width: 108px; }
