@@ -4,12 +4,15 @@
     python eval.py --config configs/cvnet_rerank_r50.yaml data.root=/data model.weights=weights/CVPR2022_CVNet_R50.pyth
     torchrun --nproc_per_node 4 eval.py --config configs/superglobal_r101.yaml data.distractors=revisitop1m
     python eval.py --print-config                             # every key with its resolved value
+    python eval.py --compare runs/eval/A runs/eval/B          # per-query AP differences between two runs
 
 Methods: ``cvnet_global``, ``cvnet_rerank`` (CVNet-Global ranking re-ranked by CVNet-Rerank), ``superglobal``,
 ``superglobal_rerank``; several in one run share their extracted descriptors, and the on-disk feature cache lets
 a later run (or one that adds re-ranking) skip extraction. Output: a Markdown table (mAP Easy / Medium / Hard,
-mP@1/5/10) on stdout, ``results.json``, the resolved ``config.yaml`` and PNG result grids in the run directory
-(``<output_dir>/<name or timestamp>/``). Rows that reproduce a paper row show the paper's figure beside ours.
+mP@1/5/10) on stdout and, in the run directory (``<output_dir>/<name or timestamp>/``): ``results.json`` (with
+per-query APs and top results), ``results.md``, ``report.html`` (one self-contained page: per-query APs sortable by
+their change under re-ranking, each query's top results framed by their label, precision-recall curves), the
+resolved ``config.yaml`` and PNG result grids. Rows that reproduce a paper row show the paper's figure beside ours.
 
 The keys and their defaults live in ``helpers/schemas.py`` (``EVAL``); the run is ``helpers/eval_pipeline.py``,
 the report ``helpers/report.py``. Torch is imported only once the config has been checked.
@@ -28,11 +31,26 @@ DEFAULT_CONFIG = repo_path(__file__, "configs", "eval_builtin.yaml")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return config_arg_parser(
+    parser = config_arg_parser(
         description="Evaluate CVNet / SuperGlobal on revisited Oxford/Paris (+1M), or on the built-in benchmark "
                     "when run with no arguments.",
         schema=EVAL, default_config=DEFAULT_CONFIG.relative_to(repo_path(__file__)),
         example="model.depth=101 data.root=/data")
+    parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                        help="print the per-query AP differences between two run directories (B - A) and exit")
+    return parser
+
+
+def compare(run_a: str, run_b: str) -> int:
+    """Print the per-query comparison of two runs; a run that cannot be compared is a one-line error."""
+    from helpers.compare import CompareError, compare_runs
+
+    try:
+        print(compare_runs(run_a, run_b), flush=True)
+    except CompareError as exc:
+        print(f"{EVAL.name} --compare: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def evaluate(cfg: dict[str, Any], *, start: float) -> int:
@@ -57,6 +75,11 @@ def evaluate(cfg: dict[str, Any], *, start: float) -> int:
 
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.compare:
+        if args.config or args.overrides or args.print_config:
+            print(f"{EVAL.name}: error: --compare takes two run directories and nothing else", file=sys.stderr)
+            return 2
+        return compare(*args.compare)
     cfg = config_from_args(args, EVAL, DEFAULT_CONFIG)
     if isinstance(cfg, int):
         return cfg

@@ -29,6 +29,16 @@ from datasets.revisited import RevisitedDataset, Revisitop1M
 from helpers.builders import GLOBAL_KINDS, build_model, build_superglobal_reranker, copy_backbone, make_database
 from helpers.config import ConfigError
 from helpers.distributed import DistEnv
+from helpers.eval_detail import (
+    SCORE_SOURCES,
+    MethodDetail,
+    RankingDetail,
+    RecordingReranker,
+    RecordingScorer,
+    global_detail,
+    lookup_scores,
+    ranking_detail,
+)
 from helpers.evaluation import PROTOCOLS, evaluate_revisited, format_percent, metrics_percent
 from helpers.extraction import ReducedMapStore, cached_global_descriptors, state_dict_hash
 from helpers.reranking import CVNetPairScorer, cvnet_rerank, global_ranking, superglobal_rerank_ranking
@@ -99,7 +109,8 @@ def open_distractors(*, root: str, convention: Any, scales: Sequence[float], min
 
 
 class CombinedReader:
-    """``read(j)`` over the database followed by the distractors (indices continue after the database)."""
+    """``read(j)`` and ``name(j)`` (the file name) over the database followed by the distractors (indices
+    continue after the database)."""
 
     def __init__(self, db: Any, distractors: Any | None) -> None:
         self.db, self.distractors = db, distractors
@@ -107,6 +118,10 @@ class CombinedReader:
     def read(self, j: int) -> np.ndarray:
         n = len(self.db)
         return self.db.read(j) if j < n else self.distractors.read(j - n)
+
+    def name(self, j: int) -> str:
+        n = len(self.db)
+        return os.path.basename(self.db.image_paths[j] if j < n else self.distractors.image_paths[j - n])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,8 +240,9 @@ def superglobal_database(xb: Any, *, kind: str, device: torch.device) -> Any:
 def run_cvnet_rerank(*, model: nn.Module, root: str, name: str, extra: str | None, min_side: int | None,
                      rr: Mapping[str, Any], ext_cfg: Mapping[str, Any], ranks: np.ndarray, xq: torch.Tensor,
                      xb: Any, gnd: Sequence[Mapping], device: torch.device, weights_hash: str,
-                     progress: bool) -> dict[str, np.ndarray]:
-    """CVNet re-ranking of one dataset's global ranking (maps at scale 1.0: cropped queries, full images)."""
+                     progress: bool) -> tuple[dict[str, np.ndarray], list[dict[int, float]]]:
+    """CVNet re-ranking of one dataset's global ranking (maps at scale 1.0: cropped queries, full images).
+    Returns the rankings per protocol and, per query, {database id: the mixed score it was re-sorted by}."""
     kw = {"convention": model.input_convention, "scales": (1.0,), "min_side": min_side}
     queries = open_revisited(root=root, name=name, split="query", **kw)
     db: Dataset = open_revisited(root=root, name=name, split="db", **kw)
@@ -241,9 +257,11 @@ def run_cvnet_rerank(*, model: nn.Module, root: str, name: str, extra: str | Non
         query_maps=ReducedMapStore(dataset=queries, **store_kw),
         db_maps=ReducedMapStore(dataset=db, max_items=int(rr["chunk_images"]), **store_kw),
         batch_size=int(rr["batch_size"]), chunk_images=int(rr["chunk_images"]), progress=progress)
-    return cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=scorer, mode=rr["mode"], gnd=gnd,
-                        top_k=int(rr.get("top_k", CVNET_RERANK_TOP_K)),
-                        weight=float(rr.get("weight", CVNET_SCORE_WEIGHT)))
+    recorder = RecordingScorer(scorer)
+    weight = float(rr.get("weight", CVNET_SCORE_WEIGHT))
+    final = cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=recorder, mode=rr["mode"],
+                         gnd=gnd, top_k=int(rr.get("top_k", CVNET_RERANK_TOP_K)), weight=weight)
+    return final, recorder.mixed_scores(xq, xb, weight=weight, nq=ranks.shape[1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,7 +272,8 @@ def run_cvnet_rerank(*, model: nn.Module, root: str, name: str, extra: str | Non
 @dataclass
 class EvalOutcome:
     """What a run found: ``results[label][method]`` (percent, :func:`helpers.evaluation.metrics_percent`), the
-    Medium ranking (n_db, nq) behind each, the weights plan, stage timings and the datasets opened."""
+    Medium ranking (n_db, nq) behind each, the weights plan, stage timings, the datasets opened and, per
+    (label, method), the per-query :class:`MethodDetail`."""
 
     results: dict[str, dict[str, Any]]
     rankings: dict[tuple[str, str], np.ndarray]
@@ -266,17 +285,23 @@ class EvalOutcome:
     distractors: str | None
     root: str = ""
     min_side: int | None = None
+    details: dict[tuple[str, str], MethodDetail] = field(default_factory=dict)
+    _readers: dict[str, CombinedReader] = field(default_factory=dict, repr=False)
 
     def query_set(self, label: str) -> RevisitedDataset:
         return self.data[label.removesuffix("+1m")]["query_set"]
 
     def db_reader(self, label: str) -> CombinedReader:
-        """Images of the ranked items of ``label``: the database, then the distractors for a ``+1m`` label."""
-        db = self.data[label.removesuffix("+1m")]["db_set"]
-        extra = None
-        if label.endswith("+1m"):
-            extra = open_distractors(root=self.root, convention=db.convention, scales=(1.0,), min_side=self.min_side)
-        return CombinedReader(db, extra)
+        """Images of the ranked items of ``label``: the database, then the distractors for a ``+1m`` label (their
+        list of a million names is read once)."""
+        if label not in self._readers:
+            db = self.data[label.removesuffix("+1m")]["db_set"]
+            extra = None
+            if label.endswith("+1m"):
+                extra = open_distractors(root=self.root, convention=db.convention, scales=(1.0,),
+                                         min_side=self.min_side)
+            self._readers[label] = CombinedReader(db, extra)
+        return self._readers[label]
 
 
 def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> EvalOutcome | None:
@@ -352,8 +377,10 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
     # phase 2, rank 0: rankings, re-ranking, metrics
     kappas = [int(k) for k in cfg["eval"]["kappas"]]
     rr_cfg = cfg["rerank"]
+    top = int(cfg["viz"]["top"])
     results: dict[str, dict[str, Any]] = {}
     rankings: dict[tuple[str, str], np.ndarray] = {}
+    details: dict[tuple[str, str], MethodDetail] = {}
     for name in names:
         entry = data[name]
         gnd = entry["query_set"].gnd
@@ -361,6 +388,8 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
             label = dataset_label(name, extra)
             results[label] = {}
             ranked: dict[str, tuple[np.ndarray, Any, Any]] = {}
+            global_details: dict[str, RankingDetail] = {}
+            detail_kw = {"ranked": ranked, "gnd": gnd, "kappas": kappas, "top": top, "cache": global_details}
             for kind in global_kinds:
                 xq = entry["vectors"][(kind, "query")]
                 xb: Any = entry["vectors"][(kind, "db")]
@@ -370,26 +399,42 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                     _, ranks = global_ranking(xq, xb, device=device, with_similarities=False, rank_dtype=np.int32)
                 ranked[kind] = (ranks, xq, xb)
             for method in methods:
-                ranks, xq, xb = ranked["cvnet_global" if method.startswith("cvnet") else "superglobal"]
+                base = "cvnet_global" if method.startswith("cvnet") else "superglobal"
+                ranks, xq, xb = ranked[base]
+                score_of: Any = None
                 if method in GLOBAL_KINDS:
                     final: Any = ranks
                 elif method == "cvnet_rerank":
                     with timer.stage(f"cvnet_rerank {label}"):
-                        final = run_cvnet_rerank(
+                        final, mixed = run_cvnet_rerank(
                             model=models["cvnet_rerank"], root=root, name=name, extra=extra, min_side=min_side,
                             rr=rr_cfg["cvnet"], ext_cfg=ext_cfg, ranks=ranks, xq=xq, xb=xb, gnd=gnd,
                             device=device, weights_hash=hashes["cvnet_rerank"], progress=progress)
+                    score_of = lookup_scores(mixed)
                 else:
                     with timer.stage(f"superglobal_rerank {label}"):
                         sgr = rr_cfg["superglobal"]
-                        reranker = build_superglobal_reranker(M=sgr["M"], K=sgr["K"], beta=sgr["beta"])
+                        reranker = RecordingReranker(build_superglobal_reranker(M=sgr["M"], K=sgr["K"],
+                                                                                beta=sgr["beta"]))
                         database = superglobal_database(xb, kind=sgr.get("database", "tensor"), device=device)
                         final = superglobal_rerank_ranking(query_vectors=xq.to(device), database=database,
                                                            ranks=ranks, reranker=reranker)
+                    score_of = lookup_scores(reranker.scores(xq.shape[0]))
                 with timer.stage("evaluate"):
-                    results[label][method] = metrics_percent(evaluate_revisited(final, gnd, kappas))
+                    evaluation = evaluate_revisited(final, gnd, kappas)
+                    results[label][method] = metrics_percent(evaluation)
                 rankings[(label, method)] = final["medium"] if isinstance(final, Mapping) else final
+                with timer.stage("per-query detail"):
+                    if method in GLOBAL_KINDS:
+                        details[(label, method)] = MethodDetail(
+                            after=global_detail(method, evaluation=evaluation, **detail_kw))
+                    else:
+                        source = SCORE_SOURCES[method].format(weight=rr_cfg["cvnet"].get("weight",
+                                                                                         CVNET_SCORE_WEIGHT))
+                        after = ranking_detail(final, evaluation, gnd, top=top, score_of=score_of, source=source)
+                        details[(label, method)] = MethodDetail(after=after, before=global_detail(base, **detail_kw),
+                                                                base=base)
                 logger.info("%s %s: mAP E %s M %s H %s", label, method,
                             *(format_percent(results[label][method]["mAP"][p]) for p in PROTOCOLS))
     return EvalOutcome(results=results, rankings=rankings, plan=plan, timer=timer, data=data, names=names,
-                       builtin=builtin, distractors=distractors, root=root, min_side=min_side)
+                       builtin=builtin, distractors=distractors, root=root, min_side=min_side, details=details)

@@ -175,6 +175,41 @@ def evaluate_revisited(
     return results
 
 
+#: Recall levels of the precision-recall curves in the report (0, 0.05, ..., 1).
+PR_RECALL_LEVELS = np.linspace(0.0, 1.0, 21)
+
+
+def precision_recall(ranking: np.ndarray, ok: np.ndarray, junk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One query's precision-recall points, one per positive found: (recall (n_found,), precision (n_found,)),
+    junk removed from the ranking (n_db,) first as for its AP; empty for a query without positives."""
+    ok, junk = _as_index_array(ok), _as_index_array(junk)
+    if ok.size == 0:
+        return np.zeros(0), np.zeros(0)
+    pos = positives_after_junk(np.asarray(ranking), ok, junk)
+    found = np.arange(1, pos.size + 1, dtype=np.float64)
+    return found / ok.size, found / (pos + 1.0)
+
+
+def interpolated_precision(recall: np.ndarray, precision: np.ndarray,
+                           levels: np.ndarray = PR_RECALL_LEVELS) -> np.ndarray:
+    """Interpolated precision (len(levels),): at each recall level the best precision at that recall or
+    beyond (0 where the ranking never reaches it)."""
+    out = np.zeros(len(levels), dtype=np.float64)
+    for j, level in enumerate(levels):
+        reached = precision[recall >= level - 1e-12]
+        out[j] = reached.max() if reached.size else 0.0
+    return out
+
+
+def mean_precision_recall(ranks: np.ndarray, gnd: Sequence[Mapping],
+                          levels: np.ndarray = PR_RECALL_LEVELS) -> np.ndarray:
+    """The mean over queries with positives of :func:`interpolated_precision` (len(levels),) for a ranking
+    (n_db, nq) under one protocol's ``gnd`` ('ok', 'junk'; :func:`build_protocols`); NaN without such queries."""
+    curves = [interpolated_precision(*precision_recall(np.asarray(ranks)[:, i], g["ok"], g.get("junk")), levels)
+              for i, g in enumerate(gnd) if _as_index_array(g["ok"]).size]
+    return np.mean(curves, axis=0) if curves else np.full(len(levels), np.nan)
+
+
 def _percent(value: float) -> float | None:
     # a protocol without any query that has positives has no mAP: null in JSON rather than NaN
     return None if math.isnan(value) else 100 * value

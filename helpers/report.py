@@ -1,5 +1,7 @@
 """The evaluation report: Markdown tables in the papers' layout (with the papers' figures beside ours when they are
-comparable), warning banners, stage timings, ``results.json`` and the result grids of a run directory.
+comparable), warning banners, stage timings, and the files of a run directory: ``results.json`` (aggregates and,
+under ``per_query``, each query's APs and top results), ``results.md``, ``report.html`` (helpers.report_html)
+and the result grids.
 
     run_dir = new_run_dir("runs/eval", None)
     print(write_report(cfg=cfg, outcome=run_evaluation(cfg), run_dir=run_dir, start=start))
@@ -18,10 +20,11 @@ import numpy as np
 import yaml
 
 from common.io import atomic_write
-from helpers.evaluation import PROTOCOLS, format_percent
-from helpers.visualize import save_query_grids
+from helpers.evaluation import PR_RECALL_LEVELS, PROTOCOLS, format_percent
+from helpers.visualize import GROUND_TRUTH_LEGEND, Tile, save_ranking_grid
 
 if TYPE_CHECKING:
+    from helpers.eval_detail import RankingDetail
     from helpers.eval_pipeline import EvalOutcome, WeightsPlan
 
 logger = logging.getLogger(__name__)
@@ -178,19 +181,92 @@ def new_run_dir(output_dir: str | os.PathLike, name: str | None) -> Path:
     return run_dir
 
 
-def save_result_grids(*, outcome: EvalOutcome, methods: Sequence[str], run_dir: Path, num_queries: int, top: int,
-                      height: int) -> list[str]:
-    """PNG grids of the first ``num_queries`` queries' top results, per (dataset, method), under ``run_dir/grids``."""
+def save_result_grids(*, per_query: Mapping[str, Any], outcome: EvalOutcome, methods: Sequence[str],
+                      run_dir: Path, num_queries: int, height: int, depth: int, mode: str) -> list[str]:
+    """PNG grids (:func:`helpers.visualize.save_ranking_grid`) of the first ``num_queries`` queries' top results,
+    per (dataset, method), under ``run_dir/grids``; ``per_query`` is :func:`per_query_payload`'s output."""
     grids: list[str] = []
+    for label, ds in per_query["datasets"].items():
+        qset, reader = outcome.query_set(label), outcome.db_reader(label)
+        for method in methods:
+            m = ds["methods"][method]
+            for i in range(min(num_queries, len(ds["queries"]))):
+                hits = [Tile(reader.read(j), label=lab, rank=r, score=score, name=ds["db_names"][str(j)])
+                        for r, (j, lab, score) in enumerate(zip(m["top_ids"][i], m["labels"][i], m["scores"][i]),
+                                                             start=1)]
+                ap = format_percent(m["ap"]["medium"][i])
+                title = f"{label}  {method_title(method, depth=depth, mode=mode)}  query {i}  AP(M) {ap}"
+                path = save_ranking_grid(run_dir / "grids" / f"{label}_{method}_q{i:03d}.png", query=qset.read(i),
+                                         hits=hits, tile=height, query_name=ds["queries"][i], title=title,
+                                         legend=GROUND_TRUTH_LEGEND)
+                grids.append(os.fspath(path))
+    logger.info("wrote %d result grids to %s", len(grids), run_dir / "grids")
+    return grids
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-query results
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _percent_list(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else 100.0 * float(v) for v in values]
+
+
+def _ranking_payload(detail: RankingDetail) -> dict[str, Any]:
+    return {
+        "ap": {p: _percent_list(detail.aps[p]) for p in PROTOCOLS},
+        "top_ids": detail.ids.tolist(),
+        "scores": [[None if np.isnan(v) else float(v) for v in row] for row in detail.scores],
+        "labels": detail.labels,
+        "score_source": detail.score_source,
+        "pr": {p: [None if np.isnan(v) else float(v) for v in detail.precision[p]] for p in PROTOCOLS},
+    }
+
+
+def ap_change(after: Sequence[float | None], before: Sequence[float | None]) -> list[float | None]:
+    """Per query, ``after - before`` (None where either is None: a query without positives)."""
+    return [None if a is None or b is None else a - b for a, b in zip(after, before)]
+
+
+def per_query_payload(outcome: EvalOutcome, methods: Sequence[str], top: int) -> dict[str, Any]:
+    """``results.json``'s ``per_query``: per dataset, the query names, the names of the database items listed,
+    and per method the per-query AP (percent, None without positives) per protocol, each query's ``top`` ids
+    (Medium ranking), scores (None where the engine gives none), labels and the mean precision-recall curve
+    (``pr``: interpolated precision as a fraction at ``pr_recall_levels``); a re-ranking method adds the same for
+    the global ranking it started from (``before``) and the per-query AP change (``ap_change``)."""
+    datasets: dict[str, Any] = {}
     for label in outcome.results:
         qset, reader = outcome.query_set(label), outcome.db_reader(label)
-        queries = list(range(min(num_queries, len(qset))))
+        entry: dict[str, Any] = {"queries": [os.path.basename(p) for p in qset.image_paths], "methods": {}}
+        listed: set[int] = set()
         for method in methods:
-            paths = save_query_grids(run_dir / "grids", prefix=f"{label}_{method}", query_dataset=qset,
-                                     db_dataset=reader, ranks=outcome.rankings[(label, method)], gnd=qset.gnd,
-                                     queries=queries, top=top, height=height)
-            grids += [os.fspath(p) for p in paths]
-    return grids
+            detail = outcome.details[(label, method)]
+            m = _ranking_payload(detail.after)
+            m["before"], m["ap_change"] = None, None
+            listed.update(detail.after.ids.reshape(-1).tolist())
+            if detail.before is not None:
+                m["before"] = {"method": detail.base, **_ranking_payload(detail.before)}
+                m["ap_change"] = {p: ap_change(m["ap"][p], m["before"]["ap"][p]) for p in PROTOCOLS}
+                listed.update(detail.before.ids.reshape(-1).tolist())
+            entry["methods"][method] = m
+        entry["db_names"] = {str(j): reader.name(j) for j in sorted(listed)}
+        datasets[label] = entry
+    return {"top": top, "ap_unit": "percent", "ranking_shown": "medium", "pr_unit": "fraction",
+            "pr_recall_levels": [float(r) for r in PR_RECALL_LEVELS], "datasets": datasets}
+
+
+class OutcomeImages:
+    """The images of a run for the HTML report: ``query(label, i)`` (the crop) and ``item(label, j)``, uint8 BGR."""
+
+    def __init__(self, outcome: EvalOutcome) -> None:
+        self.outcome = outcome
+
+    def query(self, label: str, i: int) -> np.ndarray:
+        return self.outcome.query_set(label).read(i)
+
+    def item(self, label: str, j: int) -> np.ndarray:
+        return self.outcome.db_reader(label).read(j)
 
 
 def write_report(*, cfg: Mapping[str, Any], outcome: EvalOutcome, run_dir: Path, start: float) -> str:
@@ -200,16 +276,16 @@ def write_report(*, cfg: Mapping[str, Any], outcome: EvalOutcome, run_dir: Path,
     methods = list(cfg["methods"])
     show_paper, notes = comparability_notes(cfg, plan, outcome.builtin)
 
+    viz, depth, mode = cfg["viz"], int(cfg["model"]["depth"]), cfg["rerank"]["cvnet"]["mode"]
+    per_query = per_query_payload(outcome, methods, int(viz["top"])) if outcome.details else None
     grids: list[str] = []
-    viz = cfg["viz"]
-    if int(viz["num_queries"]) > 0:
+    if int(viz["num_queries"]) > 0 and per_query is not None:
         with timer.stage("result grids"):
-            grids = save_result_grids(outcome=outcome, methods=methods, run_dir=run_dir,
-                                      num_queries=int(viz["num_queries"]), top=int(viz["top"]),
-                                      height=int(viz["height"]))
+            grids = save_result_grids(per_query=per_query, outcome=outcome, methods=methods, run_dir=run_dir,
+                                      num_queries=int(viz["num_queries"]), height=int(viz["height"]),
+                                      depth=depth, mode=mode)
 
-    table, used = markdown_tables(results=outcome.results, methods=methods, depth=int(cfg["model"]["depth"]),
-                                  mode=cfg["rerank"]["cvnet"]["mode"],
+    table, used = markdown_tables(results=outcome.results, methods=methods, depth=depth, mode=mode,
                                   paper_rows=load_paper_results(cfg.get("paper_results")), show_paper=show_paper,
                                   kappas=[int(k) for k in cfg["eval"]["kappas"]])
     warn = list(plan.warnings) + ([NOT_COMPARABLE] if outcome.builtin else [])
@@ -231,8 +307,18 @@ def write_report(*, cfg: Mapping[str, Any], outcome: EvalOutcome, run_dir: Path,
         "grids": grids,
         "run_dir": os.fspath(run_dir),
         "config": cfg,
+        "per_query": per_query,
+        "files": {"markdown": "results.md", "html": "report.html" if per_query is not None else None},
     }
+    if per_query is not None:
+        from helpers.report_html import render_report
+
+        with timer.stage("html report"):
+            html = render_report(payload, images=OutcomeImages(outcome))
+        atomic_write(run_dir / "report.html", lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
     write_json(run_dir / "results.json", payload)
+    atomic_write(run_dir / "results.md", lambda tmp: Path(tmp).write_text(results_markdown(payload),
+                                                                          encoding="utf-8"))
 
     parts = []
     if warn:
@@ -242,10 +328,56 @@ def write_report(*, cfg: Mapping[str, Any], outcome: EvalOutcome, run_dir: Path,
         parts += ["", *[f"note: {n}" for n in notes]]
     parts += ["", "### wall time per stage (s)", "", "| stage | s |", "|---|---|"]
     parts += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
-    parts += ["", f"results: {run_dir / 'results.json'}"]
+    parts += ["", f"results: {run_dir / 'results.json'}, {run_dir / 'results.md'}"]
+    if per_query is not None:
+        parts += [f"report:  {run_dir / 'report.html'} (open it in a browser)"]
     if warn:
         parts += ["", banner(warn)]
     return "\n".join(parts)
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
+
+
+def per_query_markdown(per_query: Mapping[str, Any], methods: Sequence[str], *, depth: int, mode: str) -> str:
+    """Per dataset and method, a table of each query's AP (%) under Easy / Medium / Hard and, for a re-ranking
+    method, its change from the global ranking it re-ordered."""
+    out = ["## Per-query AP (%)", "",
+           "AP change (dAP) = AP after re-ranking - AP of the global ranking it re-ordered; n/a: the query has no "
+           "positive under that protocol. Top results, scores and precision-recall curves: report.html."]
+    for label, ds in per_query["datasets"].items():
+        for method in methods:
+            m = ds["methods"][method]
+            title = method_title(method, depth=depth, mode=mode)
+            head = ["#", "query", *(f"AP {p[0].upper()}" for p in PROTOCOLS)]
+            if m["before"] is not None:
+                title += f" (before: {method_title(m['before']['method'], depth=depth)})"
+                head += [f"dAP {p[0].upper()}" for p in PROTOCOLS]
+            out += ["", f"### {label}: {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for i, name in enumerate(ds["queries"]):
+                cells = [str(i), name, *(format_percent(m["ap"][p][i]) for p in PROTOCOLS)]
+                if m["ap_change"] is not None:
+                    cells += [_signed(m["ap_change"][p][i]) for p in PROTOCOLS]
+                out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def results_markdown(payload: Mapping[str, Any]) -> str:
+    """``results.md``: warnings, weights, the tables, notes, per-query APs and timings of a ``results.json``."""
+    cfg = payload["config"]
+    depth, mode = int(cfg["model"]["depth"]), cfg["rerank"]["cvnet"]["mode"]
+    out = [f"# Evaluation results: {Path(payload['run_dir']).name}", ""]
+    for w in payload["warnings"]:
+        out += [f"> **Warning:** {w}", ""]
+    out += [f"Weights: {payload['weights']}", "", payload["table_markdown"]]
+    if payload["notes"]:
+        out += ["", *[f"Note: {n}" for n in payload["notes"]]]
+    if payload.get("per_query"):
+        out += ["", per_query_markdown(payload["per_query"], payload["methods"], depth=depth, mode=mode)]
+    out += ["", "## Wall time per stage (s)", "", "| stage | s |", "|---|---|"]
+    out += [f"| {k} | {v:.1f} |" for k, v in payload["timings_s"].items()]
+    return "\n".join(out) + "\n"
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:

@@ -139,6 +139,7 @@ def test_distractors_storage():
 class _Images:
     def __init__(self, values):
         self.values = values
+        self.image_paths = [f"/data/jpg/{v}.jpg" for v in values]
 
     def __len__(self):
         return len(self.values)
@@ -151,3 +152,4 @@ def test_combined_reader_continues_after_the_database():
     reader = CombinedReader(_Images(["a", "b"]), _Images(["x", "y", "z"]))
     assert [reader.read(j) for j in range(5)] == ["a", "b", "x", "y", "z"]
     assert CombinedReader(_Images(["a"]), None).read(0) == "a"
+    assert [reader.name(j) for j in (0, 1, 2, 4)] == ["a.jpg", "b.jpg", "x.jpg", "z.jpg"]

@@ -7,12 +7,16 @@ import numpy as np
 import pytest
 
 from helpers.evaluation import (
+    PR_RECALL_LEVELS,
     build_protocols,
     compute_ap,
     compute_map,
     evaluate_revisited,
     format_percent,
+    interpolated_precision,
+    mean_precision_recall,
     metrics_percent,
+    precision_recall,
 )
 
 
@@ -225,3 +229,35 @@ def test_revisitop_regression_fixture(dataset):
     got = tuple(round(100 * res[p]["mAP"], 2) for p in ("easy", "medium", "hard"))
     assert got == _EXPECTED[dataset]
     assert len(gnd) == 70 and ranks.shape[1] == 70
+
+
+def test_precision_recall_points_by_hand_with_junk_removed():
+    # ranking: pos, junk, neg, pos, neg, pos; after junk removal the positives sit at 0, 2, 4 of 4 positives
+    recall, precision = precision_recall(np.array([10, 11, 12, 13, 14, 15]), np.array([10, 13, 15, 99]),
+                                         np.array([11]))
+    assert recall.tolist() == [0.25, 0.5, 0.75]
+    assert precision == pytest.approx([1.0, 2 / 3, 3 / 5])
+    assert precision_recall(np.array([1, 2]), np.array([], dtype=int), np.array([]))[0].size == 0
+
+
+def test_interpolated_precision_takes_the_best_precision_at_or_beyond_each_recall():
+    recall, precision = np.array([0.25, 0.5, 0.75]), np.array([0.5, 2 / 3, 0.6])
+    levels = np.array([0.0, 0.25, 0.5, 0.6, 0.75, 1.0])
+    assert interpolated_precision(recall, precision, levels) == pytest.approx([2 / 3, 2 / 3, 2 / 3, 0.6, 0.6, 0.0])
+
+
+def test_mean_precision_recall_averages_queries_with_positives():
+    ranks = np.array([[0, 1], [1, 0], [2, 2]])  # (n_db 3, nq 2)
+    gnd = [{"ok": np.array([0]), "junk": np.array([], dtype=int)},
+           {"ok": np.array([0]), "junk": np.array([], dtype=int)}]
+    curve = mean_precision_recall(ranks, gnd)
+    assert curve.shape == PR_RECALL_LEVELS.shape and curve == pytest.approx(np.full(21, 0.75))  # (1 + 1/2) / 2
+    empty = [{"ok": np.array([], dtype=int)}] * 2
+    assert np.isnan(mean_precision_recall(ranks, empty)).all()
+    # the area under the interpolated curve is an upper bound of a query's AP
+    rng = np.random.default_rng(0)
+    ranking = rng.permutation(50)
+    ok = rng.choice(50, 7, replace=False)
+    r, p = precision_recall(ranking, ok, np.array([], dtype=int))
+    ap = compute_map(ranking[:, None], [{"ok": ok}])[0]
+    assert np.trapezoid(interpolated_precision(r, p, np.linspace(0, 1, 1001)), dx=1e-3) >= ap - 1e-3

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from helpers.report import (
     NOT_COMPARABLE,
@@ -145,3 +146,172 @@ def test_write_report_without_grids(tmp_path):
     assert text.startswith(banner(res["warnings"])) and text.endswith(banner(res["warnings"]))
     assert res["table_markdown"] in text and "| build models | 1.2 |" in text
     assert "| CVNet-Global + CVNet-Rerank R50 (clean mode) | 40.00 | 40.00 |" in text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-query results, results.md, report.html (the toy run of conftest.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _toy_cfg():
+    cfg = _cfg(**{"viz.num_queries": 2, "viz.top": 5, "viz.height": 40, "eval.kappas": [1, 5]})
+    cfg["methods"] = ["cvnet_global", "cvnet_rerank"]
+    return cfg
+
+
+def test_results_json_gains_per_query_aps_and_top_ids_matching_the_evaluation(tmp_path, toy_run):
+    from helpers.evaluation import build_protocols, compute_map
+
+    before = json.loads(json.dumps(toy_run.outcome.results))
+    write_report(cfg=_toy_cfg(), outcome=toy_run.outcome, run_dir=tmp_path, start=time.perf_counter())
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["results"] == before  # the aggregates are untouched
+    pq = res["per_query"]
+    assert pq["top"] == 5 and pq["ranking_shown"] == "medium" and len(pq["pr_recall_levels"]) == 21
+    ds = pq["datasets"]["toy"]
+    assert ds["queries"] == ["q000.jpg", "q001.jpg", "q002.jpg"]
+    protocols = build_protocols(toy_run.gnd)
+    for method, ranking in toy_run.final.items():
+        m = ds["methods"][method]
+        for p in ("easy", "medium", "hard"):
+            _, aps, _, _ = compute_map(ranking, protocols[p])
+            assert m["ap"][p] == [None if np.isnan(a) else 100 * a for a in aps]
+            valid = [a for a in m["ap"][p] if a is not None]
+            assert np.isclose(np.mean(valid), res["results"]["toy"][method]["mAP"][p])
+        assert m["top_ids"] == ranking[:5].T.tolist()
+        assert all(ds["db_names"][str(j)] == f"db{j:03d}.jpg" for row in m["top_ids"] for j in row)
+        assert m["labels"][0][:5] == ["positive" if j in (0, 1, 2) else "junk" if j == 3 else "negative"
+                                      for j in m["top_ids"][0]]
+    glob, rr = ds["methods"]["cvnet_global"], ds["methods"]["cvnet_rerank"]
+    assert glob["before"] is None and glob["ap_change"] is None
+    # global scores: the cosine of each listed pair, best first; re-ranking scores where the engine gave one
+    assert all(a >= b for row in glob["scores"] for a, b in zip(row, row[1:]))
+    assert rr["scores"][0][:4] == [1.0, 0.9, 0.8, 0.7][:4] and rr["scores"][0][4] is None
+    assert rr["before"]["method"] == "cvnet_global" and rr["before"]["top_ids"] == glob["top_ids"]
+    for p in ("easy", "medium", "hard"):
+        assert rr["ap_change"][p] == [None if a is None else a - b
+                                      for a, b in zip(rr["ap"][p], glob["ap"][p])]
+    assert rr["ap"]["medium"][2] is None and rr["ap_change"]["medium"][2] is None  # no positives
+    assert res["files"] == {"markdown": "results.md", "html": "report.html"}
+
+
+def test_results_md_has_the_tables_and_per_query_aps(tmp_path, toy_run):
+    text = write_report(cfg=_toy_cfg(), outcome=toy_run.outcome, run_dir=tmp_path, start=time.perf_counter())
+    md = (tmp_path / "results.md").read_text()
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert md.startswith(f"# Evaluation results: {tmp_path.name}\n")
+    assert "> **Warning:** weights: random" in md and res["table_markdown"] in md
+    assert "### toy: CVNet-Global R50\n\n| # | query | AP E | AP M | AP H |" in md
+    assert ("### toy: CVNet-Global + CVNet-Rerank R50 (clean mode) (before: CVNet-Global R50)\n\n"
+            "| # | query | AP E | AP M | AP H | dAP E | dAP M | dAP H |") in md
+    m = res["per_query"]["datasets"]["toy"]["methods"]["cvnet_rerank"]
+    cells = [f"{m['ap'][p][0]:.2f}" for p in ("easy", "medium", "hard")]
+    cells += [f"{m['ap_change'][p][0]:+.2f}" for p in ("easy", "medium", "hard")]
+    row = "| 0 | q000.jpg | " + " | ".join(cells) + " |"
+    assert row in md
+    assert "| 2 | q002.jpg | n/a | n/a | n/a | n/a | n/a | n/a |" in md
+    assert "| build models | 0.5 |" in md
+    assert str(tmp_path / "report.html") in text and str(tmp_path / "results.md") in text
+
+
+def test_grids_carry_scores_names_and_a_legend(tmp_path, toy_run):
+    import cv2
+
+    write_report(cfg=_toy_cfg(), outcome=toy_run.outcome, run_dir=tmp_path, start=time.perf_counter())
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [Path(g).name for g in res["grids"]] == ["toy_cvnet_global_q000.png", "toy_cvnet_global_q001.png",
+                                                    "toy_cvnet_rerank_q000.png", "toy_cvnet_rerank_q001.png"]
+    grid = cv2.imread(res["grids"][0])
+    assert grid.shape[0] > 40 + 20  # the 40-px thumbnails, their captions and the legend
+
+
+def test_report_html_is_self_contained(tmp_path, toy_run):
+    write_report(cfg=_toy_cfg(), outcome=toy_run.outcome, run_dir=tmp_path, start=time.perf_counter())
+    page = (tmp_path / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    for outside in ("http://", "https://", "<link", "@import", "url("):
+        assert outside not in page
+    assert page.count('src="data:image/jpeg;base64,') == page.count("<img ")
+    # 2 tables of 3 queries; 3 cards with the query crop and the top 5 of 2 rankings each
+    assert page.count('<table class="pq sortable"') == 2 and page.count('<article class="card"') == 3
+    assert page.count('<li class="tile ') == 3 * 2 * 5
+    assert page.count("<polyline") == 2 * 3  # a curve per method and protocol
+    assert "\u0394AP Medium" in page and "weights: random" in page
+
+
+def test_report_html_caps_the_query_cards(toy_run):
+    from helpers.report import OutcomeImages, per_query_payload
+    from helpers.report_html import cards_per_dataset, render_report
+
+    payload = {"run_dir": "/x/run", "config": _toy_cfg(), "weights": "w", "warnings": [], "notes": [],
+               "methods": ["cvnet_global", "cvnet_rerank"], "table_markdown": "| a | b |\n|---|---|\n| 1 | 2 |",
+               "per_query": per_query_payload(toy_run.outcome, ["cvnet_global", "cvnet_rerank"], 5)}
+    page = render_report(payload, images=OutcomeImages(toy_run.outcome), max_cards=1)
+    assert page.count('<article class="card"') == 1 and "The first 1 of 3 queries" in page
+    assert '<table class="summary"><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td>' in page
+    # by default the cap is a budget of result thumbnails: 2 rankings x top 5 per card
+    assert cards_per_dataset(payload, max_thumbnails=25) == 2 and cards_per_dataset(payload, max_thumbnails=5) == 1
+    assert cards_per_dataset(payload) >= 3
+
+
+def test_report_html_shows_the_global_ranking_a_lone_re_ranking_started_from(toy_run):
+    from helpers.report import OutcomeImages, per_query_payload
+    from helpers.report_html import render_report
+
+    cfg = _toy_cfg()
+    cfg["methods"] = ["cvnet_rerank"]
+    payload = {"run_dir": "/x/run", "config": cfg, "weights": "w", "warnings": [], "notes": [],
+               "methods": ["cvnet_rerank"], "table_markdown": "",
+               "per_query": per_query_payload(toy_run.outcome, ["cvnet_rerank"], 5)}
+    page = render_report(payload, images=OutcomeImages(toy_run.outcome))
+    assert page.count('<div class="strip">') == 3 * 2  # per query: the global ranking, then its re-ranking
+    assert page.count("CVNet-Global R50 (before re-ranking)") == 3 + 3 + 1  # cards, curves (E/M/H), legend
+    assert page.count("<polyline") == 2 * 3 and page.count('<table class="pq sortable"') == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Comparing two runs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_compare_prints_sorted_per_query_differences(tmp_path, toy_run):
+    from helpers.compare import compare_runs
+
+    write_report(cfg=_toy_cfg(), outcome=toy_run.outcome, run_dir=tmp_path / "a", start=time.perf_counter())
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads(json.dumps(res))
+    m = b["per_query"]["datasets"]["toy"]["methods"]["cvnet_global"]
+    m["ap"]["medium"][0] += 10.0
+    m["ap"]["medium"][1] -= 5.0
+    b["results"]["toy"]["cvnet_global"]["mAP"]["medium"] += 2.5
+    (tmp_path / "b").mkdir()
+    write_json(tmp_path / "b" / "results.json", b)
+    text = compare_runs(tmp_path / "a", tmp_path / "b")
+    block = text.split("toy cvnet_global medium:")[1].split("\n\n")[0]
+    lines = block.splitlines()
+    old = res["results"]["toy"]["cvnet_global"]["mAP"]["medium"]
+    assert lines[0] == f" mAP A {old:.2f}  B {old + 2.5:.2f}  d +2.50"
+    assert lines[1] == "  2 queries changed, 0 unchanged"
+    was = res["per_query"]["datasets"]["toy"]["methods"]["cvnet_global"]["ap"]["medium"][0]
+    assert lines[3].split() == ["0", "q000.jpg", f"{was:.2f}", f"{m['ap']['medium'][0]:.2f}", "+10.00"]
+    assert lines[4].split()[:2] == ["1", "q001.jpg"] and lines[4].split()[-1] == "-5.00"
+    assert "toy cvnet_rerank medium:" in text and "0 queries changed, 2 unchanged" in text
+
+
+def test_compare_refuses_runs_it_cannot_compare(tmp_path, toy_run):
+    from helpers.compare import CompareError, compare_runs
+
+    write_report(cfg=_toy_cfg(), outcome=toy_run.outcome, run_dir=tmp_path / "a", start=time.perf_counter())
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    old = dict(res)
+    del old["per_query"]
+    write_json(tmp_path / "old" / "results.json", old)
+    with pytest.raises(CompareError, match="no per-query results"):
+        compare_runs(tmp_path / "a", tmp_path / "old")
+    other = json.loads(json.dumps(res))
+    other["per_query"]["datasets"] = {"roxford5k": other["per_query"]["datasets"]["toy"]}
+    write_json(tmp_path / "other" / "results.json", other)
+    with pytest.raises(CompareError, match="different datasets.*toy.*roxford5k"):
+        compare_runs(tmp_path / "a", tmp_path / "other")
+    with pytest.raises(CompareError, match="no results.json"):
+        compare_runs(tmp_path / "a", tmp_path / "nowhere")

@@ -130,7 +130,25 @@ def test_builtin_run_end_to_end(tmp_path, capsys, caplog):
     assert load_config(run_dir / "config.yaml", schema=EVAL) == res["config"]
     assert len(res["grids"]) == 4 * 2
     grid = cv2.imread(res["grids"][0])
-    assert grid is not None and grid.shape[0] == 48
+    assert grid is not None and grid.shape[0] > 48  # 48-px thumbnails, their captions and a legend
+
+    # per-query results: the mean of the per-query APs is the mAP; each query's top 10 with scores
+    pq = res["per_query"]["datasets"]["synth"]
+    nq = len(pq["queries"])
+    for method, r in res["results"]["synth"].items():
+        m = pq["methods"][method]
+        for p in ("easy", "medium", "hard"):
+            valid = [a for a in m["ap"][p] if a is not None]
+            assert len(valid) == r["n_queries"][p] and abs(sum(valid) / len(valid) - r["mAP"][p]) < 1e-9
+        assert len(m["top_ids"]) == nq and all(len(row) == 10 for row in m["top_ids"])
+        assert all(s is not None for row in m["scores"] for s in row)  # every shown item was scored
+        assert (m["before"] is None) == (method in ("cvnet_global", "superglobal"))
+    assert pq["methods"]["cvnet_rerank"]["before"]["top_ids"] == pq["methods"]["cvnet_global"]["top_ids"]
+    md = (run_dir / "results.md").read_text()
+    assert res["table_markdown"] in md and "### synth: SuperGlobal + re-ranking R50 (before: SuperGlobal R50)" in md
+    page = (run_dir / "report.html").read_text()
+    assert page.count('<li class="tile ') == nq * 4 * 10 and "https://" not in page
+    assert f"{run_dir / 'report.html'}" in out
 
     # a second run: every descriptor from the cache, and the same numbers (seeded random weights)
     caplog.clear()
@@ -139,6 +157,49 @@ def test_builtin_run_end_to_end(tmp_path, capsys, caplog):
     assert len(hits) == 4  # queries + database, for CVNet-Global and SuperGlobal
     again = json.loads((tmp_path / "runs" / "again" / "results.json").read_text())
     assert again["results"] == res["results"]
+
+    # the two runs compared query by query: nothing changed
+    assert ev.main(ev.get_args_parser().parse_args(["--compare", str(run_dir), str(tmp_path / "runs" / "again")])) == 0
+    text = capsys.readouterr().out
+    assert "synth cvnet_rerank hard: mAP A" in text and "d +0.00" in text
+    assert text.count(" queries changed, ") == 4 * 3 and " 1 queries changed" not in text
+
+
+def _payload(datasets, queries=("a.jpg", "b.jpg"), aps=(50.0, 20.0)):
+    """A results.json with per-query results: one method, the same APs under every protocol."""
+    protocols = ("easy", "medium", "hard")
+    per_query = {"queries": list(queries), "methods": {"superglobal": {"ap": {p: list(aps) for p in protocols}}}}
+    results = {"superglobal": {"mAP": dict.fromkeys(protocols, sum(aps) / len(aps))}}
+    return {"weights": "w", "results": dict.fromkeys(datasets, results),
+            "per_query": {"datasets": dict.fromkeys(datasets, per_query)}}
+
+
+def test_compare_command_prints_per_query_differences_without_torch(tmp_path):
+    for name, aps in (("a", (50.0, 20.0)), ("b", (40.0, 35.0))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_payload(["synth"], aps=aps)))
+    rc, out, err, heavy, seconds = _script("--compare", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert rc == 0 and "torch" not in heavy and seconds < 10, err
+    assert "synth superglobal medium: mAP A 35.00  B 37.50  d +2.50" in out
+    rows = out.split("synth superglobal medium:")[1].split("\n\n")[0].splitlines()
+    assert rows[1] == "  2 queries changed, 0 unchanged"
+    assert rows[3].split() == ["1", "b.jpg", "20.00", "35.00", "+15.00"]  # the largest gain first
+    assert rows[4].split() == ["0", "a.jpg", "50.00", "40.00", "-10.00"]
+
+
+def test_compare_command_refuses_runs_it_cannot_compare(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(_payload(["synth"])))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps({"results": {}}))
+    (tmp_path / "oxf").mkdir()
+    (tmp_path / "oxf" / "results.json").write_text(json.dumps(_payload(["roxford5k"])))
+    for other, words in (("old", "no per-query results"), ("oxf", "different datasets"),
+                         ("nowhere", "no results.json")):
+        rc, out, err, heavy, _ = _script("--compare", str(tmp_path / "a"), str(tmp_path / other))
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    rc, _, err, _, _ = _script("--compare", str(tmp_path / "a"), str(tmp_path / "a"), "model.depth=101")
+    assert rc == 2 and "--compare takes two run directories" in err
 
 
 def test_missing_weights_is_a_one_line_error(tmp_path, capsys):

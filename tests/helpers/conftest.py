@@ -1,0 +1,74 @@
+"""A toy evaluation outcome (3 queries, 9 database images, two methods) built with the real ranking, re-ranking
+record and per-query code, for the report tests without running a model."""
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.eval_detail import MethodDetail, global_detail, lookup_scores, ranking_detail
+from helpers.eval_pipeline import EvalOutcome, Timer, WeightsPlan
+from helpers.evaluation import evaluate_revisited, metrics_percent
+from helpers.reranking import global_ranking
+
+GND = [{"easy": [0, 1], "hard": [2], "junk": [3], "bbx": None},
+       {"easy": [4], "hard": [], "junk": [], "bbx": None},
+       {"easy": [], "hard": [], "junk": [5], "bbx": None}]  # no positive under any protocol
+
+
+@dataclass
+class ToySet:
+    """A dataset in RevisitedDataset's shape: image_paths, read(i) -> uint8 BGR, len, gnd."""
+
+    n: int
+    prefix: str
+    gnd: list = field(default_factory=lambda: GND)
+
+    def __post_init__(self):
+        self.image_paths = [f"/nowhere/{self.prefix}{i:03d}.jpg" for i in range(self.n)]
+
+    def __len__(self):
+        return self.n
+
+    def read(self, i):
+        img = np.full((48, 64, 3), 40 + 20 * i, np.uint8)
+        img[8:40, 8 + 4 * i : 24 + 4 * i] = (0, 0, 255) if self.prefix == "q" else (255, 200, 0)
+        return img
+
+
+@dataclass
+class Toy:
+    outcome: EvalOutcome
+    final: dict  # method -> its (n_db, nq) ranking
+    gnd: list
+
+
+@pytest.fixture
+def toy_run():
+    gen = torch.Generator().manual_seed(0)
+    xq = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=1)
+    xb = torch.nn.functional.normalize(torch.randn(9, 8, generator=gen), dim=1)
+    _, ranks = global_ranking(xq, xb)
+    reranked = ranks.copy()
+    reranked[:4] = reranked[:4][::-1]  # a "re-ranking" that reverses each query's top 4
+    rerank_scores = [{int(j): 1.0 - 0.1 * r for r, j in enumerate(reranked[:4, q])} for q in range(3)]
+    ranked = {"cvnet_global": (ranks, xq, xb)}
+    cache = {}
+    results, details = {}, {}
+    for method, final in (("cvnet_global", ranks), ("cvnet_rerank", reranked)):
+        ev = evaluate_revisited(final, GND, [1, 5])
+        results[method] = metrics_percent(ev)
+        if method == "cvnet_global":
+            details[("toy", method)] = MethodDetail(after=global_detail(
+                method, ranked, GND, kappas=[1, 5], top=5, cache=cache, evaluation=ev))
+        else:
+            details[("toy", method)] = MethodDetail(
+                after=ranking_detail(final, ev, GND, top=5, score_of=lookup_scores(rerank_scores), source="toy"),
+                before=global_detail("cvnet_global", ranked, GND, kappas=[1, 5], top=5, cache=cache),
+                base="cvnet_global")
+    timer = Timer()
+    timer.stages["build models"] = 0.5
+    outcome = EvalOutcome(results={"toy": results}, rankings={}, plan=WeightsPlan(warnings=["weights: random"]),
+                          timer=timer, data={"toy": {"query_set": ToySet(3, "q"), "db_set": ToySet(9, "db")}},
+                          names=["toy"], builtin=True, distractors=None, details=details)
+    return Toy(outcome=outcome, final={"cvnet_global": ranks, "cvnet_rerank": reranked}, gnd=GND)
