@@ -228,3 +228,73 @@ def metrics_percent(results: Mapping[str, Mapping]) -> dict[str, Any]:
 def format_percent(value: float | None) -> str:
     """A percentage as printed in the tables: two decimals, ``n/a`` for None."""
     return "n/a" if value is None else f"{value:.2f}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GLDv2 retrieval and recognition metrics (the challenge metrics published with DELF)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def gldv2_mean_average_precision(predictions: Mapping[str, Sequence[str]],
+                                 retrieval_solution: Mapping[str, Sequence[str]],
+                                 max_predictions: int = 100) -> float:
+    """The GLDv2 retrieval challenge's mAP@``max_predictions``.
+
+    ``predictions``: test id -> ranked index ids; ``retrieval_solution``: test id -> ground-truth index ids.
+    Per predicted test image, AP over its first ``max_predictions`` ids, a repeated id counting once (at its first
+    position), divided by min(#ground truth, max_predictions); the sum is divided by the number of test images in
+    the solution, so an unpredicted test image counts as AP 0. A predicted id not in the solution is an error.
+    """
+    unknown = [key for key in predictions if key not in retrieval_solution]
+    if unknown:
+        raise ValueError(f"test image {unknown[0]!r} is not part of the retrieval solution "
+                         f"({len(unknown)} such predictions)")
+    if not retrieval_solution:
+        raise ValueError("the retrieval solution is empty")
+    total = 0.0
+    for key, ranked in predictions.items():
+        truth = set(retrieval_solution[key])
+        if not truth:
+            continue
+        seen: set[str] = set()
+        hits, ap = 0, 0.0
+        for position, index_id in enumerate(list(ranked)[:max_predictions]):
+            if index_id in seen:
+                continue
+            seen.add(index_id)
+            if index_id in truth:
+                hits += 1
+                ap += hits / (position + 1)
+        total += ap / min(len(truth), max_predictions)
+    return total / len(retrieval_solution)
+
+
+def gldv2_global_average_precision(predictions: Mapping[str, Mapping[str, Any]],
+                                   recognition_solution: Mapping[str, Sequence[Any]],
+                                   ignore_non_gt_test_images: bool = False) -> float:
+    """The GLDv2 recognition challenge's Global Average Precision (micro-AP).
+
+    ``predictions``: test id -> {"class": landmark id, "score": confidence}; ``recognition_solution``: test id ->
+    landmark ids (empty for non-landmark images). All predictions are sorted by score (descending; ties by test id,
+    then class, ascending) and GAP = sum over correct predictions of precision at their rank, divided by the number
+    of test images with ground truth. With ``ignore_non_gt_test_images``, predictions for images without ground
+    truth are skipped (the challenge keeps them, penalising confident non-landmark predictions).
+    """
+    positives = sum(1 for truth in recognition_solution.values() if truth)
+    if positives == 0:
+        raise ValueError("the recognition solution has no test image with ground truth")
+    unknown = [key for key in predictions if key not in recognition_solution]
+    if unknown:
+        raise ValueError(f"test image {unknown[0]!r} is not part of the recognition solution")
+    ordered = sorted(predictions.items(), key=lambda item: (item[0], item[1]["class"]))
+    ordered.sort(key=lambda item: item[1]["score"], reverse=True)
+    gap, total, correct = 0.0, 0, 0
+    for key, prediction in ordered:
+        truth = recognition_solution[key]
+        if ignore_non_gt_test_images and not truth:
+            continue
+        total += 1
+        if prediction["class"] in truth:
+            correct += 1
+            gap += correct / total
+    return gap / positives
