@@ -533,12 +533,14 @@ def _hammer(save_a, save_b, load, check, seconds: float, max_loads: int) -> tupl
     return loads, failures
 
 
-def test_max_side_holds_after_min_side_upscaling():
+def test_max_side_holds_after_min_side_upscaling(sg_model):
     """Issue 11.6: a 10 x 4000 image became 96 x 32768 (104 s, 3 GB). The short side is enlarged only as far as
     the long side allows, then padded with its edge pixels."""
     strip = np.tile(np.arange(4000, dtype=np.uint8)[None, :, None], (10, 1, 3))
     out = prepare_image(strip, max_side=1024, min_side=96)
     assert out.shape == (96, 1024, 3)
+    described = Retriever(sg_model, TensorVectorDB(2048)).describe([strip])
+    assert described.shape == (1, 2048) and bool(torch.isfinite(described).all())
     assert prepare_image(strip.transpose(1, 0, 2), max_side=1024, min_side=96).shape == (1024, 96, 3)
     # within the aspect limit nothing changes: min_size_guard's enlargement, exactly
     from datasets.transforms import min_size_guard
@@ -566,3 +568,23 @@ def test_nan_descriptors_name_the_image_and_the_weights(images):
     with pytest.raises(ValueError, match=rf"NaN/Inf descriptors.*{images[1][0].name}.*random \(seed 3\)"):
         retriever.index([images[1][0]], progress=False)
     assert len(retriever.database) == 0
+
+
+def test_a_save_of_the_older_layout_loads_and_is_replaced_whole(images, tmp_path):
+    """Folders saved before per-save file names (database.pt, retriever.json without file hashes or re-ranker)
+    load as before; the next save replaces them and removes the old database file."""
+    model = build_model("superglobal", depth=50, seed=3, options={"scales": [1.0]})
+    retriever = Retriever(model, TensorVectorDB(2048), seed=3)
+    retriever.index(images[1][:2], progress=False)
+    retriever.save(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / config["database"]["file"]).rename(tmp_path / "database.pt")
+    config["database"]["file"] = "database.pt"
+    for key in ("files", "reranker"):
+        del config[key]
+    del config["model"]["checkpoint"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    loaded = Retriever.load(tmp_path)
+    assert len(loaded) == 2 and loaded.reranker is None and loaded.seed == 3
+    loaded.save(tmp_path)
+    assert not (tmp_path / "database.pt").exists() and len(Retriever.load(tmp_path, model)) == 2

@@ -218,6 +218,17 @@ def test_an_upsert_that_finally_fails_is_one_line(folder, tmp_path, capsys, monk
     assert not (tmp_path / "p" / "retriever.json").exists()
 
 
+def test_an_image_too_small_without_min_side_is_one_line_naming_it(tmp_path, capsys):
+    """Issue 11.6: with no minimum side, SuperGlobal's padding failed on a small image with a RuntimeError naming
+    no file; now one line names it and the option that fixes it."""
+    root = tmp_path / "small"
+    root.mkdir()
+    assert cv2.imwrite(str(root / "tiny.png"), _image(5, 64, 80))
+    err = _fails(capsys, ["build", "--images", str(root), "--index", str(tmp_path / "i"), "--min-side", "0",
+                          "--scales", "1", "--device", "cpu", "--quiet"])
+    assert "tiny.png" in err and "--min-side 96" in err
+
+
 def test_bad_device_is_one_line(built, folder, capsys):
     err = _fails(capsys, ["query", "--index", str(built), "--image", str(folder[1][0]), "--device", "gpu", "--quiet"])
     assert "device" in err and "'gpu'" in err
