@@ -5,7 +5,7 @@
 
 ``build`` describes every image under ``--images`` (recursively; jpg, png, bmp, webp, tif, ppm, pgm) with
 SuperGlobal (default) or CVNet-Global and stores the descriptors, with each image's path, in ``--index``
-(``retriever.json`` + ``database.pt`` or ``database.faiss``), or in a Pinecone namespace with
+(``retriever.json`` + ``database-<save id>.pt`` or ``.faiss``), or in a Pinecone namespace with
 ``--backend pinecone``. ``query`` prints the ranked list (rank, score, path), optionally re-ranked, and can
 write a PNG grid of the query and its top-k. The work is done by :func:`helpers.retrieval.build_index` and
 :func:`helpers.retrieval.query_index`; torch is imported only once the arguments are parsed.

@@ -8,9 +8,10 @@
 - Images of identical size are batched (:func:`bucket_batches`); the revisited sets hold many sizes, so most
   batches hold one image, which is handled the same way.
 - :func:`cached_global_descriptors` keeps an on-disk cache keyed by sha256 of the model weights, the extraction
-  config and the image list (names and file sizes), written atomically. Large sets (the R1M distractors) are
-  extracted in shards, one file each, that resume after a crash; under ``torchrun`` rank r takes the shards
-  i % world_size == r and rank 0 merges them.
+  config and the image list (names, file sizes and sha256 of each file's content, memoised by
+  :class:`ContentHashes` so that unchanged files are not read again), written atomically. Large sets (the R1M
+  distractors) are extracted in shards, one file each, that resume after a crash; under ``torchrun`` rank r takes
+  the shards i % world_size == r and rank 0 merges them.
 - :class:`ReducedMapStore`: CVNet-Rerank's query-independent reduced maps (``reduce_featuremap`` output) of each
   image, computed once and kept in memory (bounded, least recently used first out) with an optional
   on-disk cache.
@@ -18,29 +19,36 @@
   convs, channels-last weights and inputs) under ``inference_mode``; optionally ``torch.compile`` and, on CUDA,
   bfloat16/float16 autocast. In float32 it gives the faithful path's descriptors within 1e-5.
 - Images already in memory (the retrieval API's) go through the same engine as :class:`ImageArrays`.
+- Nothing silently wrong: descriptors and maps are checked to be finite where they are made
+  (:class:`NonFiniteDescriptorError` names the images and the weights), and an image too small for the model
+  is an :class:`ImageTooSmallError` naming it and the setting that fixes it.
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from common.convention import OFFICIAL_CONVENTION, InputConvention
-from common.io import atomic_torch_save
+from common.io import atomic_torch_save, atomic_write
 from datasets.transforms import multiscale_tensors
+from helpers.distributed import barrier
 from models.backbone import ResNetBackbone
 from models.functional import aggregate_scales
 
@@ -49,6 +57,23 @@ logger = logging.getLogger(__name__)
 #: Bumped when the cached tensors' meaning changes, so older cache files are not taken for current ones.
 CACHE_FORMAT = 1
 _MODEL_OPTIONS = ("gemp", "rgem", "sgem", "relup", "scales", "antialias")
+#: Short side below which an image is too small for SuperGlobal at its test scales: at scale 0.7071 a 92 px side
+#: is the least that leaves a 3 x 3 stage-4 map, which Regional-GeM's reflection padding of 2 needs; 96 keeps a
+#: margin. What ``data.min_side`` (eval.py) and ``--min-side`` (retrieve.py) should be for such images.
+MIN_SIDE = 96
+_NAMED = 5  # images an error message names before eliding the rest
+
+
+class ExtractionError(ValueError):
+    """An image set the engine cannot describe faithfully; the message names the images and what to do."""
+
+
+class NonFiniteDescriptorError(ExtractionError):
+    """A model gave NaN or Inf descriptors (or CVNet maps): broken weights, never a result to rank with."""
+
+
+class ImageTooSmallError(ExtractionError):
+    """An image too small for the model (SuperGlobal's Regional-GeM pads its stage-4 map by 2, reflecting)."""
 
 
 def describe_multiscale(model: nn.Module, per_scale: Sequence[Tensor]) -> Tensor:
@@ -61,11 +86,14 @@ class ImageArrays(Dataset):
     """Images already in memory as engine items: item i is one normalised (3, H_s, W_s) tensor per scale of the
     uint8 (H, W, 3) BGR image ``images[i]``, resized with OpenCV per scale as the datasets do
     (:func:`datasets.transforms.multiscale_tensors`). CVNet-Global takes its three test scales, SuperGlobal and
-    CVNet-Rerank's maps scale 1.0 only."""
+    CVNet-Rerank's maps scale 1.0 only. ``names`` (one per image, e.g. its file) are what errors call them."""
 
     def __init__(self, images: Sequence[np.ndarray], *, scales: Sequence[float] = (1.0,),
-                 convention: InputConvention = OFFICIAL_CONVENTION) -> None:
+                 convention: InputConvention = OFFICIAL_CONVENTION, names: Sequence[str] | None = None) -> None:
+        if names is not None and len(names) != len(images):
+            raise ValueError(f"got {len(names)} names for {len(images)} images")
         self.images, self.scales, self.convention = images, tuple(float(s) for s in scales), convention
+        self.names = None if names is None else [str(n) for n in names]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -74,9 +102,166 @@ class ImageArrays(Dataset):
         return multiscale_tensors(self.images[i], self.scales, self.convention)
 
 
+def item_name(dataset: Any, index: int) -> str:
+    """What an error calls item ``index`` of a dataset: its image file where the dataset lists them
+    (``image_paths``, or ``names``), through ConcatDataset and Subset; else ``Class[index]``."""
+    if isinstance(dataset, ConcatDataset):
+        part = bisect.bisect_right(dataset.cumulative_sizes, index)
+        start = dataset.cumulative_sizes[part - 1] if part else 0
+        return item_name(dataset.datasets[part], index - start)
+    if isinstance(dataset, Subset):
+        return item_name(dataset.dataset, dataset.indices[index])
+    for attr in ("image_paths", "names"):
+        listed = getattr(dataset, attr, None)
+        if listed is not None:
+            try:
+                return os.fspath(listed[index])
+            except (IndexError, KeyError, TypeError):
+                break
+    return f"{type(dataset).__name__}[{index}]"
+
+
+def _named(dataset: Any, indices: Sequence[int]) -> str:
+    names = ", ".join(item_name(dataset, i) for i in indices[:_NAMED])
+    return names + (f" and {len(indices) - _NAMED} more" if len(indices) > _NAMED else "")
+
+
+def check_finite(values: Tensor | Sequence[Tensor], *, dataset: Any, indices: Sequence[int], model: nn.Module,
+                 weights_source: str | None = None, what: str = "descriptors") -> None:
+    """Raise :class:`NonFiniteDescriptorError` when a row of ``values`` (B, ...) (or of each tensor of a list, rows
+    aligned with ``indices``) holds NaN or Inf, naming the images (``dataset[indices]``) and the weights.
+
+    ``weights_source`` says where the weights came from (a checkpoint path, "random (seed 0)", ...)."""
+    tensors = [values] if isinstance(values, Tensor) else list(values)
+    ok = torch.ones(len(indices), dtype=torch.bool)
+    for t in tensors:
+        ok &= torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(dim=1).cpu()
+    if bool(ok.all()):
+        return
+    bad = [int(i) for i, good in zip(indices, ok.tolist()) if not good]
+    source = weights_source or "not named by the caller"
+    raise NonFiniteDescriptorError(
+        f"{type(model).__name__} gave NaN/Inf {what} for {len(bad)} image(s): {_named(dataset, bad)} "
+        f"(weights: {source}). The weights or the model's numbers are broken (a damaged checkpoint, a diverged "
+        "training run, a half-precision overflow): no ranking is computed from them.")
+
+
+def _too_small(exc: RuntimeError, *, dataset: Any, indices: Sequence[int], per_scale: Sequence[Tensor],
+               model: nn.Module) -> ImageTooSmallError:
+    sizes = ", ".join(f"{t.shape[-2]}x{t.shape[-1]}" for t in per_scale)
+    return ImageTooSmallError(
+        f"{type(model).__name__} cannot describe {_named(dataset, list(indices))}: the image is too small "
+        f"({sizes} px, H x W per scale) for its feature map's padding ({exc}). Enlarge small images: set "
+        f"data.min_side: {MIN_SIDE} (eval.py) or --min-side {MIN_SIDE} (retrieve.py).")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Cache keys
 # --------------------------------------------------------------------------------------------------------------
+
+#: ctime / mtime closer to now than this: the file may still be changing within the file system's timestamp
+#: granularity, so its hash is not memoised (git's "racily clean" entries).
+_RACY_NS = 2_000_000_000
+#: Sub-folder of a cache directory holding the memoised content hashes of the images.
+HASH_MEMO_DIR = "content-sha256"
+_HASH_THREADS = 8
+
+
+def _file_sha256(path: str, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ContentHashes:
+    """sha256 of files' content, memoised in ``memo_dir`` (one TSV per image set) under
+    (path, size, mtime_ns, ctime_ns, inode).
+
+    A file is read again only when one of those changed. ctime changes with every write or metadata change and
+    cannot be set back (``os.utime`` sets mtime only), so a file replaced by one of the same size, even with its
+    mtime restored, is hashed again. Without ``memo_dir`` every file is hashed on every call. ``hashed`` counts
+    the files read.
+    """
+
+    def __init__(self, memo_dir: str | os.PathLike | None = None) -> None:
+        self.memo_dir = None if memo_dir is None else Path(memo_dir)
+        self.hashed = 0
+        self._tables: dict[str, dict[str, tuple[int, int, int, int, str]]] = {}
+
+    def _memo_path(self, group: str) -> Path | None:
+        if self.memo_dir is None:
+            return None
+        return self.memo_dir / f"{hashlib.sha256(group.encode()).hexdigest()[:16]}.tsv"
+
+    def _table(self, group: str) -> dict[str, tuple[int, int, int, int, str]]:
+        if group in self._tables:
+            return self._tables[group]
+        table: dict[str, tuple[int, int, int, int, str]] = {}
+        path = self._memo_path(group)
+        if path is not None and path.is_file():
+            try:
+                with open(path, encoding="utf-8") as f:
+                    for line in f:
+                        parts = line.rstrip("\n").split("\t", 5)
+                        if len(parts) == 6 and len(parts[4]) == 64:
+                            table[parts[5]] = (int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3]), parts[4])
+            except (OSError, ValueError, UnicodeDecodeError) as exc:  # a damaged memo only costs re-hashing
+                logger.warning("ignoring unreadable hash memo %s (%s)", path, exc)
+                table = {}
+        self._tables[group] = table
+        return table
+
+    def _save(self, group: str) -> None:
+        path = self._memo_path(group)
+        if path is None:
+            return
+        table = self._tables[group]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for name, (size, mtime, ctime, ino, digest) in table.items():
+                    f.write(f"{size}\t{mtime}\t{ctime}\t{ino}\t{digest}\t{name}\n")
+
+        atomic_write(path, write)
+
+    def digests(self, paths: Sequence[str], *, group: str, stats: Sequence[os.stat_result] | None = None,
+                progress: bool = False, desc: str = "hashing") -> list[str]:
+        """sha256 (hex) of each file's content; ``stats`` are their ``os.stat`` results when already taken.
+        ``group`` names the memo (e.g. the data root and the set's name)."""
+        stats = list(stats) if stats is not None else [os.stat(p) for p in paths]
+        table = self._table(group)
+        keys = [os.path.abspath(p) for p in paths]
+        out: list[str | None] = []
+        todo = []
+        for k, (key, st) in enumerate(zip(keys, stats)):
+            entry = table.get(key)
+            if entry is not None and entry[:4] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
+                out.append(entry[4])
+            else:
+                out.append(None)
+                todo.append(k)
+        if not todo:
+            return out  # type: ignore[return-value]
+        bar = tqdm(total=len(todo), desc=desc, unit="file", leave=False, disable=not progress or len(todo) < 2000)
+        with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:  # hashlib releases the GIL while hashing
+            for k, digest in zip(todo, pool.map(lambda j: _file_sha256(paths[j]), todo)):
+                out[k] = digest
+                bar.update(1)
+        bar.close()
+        self.hashed += len(todo)
+        settled = time.time_ns() - _RACY_NS
+        changed = False
+        for k in todo:
+            st = stats[k]
+            if "\n" in keys[k] or max(st.st_ctime_ns, st.st_mtime_ns) > settled:
+                continue
+            table[keys[k]] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, out[k])  # type: ignore[assignment]
+            changed = True
+        if changed:
+            self._save(group)
+        return out  # type: ignore[return-value]
 
 
 def state_dict_hash(model: nn.Module) -> str:
@@ -125,28 +310,21 @@ def _image_names(dataset: Dataset) -> list[tuple[str, str]]:
     return [(p, os.path.relpath(p, root) if root else os.path.basename(p)) for p in paths]
 
 
-def dataset_signature(dataset: Dataset, *, progress: bool = False) -> dict[str, Any]:
+def dataset_signature(dataset: Dataset, *, progress: bool = False, hashes: ContentHashes | None = None,
+                      contents: bool = True) -> dict[str, Any]:
     """What decides the images a dataset yields: for each part its class, name, split, scales, input
-    convention and minimum side, and a sha256 over its image list (relative names, file sizes, query boxes).
+    convention and minimum side, and a sha256 over its image list (relative names, file sizes, sha256 of each
+    file's content from ``hashes`` (memoised there; default: hashed now), query boxes).
 
-    A missing image is a ``FileNotFoundError`` naming the file and the dataset.
+    ``contents=False`` leaves the image list out (no file is read). A missing image is a ``FileNotFoundError``
+    naming the file and the dataset.
     """
+    hashes = hashes if hashes is not None else ContentHashes()
     parts = []
     for d in _leaf_datasets(dataset):
-        h = hashlib.sha256()
         names = _image_names(d)
-        bbxs = getattr(d, "bbxs", None)
-        label = f"{getattr(d, 'name', type(d).__name__)} ({getattr(d, 'split', 'images')})"
-        for i, (path, name) in enumerate(tqdm(names, desc=f"listing {label}", unit="img", leave=False,
-                                                disable=not progress or len(names) < 20000)):
-            try:
-                size = os.stat(path).st_size
-            except FileNotFoundError:
-                raise FileNotFoundError(f"image file not found: {path} (dataset {label})") from None
-            box = "" if bbxs is None else ",".join(repr(float(v)) for v in bbxs[i])
-            h.update(f"{name}\t{size}\t{box}\n".encode())
         convention = getattr(d, "convention", None)
-        parts.append({
+        part = {
             "class": type(d).__name__,
             "name": getattr(d, "name", None),
             "split": getattr(d, "split", None),
@@ -154,20 +332,50 @@ def dataset_signature(dataset: Dataset, *, progress: bool = False) -> dict[str, 
             "convention": convention.to_dict() if convention is not None else None,
             "min_side": getattr(d, "min_side", None),
             "n_images": len(names),
-            "images_sha256": h.hexdigest(),
-        })
+        }
+        if contents:
+            h = hashlib.sha256()
+            for name, size, digest, box in _image_entries(d, names, hashes, progress=progress):
+                h.update(f"{name}\t{size}\t{digest}\t{box}\n".encode())
+            part["images_sha256"] = h.hexdigest()
+        parts.append(part)
     return {"parts": parts}
 
 
+def _image_entries(d: Dataset, names: list[tuple[str, str]], hashes: ContentHashes, *,
+                   progress: bool = False) -> list[tuple[str, int, str, str]]:
+    """(name, file size, content sha256, query box) of each image of a leaf dataset."""
+    label = f"{getattr(d, 'name', type(d).__name__)} ({getattr(d, 'split', 'images')})"
+    stats = []
+    for path, _ in tqdm(names, desc=f"listing {label}", unit="img", leave=False,
+                        disable=not progress or len(names) < 20000):
+        try:
+            stats.append(os.stat(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {path} (dataset {label})") from None
+    paths = [p for p, _ in names]
+    root = getattr(d, "root", None) or (os.path.dirname(paths[0]) if paths else ".")
+    group = f"{os.path.abspath(root)}|{getattr(d, 'name', '')}"  # one memo per set: roxford5k's need not read R1M's
+    try:
+        digests = hashes.digests(paths, group=group, stats=stats, progress=progress, desc=f"hashing {label}")
+    except FileNotFoundError as exc:  # removed since the listing
+        raise FileNotFoundError(f"image file not found: {exc.filename} (dataset {label})") from None
+    bbxs = getattr(d, "bbxs", None)
+    return [(name, st.st_size, digest, "" if bbxs is None else ",".join(repr(float(v)) for v in bbxs[i]))
+            for i, ((_, name), st, digest) in enumerate(zip(names, stats, digests))]
+
+
 def feature_cache_key(*, model: nn.Module, dataset: Dataset, kind: str = "global",
-                      weights_hash: str | None = None, progress: bool = False) -> str:
-    """sha256 of (weights hash, extraction config, image list): equal keys mean equal descriptors."""
+                      weights_hash: str | None = None, progress: bool = False,
+                      hashes: ContentHashes | None = None) -> str:
+    """sha256 of (weights hash, extraction config, image list with each file's content hash): equal keys mean
+    equal descriptors. ``hashes`` memoises the files' hashes (default: every file is read)."""
     payload = {
         "format": CACHE_FORMAT,
         "kind": kind,
         "weights": weights_hash or state_dict_hash(model),
         "model": model_signature(model),
-        "data": dataset_signature(dataset, progress=progress),
+        "data": dataset_signature(dataset, progress=progress, hashes=hashes),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -319,6 +527,7 @@ def extract_global_descriptors(
     compile_model: bool = False,
     dtype: torch.dtype | None = None,
     runner: nn.Module | None = None,
+    weights_source: str | None = None,
 ) -> Tensor:
     """Global descriptors (N, D) float32 on CPU of ``dataset[indices]`` (all by default), in that order.
 
@@ -329,6 +538,10 @@ def extract_global_descriptors(
     bfloat16/float16 autocasts on CUDA. ``runner``: the module to run in place of the one ``fast`` derives from
     ``model``, e.g. a :func:`fast_runner` kept by a caller that extracts a few images at a time, so that the model
     is not copied on every call.
+
+    Every batch is checked: NaN/Inf descriptors raise :class:`NonFiniteDescriptorError` naming the images and
+    ``weights_source`` (where the weights came from: a checkpoint path, "random (seed 0)", ...); an image too
+    small for the model's padding raises :class:`ImageTooSmallError` naming it and the ``min_side`` that fixes it.
     """
     indices = list(range(len(dataset))) if indices is None else list(indices)
     if not indices:
@@ -348,7 +561,14 @@ def extract_global_descriptors(
     for batch_indices, per_scale in bucket_batches(items, batch_size=batch_size):
         with autocast:
             batch = [x.to(device, non_blocking=True).contiguous(memory_format=layout) for x in per_scale]
-            desc_b = describe_multiscale(runner, batch).float().cpu()
+            try:
+                desc_b = describe_multiscale(runner, batch).float().cpu()
+            except RuntimeError as exc:
+                if "padding" not in str(exc).lower():
+                    raise
+                raise _too_small(exc, dataset=dataset, indices=batch_indices, per_scale=per_scale,
+                                 model=model) from exc
+        check_finite(desc_b, dataset=dataset, indices=batch_indices, model=model, weights_source=weights_source)
         if out is None:
             out = torch.empty(len(indices), desc_b.shape[1], dtype=torch.float32)
         out[[position[i] for i in batch_indices]] = desc_b
@@ -369,7 +589,12 @@ def _load_features(path: Path, key: str) -> Tensor | None:
         return None
     if not isinstance(payload, dict) or payload.get("key") != key or not isinstance(payload.get("features"), Tensor):
         return None
-    return payload["features"]
+    features = payload["features"]
+    for start in range(0, features.shape[0], 65536):  # in blocks: a 1M x 2048 check would take 2 GB at once
+        if not bool(torch.isfinite(features[start : start + 65536]).all()):
+            logger.warning("ignoring cache file %s: it holds NaN/Inf descriptors", path)
+            return None
+    return features
 
 
 def _save_features(path: Path, key: str, features: Tensor, **meta: Any) -> None:
@@ -388,14 +613,6 @@ def shards_of_rank(n_shards: int, *, rank: int, world_size: int) -> list[int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of world size {world_size} is not valid")
     return [i for i in range(n_shards) if i % world_size == rank]
-
-
-def distributed_barrier() -> None:
-    """torch.distributed barrier when a process group is initialised (torchrun); a no-op otherwise."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _shard_path(shard_dir: Path, i: int, n: int) -> Path:
@@ -417,6 +634,7 @@ def extract_sharded(
     progress: bool = True,
     desc: str = "descriptors",
     fast: bool = True,
+    weights_source: str | None = None,
 ) -> Tensor | None:
     """Extract in shards of ``shard_size`` images, one file each (atomic), skipping complete shards.
 
@@ -436,7 +654,8 @@ def extract_sharded(
             return feats
         feats = extract_global_descriptors(model=model, dataset=dataset, indices=ranges[i], device=device,
                                            batch_size=batch_size, num_workers=num_workers, progress=progress,
-                                           desc=f"{desc} shard {i + 1}/{n}", fast=fast)
+                                           desc=f"{desc} shard {i + 1}/{n}", fast=fast,
+                                           weights_source=weights_source)
         _save_features(path, key, feats, start=ranges[i].start, stop=ranges[i].stop)
         return feats
 
@@ -446,7 +665,7 @@ def extract_sharded(
                 rank, world_size, len(mine), done)
     for i in mine:
         ensure(i)
-    distributed_barrier()
+    barrier()
     if rank != 0:
         return None
     return torch.cat([ensure(i) for i in range(n)])
@@ -467,21 +686,34 @@ def cached_global_descriptors(
     weights_hash: str | None = None,
     progress: bool = True,
     fast: bool = True,
+    weights_source: str | None = None,
 ) -> Tensor | None:
     """Global descriptors (N, D) of a whole dataset, through the on-disk cache when ``cache_dir`` is given.
 
     The cache file ``<cache_dir>/<label>-<key>.pt`` is keyed by :func:`feature_cache_key` (weights, config,
-    image list); a hit loads it, a miss extracts and writes it atomically. With ``shard_size`` (and always under
-    ``world_size > 1``) sets larger than one shard go through :func:`extract_sharded` in
-    ``<cache_dir>/<label>-<key>.shards/``, removed once merged. Returns None on ranks other than 0 when sharded.
+    image list with each file's content hash, memoised in ``<cache_dir>/content-sha256/``; under several ranks
+    rank 0 hashes first and the others then find its memo); a hit loads it, a miss extracts and writes it
+    atomically. With ``shard_size`` (and always under ``world_size > 1``) sets larger than one shard go through
+    :func:`extract_sharded` in ``<cache_dir>/<label>-<key>.shards/``, removed once merged. Returns None on ranks
+    other than 0 when sharded. ``weights_source`` names the weights in errors (see
+    :func:`extract_global_descriptors`).
     ``fast`` (see :func:`extract_global_descriptors`) gives the same descriptors within 1e-5, so it shares the cache.
     """
     if cache_dir is None:
         if world_size > 1:
             raise ValueError("extraction over several ranks needs a cache_dir shared by all of them")
         return extract_global_descriptors(model=model, dataset=dataset, device=device, batch_size=batch_size,
-                                          num_workers=num_workers, progress=progress, desc=label, fast=fast)
-    key = feature_cache_key(model=model, dataset=dataset, weights_hash=weights_hash, progress=progress)
+                                          num_workers=num_workers, progress=progress, desc=label, fast=fast,
+                                          weights_source=weights_source)
+    hashes = ContentHashes(Path(cache_dir) / HASH_MEMO_DIR)
+    if world_size > 1 and rank != 0:
+        barrier()  # rank 0 reads the files first; the others then find their hashes in its memo
+    try:
+        key = feature_cache_key(model=model, dataset=dataset, weights_hash=weights_hash, progress=progress,
+                                hashes=hashes)
+    finally:
+        if world_size > 1 and rank == 0:
+            barrier()
     path = Path(cache_dir) / f"{label}-{key[:24]}.pt"
     feats = _load_features(path, key)
     if feats is not None and feats.shape[0] == len(dataset):
@@ -491,18 +723,19 @@ def cached_global_descriptors(
     sharded = world_size > 1 or (shard_size is not None and len(dataset) > shard_size)
     if not sharded:
         feats = extract_global_descriptors(model=model, dataset=dataset, device=device, batch_size=batch_size,
-                                           num_workers=num_workers, progress=progress, desc=label, fast=fast)
+                                           num_workers=num_workers, progress=progress, desc=label, fast=fast,
+                                           weights_source=weights_source)
         _save_features(path, key, feats, label=label)
         return feats
     shard_dir = path.with_suffix(".shards")
     feats = extract_sharded(model=model, dataset=dataset, key=key, shard_dir=shard_dir,
                             shard_size=shard_size or len(dataset), rank=rank, world_size=world_size, device=device,
                             batch_size=batch_size, num_workers=num_workers, progress=progress, desc=label,
-                            fast=fast)
+                            fast=fast, weights_source=weights_source)
     if feats is not None:
         _save_features(path, key, feats, label=label)
         shutil.rmtree(shard_dir, ignore_errors=True)
-    distributed_barrier()
+    barrier()
     return feats
 
 
@@ -521,6 +754,9 @@ class ReducedMapStore:
     ``dataset`` is anything indexable by the keys asked for, each item the list ``[(3, H, W)]`` of the image at
     scale 1.0: a benchmark dataset indexed 0..n-1, or the retrieval API's database images indexed by database
     id (the disk cache needs ``image_paths``, so it is for the former only).
+    The disk entries are keyed by each file's content (sha256, memoised in ``<cache_dir>/content-sha256/``), so a
+    replaced image is never served its old maps. Maps are checked to be finite (:class:`NonFiniteDescriptorError`
+    names the images and ``weights_source``).
     ``prefetch(indices)`` computes the missing ones in batches of same-size images. ``fast=True`` computes them
     with an :func:`inference_copy` of the model (BatchNorm folded, channels-last), 1.3x faster on a CPU: the same
     maps up to float32 rounding (~1e-6 of their largest value, so scores agree to ~1e-7), not bit-identical, hence
@@ -539,10 +775,12 @@ class ReducedMapStore:
         num_workers: int = 0,
         weights_hash: str | None = None,
         fast: bool = False,
+        weights_source: str | None = None,
     ) -> None:
         if max_items is not None and max_items < 1:
             raise ValueError(f"max_items must be >= 1 or None, got {max_items}")
         self.fast = fast
+        self.weights_source = weights_source
         self._runner: nn.Module | None = None
         self.model, self.dataset, self.device = model, dataset, torch.device(device)
         self.max_items, self.batch_size, self.num_workers = max_items, batch_size, num_workers
@@ -555,19 +793,16 @@ class ReducedMapStore:
             prefix = hashlib.sha256(json.dumps({
                 "format": CACHE_FORMAT, "weights": weights_hash or state_dict_hash(model),
                 "model": model_signature(model),
-                "data": [{k: v for k, v in part.items() if k != "images_sha256"}
-                         for part in dataset_signature(dataset)["parts"]],
+                "data": dataset_signature(dataset, contents=False)["parts"],
             }, sort_keys=True).encode()).hexdigest()
             self._dir = Path(cache_dir) / f"maps-{prefix[:24]}"
-            self._names = self._entry_names()
+            self._names = self._entry_names(ContentHashes(Path(cache_dir) / HASH_MEMO_DIR))
 
-    def _entry_names(self) -> list[str]:
+    def _entry_names(self, hashes: ContentHashes) -> list[str]:
         names = []
         for d in _leaf_datasets(self.dataset):
-            bbxs = getattr(d, "bbxs", None)
-            for i, (path, name) in enumerate(_image_names(d)):
-                box = "" if bbxs is None else ",".join(repr(float(v)) for v in bbxs[i])
-                entry = f"{name}\t{os.stat(path).st_size}\t{box}"
+            for name, size, digest, box in _image_entries(d, _image_names(d), hashes):
+                entry = f"{name}\t{size}\t{digest}\t{box}"
                 names.append(hashlib.sha256(entry.encode()).hexdigest()[:32])
         return names
 
@@ -622,6 +857,8 @@ class ReducedMapStore:
                                  f"{len(per_scale)} scales")
             images = per_scale[0].to(self.device).contiguous(memory_format=layout)
             reduced = self._runner.reduce_featuremap(self._runner.extract_featuremap(images))
+            check_finite(reduced, dataset=self.dataset, indices=batch_indices, model=self.model,
+                         weights_source=self.weights_source, what="re-ranking maps")
             for k, i in enumerate(batch_indices):
                 maps = [r[k : k + 1].clone() for r in reduced]
                 self.computed += 1

@@ -6,8 +6,8 @@
     retriever.index(["photos/a.jpg", "photos/b.jpg"])          # -> ids tensor([0, 1])
     for hit in retriever.query("photos/query.jpg", k=10):       # best first
         print(hit.id, hit.score, hit.path)
-    retriever.save("my_index")                                  # database + retriever.json
-    retriever = Retriever.load("my_index")                      # rebuilds the model from the recorded weights
+    retriever.save("my_index")                                  # database + retriever.json (written last)
+    retriever = Retriever.load("my_index")                      # rebuilds the model and the re-ranker
 
 :func:`build_index` and :func:`query_index` are what ``python retrieve.py build`` / ``query`` run.
 
@@ -15,8 +15,14 @@ Images are uint8 (H, W, 3) arrays in **BGR** order (OpenCV's, as both releases r
 :func:`datasets.transforms.read_image`. An RGB array is accepted only with an explicit ``channel_order="RGB"``.
 Each image is downscaled (INTER_AREA) so that its longer side is at most ``max_side`` (the revisited
 benchmarks are at most 1024 a side), and a short side below ``min_side`` is enlarged so that every scale of the
-multi-scale descriptor still leaves a stage-4 map large enough for Regional-GeM's 5 x 5 reflection padding.
+multi-scale descriptor still leaves a stage-4 map large enough for Regional-GeM's 5 x 5 reflection padding;
+the enlargement never takes the long side past ``max_side`` (see :func:`fit_sides`).
 The model's input convention (channel order, mean, std) is read from ``model.input_convention``.
+
+A save (:meth:`Retriever.save`) is atomic as a whole: every file of it has a name of its own (``database-<id>.pt``,
+...), and ``retriever.json``, written last, names them with their sha256. A crash at any point leaves the old
+save or the new one loadable, and :meth:`Retriever.load` re-reads ``retriever.json`` when a concurrent save
+replaced the files it named, so concurrent readers never fail. Writers to one folder take turns (a lock file).
 
 The work is done by the evaluation's engine: descriptors by :func:`helpers.extraction.extract_global_descriptors`
 (the prepared images wrapped in :class:`helpers.extraction.ImageArrays`), CVNet maps by
@@ -32,11 +38,16 @@ Re-ranking (optional):
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +59,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
+from common.convention import InputConvention
 from common.io import atomic_write
 from datasets.folder import IMAGE_EXTENSIONS
 from datasets.transforms import crop_query, min_size_guard, read_image, to_tensor
@@ -64,6 +76,7 @@ from helpers.builders import (
 )
 from helpers.distributed import resolve_device
 from helpers.extraction import (
+    MIN_SIDE,
     ImageArrays,
     ReducedMapStore,
     extract_global_descriptors,
@@ -71,24 +84,40 @@ from helpers.extraction import (
     state_dict_hash,
 )
 from helpers.reranking import CVNetPairScorer, apply_cvnet_rerank
-from helpers.vector_db.base import AbstractVectorDB, as_id_vector, check_metadata, check_unique
-from models.checkpoint import OFFICIAL_CONVENTION
+from helpers.vector_db.base import AbstractVectorDB, CorruptIndexError, as_id_vector, check_metadata, check_unique
+from models.checkpoint import OFFICIAL_CONVENTION, save_official_checkpoint
 from models.cvnet import CVNetRerank
 from models.superglobal import SuperGlobalRerank
 
 logger = logging.getLogger(__name__)
 
-#: Short side below which an image is enlarged: at scale 0.7071 a 92 px side is the least that leaves a 3 x 3
-#: stage-4 map, which Regional-GeM's reflection padding of 2 needs; 96 keeps a margin.
-DEFAULT_MIN_SIDE = 96
+#: Short side below which an image is enlarged (see :data:`helpers.extraction.MIN_SIDE`: Regional-GeM's padding).
+DEFAULT_MIN_SIDE = MIN_SIDE
 DEFAULT_MAX_SIDE = 1024
 PATH_KEY = "path"
 CONFIG_FILE = "retriever.json"
 FORMAT_NAME = "helpers.retrieval.Retriever"
 FORMAT_VERSION = 1
-_DATABASE_FILES = {"tensor": "database.pt", "faiss": "database.faiss"}
+_DATABASE_SUFFIX = {"tensor": ".pt", "faiss": ".faiss"}
 _ADD_EVERY = 256  # descriptors accumulated before one database write (bounds memory and lost work)
 RERANKERS = ("none", "superglobal", "cvnet")
+
+
+class _Recorded:
+    """The default of ``Retriever.load(reranker=...)``: the re-ranker the save recorded (None is "no re-ranker")."""
+
+    def __repr__(self) -> str:
+        return "RECORDED"
+
+
+RECORDED: Any = _Recorded()
+_LOCK_FILE = ".retriever.lock"
+_LOAD_ATTEMPTS = 50  # re-reads of retriever.json while concurrent saves keep replacing the files it names
+#: The files a save writes (``<part>-<save id>.<ext>``), those of saves before per-save names, and the temporary
+#: files of an interrupted write of either: what a later save may remove once its retriever.json names others.
+_SAVE_FILE = re.compile(r"^(database|model|reranker)-[0-9a-f]+-[0-9a-f]{8}\.(pt|faiss|pth)$")
+_LEGACY_FILES = ("database.pt", "database.faiss", "database.faiss.json")
+_TEMP_FILE = re.compile(r"^\.(database|model|reranker|retriever)[-.].*\.tmp$")
 
 
 @dataclass(frozen=True)
@@ -146,6 +175,36 @@ def downscale_to_max_side(img: np.ndarray, max_side: int | None) -> tuple[np.nda
     return cv2.resize(img, dsize=size, interpolation=cv2.INTER_AREA), factor
 
 
+def fit_sides(img: np.ndarray, *, min_side: int | None, max_side: int | None) -> np.ndarray:
+    """Enlarge an image whose short side is below ``min_side``, never taking its long side past ``max_side``.
+
+    - short side >= ``min_side`` (or ``min_side`` None): unchanged.
+    - enlarging the short side to ``min_side`` keeps the long side <= ``max_side`` (or ``max_side`` None):
+      :func:`datasets.transforms.min_size_guard` (INTER_LINEAR, aspect kept).
+    - otherwise the aspect ratio exceeds ``max_side / min_side`` (a 10 x 4000 strip became 96 x 32768, 104 s and
+      3 GB): enlarged until the long side is ``max_side`` (INTER_LINEAR, aspect kept), then the short side is
+      padded to ``min_side`` by repeating its edge pixels (``cv2.BORDER_REPLICATE``), centred. Both limits hold,
+      the picture is not distorted and the padding adds no new structure.
+    """
+    if min_side is None:
+        return img
+    h, w = img.shape[:2]
+    short, long = min(h, w), max(h, w)
+    if short >= min_side:
+        return img
+    if max_side is None or short == 0 or max(min_side, round(long * min_side / short)) <= max_side:
+        return min_size_guard(img, min_side)
+    import cv2
+
+    factor = max_side / long
+    new_h, new_w = (max(1, round(h * factor)), max_side) if h <= w else (max_side, max(1, round(w * factor)))
+    img = cv2.resize(img, dsize=(new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    pad = min_side - min(new_h, new_w)
+    before, after = pad // 2, pad - pad // 2
+    top, bottom, left, right = (before, after, 0, 0) if new_h <= new_w else (0, 0, before, after)
+    return cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_REPLICATE)
+
+
 def prepare_image(
     img: np.ndarray,
     *,
@@ -154,14 +213,15 @@ def prepare_image(
     bbox: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Downscale to ``max_side``, crop the query box (given in the original image's pixels), enlarge to
-    ``min_side``. The crop follows the downscale so that a query is seen at the scale of the database images."""
+    ``min_side`` without passing ``max_side`` (:func:`fit_sides`). The crop follows the downscale so that a query
+    is seen at the scale of the database images."""
     img, factor = downscale_to_max_side(img, max_side)
     if bbox is not None:
         box = np.asarray(bbox, dtype=np.float64).reshape(-1)
         if box.shape != (4,) or not np.isfinite(box).all():
             raise ValueError(f"bbox must be 4 finite numbers (x1, y1, x2, y2), got {bbox!r}")
         img = crop_query(img, box * factor)
-    return min_size_guard(img, min_side)
+    return fit_sides(img, min_side=min_side, max_side=max_side)
 
 
 def list_images(
@@ -202,6 +262,11 @@ class StoredImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.database)
+
+    @property
+    def names(self) -> Mapping[int, str]:
+        """id -> image file, for the ids read so far (what errors call the images)."""
+        return self._paths
 
     def load_paths(self, ids: Iterable[int]) -> None:
         """Read the stored paths of ``ids`` (replacing those read before, which may be stale by now)."""
@@ -292,7 +357,9 @@ class Retriever:
         map_cache_size: database images whose reduced CVNet maps are kept in memory (LRU; about 5 MB each at
             1024 x 768).
         weights, seed: where the model's weights came from (a checkpoint path, or the seed of a random
-            initialisation); only recorded by :meth:`save` so that :meth:`load` can rebuild the model.
+            initialisation); recorded by :meth:`save` so that :meth:`load` can rebuild the model, and named by
+            errors. With neither, :meth:`save` writes the weights themselves into the index folder.
+        rerank_weights, rerank_seed: the same for a CVNet re-ranker.
     """
 
     def __init__(
@@ -311,6 +378,8 @@ class Retriever:
         map_cache_size: int = 128,
         weights: str | os.PathLike | None = None,
         seed: int | None = None,
+        rerank_weights: str | os.PathLike | None = None,
+        rerank_seed: int | None = None,
     ) -> None:
         self.kind = global_kind(model)
         if not isinstance(database, AbstractVectorDB):
@@ -344,6 +413,8 @@ class Retriever:
         self.map_cache_size = int(map_cache_size)
         self.weights = None if weights is None else os.fspath(weights)
         self.seed = seed
+        self.rerank_weights = None if rerank_weights is None else os.fspath(rerank_weights)
+        self.rerank_seed = rerank_seed
         self._runner: nn.Module | None = None
         self._db_maps: ReducedMapStore | None = None
 
@@ -366,16 +437,23 @@ class Retriever:
         return prepare_image(load_bgr(image, channel_order=channel_order), max_side=self.max_side,
                              min_side=self.min_side, bbox=bbox)
 
-    def _describe_prepared(self, images: Sequence[np.ndarray]) -> Tensor:
+    @staticmethod
+    def _weights_source(weights: str | None, seed: int | None) -> str:
+        if weights is not None:
+            return weights
+        return f"random (seed {seed})" if seed is not None else "in-memory model (no file or seed recorded)"
+
+    def _describe_prepared(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> Tensor:
         if not images:
             return torch.empty(0, self.dim)
         if self._runner is None:  # the engine's fast copy of the model, made once rather than per batch
             self._runner = fast_runner(self.model)
         # SuperGlobal resizes to its scales inside the model (Scale-GeM); CVNet-Global is fed one image per scale
         scales = (1.0,) if self.kind == "superglobal" else self.scales
-        dataset = ImageArrays(images, scales=scales, convention=self.model.input_convention)
+        dataset = ImageArrays(images, scales=scales, convention=self.model.input_convention, names=names)
         return extract_global_descriptors(model=self.model, dataset=dataset, device=self.device,
-                                          batch_size=self.batch_size, progress=False, runner=self._runner)
+                                          batch_size=self.batch_size, progress=False, runner=self._runner,
+                                          weights_source=self._weights_source(self.weights, self.seed))
 
     def describe(
         self,
@@ -387,8 +465,8 @@ class Retriever:
         """Global descriptors (n, d) float32 (CPU, L2-normalised) of images or paths, optionally cropped to
         ``bboxes`` (x1, y1, x2, y2 in original pixels; None for no crop)."""
         bboxes = _per_item(bboxes, len(images), "bboxes")
-        return self._describe_prepared([self._prepare(img, box, channel_order)
-                                        for img, box in zip(images, bboxes)])
+        return self._describe_prepared([self._prepare(img, box, channel_order) for img, box in zip(images, bboxes)],
+                                       [_image_name(img, r) for r, img in enumerate(images)])
 
     # ------------------------------------------------------------------ indexing
     def index(
@@ -457,7 +535,7 @@ class Retriever:
                     meta_rows[r] = entry
                 if prepared:
                     pending.extend(rows)
-                    pending_desc.append(self._describe_prepared(prepared))
+                    pending_desc.append(self._describe_prepared(prepared, [_image_name(images[r], r) for r in rows]))
                 if len(pending) >= _ADD_EVERY:
                     flush()
                 bar.update(min(start + self.batch_size, n) - start)
@@ -499,7 +577,7 @@ class Retriever:
             raise ValueError("the database is empty: index some images first")
         bboxes = _per_item(bboxes, len(images), "bboxes")
         prepared = [self._prepare(img, box, channel_order) for img, box in zip(images, bboxes)]
-        queries = self._describe_prepared(prepared)
+        queries = self._describe_prepared(prepared, [f"query {_image_name(img, r)}" for r, img in enumerate(images)])
         if self.reranker is None:
             scores, ids = self.database.search(queries, int(k))
             rows = [(s, i, s) for s, i in zip(scores.cpu(), ids.cpu())]
@@ -542,7 +620,8 @@ class Retriever:
         store = self._map_store()
         store.dataset.load_paths(j for _, j in pairs if not store.in_memory(j))
         query_maps = ReducedMapStore(model=self.reranker, device=self.device, batch_size=self.batch_size,
-                                     dataset=ImageArrays(prepared, convention=self.reranker.input_convention))
+                                     dataset=ImageArrays(prepared, convention=self.reranker.input_convention),
+                                     weights_source=self._weights_source(self.rerank_weights, self.rerank_seed))
         scorer = CVNetPairScorer(model=self.reranker, query_maps=query_maps, db_maps=store,
                                  batch_size=self.batch_size, progress=False)
         pair_scores = torch.from_numpy(scorer(np.asarray(pairs, dtype=np.int64).reshape(-1, 2))).float()
@@ -576,7 +655,9 @@ class Retriever:
                                   max_side=self.max_side, min_side=self.min_side)
             # a cache of 0 still holds one query's candidates while they are scored (then it is cleared)
             self._db_maps = ReducedMapStore(model=self.reranker, dataset=images, device=self.device,
-                                            max_items=max(1, self.map_cache_size), batch_size=self.batch_size)
+                                            max_items=max(1, self.map_cache_size), batch_size=self.batch_size,
+                                            weights_source=self._weights_source(self.rerank_weights,
+                                                                                self.rerank_seed))
         return self._db_maps
 
     def database_maps(self, ids: Tensor | Sequence[int]) -> list[list[Tensor]]:
@@ -598,42 +679,74 @@ class Retriever:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike, *, remote: Mapping[str, Any] | None = None) -> Path:
-        """Write the database (local back-ends: ``database.pt`` / ``database.faiss``) and ``retriever.json``
-        (model config and weights fingerprint, settings, database description) into ``directory``.
+        """Write the retriever into ``directory``: the database (local back-ends: ``database-<save id>.pt`` /
+        ``.faiss``), the weights when their origin is unknown (no ``weights`` path, no ``seed``; likewise for a
+        CVNet re-ranker), then ``retriever.json``: model config and weights fingerprint, re-ranker (kind and
+        settings, or CVNet's weights source), settings, database description, and every file's sha256.
 
+        Atomic as a whole: ``retriever.json`` is written last (the commit) and names files no other save uses;
+        the files of the previous save are removed only after it (with temporary files of an interrupted one).
+        A crash at any point leaves the old save or the new one loadable. Saves to one folder take turns.
         A remote database (Pinecone) persists by itself: ``remote`` gives the connection settings to record
         (``host``, ``index_name``; the namespace is read from the database). API keys are never written.
-        Returns the path of ``retriever.json``, which is written last.
+        Returns the path of ``retriever.json``.
         """
         try:
             backend = backend_name(self.database)
         except TypeError as exc:
             raise TypeError(f"{exc}: Retriever.save cannot write it; save your database yourself and pass it to "
                             "Retriever.load(database=...)") from None
+        remote = dict(remote or {})
+        if any("key" in name.lower() for name in remote):
+            raise ValueError("remote settings must not hold API keys (they are read from the environment)")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if backend in _DATABASE_FILES:
-            spec: dict[str, Any] = {"backend": backend, "file": _DATABASE_FILES[backend]}
-            self.database.save(directory / spec["file"])
-        else:
-            remote = dict(remote or {})
-            if any("key" in name.lower() for name in remote):
-                raise ValueError("remote settings must not hold API keys (they are read from the environment)")
-            spec = {"backend": backend, "namespace": getattr(self.database, "namespace", ""),
-                    "host": remote.get("host"), "index_name": remote.get("index_name")}
-        model = {**model_config(self.model), "weights": None if self.weights is None else
-                 str(Path(self.weights).resolve()), "seed": self.seed, "fingerprint": weights_fingerprint(self.model)}
-        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dim": self.dim, "count": len(self.database),
-                  "model": model, "database": spec, "settings": self.settings()}
-        path = directory / CONFIG_FILE
+        with _writer_lock(directory):
+            save_id = f"{time.time_ns():x}-{secrets.token_hex(4)}"
+            files: dict[str, str] = {}
 
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(config, f, indent=1)
+            def write_file(part: str, suffix: str, write: Callable[[Path], None]) -> str:
+                name = f"{part}-{save_id}{suffix}"
+                write(directory / name)
+                files[name] = _sha256_file(directory / name)
+                return name
 
-        atomic_write(path, write)
+            if backend in _DATABASE_SUFFIX:
+                spec: dict[str, Any] = {"backend": backend,
+                                        "file": write_file("database", _DATABASE_SUFFIX[backend], self.database.save)}
+            else:
+                spec = {"backend": backend, "namespace": getattr(self.database, "namespace", ""),
+                        "host": remote.get("host"), "index_name": remote.get("index_name")}
+            model = {**model_config(self.model), **_weights_record(self.model, self.weights, self.seed, "model",
+                                                                   write_file)}
+            config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dim": self.dim,
+                      "count": len(self.database), "model": model, "database": spec,
+                      "reranker": self._reranker_record(write_file), "settings": self.settings(), "files": files}
+            path = directory / CONFIG_FILE
+
+            def write(tmp: str) -> None:
+                with open(tmp, "w") as f:
+                    json.dump(config, f, indent=1)
+
+            _fsync_directory(directory)  # the files are durable before the commit names them
+            atomic_write(path, write)
+            _fsync_directory(directory)
+            _remove_stale_files(directory, keep=set(files))
         logger.info("saved retriever (%d images, %s) to %s", config["count"], backend, directory)
         return path
+
+    def _reranker_record(self, write_file: Callable[[str, str, Callable[[Path], None]], str]) -> dict | None:
+        """What rebuilds the re-ranker: SuperGlobal's M, K, beta; CVNet's architecture and weights source."""
+        if self.reranker is None:
+            return None
+        if isinstance(self.reranker, SuperGlobalRerank):
+            r = self.reranker
+            return {"kind": "superglobal", "M": int(r.M), "K": int(r.K), "beta": float(r.beta),
+                    "query_chunk": int(r.query_chunk)}
+        r = self.reranker
+        return {"kind": "cvnet", "class": type(r).__name__, "depth": int(r.depth),
+                "options": {"scales": list(r.scales)}, "input_convention": r.input_convention.to_dict(),
+                **_weights_record(r, self.rerank_weights, self.rerank_seed, "reranker", write_file)}
 
     @staticmethod
     def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -660,52 +773,212 @@ class Retriever:
         model: nn.Module | None = None,
         *,
         database: AbstractVectorDB | None = None,
-        reranker: nn.Module | None = None,
+        reranker: nn.Module | None = RECORDED,
         weights: str | os.PathLike | None = None,
+        rerank_weights: str | os.PathLike | None = None,
         device: torch.device | str = "cpu",
         check_weights: bool = True,
         api_key: str | None = None,
         **settings: Any,
     ) -> Retriever:
-        """Open a retriever written by :meth:`save`.
+        """Open a retriever written by :meth:`save`, checking the sha256 of every file it names.
 
         ``model``: the global model to use; it must match the recorded class, depth, dimension and input
         convention, and (``check_weights``) the recorded weights fingerprint. Without it the model is rebuilt
-        from the recorded checkpoint path (``weights`` overrides a moved file) or random seed.
+        from the recorded checkpoint path (``weights`` overrides a moved file), the weights saved with the index,
+        or the recorded random seed. ``reranker``: by default the recorded one (SuperGlobal with its M, K, beta;
+        CVNet rebuilt like the model, ``rerank_weights`` overriding a moved file); None for none, or a module.
         ``database``: use this one instead of opening the recorded one. ``settings`` override the recorded
-        constructor settings (e.g. ``rerank_top_k=50``).
+        constructor settings (e.g. ``rerank_top_k=50``). A save running meanwhile is waited out: when a file
+        named by ``retriever.json`` disappears because a new save replaced it, the new ``retriever.json`` is read.
         """
-        config = cls.read_config(directory)
+        for attempt in range(_LOAD_ATTEMPTS):
+            config = cls.read_config(directory)
+            try:
+                return cls._from_config(directory, config, model=model, database=database, reranker=reranker,
+                                        weights=weights, rerank_weights=rerank_weights, device=device,
+                                        check_weights=check_weights, api_key=api_key, settings=settings)
+            except FileNotFoundError:
+                try:
+                    replaced = cls.read_config(directory) != config
+                except (OSError, ValueError):
+                    replaced = False
+                if not replaced or attempt == _LOAD_ATTEMPTS - 1:
+                    raise
+                logger.info("%s: a concurrent save replaced the files being loaded; reading it again", directory)
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _from_config(cls, directory: str | os.PathLike, config: Mapping[str, Any], *, model: nn.Module | None,
+                     database: AbstractVectorDB | None, reranker: nn.Module | None,
+                     weights: str | os.PathLike | None, rerank_weights: str | os.PathLike | None,
+                     device: torch.device | str, check_weights: bool, api_key: str | None,
+                     settings: Mapping[str, Any]) -> Retriever:
+        directory = Path(directory)
+        _verify_files(directory, config.get("files") or {})
         recorded = config["model"]
         if model is None:
-            path = weights if weights is not None else recorded.get("weights")
-            if path is None and recorded.get("seed") is None:
-                raise ValueError(f"{directory} does not record where its model's weights came from: pass model=")
-            if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"the index was built with weights {path}, which is missing: put the file "
-                                        "back or pass weights= (--weights) with its new location")
-            model = build_model(recorded["class"], depth=recorded["depth"], weights=path,
-                                seed=recorded.get("seed") or 0, options=recorded["options"])
+            model = _build_recorded(recorded, directory, kind=recorded["class"], weights=weights, what="model")
         _check_same_model(model, recorded, check_weights=check_weights, where=directory)
         if database is None:
             spec = config["database"]
             backend = spec.get("backend")
-            if backend in _DATABASE_FILES:
-                database = load_database(backend, Path(directory) / spec["file"])
+            if backend in _DATABASE_SUFFIX:
+                database = load_database(backend, directory / spec["file"])
             elif backend == "pinecone":
                 database = make_database("pinecone", config["dim"], index_name=spec.get("index_name"),
                                          host=spec.get("host"), api_key=api_key, namespace=spec.get("namespace", ""))
             else:
-                raise ValueError(f"unknown database backend {backend!r} in {Path(directory) / CONFIG_FILE}")
+                raise ValueError(f"unknown database backend {backend!r} in {directory / CONFIG_FILE}")
         if len(database) != config["count"]:
             logger.warning("%s: the database holds %d vectors, %d when saved", directory, len(database),
                            config["count"])
+        rerank_record = config.get("reranker")
+        rerank_source: dict[str, Any] = {}
+        if reranker is RECORDED:
+            reranker = _build_reranker(rerank_record, directory, weights=rerank_weights, check_weights=check_weights)
+            if rerank_record is not None and rerank_record.get("kind") == "cvnet" and reranker is not None:
+                rerank_source = _source_of(rerank_record, rerank_weights)
         kwargs = {**config["settings"], **settings}
-        return cls(model, database, reranker=reranker, device=device,
-                   weights=weights if weights is not None else recorded.get("weights"),
-                   seed=recorded.get("seed"), **kwargs)
+        source = _source_of(recorded, weights)
+        return cls(model, database, reranker=reranker, device=device, weights=source.get("weights"),
+                   seed=source.get("seed"), rerank_weights=rerank_source.get("weights"),
+                   rerank_seed=rerank_source.get("seed"), **kwargs)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Persistence helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _writer_lock(directory: Path) -> Iterator[None]:
+    """Saves to one folder take turns (an exclusive ``flock`` on ``.retriever.lock``; none where there is no
+    fcntl): a save must not remove the files of another that has not committed yet. Readers take no lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: saves are still atomic, concurrent writers are on their own
+        yield
+        return
+    with open(directory / _LOCK_FILE, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_files(directory: Path, *, keep: set[str]) -> None:
+    """Remove the files of earlier saves (and temporary files of interrupted ones) that ``keep`` does not name."""
+    for entry in os.scandir(directory):
+        name = entry.name
+        if name in keep or not entry.is_file(follow_symlinks=False):
+            continue
+        if _SAVE_FILE.match(name) or name in _LEGACY_FILES or _TEMP_FILE.match(name):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+
+def _verify_files(directory: Path, files: Mapping[str, str]) -> None:
+    """Every file a save names exists and has the recorded sha256 (``FileNotFoundError`` / ``CorruptIndexError``)."""
+    for name, digest in files.items():
+        path = directory / name
+        try:
+            actual = _sha256_file(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is missing: the saved retriever in {directory} is incomplete") from None
+        if actual != digest:
+            raise CorruptIndexError(f"{path}: sha256 mismatch with {directory / CONFIG_FILE}: the file is damaged "
+                                    "(rebuild the index)")
+
+
+def _weights_record(net: nn.Module, weights: str | None, seed: int | None, part: str,
+                    write_file: Callable[[str, str, Callable[[Path], None]], str]) -> dict[str, Any]:
+    """Where a network's weights come from: a checkpoint path, a seed, or (neither known) a checkpoint written
+    into the save, so that a model of unknown origin still loads."""
+    record: dict[str, Any] = {"weights": None if weights is None else str(Path(weights).resolve()), "seed": seed,
+                              "fingerprint": weights_fingerprint(net), "checkpoint": None}
+    if weights is None and seed is None:
+        record["checkpoint"] = write_file(part, ".pth", lambda path: save_official_checkpoint(net, path))
+        logger.info("%s weights of unknown origin (no file, no seed): saved them with the index", part)
+    return record
+
+
+def _source_of(record: Mapping[str, Any], weights: str | os.PathLike | None) -> dict[str, Any]:
+    """weights / seed a reloaded retriever records for a network (a checkpoint saved with the index is not a
+    source: the next save writes it again)."""
+    if weights is not None:
+        return {"weights": os.fspath(weights), "seed": None}
+    if record.get("checkpoint"):
+        return {"weights": None, "seed": None}
+    return {"weights": record.get("weights"), "seed": record.get("seed")}
+
+
+def _build_recorded(record: Mapping[str, Any], directory: Path, *, kind: str,
+                    weights: str | os.PathLike | None, what: str) -> nn.Module:
+    """Rebuild a network from its record: ``weights`` if given, else the checkpoint saved with the index, else
+    the recorded checkpoint path, else the recorded random seed."""
+    if weights is not None:
+        path: Any = weights
+    elif record.get("checkpoint"):
+        path = directory / record["checkpoint"]
+    else:
+        path = record.get("weights")
+    if path is None and record.get("seed") is None:
+        raise ValueError(f"{directory} does not record where its {what}'s weights came from: pass it "
+                         f"({'model=' if what == 'model' else 'reranker='})")
+    if path is not None and not Path(path).is_file():
+        flag = "weights= (--weights)" if what == "model" else "rerank_weights= (--rerank-weights)"
+        raise FileNotFoundError(f"the index was built with {what} weights {path}, which is missing: put the file "
+                                f"back or pass {flag} with its new location")
+    net = build_model(kind, depth=record["depth"], weights=path, seed=record.get("seed") or 0,
+                      options=record.get("options"), warn_random=path is None)
+    if path is None and record.get("input_convention"):  # random weights: no file to carry the convention
+        net.input_convention = InputConvention.from_dict(record["input_convention"])
+    return net
+
+
+def _build_reranker(record: Mapping[str, Any] | None, directory: Path, *, weights: str | os.PathLike | None,
+                    check_weights: bool) -> nn.Module | None:
+    """The re-ranker a save recorded (None when it had none)."""
+    if record is None:
+        return None
+    if record.get("kind") == "superglobal":
+        reranker = build_superglobal_reranker(M=record["M"], K=record["K"], beta=record["beta"])
+        reranker.query_chunk = int(record.get("query_chunk", reranker.query_chunk))
+        return reranker
+    if record.get("kind") != "cvnet":
+        raise ValueError(f"unknown re-ranker {record.get('kind')!r} in {directory / CONFIG_FILE}")
+    reranker = _build_recorded(record, directory, kind="cvnet_rerank", weights=weights, what="re-ranker")
+    if check_weights and record.get("fingerprint") and weights_fingerprint(reranker) != record["fingerprint"]:
+        raise ValueError(f"{directory}: the CVNet re-ranker's weights differ from those it was saved with "
+                         "(fingerprint mismatch); pass rerank_weights= with the right file, reranker= yourself, "
+                         "or check_weights=False if you know better.")
+    return reranker
 
 
 def _check_same_model(model: nn.Module, recorded: Mapping[str, Any], *, check_weights: bool, where: Any) -> None:
@@ -716,7 +989,9 @@ def _check_same_model(model: nn.Module, recorded: Mapping[str, Any], *, check_we
                              f"is {recorded[key]}; the model given has {current[key]}. Descriptors would not be "
                              "comparable: use the recorded model (or rebuild the index).")
     if check_weights and recorded.get("fingerprint") and weights_fingerprint(model) != recorded["fingerprint"]:
-        source = recorded.get("weights") or f"random weights, seed {recorded.get('seed')}"
+        source = recorded.get("weights") or (f"the checkpoint saved with it, {recorded['checkpoint']}"
+                                             if recorded.get("checkpoint") else
+                                             f"random weights, seed {recorded.get('seed')}")
         raise ValueError(f"{where} was built with other weights than the model given (fingerprint mismatch): "
                          f"its descriptors are not comparable. Load the weights it was built with ({source}), "
                          "or pass check_weights=False if you know better.")
@@ -724,6 +999,11 @@ def _check_same_model(model: nn.Module, recorded: Mapping[str, Any], *, check_we
 
 def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value))
+
+
+def _image_name(image: Any, row: int) -> str:
+    """What errors call an image: its path, or its position in the call."""
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {row} (array)"
 
 
 def _per_item(values: Sequence[Any] | None, n: int, name: str) -> list[Any]:
@@ -833,14 +1113,17 @@ def query_index(
     config = Retriever.read_config(index_dir)
     recorded = config["model"]
     reranker: nn.Module | None = None
+    rerank_source: tuple[Any, int | None] = (None, None)
     if rerank == "superglobal":
         reranker = build_superglobal_reranker(**_given(M=M, K=K, beta=beta))
     elif rerank == "cvnet":
-        source = weights if weights is not None else recorded.get("weights")
-        reranker = build_model("cvnet_rerank", depth=recorded["depth"], weights=rerank_weights or source,
-                               seed=recorded.get("seed") or 0)
+        source = rerank_weights or (weights if weights is not None else recorded.get("weights"))
+        seed = recorded.get("seed") or 0
+        reranker = build_model("cvnet_rerank", depth=recorded["depth"], weights=source, seed=seed)
+        rerank_source = (os.fspath(source), None) if source is not None else (None, seed)
     retriever = Retriever.load(index_dir, weights=weights, reranker=reranker, device=resolve_device(device),
                                **_given(rerank_top_k=rerank_top_k, mix=mix))
+    retriever.rerank_weights, retriever.rerank_seed = rerank_source  # what errors name the re-ranker's weights by
     return retriever.query(image, k, bbox=bbox), retriever
 
 

@@ -9,7 +9,8 @@ Conventions shared by all back-ends:
 
 - ids are non-negative int64; a back-end that needs strings (Pinecone) converts inside.
 - ``add`` is an upsert: an id already stored is replaced, never duplicated. Ids repeated within one call are
-  an error. Without ids, the next free integers are used: ``max(stored id) + 1`` onwards (0 when empty).
+  an error. Without ids, the next free integers are used: ``max(stored id) + 1`` onwards (0 when empty); past
+  ``2**63 - 1`` that is a ``ValueError`` asking for explicit ids.
 - vectors and queries must be finite and L2-normalised: the policy is to *reject*, never to normalise
   silently. A row whose norm differs from 1 by more than ``norm_tolerance`` is a ``ValueError`` naming it.
   Every check runs before anything is written, so a failing call leaves the database untouched.
@@ -40,6 +41,7 @@ IdsLike = Tensor | np.ndarray | Sequence[int]
 Metadata = dict[str, Any]
 
 PAD_ID = -1
+MAX_ID = 2**63 - 1  # ids are int64
 PAD_SCORE = float("-inf")
 DEFAULT_NORM_TOLERANCE = 1e-3
 _MAX_NAMED = 10  # how many offending rows / ids an error message lists before eliding the rest
@@ -240,7 +242,12 @@ class AbstractVectorDB(abc.ABC):
         n = x.shape[0]
         if ids is None:
             start = self._next_free_id() if n else 0
-            id_t = torch.arange(start, start + n, dtype=torch.int64)
+            if start + n - 1 > MAX_ID:
+                raise ValueError(
+                    f"no automatic ids left: the next free id is {start} and {n} are needed, but ids stop at "
+                    f"2**63 - 1 = {MAX_ID} (int64). Pass explicit ids to add(), e.g. the free ones below the "
+                    "largest stored id.")
+            id_t = torch.arange(n, dtype=torch.int64) + start  # (arange's end may be 2**63 itself)
         else:
             id_t = as_id_vector(ids)
             if id_t.numel() != n:

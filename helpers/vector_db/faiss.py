@@ -17,6 +17,10 @@ installed faiss package, not this file.
 - GPU: with ``use_gpu="auto"`` and a faiss build that sees GPUs, searches run on a GPU replica of the index,
   rebuilt after each modification; the CPU index stays the reference for add, delete, get and save. A GPU
   search with ``k`` > 2048 (faiss' GPU limit) runs on the CPU index instead.
+- A save is one file, replaced atomically: the faiss index (``faiss.write_index``'s bytes, so ``faiss.read_index``
+  reads the file as it is), then a JSON trailer (parameters, per-id metadata, the index bytes' sha256), its
+  length (8 bytes, little-endian) and a magic. A crash leaves the old file or the new one, and a reader reads
+  one open file, so it never mixes two saves. Saves of the older layout (index file + ``.json`` sidecar) load.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "helpers.vector_db.FaissVectorDB"
 FORMAT_VERSION = 1
+_MAGIC = b"FVDB\x00v1\n"  # the last 8 bytes of a one-file save
+_TAIL = struct.Struct("<Q8s")  # trailer length, magic
 _GPU_MAX_K = 2048
 _WELL_TRAINED = 39  # faiss' own advice: at least 39 training points per centroid
 
@@ -317,20 +324,34 @@ class FaissVectorDB(AbstractVectorDB):
                 "nlist": self.nlist, "m": self.m, "nbits": self.nbits, "nprobe": self.nprobe}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the faiss index to ``path`` (``faiss.write_index``) and a sidecar ``path.json`` holding the
-        parameters, per-id metadata and the index file's sha256; each file is replaced atomically."""
+        """Write the database to ``path`` as one file, replaced atomically: the faiss index, then a JSON trailer
+        holding the parameters, per-id metadata and the index bytes' sha256 (see the module notes). A sidecar
+        ``path.json`` of the older two-file layout is removed."""
         faiss = import_faiss()
-        atomic_write(path, lambda tmp: faiss.write_index(self._index, tmp))
-        sidecar = {**self._params(), "count": int(self._index.ntotal), "trained": self.is_trained,
-                   "norm_tolerance": self.norm_tolerance, "index_sha256": _sha256_file(path),
-                   "metadata": json.loads(self._meta.to_json())}
+        trailer = {**self._params(), "count": int(self._index.ntotal), "trained": self.is_trained,
+                   "norm_tolerance": self.norm_tolerance, "metadata": json.loads(self._meta.to_json())}
 
-        def write_json(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(sidecar, f, indent=1)
+        def write(tmp: str) -> None:
+            digest, size = hashlib.sha256(), 0
+            with open(tmp, "wb") as f:
+                def sink(chunk: bytes) -> int:
+                    nonlocal size
+                    digest.update(chunk)
+                    size += len(chunk)
+                    return f.write(chunk)
 
-        atomic_write(_sidecar(path), write_json)
-        logger.info("saved faiss %s index of %d vectors to %s", self.kind, sidecar["count"], path)
+                writer = faiss.PyCallbackIOWriter(sink)
+                faiss.write_index(self._index, writer)
+                del writer  # flushes its buffer into sink
+                tail = json.dumps({**trailer, "index_bytes": size, "index_sha256": digest.hexdigest()}).encode()
+                f.write(tail)
+                f.write(_TAIL.pack(len(tail), _MAGIC))
+
+        atomic_write(path, write)
+        legacy = _sidecar(path)
+        if legacy.is_file():
+            legacy.unlink()
+        logger.info("saved faiss %s index of %d vectors to %s", self.kind, trailer["count"], path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, use_gpu: bool | Literal["auto"] = "auto",
@@ -340,27 +361,94 @@ class FaissVectorDB(AbstractVectorDB):
         Raises ``FileNotFoundError`` for a missing file and :class:`CorruptIndexError` for a damaged one.
         """
         faiss = import_faiss()
-        path, meta_path = Path(path), _sidecar(path)
-        for p in (path, meta_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"no saved FaissVectorDB at {path}: {p} is missing "
-                                        "(FaissVectorDB.save writes the index and a .json beside it)")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved FaissVectorDB at {path} (write one with FaissVectorDB.save)")
+        with open(path, "rb") as f:  # one open file: a save replacing it meanwhile cannot mix into this read
+            size = os.fstat(f.fileno()).st_size
+            tail = b""
+            if size >= _TAIL.size:
+                f.seek(size - _TAIL.size)
+                tail = f.read(_TAIL.size)
+            if len(tail) == _TAIL.size and tail[-len(_MAGIC):] == _MAGIC:
+                side, index = cls._read_one_file(f, path, size, tail, faiss)
+            else:
+                side, index = cls._read_two_files(path, faiss)
+        return cls._from_parts(path, side, index, faiss, use_gpu=use_gpu, gpu_device=gpu_device)
+
+    @staticmethod
+    def _read_one_file(f: Any, path: Path, size: int, tail: bytes, faiss: Any) -> tuple[dict[str, Any], Any]:
+        """The one-file layout, read from the open file ``f`` of ``size`` bytes ending in ``tail``."""
+        tail_len, _ = _TAIL.unpack(tail)
+        end = size - _TAIL.size - tail_len
+        if end < 0:
+            raise CorruptIndexError(f"{path} is truncated: its trailer says {tail_len} bytes, the file has {size}")
+        f.seek(end)
+        try:
+            side = json.loads(f.read(tail_len))
+            index_bytes, digest = int(side["index_bytes"]), side["index_sha256"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptIndexError(f"{path}: its trailer is damaged or not a FaissVectorDB's: {exc}") from exc
+        if index_bytes != end:
+            raise CorruptIndexError(f"{path} is truncated or corrupted: the index should take {index_bytes} bytes, "
+                                    f"it takes {end}")
+        f.seek(0)
+        h, left = hashlib.sha256(), end
+        while left:
+            chunk = f.read(min(left, 1 << 24))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+        if h.hexdigest() != digest:
+            raise CorruptIndexError(f"{path}: sha256 checksum mismatch, the index is truncated or corrupted")
+        f.seek(0)
+        left = end
+
+        def source(n: int) -> bytes:
+            nonlocal left
+            chunk = f.read(min(n, left))
+            left -= len(chunk)
+            return chunk
+
+        try:
+            index = faiss.read_index(faiss.PyCallbackIOReader(source))
+        except RuntimeError as exc:
+            raise CorruptIndexError(f"faiss cannot read {path}: {exc}") from exc
+        return side, index
+
+    @staticmethod
+    def _read_two_files(path: Path, faiss: Any) -> tuple[dict[str, Any], Any]:
+        """The older layout: the index file and a ``path.json`` sidecar holding its sha256."""
+        meta_path = _sidecar(path)
+        if not meta_path.is_file():
+            raise CorruptIndexError(f"{path} is not a FaissVectorDB save: it has no trailer (truncated?) and no "
+                                    f"{meta_path.name} beside it")
         try:
             with open(meta_path) as f:
                 side = json.load(f)
-            params = {key: side[key] for key in ("format", "version", "dim", "index", "nlist", "m", "nbits",
-                                                 "nprobe", "count", "index_sha256")}
+            digest = side["index_sha256"]
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptIndexError(f"{meta_path} is truncated or not a FaissVectorDB sidecar: {exc}") from exc
-        if params["format"] != FORMAT_NAME or params["version"] != FORMAT_VERSION:
-            raise CorruptIndexError(f"{meta_path} has format {params['format']!r} v{params['version']}, "
-                                    f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
-        if _sha256_file(path) != params["index_sha256"]:
+        if _sha256_file(path) != digest:
             raise CorruptIndexError(f"{path}: sha256 checksum mismatch, the index file is truncated or corrupted")
         try:
             index = faiss.read_index(os.fspath(path))
         except RuntimeError as exc:
             raise CorruptIndexError(f"faiss cannot read {path}: {exc}") from exc
+        return side, index
+
+    @classmethod
+    def _from_parts(cls, path: Path, side: dict[str, Any], index: Any, faiss: Any, *,
+                    use_gpu: bool | Literal["auto"], gpu_device: int) -> FaissVectorDB:
+        try:
+            params = {key: side[key] for key in ("format", "version", "dim", "index", "nlist", "m", "nbits",
+                                                 "nprobe", "count")}
+        except (KeyError, TypeError) as exc:
+            raise CorruptIndexError(f"{path}: its description lacks {exc}: not a FaissVectorDB save") from exc
+        if params["format"] != FORMAT_NAME or params["version"] != FORMAT_VERSION:
+            raise CorruptIndexError(f"{path} has format {params['format']!r} v{params['version']}, "
+                                    f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
         db = cls(params["dim"], index=params["index"], nlist=params["nlist"], m=params["m"],
                  nbits=params["nbits"], nprobe=params["nprobe"], use_gpu=use_gpu, gpu_device=gpu_device,
                  norm_tolerance=side.get("norm_tolerance", 1e-3))
@@ -369,7 +457,7 @@ class FaissVectorDB(AbstractVectorDB):
             raise CorruptIndexError(f"{path} holds a {type(index).__name__} (d={index.d}), expected "
                                     f"{expected.__name__} with inner product and d={db.dim}")
         if index.ntotal != params["count"]:
-            raise CorruptIndexError(f"{path} holds {index.ntotal} vectors, its sidecar says {params['count']}")
+            raise CorruptIndexError(f"{path} holds {index.ntotal} vectors, its description says {params['count']}")
         db._index = index
         db.nprobe = params["nprobe"]
         ids = db._index_ids()

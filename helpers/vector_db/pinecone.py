@@ -354,6 +354,8 @@ class PineconeVectorDB(AbstractVectorDB):
         if count < lower:
             absent = sorted(set(ids.tolist()) - set(self._fetch(ids)))
             if absent:
+                if self._cache is not None:  # what the server lacks must not be answered from memory
+                    self._cache.delete(absent, missing_ok=True)
                 raise PineconeWriteError(f"Pinecone acknowledged the upsert but does not hold {len(absent)} ids: "
                                          f"{absent}", absent)
             logger.warning("namespace count %d is below the %d expected but every id can be fetched", count, lower)

@@ -118,7 +118,8 @@ def _payload_digest(header: dict[str, Any], vectors: Tensor, ids: Tensor, metada
     h.update(json.dumps(header, sort_keys=True).encode())
     for t in (vectors, ids):
         arr = np.ascontiguousarray(t.numpy())
-        h.update(memoryview(arr).cast("B"))
+        if arr.size:  # (an empty database has no bytes, and a memoryview of none cannot be cast)
+            h.update(memoryview(arr).cast("B"))
     h.update(metadata_json.encode())
     return h.hexdigest()
 
@@ -296,10 +297,13 @@ class TensorVectorDB(AbstractVectorDB):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write vectors, ids, dtype, dim, metadata and a sha256 of them to ``path`` atomically
-        (``torch.save`` of tensors, strings and numbers only, so it loads with ``weights_only=True``)."""
+        (``torch.save`` of tensors, strings and numbers only, so it loads with ``weights_only=True``). Only the
+        live rows are written: nothing of a deleted vector can be read back from the file."""
         header = self._header()
-        vectors = self._vectors[: self._n].cpu().contiguous()
-        ids = self._row_ids[: self._n].cpu().contiguous()
+        # copies of exactly the live rows: torch.save writes a tensor's whole storage, and a slice of the buffer
+        # would carry its spare capacity and the rows of deleted ids into the file
+        vectors = self._vectors[: self._n].to("cpu", copy=True).contiguous()
+        ids = self._row_ids[: self._n].to("cpu", copy=True).contiguous()
         metadata_json = self._meta.to_json()
         payload = {**header, "vectors": vectors, "ids": ids, "metadata": metadata_json,
                    "norm_tolerance": self.norm_tolerance, "chunk_size": self.chunk_size,
@@ -323,12 +327,18 @@ class TensorVectorDB(AbstractVectorDB):
         corrupted (checksum mismatch) or inconsistent (shapes, dtype, ids).
         """
         path = Path(path)
+        missing = f"no saved TensorVectorDB at {path} (write one with TensorVectorDB.save)"
         if not path.is_file():
-            raise FileNotFoundError(f"no saved TensorVectorDB at {path} (write one with TensorVectorDB.save)")
+            raise FileNotFoundError(missing)
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for a damaged zip/pickle
-            raise CorruptIndexError(f"{path} is truncated or corrupted and cannot be read: {exc}") from exc
+            f = open(path, "rb")  # opened once: a file removed meanwhile is missing, never "corrupted"
+        except FileNotFoundError:
+            raise FileNotFoundError(missing) from None
+        with f:
+            try:
+                payload = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises several types for a damaged zip/pickle
+                raise CorruptIndexError(f"{path} is truncated or corrupted and cannot be read: {exc}") from exc
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
             raise CorruptIndexError(f"{path} is not a saved TensorVectorDB")
         try:

@@ -49,7 +49,7 @@ class FakePinecone:
         self.fail_ids: dict[str, float] = {}
         self.drop_ids: set[str] = set()  # acknowledged but never stored: a silent loss to detect
         self.lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _QuietServer | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -59,7 +59,7 @@ class FakePinecone:
         class Handler(_Handler):
             fake = state
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -199,6 +199,18 @@ class FakePinecone:
         if start + limit < len(ids):
             response["pagination"] = {"next": str(start + limit)}
         return 200, response
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that drops its connection (a client closed by the garbage collector, often in a later test,
+    whose output would then show the server's traceback) is not an error worth printing."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

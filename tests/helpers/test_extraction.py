@@ -150,7 +150,7 @@ def test_feature_cache_hit_miss_and_weight_invalidation(layout, tmp_path):
     cache = tmp_path / "cache"
     first = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False)
     assert model.seen == 2 * len(ds)  # two scales per image
-    files = sorted(p.name for p in cache.iterdir())
+    files = sorted(p.name for p in cache.iterdir() if p.is_file())  # (content-sha256/ holds the hash memo)
     assert len(files) == 1 and not any(name.endswith(".tmp") for name in files)
 
     again = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False)
@@ -162,7 +162,7 @@ def test_feature_cache_hit_miss_and_weight_invalidation(layout, tmp_path):
     changed = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False)
     assert model.seen == 4 * len(ds)
     assert not torch.allclose(changed, first)
-    assert len(list(cache.iterdir())) == 2
+    assert len(list(cache.glob("*.pt"))) == 2
 
 
 def test_cache_key_depends_on_config_and_image_list(layout):
@@ -321,3 +321,106 @@ def test_reduced_map_store_by_key_forgets_and_reports_what_it_holds():
     for got, r in zip(store.get(42), ref):
         torch.testing.assert_close(got, r, atol=1e-6, rtol=0)
     assert store.computed == 4  # recomputed after being forgotten
+
+
+# ------------------------------------------------------------------------------------- nothing silently wrong
+
+
+def _replace_keeping_size_and_mtime(path: str, seed: int) -> None:
+    """Overwrite a JPEG with another picture of exactly the same byte size and restore its mtime: what a size
+    (or size + mtime) keyed cache cannot see. The new JPEG is padded after its end marker, which decoders skip."""
+    before = os.stat(path)
+    h, w = cv2.imread(path).shape[:2]
+    rng = np.random.default_rng(seed)
+    for quality in range(95, 5, -5):
+        ok, data = cv2.imencode(".jpg", rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                                [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if ok and len(data) <= before.st_size:
+            break
+    data = data.tobytes() + b"\0" * (before.st_size - len(data))
+    with open(path, "wb") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_nan_descriptors_raise_naming_the_images_and_the_weights(layout, tmp_path):
+    """Issue 11.1: NaN weights gave a believable table. Descriptors are checked where they are made."""
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    with torch.no_grad():
+        model.conv.weight[0, 0, 0, 0] = float("nan")
+    ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,))
+    with pytest.raises(ValueError, match=r"NaN/Inf descriptors for \d image\(s\): .*roxford5k/jpg/img\d\.jpg.*"
+                                         r"weights: weights/broken\.pth"):
+        extract_global_descriptors(model=model, dataset=ds, progress=False, weights_source="weights/broken.pth")
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"NaN/Inf.*weights: weights/broken\.pth"):
+        cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, progress=False,
+                                  weights_source="weights/broken.pth")
+    assert not list(cache.glob("*.pt"))  # nothing cached
+
+    reranker = CVNetRerank(50).eval()
+    with torch.no_grad():
+        reranker.conv2ds[0].weight.fill_(float("inf"))
+    store = ReducedMapStore(model=reranker, dataset=ds, weights_source="random (seed 0)")
+    with pytest.raises(ValueError, match=r"re-ranking maps.*img2\.jpg.*random \(seed 0\)"):
+        store.get(2)
+
+
+def test_an_image_too_small_for_the_model_is_named_with_the_fix(layout):
+    """Issue 11.6: SuperGlobal's Regional-GeM reflection padding on a short side <= 92 px was a RuntimeError
+    that named no file."""
+    torch.manual_seed(0)
+    sg = SuperGlobal(depth=50, scales=(1.0,)).eval()
+    ds = RevisitedDataset(layout, "roxford5k", "db", convention=sg.input_convention)  # 64-96 px, no min_side
+    with pytest.raises(ValueError, match=r"roxford5k/jpg/img\d\.jpg.*too small.*data\.min_side: 96.*--min-side 96"):
+        extract_global_descriptors(model=sg, dataset=ds, indices=[0], progress=False)
+    arrays = ImageArrays([np.zeros((40, 300, 3), np.uint8)], names=["photos/strip.jpg"])
+    with pytest.raises(ValueError, match=r"photos/strip\.jpg.*40x300"):
+        extract_global_descriptors(model=sg, dataset=arrays, progress=False)
+
+
+def test_replaced_image_of_the_same_size_invalidates_the_cache(layout, tmp_path):
+    """Issue 11.7: the cache key used file sizes, so a replaced image of the same size gave stale descriptors."""
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,))
+    cache = tmp_path / "cache"
+    first = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False)
+    _replace_keeping_size_and_mtime(ds.image_paths[3], seed=7)
+    seen = model.seen
+    again = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False)
+    assert model.seen == seen + len(ds)  # a miss: extracted afresh
+    fresh = extract_global_descriptors(model=model, dataset=ds, progress=False)
+    torch.testing.assert_close(again, fresh)
+    assert not torch.allclose(again[3], first[3])
+    torch.testing.assert_close(again[[0, 1, 2, 4, 5, 6]], first[[0, 1, 2, 4, 5, 6]])
+
+
+def test_content_hashes_read_each_file_once_until_it_changes(layout, tmp_path, monkeypatch):
+    """The memo: unchanged files are not read again (key: path, size, mtime_ns, ctime_ns, inode), a rewritten one
+    is, even with its size and mtime restored; maps on disk follow the content too."""
+    import helpers.extraction as extraction
+
+    monkeypatch.setattr(extraction, "_RACY_NS", 0)  # the test's files are seconds old, not minutes
+    ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,))
+    memo = tmp_path / "cache" / extraction.HASH_MEMO_DIR
+    model = TinyNet()
+    key = feature_cache_key(model=model, dataset=ds, hashes=extraction.ContentHashes(memo))
+    again = extraction.ContentHashes(memo)  # a later run: a new process reads the memo
+    assert feature_cache_key(model=model, dataset=ds, hashes=again) == key and again.hashed == 0
+    _replace_keeping_size_and_mtime(ds.image_paths[5], seed=3)
+    third = extraction.ContentHashes(memo)
+    assert feature_cache_key(model=model, dataset=ds, hashes=third) != key and third.hashed == 1
+    assert feature_cache_key(model=model, dataset=ds) == feature_cache_key(model=model, dataset=ds, hashes=third)
+
+    torch.manual_seed(0)
+    reranker = CVNetRerank(50).eval()
+    store = ReducedMapStore(model=reranker, dataset=ds, cache_dir=tmp_path / "maps")
+    store.prefetch([4])
+    _replace_keeping_size_and_mtime(ds.image_paths[4], seed=11)
+    fresh = ReducedMapStore(model=reranker, dataset=ds, cache_dir=tmp_path / "maps")
+    fresh.get(4)
+    assert (fresh.loaded, fresh.computed) == (0, 1)  # the old maps on disk are not this image's

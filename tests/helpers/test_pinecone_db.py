@@ -190,6 +190,24 @@ def test_verify_catches_acknowledged_but_lost_writes(fake):
     assert info.value.failed_ids.tolist() == [3, 8]
 
 
+def test_ids_the_server_did_not_store_are_not_served_from_the_local_cache(fake):
+    """Issue 11.11: a vector acknowledged but not stored was named as failed, yet `5 in db` was True and
+    get([5]) answered from the local cache."""
+    fake.drop_ids = {"5"}
+    db = connect(fake)
+    xb = unit_rows(10)
+    with pytest.raises(PineconeWriteError, match=r"does not hold 1 ids: \[5\]") as info:
+        db.add(xb)
+    assert info.value.failed_ids.tolist() == [5]
+    assert 5 not in db and 4 in db and 6 in db
+    with pytest.raises(KeyError, match=r"\[5\]"):
+        db.get([5])
+    with pytest.raises(KeyError, match=r"\[5\]"):
+        db.get_metadata([5])
+    np.testing.assert_allclose(db.get([4, 6]).numpy(), xb[[4, 6]], atol=1e-6)
+    assert 5 not in db.ids().tolist() and len(db) == 9
+
+
 def test_top400_with_vectors_never_asks_queries_for_values(fake):
     xb, xq = unit_rows(500), unit_rows(5, seed=4)
     ids = np.arange(500) + 10_000

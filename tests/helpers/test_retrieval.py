@@ -346,8 +346,6 @@ def test_load_refuses_another_model(sg_model, cvnet_global, indexed, tmp_path):
         Retriever.load(tmp_path, cvnet_global)
     with pytest.raises(ValueError, match="options"):  # other scales: other descriptors
         Retriever.load(tmp_path, SuperGlobal(depth=50))
-    with pytest.raises(ValueError, match="record where"):
-        Retriever.load(tmp_path)  # built from a model of unknown origin: the model must be given
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -387,3 +385,206 @@ def test_errors(sg_model, cv_reranker, images, tmp_path):
         retriever.query(arrays[0], k=0)
     with pytest.raises(ValueError, match="bbox"):
         retriever.query(arrays[0], bbox=(1, 2, 3))
+
+
+# ------------------------------------------------------------------------------------- nothing silently wrong
+
+
+def _hits(hit_lists):
+    return [[(h.id, round(h.score, 6)) for h in hits] for hits in hit_lists]
+
+
+@pytest.mark.parametrize("kind", ["none", "superglobal", "cvnet_seeded", "cvnet_unknown"])
+def test_save_and_load_restore_the_reranker(kind, sg_model, cv_reranker, indexed, images, tmp_path):
+    """Issue 11.4: the re-ranker came back as None. Kind and settings (SuperGlobal's M, K, beta; CVNet's weights
+    source and seed, or its weights saved with the index) are restored."""
+    db, _ = indexed
+    extra = {}
+    if kind == "superglobal":
+        reranker = SuperGlobalRerank(M=3, K=2, beta=0.3)
+    elif kind == "cvnet_seeded":
+        reranker = build_model("cvnet_rerank", depth=50, seed=4)
+        extra = {"rerank_seed": 4}
+    else:
+        reranker = None if kind == "none" else cv_reranker  # cv_reranker: of unknown origin (seed + BN fit)
+    retriever = Retriever(sg_model, db, reranker=reranker, rerank_top_k=3, **extra)
+    queries = [images[0][1], images[0][2]]
+    before = retriever.query_batch(queries, k=3)
+    retriever.save(tmp_path)
+    for given in (sg_model, None):  # None: the model too is rebuilt (from its weights saved with the index)
+        loaded = Retriever.load(tmp_path, given)
+        assert loaded.rerank_top_k == 3
+        if kind == "none":
+            assert loaded.reranker is None
+        elif kind == "superglobal":
+            assert isinstance(loaded.reranker, SuperGlobalRerank)
+            assert (loaded.reranker.M, loaded.reranker.K, loaded.reranker.beta) == (3, 2, 0.3)
+        else:
+            assert isinstance(loaded.reranker, CVNetRerank) and loaded.reranker is not cv_reranker
+            assert loaded.rerank_seed == (4 if kind == "cvnet_seeded" else None)
+        assert _hits(loaded.query_batch(queries, k=3)) == _hits(before)
+    assert Retriever.load(tmp_path, reranker=None).reranker is None  # an explicit choice still wins
+
+
+def test_an_index_of_a_model_of_unknown_origin_loads(sg_model, indexed, images, tmp_path):
+    """Issue 11.4: an index built with random weights could not be loaded unless a seed was recorded; with no
+    file and no seed known, the weights are saved with the index."""
+    db, _ = indexed
+    retriever = Retriever(sg_model, db)  # sg_model: random weights, BN re-estimated; no weights=, no seed=
+    before = retriever.query(images[0][1], k=3)
+    retriever.save(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["model"]["checkpoint"] in config["files"]
+    loaded = Retriever.load(tmp_path)
+    assert loaded.model is not sg_model
+    assert _hits([loaded.query(images[0][1], k=3)]) == _hits([before])
+    seeded = Retriever(build_model("superglobal", depth=50, seed=3, options={"scales": [1.0]}), TensorVectorDB(2048),
+                       seed=3)
+    seeded.save(tmp_path / "seeded")
+    assert json.loads((tmp_path / "seeded" / CONFIG_FILE).read_text())["model"]["checkpoint"] is None  # seed: enough
+
+
+def _save_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name != ".retriever.lock")
+
+
+@pytest.mark.parametrize("backend", ["tensor", "faiss"])
+def test_a_save_killed_before_retriever_json_leaves_the_old_save(backend, indexed, images, tmp_path, monkeypatch):
+    """Issue 11.3: Retriever.save wrote the database, then retriever.json; killed between the two, the folder held
+    the new database under the old description. Now the old save loads whole, and the next save tidies up."""
+    import helpers.retrieval as retrieval
+    from helpers.builders import make_database
+
+    model = build_model("superglobal", depth=50, seed=3, options={"scales": [1.0]})
+    retriever = Retriever(model, make_database(backend, 2048), seed=3, rerank_top_k=5)
+    retriever.index(images[1][:2], progress=False)
+    retriever.save(tmp_path)
+    saved = _save_files(tmp_path)
+    retriever.index(images[1][2:], progress=False)
+    retriever.rerank_top_k = 9
+    monkeypatch.setattr(retrieval, "atomic_write", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        retriever.save(tmp_path)  # dies after writing the new database, before retriever.json names it
+    monkeypatch.undo()
+    loaded = Retriever.load(tmp_path, model)
+    assert (len(loaded), loaded.rerank_top_k) == (2, 5)
+    assert len(_save_files(tmp_path)) == len(saved) + 1  # the new database, named by nothing
+    retriever.save(tmp_path)
+    assert len(_save_files(tmp_path)) == len(saved)  # the old save's files and the orphan are gone
+    assert (len(Retriever.load(tmp_path, model)), Retriever.load(tmp_path, model).rerank_top_k) == (4, 9)
+
+
+def test_concurrent_saves_and_loads_never_fail_or_mix(images, tmp_path, monkeypatch):
+    """Issue 11.3: two writers saving into one folder while a reader loads: no load fails, and each is one save
+    whole (its database with its settings)."""
+    import helpers.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "weights_fingerprint", lambda model: "fixed")  # hashing 100 MB costs time
+    model = build_model("superglobal", depth=50, seed=3, options={"scales": [1.0]})
+    vectors = F.normalize(torch.randn(5, 2048, generator=torch.Generator().manual_seed(0)), dim=1)
+    writers = []
+    for n, top_k in ((2, 3), (5, 7)):
+        db = TensorVectorDB(2048)
+        db.add(vectors[:n])
+        writers.append(Retriever(model, db, seed=3, rerank_top_k=top_k))
+    writers[0].save(tmp_path)
+
+    def check(loaded):
+        assert len(loaded) == {3: 2, 7: 5}[loaded.rerank_top_k]
+
+    loads, failures = _hammer(lambda: writers[0].save(tmp_path), lambda: writers[1].save(tmp_path),
+                              lambda: Retriever.load(tmp_path, model), check, seconds=3.0, max_loads=150)
+    assert loads >= 10 and failures == [], f"{len(failures)} of {loads} loads failed: {failures[:3]}"
+    assert len(_save_files(tmp_path)) == 2  # retriever.json and one database: nothing left behind
+
+
+def _hammer(save_a, save_b, load, check, seconds: float, max_loads: int) -> tuple[int, list]:
+    """Two writer threads saving in a loop while this thread loads (bounded in time and count)."""
+    import threading
+    import time
+
+    stop = threading.Event()
+    writer_errors: list[BaseException] = []
+
+    def writer(save):
+        try:
+            while not stop.is_set():
+                save()
+        except BaseException as exc:  # noqa: BLE001 (reported by the test)
+            writer_errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(f,), daemon=True) for f in (save_a, save_b)]
+    for t in threads:
+        t.start()
+    loads, failures = 0, []
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and loads < max_loads:
+            try:
+                check(load())
+            except Exception as exc:  # noqa: BLE001 (counted)
+                failures.append(repr(exc))
+            loads += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not writer_errors, writer_errors
+    return loads, failures
+
+
+def test_max_side_holds_after_min_side_upscaling(sg_model):
+    """Issue 11.6: a 10 x 4000 image became 96 x 32768 (104 s, 3 GB). The short side is enlarged only as far as
+    the long side allows, then padded with its edge pixels."""
+    strip = np.tile(np.arange(4000, dtype=np.uint8)[None, :, None], (10, 1, 3))
+    out = prepare_image(strip, max_side=1024, min_side=96)
+    assert out.shape == (96, 1024, 3)
+    described = Retriever(sg_model, TensorVectorDB(2048)).describe([strip])
+    assert described.shape == (1, 2048) and bool(torch.isfinite(described).all())
+    assert prepare_image(strip.transpose(1, 0, 2), max_side=1024, min_side=96).shape == (1024, 96, 3)
+    # within the aspect limit nothing changes: min_size_guard's enlargement, exactly
+    from datasets.transforms import min_size_guard
+
+    wide = _image(0, 40, 300)
+    assert np.array_equal(prepare_image(wide, max_side=1024, min_side=96), min_size_guard(wide, 96))
+    assert prepare_image(wide, max_side=None, min_side=96).shape == (96, 720, 3)
+    # the padding repeats the edge rows: the middle rows are the resized picture
+    from helpers.retrieval import fit_sides
+
+    thin = _image(1, 8, 800)
+    fitted = fit_sides(thin, min_side=96, max_side=1024)
+    assert fitted.shape == (96, 1024, 3)
+    content = cv2.resize(thin, (1024, 10), interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(fitted[43:53], content)
+    assert (fitted[:43] == content[0]).all() and (fitted[53:] == content[-1]).all()
+
+
+def test_nan_descriptors_name_the_image_and_the_weights(images):
+    """Issue 11.1, through the retriever: the engine's check names the file and where the weights came from."""
+    model = build_model("superglobal", depth=50, seed=3, options={"scales": [1.0]})
+    with torch.no_grad():
+        model.backbone.bn1.weight[0] = float("nan")
+    retriever = Retriever(model, TensorVectorDB(2048), seed=3)
+    with pytest.raises(ValueError, match=rf"NaN/Inf descriptors.*{images[1][0].name}.*random \(seed 3\)"):
+        retriever.index([images[1][0]], progress=False)
+    assert len(retriever.database) == 0
+
+
+def test_a_save_of_the_older_layout_loads_and_is_replaced_whole(images, tmp_path):
+    """Folders saved before per-save file names (database.pt, retriever.json without file hashes or re-ranker)
+    load as before; the next save replaces them and removes the old database file."""
+    model = build_model("superglobal", depth=50, seed=3, options={"scales": [1.0]})
+    retriever = Retriever(model, TensorVectorDB(2048), seed=3)
+    retriever.index(images[1][:2], progress=False)
+    retriever.save(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / config["database"]["file"]).rename(tmp_path / "database.pt")
+    config["database"]["file"] = "database.pt"
+    for key in ("files", "reranker"):
+        del config[key]
+    del config["model"]["checkpoint"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    loaded = Retriever.load(tmp_path)
+    assert len(loaded) == 2 and loaded.reranker is None and loaded.seed == 3
+    loaded.save(tmp_path)
+    assert not (tmp_path / "database.pt").exists() and len(Retriever.load(tmp_path, model)) == 2

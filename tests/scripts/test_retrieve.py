@@ -203,6 +203,32 @@ def test_a_failed_pinecone_write_is_one_line(folder, tmp_path, capsys, monkeypat
     assert not (tmp_path / "p" / "retriever.json").exists()
 
 
+def test_an_upsert_that_finally_fails_is_one_line(folder, tmp_path, capsys, monkeypatch):
+    """Issue 11.11: the CLI showed a traceback when an upsert failed for good (every retry answered 503)."""
+    import math
+
+    root, _ = folder
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # the SDK's and our backoffs, not the test's time
+    with FakePinecone(2048) as fake:
+        monkeypatch.setenv("PINECONE_API_KEY", fake.api_key)
+        fake.fail_ids = {"2": math.inf}
+        err = _fails(capsys, ["build", "--images", str(root), "--index", str(tmp_path / "p"), "--backend",
+                              "pinecone", "--host", fake.host, "--scales", "1", "--device", "cpu", "--quiet"])
+    assert "were not written to Pinecone" in err and "[0, 1, 2]" in err
+    assert not (tmp_path / "p" / "retriever.json").exists()
+
+
+def test_an_image_too_small_without_min_side_is_one_line_naming_it(tmp_path, capsys):
+    """Issue 11.6: with no minimum side, SuperGlobal's padding failed on a small image with a RuntimeError naming
+    no file; now one line names it and the option that fixes it."""
+    root = tmp_path / "small"
+    root.mkdir()
+    assert cv2.imwrite(str(root / "tiny.png"), _image(5, 64, 80))
+    err = _fails(capsys, ["build", "--images", str(root), "--index", str(tmp_path / "i"), "--min-side", "0",
+                          "--scales", "1", "--device", "cpu", "--quiet"])
+    assert "tiny.png" in err and "--min-side 96" in err
+
+
 def test_bad_device_is_one_line(built, folder, capsys):
     err = _fails(capsys, ["query", "--index", str(built), "--image", str(folder[1][0]), "--device", "gpu", "--quiet"])
     assert "device" in err and "'gpu'" in err
