@@ -1,11 +1,17 @@
-"""Prepare the data: draw the built-in synthetic benchmark, or download revisited Oxford/Paris and the 1M distractors.
+"""Prepare the data and weights: draw the built-in synthetic benchmark, download the benchmarks, fetch the
+official CVNet weights.
 
     python prepare_data.py synthetic --root data [--name synth] [--seed N] [--n-landmarks N] [--overwrite] ...
-    python prepare_data.py download --root data --datasets roxford5k rparis6k [revisitop1m] [--dry-run]
+    python prepare_data.py download --root data --datasets roxford5k rparis6k [revisitop1m] [gldv2-retrieval-test]
+                                    [--dry-run]
+    python prepare_data.py weights R50 R101 [--root weights] [--url GOOGLE_DRIVE_LINK]
 
-Both write the revisitop layout that eval.py reads (``<root>/<name>/jpg/``, ``<root>/<name>/gnd_<name>.pkl``).
-The work is done by ``datasets.synthetic.build_synthetic`` and ``datasets.download``; errors are one line on
-stderr and a non-zero exit.
+The first two write the revisitop layout that eval.py reads (``<root>/<name>/jpg/``,
+``<root>/<name>/gnd_<name>.pkl``; GLDv2's retrieval test goes to ``<root>/gldv2``). ``weights`` downloads
+CVPR2022_CVNet_R50/R101.pyth (resumable, through Google Drive's confirmation page), checks each by a strict load
+into CVNet-Rerank and CVNet-Global, and records its sha256 in ``<root>/SHA256SUMS``. The work is done by
+``datasets.synthetic.build_synthetic`` and ``datasets.download``; errors are one line on stderr and a non-zero
+exit.
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from datasets.download import DOWNLOADS  # torch-free: the table of names is what --datasets accepts
+# torch-free: the tables of names are what --datasets and weights accept
+from datasets.download import CVNET_REPO_URL, DOWNLOADS, OFFICIAL_WEIGHTS, WeightsError
 from helpers.cli import run_reporting_errors
 
 log = logging.getLogger("prepare_data")
@@ -27,7 +34,7 @@ SYNTHETIC_OPTIONS = ("seed", "n_landmarks", "views_per_landmark", "queries_per_l
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{synthetic,download}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{synthetic,download,weights}")
 
     s = commands.add_parser("synthetic", help="draw the built-in landmark benchmark (no download)",
                             description="Build the built-in synthetic landmark-retrieval benchmark (revisitop "
@@ -51,6 +58,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     d.add_argument("--keep-archives", action="store_true", help="keep the tars after extracting them")
     d.add_argument("--no-verify", action="store_true", help="skip md5 checks of files already present")
+
+    w = commands.add_parser("weights", help="fetch and check the official CVNet weights (R50, R101)",
+                            description="Download the official CVNet checkpoints (SuperGlobal uses the same files) "
+                                        f"from the Google Drive links of {CVNET_REPO_URL}, resuming an interrupted "
+                                        "download; check each by a strict load into CVNet-Rerank and CVNet-Global; "
+                                        "record its sha256 in ROOT/SHA256SUMS. A file already in ROOT is only "
+                                        "checked.")
+    w.add_argument("names", nargs="+", type=str.upper, choices=sorted(OFFICIAL_WEIGHTS), metavar="NAME",
+                   help=f"which checkpoints: {' '.join(sorted(OFFICIAL_WEIGHTS))}")
+    w.add_argument("--root", default="weights", help="folder for the .pyth files (default: weights)")
+    w.add_argument("--url", help="where to fetch the one named file: its Google Drive link (from the CVNet README) "
+                                 "or any http(s) URL")
+    w.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a try gives up")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -84,12 +105,31 @@ def download(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify_official_weights(path: str, depth: int) -> None:
+    """Raise unless ``path`` loads strictly into CVNet-Rerank and CVNet-Global of ResNet-``depth`` (between them,
+    every tensor of an official file)."""
+    from helpers.builders import build_model
+
+    for kind in ("cvnet_rerank", "cvnet_global"):
+        build_model(kind, depth=depth, weights=path, warn_random=False)
+
+
+def weights(args: argparse.Namespace) -> int:
+    from datasets.download import fetch_official_weights
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sums = fetch_official_weights(args.names, root=args.root, url=args.url, verify=verify_official_weights,
+                                  timeout=args.timeout, progress=not args.no_progress)
+    log.info("checked %s; sha256 recorded in %s/SHA256SUMS", ", ".join(sums), args.root)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    command = {"synthetic": synthetic, "download": download}[args.command]
+    command = {"synthetic": synthetic, "download": download, "weights": weights}[args.command]
     # OSError covers FileExistsError (a folder holding another build) and failed transfers; ValueError a bad
-    # config value, an md5 mismatch or an unknown dataset
-    return run_reporting_errors(lambda: command(args), errors=[OSError, ValueError],
+    # config value, an md5 mismatch or an unknown dataset; WeightsError a weights file not fetched or not loadable
+    return run_reporting_errors(lambda: command(args), errors=[OSError, ValueError, WeightsError],
                                 name=f"prepare_data.py {args.command}")
 
 

@@ -19,8 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from common.convention import InputConvention
-from datasets.folder import read_bgr_image
-from datasets.transforms import to_tensor
+from datasets.transforms import read_image, to_tensor
 
 #: salts that keep the streams of one (seed, epoch, index) apart
 _SALT_QUERY, _SALT_POSITIVE, _SALT_NEGATIVE, _SALT_HIDE = 11, 12, 13, 14
@@ -187,7 +186,7 @@ class LabelledImageList(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return read_bgr_image(self.paths[index]), self.targets[index]
+        return read_image(self.paths[index]), self.targets[index]
 
 
 class AugmentedPairs(Dataset):

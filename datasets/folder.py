@@ -14,33 +14,20 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from datasets.transforms import CorruptImageError, read_image
+
 logger = logging.getLogger(__name__)
+
+__all__ = ["CorruptImageError", "ImageFolderDataset", "cifar10", "read_bgr_image", "read_image"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-class CorruptImageError(ValueError):
-    """An image file that exists but cannot be decoded; ``.path`` names it so a training loop can skip and count."""
-
-    def __init__(self, path: str | os.PathLike, reason: str = "cannot be decoded") -> None:
-        self.path = os.fspath(path)
-        super().__init__(f"corrupt image {self.path}: {reason}")
-
-
-def read_bgr_image(path: str | os.PathLike) -> np.ndarray:
-    """uint8 (H, W, 3) BGR via :func:`datasets.transforms.read_image` (cv2.IMREAD_COLOR).
-
-    A missing file raises FileNotFoundError; a file that exists but does not decode raises CorruptImageError.
-    """
-    from datasets.transforms import read_image
-
-    try:
-        return read_image(path)
-    except FileNotFoundError:
-        raise
-    except ValueError as err:
-        raise CorruptImageError(path, str(err)) from err
+#: The one image reader (cv2.IMREAD_COLOR, truncated JPEGs refused): a missing file raises FileNotFoundError,
+#: one that exists but does not decode whole raises CorruptImageError. Kept under the name the training
+#: datasets have always imported.
+read_bgr_image = read_image
 
 
 class ImageFolderDataset(Dataset):
@@ -82,7 +69,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        image = read_bgr_image(path)
+        image = read_image(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, label

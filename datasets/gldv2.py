@@ -1,10 +1,22 @@
-"""Google Landmarks Dataset v2 (Weyand et al., CVPR 2020), the GLDv2-clean train split CVNet and SuperGlobal use.
+"""Google Landmarks Dataset v2 (Weyand et al., CVPR 2020): the GLDv2-clean train split CVNet and SuperGlobal
+train on, and the retrieval test split (index and test images, retrieval and recognition solutions).
 
 Layout expected under ``root`` (the layout of the official download, tars extracted in place)::
 
     root/train_clean.csv            landmark_id,images   (images: space-separated image ids)
     root/train/a/b/c/<id>.jpg       a, b, c = the first three characters of the id
     root/tars/images_000.tar ...    only while downloading (see plan_gldv2_download)
+
+    root/index.csv, root/test.csv   one column, id
+    root/retrieval_solution_v2.1.csv    id,images,Usage (images: space-separated index ids; Usage Public,
+                                        Private or Ignored, an ignored query's images "None")
+    root/recognition_solution_v2.1.csv  id,landmarks,Usage
+    root/index/a/b/c/<id>.jpg, root/test/a/b/c/<id>.jpg
+
+The CSVs of the retrieval test may also sit in the split folders (``root/index/index.csv``,
+``root/test/test.csv``, ``root/test/retrieval_solution_v2.1.csv``), where cvdfoundation's download script puts
+them. ``python prepare_data.py download --root DATA --datasets gldv2-retrieval-test`` fetches that split into
+``DATA/gldv2``.
 
 RGLDv2-clean (Song et al., CVPR 2024, "revisited GLDv2-clean", https://github.com/dealicious-inc/RGLDv2-clean)
 is GLDv2-clean minus the landmarks that also appear among the ROxford/RParis queries. Its release is a table on
@@ -13,33 +25,47 @@ Google Drive, not retrievable here, so the landmark ids to drop are read from a 
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from datasets.folder import CorruptImageError, read_bgr_image
+from common.convention import OFFICIAL_CONVENTION, InputConvention
+from datasets.download import (
+    GLDV2_BASE_URL,
+    GLDV2_NUM_TARS,
+    GLDV2_RECOGNITION_SOLUTION,
+    GLDV2_RETRIEVAL_SOLUTION,
+    file_md5,
+    gldv2_tar_urls,
+    read_md5_file,
+)
+from datasets.transforms import CorruptImageError, min_size_guard, multiscale_tensors, read_image
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CorruptImageError",
+    "GLDv2RetrievalTest",
     "GoogleLandmarksV2",
     "ShardStatus",
+    "Solution",
     "plan_gldv2_download",
     "gldv2_shard_urls",
     "read_exclusion_file",
+    "read_recognition_solution",
+    "read_retrieval_solution",
 ]
 
-GLDV2_BASE_URL = "https://s3.amazonaws.com/google-landmark"
-GLDV2_NUM_SHARDS = 500
+GLDV2_NUM_SHARDS = GLDV2_NUM_TARS["train"]
 RGLDV2_URL = "https://github.com/dealicious-inc/RGLDv2-clean"
 # Published size of the RGLDv2-clean cut: 1,565 images fewer than GLDv2-clean. Its README says 17 classes fewer,
 # this project's spec says 18 landmarks; the count of removed images is the figure both agree on.
@@ -52,12 +78,7 @@ def gldv2_csv_url(split: str = "train_clean") -> str:
 
 def gldv2_shard_urls(shard: int) -> tuple[str, str]:
     """(tar url, md5 file url) of one of the 500 GLDv2 train shards."""
-    if not 0 <= shard < GLDV2_NUM_SHARDS:
-        raise ValueError(f"GLDv2 train shards are 0..{GLDV2_NUM_SHARDS - 1}, got {shard}")
-    return (
-        f"{GLDV2_BASE_URL}/train/images_{shard:03d}.tar",
-        f"{GLDV2_BASE_URL}/md5sum/train/md5.images_{shard:03d}.txt",
-    )
+    return gldv2_tar_urls("train", shard)
 
 
 def _missing_data_message(root: Path, split: str) -> str:
@@ -216,7 +237,7 @@ class GoogleLandmarksV2(Dataset):
                 f"GLDv2 image {path} is missing: its shard is not downloaded or not extracted into "
                 f"{self.root / 'train'} (plan_gldv2_download(root) lists the shards still to fetch)"
             )
-        image = read_bgr_image(path)
+        image = read_image(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])
@@ -241,22 +262,6 @@ class ShardStatus:
     tar_path: Path
     md5_path: Path
     part_bytes: int = 0
-
-
-def _file_md5(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _expected_md5(md5_path: Path) -> str:
-    # md5sum format: "<32 hex>  images_000.tar"
-    text = md5_path.read_text(encoding="utf-8").split()
-    if not text or len(text[0]) != 32:
-        raise ValueError(f"{md5_path}: not an md5sum line")
-    return text[0].lower()
 
 
 def plan_gldv2_download(
@@ -293,6 +298,202 @@ def plan_gldv2_download(
                 todo.append(ShardStatus(status="missing", **entry))
         elif not md5_path.is_file():
             todo.append(ShardStatus(status="no_md5", **entry))
-        elif verify_md5 and _file_md5(tar_path) != _expected_md5(md5_path):
+        elif verify_md5 and file_md5(tar_path) != read_md5_file(md5_path):
             todo.append(ShardStatus(status="md5_mismatch", **entry))
     return todo
+
+
+# ---------------------------------------------------------------------------------------------- retrieval test split
+
+
+class Solution(NamedTuple):
+    """A GLDv2 solution file as the challenge metrics (DELF's ``ReadSolution``) read it: ``public`` and
+    ``private`` map a test id to its ground-truth ids (index image ids for retrieval, integer landmark ids for
+    recognition); ``ignored`` lists the test ids that are not scored. Unpacks as (public, private, ignored)."""
+
+    public: dict[str, list]
+    private: dict[str, list]
+    ignored: list[str]
+
+
+_USAGES = ("Public", "Private", "Ignored")
+#: GLDv2 ids are 16 hex digits; this keeps ids that could name a path outside the image folders out
+_IMAGE_ID = re.compile(r"[0-9A-Za-z_-]{3,64}")
+
+
+def _csv_rows(path: Path, columns: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
+    """(line number, row) of a CSV with a header holding ``columns``; errors name the file."""
+    with path.open("r", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            raise ValueError(f"{path} is empty: expected a header with the columns {','.join(columns)}")
+        lacking = [c for c in columns if c not in reader.fieldnames]
+        if lacking:
+            raise ValueError(f"{path}: expected the columns {','.join(columns)}, got {','.join(reader.fieldnames)} "
+                             f"(missing {', '.join(repr(c) for c in lacking)})")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _read_solution(path: str | os.PathLike, ids_column: str, parse: Callable[[str], list]) -> Solution:
+    path = Path(path)
+    public: dict[str, list] = {}
+    private: dict[str, list] = {}
+    ignored: list[str] = []
+    seen: set[str] = set()
+    for line, row in _csv_rows(path, ("id", ids_column, "Usage")):
+        test_id, usage = row["id"], row["Usage"]
+        if test_id in seen:
+            raise ValueError(f"{path}:{line}: test id {test_id} is listed twice")
+        seen.add(test_id)
+        if usage == "Ignored":
+            ignored.append(test_id)
+        elif usage in ("Public", "Private"):
+            try:
+                ids = parse(row[ids_column] or "")
+            except ValueError as exc:
+                raise ValueError(f"{path}:{line}: bad {ids_column} for test id {test_id}: {exc}") from None
+            (public if usage == "Public" else private)[test_id] = ids
+        else:
+            raise ValueError(f"{path}:{line}: test id {test_id} has Usage {usage!r}; expected one of {_USAGES}")
+    return Solution(public, private, ignored)
+
+
+def read_retrieval_solution(path: str | os.PathLike) -> Solution:
+    """``retrieval_solution_v2.1.csv`` (id,images,Usage) -> (public, private, ignored); each solution maps a
+    test id to its list of relevant index image ids, in file order. Ignored rows (images "None") are not scored.
+    A malformed file raises ValueError naming the file and line."""
+    return _read_solution(path, "images", str.split)
+
+
+def read_recognition_solution(path: str | os.PathLike) -> Solution:
+    """``recognition_solution_v2.1.csv`` (id,landmarks,Usage) -> (public, private, ignored); each solution maps
+    a test id to its list of integer landmark ids (empty: no landmark of the dataset is shown)."""
+    return _read_solution(path, "landmarks", lambda text: [int(v) for v in text.split()])
+
+
+def _find_csv(root: Path, name: str, split_dir: str) -> Path | None:
+    for candidate in (root / name, root / split_dir / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _retrieval_download_hint(root: Path, missing: str) -> str:
+    return (f"GLDv2 retrieval test: {missing} not found under {root} (nor in its index/ or test/ folder).\n"
+            f"Fetch the split with `python prepare_data.py download --root {root.parent} --datasets "
+            f"gldv2-retrieval-test` (it lands in {root.parent / 'gldv2'}), or by hand from {GLDV2_BASE_URL}: "
+            f"metadata/index.csv, metadata/test.csv, ground_truth/{GLDV2_RETRIEVAL_SOLUTION}, and the tars "
+            f"index/images_000..{GLDV2_NUM_TARS['index'] - 1:03d}.tar and test/images_000.."
+            f"{GLDV2_NUM_TARS['test'] - 1:03d}.tar extracted into {root / 'index'}/ and {root / 'test'}/.")
+
+
+def _read_ids(path: Path) -> list[str]:
+    ids, seen = [], set()
+    for line, row in _csv_rows(path, ("id",)):
+        image_id = row["id"]
+        if not _IMAGE_ID.fullmatch(image_id or ""):
+            raise ValueError(f"{path}:{line}: {image_id!r} is not a GLDv2 image id (16 hex digits)")
+        if image_id in seen:
+            raise ValueError(f"{path}:{line}: image id {image_id} is listed twice")
+        seen.add(image_id)
+        ids.append(image_id)
+    return ids
+
+
+class GLDv2RetrievalTest(Dataset):
+    """The GLDv2 retrieval test split, index or test side; item i -> list of (3, H_s, W_s) tensors, one per
+    scale, like :class:`datasets.revisited.RevisitedDataset` (so the evaluation engine extracts it the same way).
+
+    ``split="index"``: the 761,757 index images of ``index.csv``. ``split="test"``: the queries; ``queries``
+    picks "scored" (default: the Public then the Private queries of the retrieval solution, in its order),
+    "public", "private", or "all" (every id of ``test.csv``, most of them Ignored). ``solution`` holds the
+    retrieval solution (test side; read lazily on the index side by :meth:`read_solution`).
+
+    Images are read at their stored size in BGR (:func:`datasets.transforms.read_image`), enlarged to
+    ``min_side`` when smaller (GLDv2 holds images a few pixels wide; see :data:`datasets.transforms.SMALLEST_SIDE`),
+    and normalised with ``convention``. ``ids[i]`` is item i's image id.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "index",
+        *,
+        queries: str = "scored",
+        convention: InputConvention = OFFICIAL_CONVENTION,
+        scales: Sequence[float] = (1.0,),
+        min_side: int | None = None,
+    ) -> None:
+        if split not in ("index", "test"):
+            raise ValueError(f"split must be 'index' or 'test', got {split!r}")
+        if queries not in ("scored", "public", "private", "all"):
+            raise ValueError(f"queries must be 'scored', 'public', 'private' or 'all', got {queries!r}")
+        self.root = Path(root)
+        self.split, self.queries = split, queries
+        self.convention, self.scales, self.min_side = convention, tuple(float(s) for s in scales), min_side
+        self.image_dir = self.root / split
+        self.solution: Solution | None = None
+        if split == "index" or queries == "all":
+            ids_csv = _find_csv(self.root, f"{split}.csv", split)
+            if ids_csv is None:
+                raise FileNotFoundError(_retrieval_download_hint(self.root, f"{split}.csv"))
+            self.ids: list[str] = _read_ids(ids_csv)
+        if split == "test":
+            self.solution = self.read_solution()
+            if queries != "all":
+                public, private = list(self.solution.public), list(self.solution.private)
+                self.ids = {"scored": public + private, "public": public, "private": private}[queries]
+                bad = next((i for i in self.ids if not _IMAGE_ID.fullmatch(i)), None)
+                if bad is not None:
+                    raise ValueError(f"{self.solution_path}: {bad!r} is not a GLDv2 image id (16 hex digits)")
+        self.image_paths: list[str] = [str(self.image_dir / i[0] / i[1] / i[2] / f"{i}.jpg") for i in self.ids]
+        logger.info("GLDv2 retrieval %s: %d images (root %s)", split, len(self.ids), self.root)
+
+    @property
+    def solution_path(self) -> Path:
+        path = _find_csv(self.root, GLDV2_RETRIEVAL_SOLUTION, "test")
+        if path is None:
+            raise FileNotFoundError(_retrieval_download_hint(self.root, GLDV2_RETRIEVAL_SOLUTION))
+        return path
+
+    def read_solution(self) -> Solution:
+        """The retrieval solution of this root (see :func:`read_retrieval_solution`)."""
+        return read_retrieval_solution(self.solution_path)
+
+    def read_recognition_solution(self) -> Solution:
+        """The recognition solution of this root, for GAP (see :func:`read_recognition_solution`)."""
+        path = _find_csv(self.root, GLDV2_RECOGNITION_SOLUTION, "test")
+        if path is None:
+            raise FileNotFoundError(_retrieval_download_hint(self.root, GLDV2_RECOGNITION_SOLUTION))
+        return read_recognition_solution(path)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, index: int) -> np.ndarray:
+        """The uint8 BGR (H, W, 3) image of item ``index``, enlarged to ``min_side`` when smaller."""
+        path = self.image_paths[index]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"GLDv2 {self.split} image {path} is missing: its tar is not downloaded or not extracted into "
+                f"{self.image_dir} (python prepare_data.py download --root DATA --datasets gldv2-retrieval-test)")
+        return min_size_guard(read_image(path, dataset=f"gldv2 {self.split}"), self.min_side)
+
+    def __getitem__(self, index: int) -> list[torch.Tensor]:
+        return multiscale_tensors(self.read(index), self.scales, self.convention)
+
+    def describe(self, index: int) -> str:
+        """Which image item ``index`` is (for error messages)."""
+        text = f"gldv2 ({self.split}) item {index}: id {self.ids[index]}, {self.image_paths[index]}"
+        if self.min_side is not None:
+            text += f", short side enlarged to min_side {self.min_side} when below it"
+        return text
+
+    def missing_images(self) -> list[str]:
+        """Paths of this split's images that are not on disk."""
+        return [p for p in self.image_paths if not os.path.isfile(p)]
+
+    def __repr__(self) -> str:
+        return (f"GLDv2RetrievalTest(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
+                f"scales={self.scales}, convention={self.convention})")

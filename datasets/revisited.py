@@ -12,7 +12,9 @@ Layout under a data root::
 """
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import os
 import pickle
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 from tqdm import tqdm
 
 from common.convention import OFFICIAL_CONVENTION, InputConvention
@@ -32,47 +34,100 @@ logger = logging.getLogger(__name__)
 REVISITED_NAMES = ("roxford5k", "rparis6k")
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Ground truth through a restricted unpickler
 # ----------------------------------------------------------------------------------------------------
+
+
+class GroundTruthError(ValueError):
+    """A ground-truth file that is empty, damaged, malformed or hostile; the message names the file and field."""
+
+
+class GroundTruthPickleError(GroundTruthError, pickle.UnpicklingError):
+    """The pickle asked for a global or a call the restricted unpickler refuses."""
+
+
+class _Refused:
+    """Stands for a class a pickle may name (as an argument of ``_reconstruct``) but never call."""
+
+    def __init__(self, qualname: str) -> None:
+        self.qualname = qualname
+
+    def __call__(self, *args, **kwargs):
+        raise GroundTruthPickleError(
+            f"refusing to call {self.qualname}(...) from a ground-truth pickle: it would allocate memory the file "
+            "does not hold (the file is corrupt or hostile, not a revisitop gnd file)")
+
+
+_NDARRAY = _Refused("numpy.ndarray")
 
 
 def _numpy_globals() -> dict[tuple[str, str], object]:
     """The numpy callables an array pickle needs, under numpy 1.x (numpy.core) and 2.x (numpy._core) names.
 
     Resolved here, never by importing the module named in the pickle (which would run arbitrary imports).
+    ``numpy.ndarray`` resolves to a token that only ``_reconstruct`` accepts, and ``_reconstruct`` only builds
+    the empty array that ``ndarray.__reduce__`` always asks for (shape (0,)): the data then comes from the file
+    itself, in ``__setstate__``, which checks its length; ``scalar`` must be given its data too. So no call can
+    make a large array out of a small file.
     """
     try:
         from numpy._core import multiarray, numeric
     except ImportError:  # numpy < 2
         from numpy.core import multiarray, numeric
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def reconstruct(subtype, shape, dtype):
+        if subtype is not _NDARRAY:
+            raise GroundTruthPickleError(f"refusing _reconstruct of {subtype!r}: only numpy.ndarray is allowed")
+        if not isinstance(shape, tuple) or math.prod(int(d) for d in shape) != 0:
+            raise GroundTruthPickleError(f"refusing _reconstruct with shape {shape!r}: numpy pickles ask for an "
+                                         "empty array and fill it from the file")
+        return multiarray._reconstruct(np.ndarray, shape, dtype)
+
+    def scalar(dtype, *obj):
+        # numpy pickles a scalar as scalar(dtype, its bytes); scalar(dtype) alone allocates dtype.itemsize
+        # bytes of nothing (np.dtype(('V', 10**9)) makes that 1 GB)
+        if len(obj) != 1:
+            raise GroundTruthPickleError("refusing numpy scalar(dtype) without its data in a ground-truth pickle")
+        return multiarray.scalar(dtype, obj[0])
+
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): np.dtype}
     for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
-        # protocol-5 pickles of contiguous arrays rebuild them from a raw buffer
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        # protocol-5 pickles of contiguous arrays rebuild them from a raw buffer (of the file's own bytes)
         allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
     return allowed
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     # protocol-2 pickles store bytes (e.g. an array's raw data) as _codecs.encode(text, 'latin1'); only that
-    # codec is let through
+    # codec is let through, and the bytes are as long as the text the file holds
     if encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
-        raise pickle.UnpicklingError(f"ground-truth pickle asks for codec {encoding!r}; only latin1 allowed")
+        raise GroundTruthPickleError(f"ground-truth pickle asks for codec {encoding!r}; only latin1 allowed")
     return text.encode("latin1")
 
 
-_BUILTIN_NAMES = ("set", "frozenset", "list", "dict", "tuple", "str", "bytes", "bytearray", "int", "float",
-                  "complex", "bool")
+def _empty_bytes(*args) -> bytes:
+    # protocol-2 pickles write an empty bytes object (the data of an empty array) as a call bytes(); any argument
+    # would be a size (bytes(10**8): 100 MB out of a few bytes of file) or a copy, and is refused
+    if args:
+        raise GroundTruthPickleError("refusing bytes(...) with arguments in a ground-truth pickle: only the empty "
+                                     "bytes() of protocol 2 is allowed (the file is corrupt or hostile)")
+    return b""
+
+
+# bytes and bytearray are left out on purpose: bytes(n) / bytearray(n) allocate n bytes from a tiny file
+_BUILTIN_NAMES = ("set", "frozenset", "list", "dict", "tuple", "str", "int", "float", "complex", "bool")
 
 
 class GroundTruthUnpickler(pickle.Unpickler):
     """An unpickler that only builds containers, primitives and numpy arrays/scalars.
 
     The revisitop gnd files are plain dicts of lists and numpy arrays; anything else (``os.system``,
-    ``subprocess``, ``builtins.eval``...) in such a file is refused with ``pickle.UnpicklingError``.
+    ``subprocess``, ``builtins.eval``...) in such a file is refused with :class:`GroundTruthPickleError` (a
+    ``pickle.UnpicklingError``), and so is every call that could allocate more than the file holds
+    (``bytes(n)``, ``bytearray(n)``, ``numpy.ndarray(shape)``).
     """
 
     def __init__(self, file, **kwargs) -> None:
@@ -81,28 +136,59 @@ class GroundTruthUnpickler(pickle.Unpickler):
         for mod in ("builtins", "__builtin__"):
             for name in _BUILTIN_NAMES:
                 self._allowed[(mod, name)] = getattr(__import__("builtins"), name)
+            self._allowed[(mod, "bytes")] = _empty_bytes
         self._allowed[("_codecs", "encode")] = _latin1_encode
 
     def find_class(self, module: str, name: str):
         try:
             return self._allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise GroundTruthPickleError(
                 f"refusing to load global '{module}.{name}' from a ground-truth pickle: only containers, "
                 "primitives and numpy arrays are allowed (the file is corrupt or not a revisitop gnd file)"
             ) from None
 
 
+def _names(values, *, path: str, field: str) -> list[str]:
+    if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind == "U":
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise GroundTruthError(f"{path}: '{field}' must be a list of image names (str), got a "
+                               f"{type(values).__name__}" + (f" ({values[:40]!r})" if isinstance(values, str) else ""))
+    for i, v in enumerate(values):
+        if not isinstance(v, str) or not v:
+            raise GroundTruthError(f"{path}: '{field}'[{i}] must be a non-empty image name (str), got "
+                                   f"{type(v).__name__} {v!r:.60}")
+    return [str(v) for v in values]
+
+
+def _bbx(values, *, where: str) -> np.ndarray:
+    try:
+        bbx = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        bbx = None
+    if bbx is None or bbx.shape != (4,) or not np.isfinite(bbx).all():
+        raise GroundTruthError(f"{where} must be 4 finite numbers (x1, y1, x2, y2), got {values!r:.80}")
+    return bbx
+
+
 def _index_array(values, *, what: str, n_db: int) -> np.ndarray:
-    a = np.asarray(values if values is not None else [])
+    if isinstance(values, (str, bytes, dict)):
+        raise GroundTruthError(f"{what} must be a list or array of database indices, got a {type(values).__name__}")
+    try:
+        a = np.asarray(values if values is not None else [])
+    except (TypeError, ValueError) as exc:
+        raise GroundTruthError(f"{what} must be a list or array of database indices ({exc})") from None
     if a.size == 0:
         return np.empty(0, dtype=np.int64)
+    if sum(d > 1 for d in a.shape) > 1:
+        raise GroundTruthError(f"{what} must be one list of database indices, got an array of shape {a.shape}")
     if not np.issubdtype(a.dtype, np.integer):
         if not np.issubdtype(a.dtype, np.floating) or not np.all(a == np.round(a)):
-            raise ValueError(f"{what} must hold integer database indices, got dtype {a.dtype}")
+            raise GroundTruthError(f"{what} must hold integer database indices, got dtype {a.dtype}")
     a = a.reshape(-1).astype(np.int64)
     if a.min() < 0 or a.max() >= n_db:
-        raise ValueError(f"{what} has indices outside [0, {n_db}): min {a.min()}, max {a.max()}")
+        raise GroundTruthError(f"{what} has indices outside [0, {n_db}): min {a.min()}, max {a.max()}")
     return a
 
 
@@ -111,40 +197,71 @@ def load_ground_truth(path: str | os.PathLike) -> dict:
 
     Returns a dict with 'imlist' (list[str]), 'qimlist' (list[str]) and 'gnd': one dict per query with
     'bbx' ((4,) float64 x1, y1, x2, y2), 'easy', 'hard', 'junk' ((n,) int64 database indices);
-    other keys are kept.
+    other keys are kept. A missing file raises FileNotFoundError; an empty, truncated, hostile or malformed one
+    :class:`GroundTruthError` (a ValueError) naming the file and the field.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise GroundTruthError(f"{path} is empty (0 bytes): an interrupted download or copy; fetch it again "
+                                   "(python prepare_data.py download --root DATA --datasets NAME)")
         try:
             cfg = GroundTruthUnpickler(f).load()
-        except pickle.UnpicklingError as e:
-            raise pickle.UnpicklingError(f"{path}: {e}") from None
+        except GroundTruthPickleError as e:
+            raise GroundTruthPickleError(f"{path}: {e}") from None
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError,
+                KeyError) as e:
+            raise GroundTruthError(f"{path} is not a readable ground-truth pickle: truncated or damaged "
+                                   f"({type(e).__name__}: {e}); fetch it again") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a dict at the top level, got {type(cfg).__name__}")
+        raise GroundTruthError(f"{path}: expected a dict at the top level, got {type(cfg).__name__}")
     missing = [k for k in ("imlist", "qimlist", "gnd") if k not in cfg]
     if missing:
-        raise ValueError(f"{path}: ground truth lacks keys {missing} (expected 'imlist', 'qimlist', 'gnd')")
-    imlist, qimlist = [str(s) for s in cfg["imlist"]], [str(s) for s in cfg["qimlist"]]
+        raise GroundTruthError(f"{path}: ground truth lacks keys {missing} (expected 'imlist', 'qimlist', 'gnd')")
+    imlist = _names(cfg["imlist"], path=path, field="imlist")
+    qimlist = _names(cfg["qimlist"], path=path, field="qimlist")
+    if not isinstance(cfg["gnd"], (list, tuple)):
+        raise GroundTruthError(f"{path}: 'gnd' must be a list with one dict per query, got a "
+                               f"{type(cfg['gnd']).__name__}")
     if len(cfg["gnd"]) != len(qimlist):
-        raise ValueError(f"{path}: {len(cfg['gnd'])} gnd entries for {len(qimlist)} queries")
+        raise GroundTruthError(f"{path}: {len(cfg['gnd'])} 'gnd' entries for {len(qimlist)} queries")
     gnd = []
     for i, g in enumerate(cfg["gnd"]):
         if not isinstance(g, dict):
-            raise ValueError(f"{path}: gnd[{i}] is a {type(g).__name__}, expected a dict")
+            raise GroundTruthError(f"{path}: gnd[{i}] is a {type(g).__name__}, expected a dict")
         lacking = [k for k in ("bbx", "easy", "hard", "junk") if k not in g]
         if lacking:
-            raise ValueError(f"{path}: gnd[{i}] lacks keys {lacking}")
-        bbx = np.asarray(g["bbx"], dtype=np.float64).reshape(-1)
-        if bbx.shape != (4,):
-            raise ValueError(f"{path}: gnd[{i}]['bbx'] must be 4 numbers (x1, y1, x2, y2), got {g['bbx']!r}")
+            raise GroundTruthError(f"{path}: gnd[{i}] lacks keys {lacking}")
         entry = dict(g)
-        entry["bbx"] = bbx
+        entry["bbx"] = _bbx(g["bbx"], where=f"{path}: gnd[{i}]['bbx']")
         for key in ("easy", "hard", "junk"):
             entry[key] = _index_array(g[key], what=f"{path}: gnd[{i}]['{key}']", n_db=len(imlist))
         gnd.append(entry)
     out = dict(cfg)
     out.update(imlist=imlist, qimlist=qimlist, gnd=gnd)
     return out
+
+
+def describe_item(dataset: Dataset, index: int) -> str:
+    """Which image item ``index`` of ``dataset`` is, for error messages (a model failing on one image, a NaN
+    descriptor): the dataset's own ``describe(index)`` when it has one (file, query box, resizing), else its
+    ``image_paths[index]``; ``ConcatDataset`` and ``Subset`` are followed down to the dataset that holds it."""
+    index = int(index)
+    while True:
+        if isinstance(dataset, ConcatDataset):
+            k = bisect.bisect_right(dataset.cumulative_sizes, index)
+            index -= dataset.cumulative_sizes[k - 1] if k else 0
+            dataset = dataset.datasets[k]
+        elif isinstance(dataset, Subset):
+            index, dataset = int(dataset.indices[index]), dataset.dataset
+        else:
+            break
+    if hasattr(dataset, "describe"):
+        return dataset.describe(index)
+    paths = getattr(dataset, "image_paths", None)
+    if paths is not None:
+        return f"{type(dataset).__name__} item {index}: {paths[index]}"
+    return f"item {index} of a {type(dataset).__name__}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,6 +291,12 @@ class RevisitedDataset(Dataset):
     Queries are cropped to their ``bbx`` once, before any resizing (the official protocol); database images
     are used whole. Images are read at their stored size (at most 1024 a side) in BGR and normalised with
     ``convention``.
+
+    ``min_side`` (:func:`datasets.transforms.min_size_guard`) enlarges an image or query crop whose short side
+    is below it, before the scales are applied. None (the release's protocol, eval's default) keeps the stored
+    size: an image or crop with a short side below :data:`datasets.transforms.SMALLEST_SIDE` (92 px) then fails
+    inside SuperGlobal with a padding error, which the engine should report with :meth:`describe` (the file,
+    its box, the resizing) and the advice to set ``data.min_side`` (96 is safe).
     """
 
     def __init__(
@@ -226,6 +349,15 @@ class RevisitedDataset(Dataset):
 
     def __getitem__(self, index: int) -> list[torch.Tensor]:
         return multiscale_tensors(self.read(index), self.scales, self.convention)
+
+    def describe(self, index: int) -> str:
+        """Which image item ``index`` is: dataset, split, file, and the query box and resizing applied."""
+        text = f"{self.name} ({self.split}) item {index}: {self.image_paths[index]}"
+        if self.bbxs is not None:
+            text += f", cropped to bbx {tuple(float(v) for v in self.bbxs[index])}"
+        if self.min_side is not None:
+            text += f", short side enlarged to min_side {self.min_side} when below it"
+        return text
 
     def missing_images(self) -> list[str]:
         """Paths of this split's images that are not on disk."""
@@ -301,6 +433,13 @@ class Revisitop1M(Dataset):
 
     def __getitem__(self, index: int) -> list[torch.Tensor]:
         return multiscale_tensors(self.read(index), self.scales, self.convention)
+
+    def describe(self, index: int) -> str:
+        """Which image item ``index`` is (for error messages)."""
+        text = f"{self.name} item {index}: {self.image_paths[index]}"
+        if self.min_side is not None:
+            text += f", short side enlarged to min_side {self.min_side} when below it"
+        return text
 
     def shard(self, i: int, n: int) -> range:
         """Index range of shard ``i`` of ``n`` (contiguous; for extracting the 1M in several jobs)."""

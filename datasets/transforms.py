@@ -4,6 +4,12 @@ The releases read images with OpenCV (uint8, BGR), resize the uint8 image with `
 when shrinking, INTER_LINEAR when enlarging), then transpose to CHW, divide by 255 and normalise each channel
 with the mean/std of the weights' input convention. Everything here works on the uint8 BGR image until
 ``to_tensor``.
+
+Image sizes. The models need a minimum size: SuperGlobal's Regional-GeM pads its stage-4 map (stride 32) by 2
+with reflection, which needs a map of at least 3 x 3, and its Scale-GeM first shrinks the image to 0.7071 of
+its size; so an image whose short side is below :data:`SMALLEST_SIDE` (92 px) fails inside the model with a
+padding ``RuntimeError``. ``min_side`` (:func:`min_size_guard`, :func:`fit_sides`) enlarges such images
+(the retrieval API uses 96); evaluation follows the release and leaves ``data.min_side`` unset.
 """
 from __future__ import annotations
 
@@ -16,6 +22,11 @@ import torch
 
 from common.convention import InputConvention
 
+#: The least short side (pixels) SuperGlobal accepts: int(92 * 0.7071) = 65 gives a 3 x 3 stage-4 map, the least
+#: that Regional-GeM's reflection padding of 2 allows; 91 px gives 2 x 2 and a padding RuntimeError.
+#: CVNet-Global (plain GeM) has no such limit.
+SMALLEST_SIDE = 92
+
 
 def _cv2():
     import cv2
@@ -23,16 +34,79 @@ def _cv2():
     return cv2
 
 
+class CorruptImageError(ValueError):
+    """An image file that exists but cannot be decoded, or only in part (a truncated download or copy);
+    ``.path`` names it so that a training loop can skip and count it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str = "cannot be decoded") -> None:
+        self.path = os.fspath(path)
+        super().__init__(f"corrupt image {self.path}: {reason}")
+
+
+_JPEG_SOI, _JPEG_EOI, _JPEG_SOS = b"\xff\xd8", b"\xff\xd9", 0xDA
+# markers that stand alone, without a length field: TEM and the restart markers RST0..7
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
+def jpeg_truncation(data: bytes) -> str | None:
+    """Why the JPEG bytes ``data`` are incomplete, or None when they end properly.
+
+    libjpeg decodes a truncated file anyway (the lost rows come out flat grey) and only prints "Premature end of
+    JPEG file" on stderr, so OpenCV cannot tell. The check: walk the marker segments from the start to the
+    first start-of-scan (stepping over APPn/COM segments, where an embedded thumbnail carries its own
+    end-of-image marker), then require an end-of-image marker (FF D9) after it. Inside entropy-coded data an
+    FF byte is always followed by 00 or a restart marker, so FF D9 there is the real end. Data appended after
+    it (some cameras add a preview or a video) is allowed.
+    """
+    n, i = len(data), 2
+    while True:
+        if i + 1 >= n:
+            return "the file ends inside its headers (truncated)"
+        if data[i] != 0xFF:  # not a marker where one must be: let the decoder judge the rest
+            break
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == _JPEG_SOS:
+            break
+        if marker == 0xD9:
+            return "it ends before any image data (truncated)"
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        if i + 3 >= n:
+            return "the file ends inside its headers (truncated)"
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    if data.find(_JPEG_EOI, i) < 0:
+        return ("truncated JPEG: no end-of-image marker after the image data, so part of the image would decode "
+                "as flat grey (an interrupted download or copy); fetch or copy the file again")
+    return None
+
+
 def read_image(path: str | os.PathLike, *, dataset: str | None = None) -> np.ndarray:
-    """Read an image as uint8 (H, W, 3) in BGR order (``cv2.imread``, IMREAD_COLOR, as the releases do)."""
+    """Read an image as uint8 (H, W, 3) in BGR order (``cv2.imread``, IMREAD_COLOR, as the releases do).
+
+    A missing file raises FileNotFoundError. A file that does not decode, or a JPEG that is truncated (see
+    :func:`jpeg_truncation`; OpenCV would return it with its lost rows grey), raises
+    :class:`CorruptImageError` (a ValueError) naming the file.
+    """
     cv2 = _cv2()
     where = f" (dataset {dataset})" if dataset else ""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}{where}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(_JPEG_SOI):
+        reason = jpeg_truncation(data)
+        if reason is not None:
+            raise CorruptImageError(path, reason + where)
+    # decoded from the file (not the bytes just read) so that OpenCV's own handling, EXIF orientation included,
+    # stays exactly the release's
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        raise ValueError(f"could not decode image file {path}{where}: unreadable or not an image")
+        raise CorruptImageError(path, f"could not decode image file{where}: unreadable, truncated or not an image")
     return img
 
 
@@ -84,15 +158,21 @@ def resize_scale(img: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(img, dsize=(0, 0), fx=scale, fy=scale, interpolation=interpolation)
 
 
-def min_size_guard(img: np.ndarray, min_side: int | None) -> np.ndarray:
+def min_size_guard(img: np.ndarray, min_side: int | None, *, max_side: int | None = None) -> np.ndarray:
     """Enlarge (INTER_LINEAR, aspect kept) an image whose short side is below ``min_side``; otherwise no-op.
 
-    Some GLDv2 images are only a few pixels wide and would vanish at stride 32 or at scale 0.7071.
+    Some GLDv2 images are only a few pixels wide and would vanish at stride 32 or at scale 0.7071; below
+    :data:`SMALLEST_SIDE` (92 px) SuperGlobal fails outright. ``max_side`` caps the enlargement: the long side
+    never grows beyond it, so an image of extreme aspect ratio (10 x 4000) keeps a short side below
+    ``min_side`` rather than becoming 96 x 38400. An image already at (or above) ``max_side`` is returned
+    unchanged: shrinking is :func:`downscale_to_max_side`'s job.
     """
     if min_side is None:
         return img
     if min_side < 1:
         raise ValueError(f"min_side must be >= 1, got {min_side}")
+    if max_side is not None and max_side < min_side:
+        raise ValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
     h, w = img.shape[:2]
     short = min(h, w)
     if short >= min_side:
@@ -103,8 +183,48 @@ def min_size_guard(img: np.ndarray, min_side: int | None) -> np.ndarray:
         new_h, new_w = min_side, max(min_side, round(w * min_side / h))
     else:
         new_h, new_w = max(min_side, round(h * min_side / w)), min_side
+    if max_side is not None and max(new_h, new_w) > max_side:
+        factor = max_side / max(h, w)
+        if factor <= 1.0:
+            return img
+        new_h, new_w = (max_side, round(w * factor)) if h >= w else (round(h * factor), max_side)
     cv2 = _cv2()
     return cv2.resize(img, dsize=(new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def downscale_to_max_side(img: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
+    """Shrink (INTER_AREA, aspect kept) so that max(H, W) <= ``max_side``; returns (image, factor applied).
+
+    The image comes back unchanged with factor 1.0 when it already fits (or ``max_side`` is None).
+    """
+    h, w = img.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return img, 1.0
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    cv2 = _cv2()
+    factor = max_side / max(h, w)
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return cv2.resize(img, dsize=size, interpolation=cv2.INTER_AREA), factor
+
+
+def fit_sides(img: np.ndarray, *, min_side: int | None, max_side: int | None) -> np.ndarray:
+    """Bring an image within the size limits of the retrieval pipeline, longest side first.
+
+    1. :func:`downscale_to_max_side`: a long side above ``max_side`` is shrunk to it (INTER_AREA).
+    2. :func:`min_size_guard` with the cap: a short side below ``min_side`` is enlarged towards it
+       (INTER_LINEAR), but never so far that the long side exceeds ``max_side``.
+
+    So the result always has ``max(H, W) <= max_side``; an extreme aspect ratio keeps a short side below
+    ``min_side`` (10 x 4000 with 96 / 1024 gives 3 x 1024, not 96 x 32768), and an image whose short side then
+    stays below :data:`SMALLEST_SIDE` cannot go through SuperGlobal. Either limit may be None (no limit).
+    A query box must be cropped between the two steps (in the downscaled image's pixels); call the two
+    functions directly then, as :func:`fit_sides` is for whole images.
+    """
+    if max_side is not None and min_side is not None and max_side < min_side:
+        raise ValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
+    img, _ = downscale_to_max_side(img, max_side)
+    return min_size_guard(img, min_side, max_side=max_side)
 
 
 def to_tensor(img_bgr_uint8: np.ndarray, convention: InputConvention) -> torch.Tensor:

@@ -238,7 +238,7 @@ def test_cli_downloads_and_reports_errors_in_one_line(tmp_path, server, monkeypa
 
 def test_cli_help_is_fast_and_torch_free():
     code = ("import runpy, sys\n"
-            "for argv in (['--help'], ['download', '--help'], ['synthetic', '--help']):\n"
+            "for argv in (['--help'], ['download', '--help'], ['synthetic', '--help'], ['weights', '--help']):\n"
             "    sys.argv = ['prepare_data.py', *argv]\n"
             "    try:\n"
             "        runpy.run_path('prepare_data.py', run_name='__main__')\n"
@@ -256,3 +256,125 @@ def test_cli_help_is_fast_and_torch_free():
 def test_cli_errors_are_one_line(tmp_path):
     run = prepare_data("download", "--root", str(tmp_path), "--datasets", "imagenet")
     assert run.returncode != 0 and "invalid choice" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_md5_from_a_published_md5_file(tmp_path, server):
+    """GLDv2 publishes one md5sum file per tar: fetched beside the tar, checked before extraction."""
+    archive = _tgz({"0/1/2/0123456789abcdef.jpg": b"jpeg bytes"})
+    server.files.update({"/index/images_000.tar": archive,
+                         "/md5sum/index/md5.images_000.txt": f"{hashlib.md5(archive).hexdigest()}  images_000.tar\n"
+                         .encode(),
+                         "/index/images_001.tar": archive,
+                         "/md5sum/index/md5.images_001.txt": b"0123456789abcdef0123456789abcdef  images_001.tar\n"})
+    table = {"toy": tuple(
+        RemoteFile("toy", f"{server.url}/index/images_00{i}.tar", f"toy/tars/images_00{i}.tar",
+                   extract_to="toy/index", md5_url=f"{server.url}/md5sum/index/md5.images_00{i}.txt")
+        for i in (0, 1))}
+    with pytest.raises(ValueError, match=r"md5 mismatch .*images_001\.tar"):
+        download(plan_downloads(tmp_path, ["toy"], table=table), root=tmp_path, progress=False)
+    assert (tmp_path / "toy" / "index" / "0" / "1" / "2" / "0123456789abcdef.jpg").read_bytes() == b"jpeg bytes"
+    assert (tmp_path / "toy" / "tars" / "md5.images_000.txt").is_file()
+    assert not (tmp_path / "toy" / "tars" / "images_001.tar").exists()  # the bad tar is removed
+    # a tar already here whose published md5 differs is planned again
+    (tmp_path / "toy" / "tars" / "images_001.tar").write_bytes(b"stale")
+    (plan,) = plan_downloads(tmp_path, ["toy"], table=table)
+    assert plan.action == "redownload" and "md5 mismatch" in plan.reason
+
+
+def test_cli_dry_run_plans_the_gldv2_retrieval_test(tmp_path):
+    run = prepare_data("download", "--root", str(tmp_path), "--datasets", "gldv2-retrieval-test", "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert "https://s3.amazonaws.com/google-landmark/index/images_099.tar" in run.stdout
+    assert "https://s3.amazonaws.com/google-landmark/ground_truth/retrieval_solution_v2.1.csv" in run.stdout
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- Google Drive, weights
+
+
+def test_drive_file_id_from_the_links_drive_gives():
+    from datasets.download import drive_file_id
+
+    fid = "1AbCdEfGhIjKlMnOpQrStUvWxYz012345"
+    for url in (f"https://drive.google.com/file/d/{fid}/view?usp=sharing", f"https://drive.google.com/file/d/{fid}",
+                f"https://drive.google.com/open?id={fid}", f"https://drive.google.com/uc?export=download&id={fid}",
+                f"https://docs.google.com/uc?id={fid}&export=download",
+                f"https://drive.usercontent.google.com/download?id={fid}&export=download&confirm=t"):
+        assert drive_file_id(url) == fid, url
+    for url in ("https://example.org/file/d/1AbCdEfGhIjKlMnOp/view", "https://drive.google.com/drive/folders",
+                "https://drive.google.com/file/d/../view", "http://127.0.0.1:8000/w.pyth"):
+        assert drive_file_id(url) is None, url
+
+
+def test_drive_confirm_url_reads_the_form_the_link_or_the_cookie():
+    import http.cookiejar
+
+    from datasets.download import drive_confirm_url
+
+    page_url = "https://drive.usercontent.google.com/download?id=ABCDEFGHIJKL&export=download"
+    form = ('<form id="download-form" action="https://drive.usercontent.google.com/download" method="get">'
+            '<input type="submit" value="Download anyway"/><input type="hidden" name="id" value="ABCDEFGHIJKL">'
+            '<input type="hidden" name="export" value="download"><input type="hidden" name="confirm" value="t">'
+            '<input type="hidden" name="uuid" value="u-1&amp;2"></form>')
+    assert drive_confirm_url(f"<html><body>{form}</body></html>", page_url) == (
+        "https://drive.usercontent.google.com/download?id=ABCDEFGHIJKL&export=download&confirm=t&uuid=u-1%262")
+    legacy = '<a id="uc-download-link" href="/uc?export=download&amp;confirm=Xy_9&amp;id=ABCDEFGHIJKL">Download</a>'
+    assert drive_confirm_url(legacy, "https://drive.google.com/uc?export=download&id=ABCDEFGHIJKL") == (
+        "https://drive.google.com/uc?export=download&confirm=Xy_9&id=ABCDEFGHIJKL")
+    jar = http.cookiejar.CookieJar()
+    jar.set_cookie(http.cookiejar.Cookie(0, "download_warning_123", "tok", None, False, ".drive.google.com", True,
+                                         True, "/", True, False, None, False, None, None, {}))
+    assert drive_confirm_url("<html>large file</html>", "https://drive.google.com/uc?export=download&id=ABCDEFGHIJKL",
+                             jar) == "https://drive.google.com/uc?export=download&id=ABCDEFGHIJKL&confirm=tok"
+    assert drive_confirm_url("<html><form action='/x'><input name='q'></form>Sign in</html>", page_url) is None
+
+
+def test_fetch_follows_a_confirmation_page_and_refuses_other_html(tmp_path, server):
+    from datasets.download import DownloadError, drive_confirm_url
+
+    class HtmlServer(_RangeHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path.startswith("/page"):
+                body = b'<html><a href="/real.bin?confirm=1">go</a></html>'
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                super().do_GET()
+
+    server.RequestHandlerClass = HtmlServer
+    data = _payload(5000)
+    server.files["/real.bin?confirm=1"] = data
+    fetch(f"{server.url}/page", str(tmp_path / "a.bin"), progress=False, follow_html=drive_confirm_url)
+    assert (tmp_path / "a.bin").read_bytes() == data
+    with pytest.raises(DownloadError, match="HTML page"):
+        fetch(f"{server.url}/page", str(tmp_path / "b.bin"), progress=False, follow_html=lambda page, url: None)
+    assert not (tmp_path / "b.bin").exists()
+
+
+def test_sha256sums_are_merged_in_sha256sum_format(tmp_path, caplog):
+    from datasets.download import read_sha256sums, update_sha256sums
+
+    path = tmp_path / "SHA256SUMS"
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    path.write_text(f"{a}  CVPR2022_CVNet_R50.pyth\n{b} *other.bin\nnot a line\n")
+    assert read_sha256sums(path) == {"CVPR2022_CVNet_R50.pyth": a, "other.bin": b}
+    update_sha256sums(path, {"CVPR2022_CVNet_R101.pyth": c, "CVPR2022_CVNet_R50.pyth": c})
+    assert path.read_text() == (f"{c}  CVPR2022_CVNet_R101.pyth\n{c}  CVPR2022_CVNet_R50.pyth\n{b}  other.bin\n")
+    assert "changed since it was recorded" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["SHA256SUMS"]  # written through a temporary file, renamed
+
+
+def test_weights_table_and_sources():
+    from datasets.download import OFFICIAL_WEIGHTS, WeightsError, weights_url
+
+    assert {k: (w.depth, w.filename) for k, w in OFFICIAL_WEIGHTS.items()} == {
+        "R50": (50, "CVPR2022_CVNet_R50.pyth"), "R101": (101, "CVPR2022_CVNet_R101.pyth")}
+    r50 = OFFICIAL_WEIGHTS["R50"]
+    share = "https://drive.google.com/file/d/1AbCdEfGhIjKlMnOpQrStUvWxYz012345/view?usp=sharing"
+    assert weights_url(r50, share) == "https://drive.google.com/uc?export=download&id=1AbCdEfGhIjKlMnOpQrStUvWxYz012345"
+    assert weights_url(r50, "https://example.org/w.pyth") == "https://example.org/w.pyth"
+    with pytest.raises(WeightsError, match="not recorded"):
+        weights_url(r50, None)

@@ -235,3 +235,156 @@ def test_bgr_view_of_a_pil_dataset():
     image, label = view[0]
     assert label == 6 and view.targets == [6] and view.classes == ["frog"]
     assert image.dtype == np.uint8 and np.array_equal(image, rgb[:, :, ::-1])
+
+
+# ---------------------------------------------------------------------------------------------- retrieval test split
+#
+# The layout of the official download (cvdfoundation/google-landmark): index.csv and test.csv (one column "id"),
+# retrieval_solution_v2.1.csv (id,images,Usage: space-separated index ids; Usage Public / Private / Ignored, and
+# "None" as the images of an ignored query), recognition_solution_v2.1.csv (id,landmarks,Usage), and the images
+# of each split under <split>/a/b/c/<id>.jpg.
+
+INDEX_IDS = ["0a1b2c3d4e5f6a7b", "1b2c3d4e5f6a7b8c", "2c3d4e5f6a7b8c9d", "3d4e5f6a7b8c9d0e", "4e5f6a7b8c9d0e1f"]
+TEST_IDS = ["f0e1d2c3b4a59687", "e1d2c3b4a5968778", "d2c3b4a596877869", "c3b4a59687786950"]
+SOLUTION = (
+    "id,images,Usage\n"
+    f"{TEST_IDS[0]},{INDEX_IDS[1]} {INDEX_IDS[3]},Public\n"
+    f"{TEST_IDS[1]},None,Ignored\n"
+    f"{TEST_IDS[2]},{INDEX_IDS[0]},Private\n"
+    f"{TEST_IDS[3]},{INDEX_IDS[4]} {INDEX_IDS[2]} {INDEX_IDS[0]},Private\n"
+)
+RECOGNITION = (
+    "id,landmarks,Usage\n"
+    f"{TEST_IDS[0]},123 456,Public\n"
+    f"{TEST_IDS[1]},,Private\n"
+    f"{TEST_IDS[2]},,Ignored\n"
+    f"{TEST_IDS[3]},789,Private\n"
+)
+
+
+def _write_retrieval_layout(root, *, nested_csvs=False):
+    """The retrieval test split as the official download leaves it (CSVs at the root, or in the split
+    folders as cvdfoundation's download-dataset.sh puts them)."""
+    rng = np.random.default_rng(5)
+    paths = {}
+    for split, ids in (("index", INDEX_IDS), ("test", TEST_IDS)):
+        csv_dir = root / split if nested_csvs else root
+        csv_dir.mkdir(parents=True, exist_ok=True)
+        (csv_dir / f"{split}.csv").write_text("id\n" + "\n".join(ids) + "\n")
+        for k, image_id in enumerate(ids):
+            path = root / split / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img = rng.integers(0, 256, size=(20 + k, 30, 3), dtype=np.uint8)
+            ok, buf = cv2.imencode(".png", img)  # PNG bytes keep the pixels exact; OpenCV decodes by content
+            path.write_bytes(buf.tobytes())
+            paths[image_id] = (path, img)
+    sol_dir = root / "test" if nested_csvs else root
+    (sol_dir / "retrieval_solution_v2.1.csv").write_text(SOLUTION)
+    (sol_dir / "recognition_solution_v2.1.csv").write_text(RECOGNITION)
+    return paths
+
+
+def test_read_retrieval_solution_has_delf_semantics(tmp_path):
+    from datasets.gldv2 import read_recognition_solution, read_retrieval_solution
+
+    _write_retrieval_layout(tmp_path)
+    public, private, ignored = read_retrieval_solution(tmp_path / "retrieval_solution_v2.1.csv")
+    assert public == {TEST_IDS[0]: [INDEX_IDS[1], INDEX_IDS[3]]}
+    assert private == {TEST_IDS[2]: [INDEX_IDS[0]], TEST_IDS[3]: [INDEX_IDS[4], INDEX_IDS[2], INDEX_IDS[0]]}
+    assert ignored == [TEST_IDS[1]]
+    public, private, ignored = read_recognition_solution(tmp_path / "recognition_solution_v2.1.csv")
+    assert public == {TEST_IDS[0]: [123, 456]} and private == {TEST_IDS[1]: [], TEST_IDS[3]: [789]}
+    assert ignored == [TEST_IDS[2]]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("id,images\nx,y\n", "Usage"),                                              # a column missing
+    ("id,images,Usage\nf0e1d2c3b4a59687,0a1b2c3d4e5f6a7b,Secret\n", r":2: .*Usage 'Secret'"),
+    ("id,images,Usage\nf0e1d2c3b4a59687,0a1b2c3d4e5f6a7b,Public\n"
+     "f0e1d2c3b4a59687,1b2c3d4e5f6a7b8c,Private\n", r":3: .*f0e1d2c3b4a59687.*twice"),
+    ("", "empty"),
+])
+def test_read_retrieval_solution_names_file_and_line(tmp_path, text, match):
+    from datasets.gldv2 import read_retrieval_solution
+
+    path = tmp_path / "retrieval_solution_v2.1.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"retrieval_solution_v2\.1\.csv.*{match}"):
+        read_retrieval_solution(path)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_retrieval_test_split_reads_the_real_layout(tmp_path, nested):
+    import torch
+
+    from datasets.gldv2 import GLDv2RetrievalTest
+    from datasets.revisited import describe_item
+    from datasets.transforms import to_tensor
+    from models.checkpoint import OFFICIAL_CONVENTION
+
+    paths = _write_retrieval_layout(tmp_path, nested_csvs=nested)
+    index = GLDv2RetrievalTest(tmp_path, "index", scales=(1.0, 0.7071))
+    assert index.ids == INDEX_IDS and len(index) == 5
+    assert index.image_paths[2] == str(tmp_path / "index" / "2" / "c" / "3" / f"{INDEX_IDS[2]}.jpg")
+    assert np.array_equal(index.read(2), paths[INDEX_IDS[2]][1])
+    item = index[2]
+    assert isinstance(item, list) and len(item) == 2
+    assert torch.equal(item[0], to_tensor(paths[INDEX_IDS[2]][1], OFFICIAL_CONVENTION))
+    assert item[1].shape == (3, round(22 * 0.7071), round(30 * 0.7071))
+    assert INDEX_IDS[2] in describe_item(index, 2) and index.image_paths[2] in describe_item(index, 2)
+    # the test side: by default the scored queries (Public, then Private, in the solution's order)
+    test = GLDv2RetrievalTest(tmp_path, "test")
+    assert test.ids == [TEST_IDS[0], TEST_IDS[2], TEST_IDS[3]]
+    assert test.solution.ignored == [TEST_IDS[1]]
+    assert test.solution.public == {TEST_IDS[0]: [INDEX_IDS[1], INDEX_IDS[3]]}
+    assert test.read_recognition_solution().private == {TEST_IDS[1]: [], TEST_IDS[3]: [789]}
+    assert GLDv2RetrievalTest(tmp_path, "test", queries="private").ids == [TEST_IDS[2], TEST_IDS[3]]
+    assert GLDv2RetrievalTest(tmp_path, "test", queries="all").ids == TEST_IDS
+    assert np.array_equal(test.read(1), paths[TEST_IDS[2]][1])
+    assert GLDv2RetrievalTest(tmp_path, "test", min_side=32)[0][0].shape == (3, 32, 48)
+
+
+def test_retrieval_test_split_errors_say_what_to_fetch(tmp_path):
+    from datasets.gldv2 import GLDv2RetrievalTest
+
+    with pytest.raises(FileNotFoundError, match=r"(?s)index\.csv.*prepare_data\.py download .*gldv2-retrieval-test"):
+        GLDv2RetrievalTest(tmp_path, "index")
+    _write_retrieval_layout(tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        GLDv2RetrievalTest(tmp_path, "train")
+    with pytest.raises(ValueError, match="queries"):
+        GLDv2RetrievalTest(tmp_path, "test", queries="some")
+    index = GLDv2RetrievalTest(tmp_path, "index")
+    index_path = index.image_paths[0]
+    (tmp_path / "index" / "0" / "a" / "1" / f"{INDEX_IDS[0]}.jpg").unlink()
+    assert index.missing_images() == [index_path]
+    with pytest.raises(FileNotFoundError, match=rf"{INDEX_IDS[0]}\.jpg.*gldv2"):
+        index[0]
+    (tmp_path / "index.csv").write_text("id\n" + INDEX_IDS[1] + "\n../../etc/passwd\n")
+    with pytest.raises(ValueError, match=r"index\.csv:3: .*passwd"):
+        GLDv2RetrievalTest(tmp_path, "index")
+    (tmp_path / "index.csv").write_text("image\n" + INDEX_IDS[1] + "\n")
+    with pytest.raises(ValueError, match=r"index\.csv.*'id'"):
+        GLDv2RetrievalTest(tmp_path, "index")
+
+
+def test_downloader_knows_the_retrieval_test_files(tmp_path):
+    from datasets.download import DOWNLOADS, plan_downloads
+
+    files = DOWNLOADS["gldv2-retrieval-test"]
+    urls = {f.url: f for f in files}
+    base = "https://s3.amazonaws.com/google-landmark"
+    assert urls[f"{base}/metadata/index.csv"].dest == "gldv2/index.csv"
+    assert urls[f"{base}/metadata/test.csv"].dest == "gldv2/test.csv"
+    assert urls[f"{base}/ground_truth/retrieval_solution_v2.1.csv"].dest == "gldv2/retrieval_solution_v2.1.csv"
+    assert f"{base}/ground_truth/recognition_solution_v2.1.csv" in urls
+    index_tars = [f for f in files if f.url.startswith(f"{base}/index/")]
+    test_tars = [f for f in files if f.url.startswith(f"{base}/test/")]
+    assert [f.url for f in index_tars] == [f"{base}/index/images_{i:03d}.tar" for i in range(100)]
+    assert [f.url for f in test_tars] == [f"{base}/test/images_{i:03d}.tar" for i in range(20)]
+    assert index_tars[7].md5_url == f"{base}/md5sum/index/md5.images_007.txt"
+    assert test_tars[19].md5_url == f"{base}/md5sum/test/md5.images_019.txt"
+    assert all(f.extract_to == "gldv2/index" and not f.flatten for f in index_tars)
+    assert all(f.extract_to == "gldv2/test" and not f.flatten for f in test_tars)
+    plan = plan_downloads(tmp_path, ["gldv2-retrieval-test"])
+    assert len(plan) == 4 + 100 + 20 and all(p.action == "download" for p in plan)

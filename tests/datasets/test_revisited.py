@@ -211,3 +211,135 @@ def test_revisitop1m_missing_list_says_what_to_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="revisitop1m.txt") as e:
         Revisitop1M(tmp_path)
     assert "http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- naming items
+
+
+def test_describe_item_names_the_file_through_concat_and_subset(tmp_path):
+    from torch.utils.data import ConcatDataset, Subset
+
+    from datasets.revisited import describe_item
+
+    _write_dataset(tmp_path)
+    lines = _write_r1m(tmp_path, n=4, missing=())
+    db = RevisitedDataset(tmp_path, "roxford5k", "db")
+    query = RevisitedDataset(tmp_path, "roxford5k", "query", min_side=16)
+    r1m = Revisitop1M(tmp_path)
+    text = describe_item(query, 1)
+    assert query.image_paths[1] in text and "roxford5k (query) item 1" in text
+    assert "bbx (0.0, 1.5, 10.2, 12.8)" in text and "min_side 16" in text
+    assert describe_item(db, 2) == f"roxford5k (db) item 2: {db.image_paths[2]}"
+    both = ConcatDataset([db, r1m])
+    assert describe_item(both, 6).endswith(os.path.join("revisitop1m", "jpg", lines[1]))
+    assert describe_item(Subset(both, [4, 0]), 1) == describe_item(db, 0)
+    assert describe_item([1, 2, 3], 2) == "item 2 of a list"
+
+
+# ---------------------------------------------------------------------------------------------- hostile gnd
+
+
+class _Reduce:
+    """Pickles as ``func(*args)``: how a hostile file asks the unpickler to call something."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _numpy_scalar():
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    return scalar
+
+
+_numpy_scalar = _numpy_scalar()
+
+
+def _gnd(**over):
+    cfg = {"imlist": list(DB), "qimlist": ["all_souls_000001"],
+           "gnd": [{"bbx": [1.0, 2.0, 30.0, 25.0], "easy": np.array([0, 2]), "hard": np.array([4]),
+                    "junk": np.array([], dtype=np.int64)}]}
+    cfg.update(over)
+    return cfg
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("payload", [
+    _Reduce(bytes, 100_000_000),                 # 100 MB out of a file of a few bytes
+    _Reduce(bytearray, 100_000_000),
+    _Reduce(np.ndarray, (100_000, 1000)),        # an uninitialised 800 MB array, just as cheaply
+    _Reduce(_numpy_scalar, np.dtype(("V", 100_000_000))),  # a 100 MB numpy scalar of nothing
+])
+def test_allocation_bombs_are_refused(tmp_path, payload, protocol):
+    import tracemalloc
+
+    from datasets.revisited import GroundTruthError
+
+    path = tmp_path / "gnd_x.pkl"
+    path.write_bytes(pickle.dumps(_gnd(extra=payload), protocol=protocol))
+    assert path.stat().st_size < 2000
+    tracemalloc.start()
+    try:
+        with pytest.raises(GroundTruthError, match=r"gnd_x\.pkl") as err:
+            load_ground_truth(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000 and isinstance(err.value, pickle.UnpicklingError)
+
+
+def test_empty_and_truncated_files_name_the_path(tmp_path):
+    from datasets.revisited import GroundTruthError
+
+    empty = tmp_path / "gnd_empty.pkl"
+    empty.write_bytes(b"")
+    with pytest.raises(GroundTruthError, match=r"gnd_empty\.pkl.*empty"):
+        load_ground_truth(empty)
+    cut = tmp_path / "gnd_cut.pkl"
+    raw = pickle.dumps(_gnd(), protocol=4)
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(GroundTruthError, match=r"gnd_cut\.pkl.*(truncated|damaged)"):
+        load_ground_truth(cut)
+    with pytest.raises(FileNotFoundError, match=r"gnd_none\.pkl"):
+        load_ground_truth(tmp_path / "gnd_none.pkl")
+
+
+@pytest.mark.parametrize("over,field", [
+    ({"imlist": "all_souls_000001"}, "'imlist'"),                    # a string is not a list of names
+    ({"qimlist": "all_souls_000001"}, "'qimlist'"),
+    ({"imlist": [b"all_souls_000001"]}, r"'imlist'\[0\]"),
+    ({"qimlist": [7]}, r"'qimlist'\[0\]"),
+    ({"gnd": {"bbx": [0, 0, 1, 1]}}, "'gnd'"),
+    ({"gnd": [{"bbx": [0, 0, 1], "easy": [], "hard": [], "junk": []}]}, r"gnd\[0\]\['bbx'\]"),
+    ({"gnd": [{"bbx": [0, 0, float("nan"), 1], "easy": [], "hard": [], "junk": []}]}, r"gnd\[0\]\['bbx'\]"),
+    ({"gnd": [{"bbx": ["a", 0, 1, 1], "easy": [], "hard": [], "junk": []}]}, r"gnd\[0\]\['bbx'\]"),
+    ({"gnd": [{"bbx": [0, 0, 1, 1], "easy": [0.5], "hard": [], "junk": []}]}, r"gnd\[0\]\['easy'\]"),
+    ({"gnd": [{"bbx": [0, 0, 1, 1], "easy": "12", "hard": [], "junk": []}]}, r"gnd\[0\]\['easy'\]"),
+    ({"gnd": [{"bbx": [0, 0, 1, 1], "easy": [], "hard": [-1], "junk": []}]}, r"gnd\[0\]\['hard'\]"),
+    ({"gnd": [{"bbx": [0, 0, 1, 1], "easy": [], "hard": [], "junk": [5]}]}, r"gnd\[0\]\['junk'\]"),
+    ({"gnd": [{"bbx": [0, 0, 1, 1], "easy": [[0, 1], [2, 3]], "hard": [], "junk": []}]}, r"gnd\[0\]\['easy'\]"),
+])
+def test_malformed_fields_are_named(tmp_path, over, field):
+    from datasets.revisited import GroundTruthError
+
+    path = tmp_path / "gnd_bad.pkl"
+    path.write_bytes(pickle.dumps(_gnd(**over), protocol=4))
+    with pytest.raises(GroundTruthError, match=rf"gnd_bad\.pkl.*{field}"):
+        load_ground_truth(path)
+
+
+def test_well_formed_files_still_load_unchanged(tmp_path):
+    path = tmp_path / "gnd_ok.pkl"
+    cfg = _gnd(extra={"note": "kept", "n": 3})
+    path.write_bytes(pickle.dumps(cfg, protocol=2))
+    out = load_ground_truth(path)
+    assert out["extra"] == {"note": "kept", "n": 3} and out["imlist"] == DB
+    path.write_bytes(pickle.dumps(_gnd(imlist=np.array(DB)), protocol=4))  # names as a numpy array of str
+    assert load_ground_truth(path)["imlist"] == DB
+    assert out["gnd"][0]["easy"].dtype == np.int64 and out["gnd"][0]["junk"].shape == (0,)
+    np.testing.assert_array_equal(out["gnd"][0]["bbx"], [1.0, 2.0, 30.0, 25.0])

@@ -138,3 +138,140 @@ def test_read_image_bgr_and_errors(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.jpg"):
         read_image(bad)
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+
+
+def _photo(h=96, w=128, seed=0):
+    # smooth content, so that the JPEG spans many bytes per row and a cut really loses rows
+    return cv2.GaussianBlur(_img(h, w, seed), (5, 5), 0)
+
+
+def _jpeg(img, **params):
+    flags = [cv2.IMWRITE_JPEG_QUALITY, 95]
+    if params.get("progressive"):
+        flags += [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]
+    ok, buf = cv2.imencode(".jpg", img, flags)
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_truncated_jpeg_is_refused_naming_the_file(tmp_path, progressive):
+    from datasets.folder import CorruptImageError
+
+    data = _jpeg(_photo(), progressive=progressive)
+    whole, cut = tmp_path / "whole.jpg", tmp_path / "cut.jpg"
+    whole.write_bytes(data)
+    cut.write_bytes(data[: len(data) // 2])
+    assert read_image(whole).shape == (96, 128, 3)
+    # what OpenCV alone does: a whole-looking image whose lost rows are flat grey, and a warning on stderr
+    assert cv2.imread(str(cut), cv2.IMREAD_COLOR).shape == (96, 128, 3)
+    with pytest.raises(CorruptImageError, match=r"cut\.jpg.*truncated.*dataset rparis6k") as err:
+        read_image(cut, dataset="rparis6k")
+    assert err.value.path == str(cut) and isinstance(err.value, ValueError)
+
+
+def test_jpeg_checks_accept_trailers_and_see_past_embedded_thumbnails(tmp_path):
+    from datasets.folder import CorruptImageError
+
+    img = _photo(seed=4)
+    data = _jpeg(img)
+    # some cameras append data after the end-of-image marker (a preview, a video): still a whole image
+    trailer = tmp_path / "trailer.jpg"
+    trailer.write_bytes(data + b"\x00" * 100 + b"MotionPhoto" * 1000)
+    assert np.array_equal(read_image(trailer), cv2.imread(str(trailer), cv2.IMREAD_COLOR))
+    # an embedded thumbnail (here in a comment segment) holds its own end-of-image marker early in the file;
+    # a cut after it must still be seen
+    thumb = _jpeg(_photo(16, 16, seed=5))
+    segment = b"\xff\xfe" + (len(thumb) + 2).to_bytes(2, "big") + thumb
+    with_thumb = data[:2] + segment + data[2:]
+    ok = tmp_path / "thumb.jpg"
+    ok.write_bytes(with_thumb)
+    assert np.array_equal(read_image(ok), cv2.imread(str(ok), cv2.IMREAD_COLOR))
+    cut = tmp_path / "thumb_cut.jpg"
+    cut.write_bytes(with_thumb[: len(segment) + len(data) // 2])
+    with pytest.raises(CorruptImageError, match="thumb_cut.jpg"):
+        read_image(cut)
+    header_only = tmp_path / "header.jpg"
+    header_only.write_bytes(data[:40])
+    with pytest.raises(CorruptImageError, match="header.jpg"):
+        read_image(header_only)
+
+
+def test_truncated_png_is_refused_naming_the_file(tmp_path):
+    from datasets.folder import CorruptImageError
+
+    ok, buf = cv2.imencode(".png", _photo())
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(buf.tobytes()[: len(buf) // 2])
+    with pytest.raises(CorruptImageError, match=r"cut\.png") as err:
+        read_image(cut)
+    assert err.value.path == str(cut)
+
+
+def test_training_datasets_report_a_truncated_jpeg_as_corrupt(tmp_path):
+    # the training loops count and skip CorruptImageError (helpers.training's SkipCorrupt); a truncated file
+    # must reach them as one, with its path
+    from datasets.folder import CorruptImageError, ImageFolderDataset
+
+    (tmp_path / "cls").mkdir()
+    data = _jpeg(_photo())
+    (tmp_path / "cls" / "a.jpg").write_bytes(data)
+    (tmp_path / "cls" / "b.jpg").write_bytes(data[: len(data) // 2])
+    ds = ImageFolderDataset(tmp_path)
+    assert ds[0][0].shape == (96, 128, 3)
+    with pytest.raises(CorruptImageError) as err:
+        ds[1]
+    assert err.value.path == str(tmp_path / "cls" / "b.jpg")
+
+
+# ---------------------------------------------------------------------------------------------- image sizes
+
+
+def test_min_size_guard_respects_max_side():
+    # 10 x 4000 would become 96 x 38400 under the short-side rule alone
+    strip = _img(10, 400)
+    assert min_size_guard(strip, 96).shape == (96, 3840, 3)  # unchanged default: no cap
+    capped = min_size_guard(strip, 96, max_side=1024)
+    assert capped.shape == (26, 1024, 3)  # enlarged as far as the long side allows: x2.56
+    assert np.array_equal(capped, cv2.resize(strip, dsize=(1024, 26), interpolation=cv2.INTER_LINEAR))
+    assert min_size_guard(_img(20, 30), 64, max_side=1024).shape == (64, 96, 3)  # cap not reached
+    at_cap = _img(5, 1024)
+    assert min_size_guard(at_cap, 96, max_side=1024) is at_cap  # no room to grow
+    with pytest.raises(ValueError, match="max_side"):
+        min_size_guard(_img(5, 10), 96, max_side=50)
+
+
+def test_fit_sides_downscales_then_enlarges_within_max_side():
+    from datasets.transforms import downscale_to_max_side, fit_sides
+
+    huge = _img(10, 4000)
+    out = fit_sides(huge, min_side=96, max_side=1024)
+    assert out.shape == (3, 1024, 3)  # 10 x 4000 -> 3 x 1024 (INTER_AREA); no room left to enlarge
+    assert np.array_equal(out, cv2.resize(huge, dsize=(1024, 3), interpolation=cv2.INTER_AREA))
+    small = _img(50, 800)
+    assert fit_sides(small, min_side=96, max_side=1024).shape == (64, 1024, 3)
+    assert fit_sides(_img(50, 500), min_side=96, max_side=1024).shape == (96, 960, 3)
+    big = _img(2000, 1500)
+    down, factor = downscale_to_max_side(big, 1024)
+    assert factor == pytest.approx(1024 / 2000) and down.shape == (1024, 768, 3)
+    assert np.array_equal(fit_sides(big, min_side=96, max_side=1024), down)
+    mid = _img(300, 400)
+    assert fit_sides(mid, min_side=96, max_side=1024) is mid
+    assert fit_sides(mid, min_side=None, max_side=None) is mid
+    assert fit_sides(_img(40, 30), min_side=96, max_side=None).shape == (128, 96, 3)
+
+
+def test_smallest_side_for_superglobal_is_what_the_model_needs():
+    # the documented rule: with min_side None, an image whose short side is below SMALLEST_SIDE fails in
+    # SuperGlobal's Regional-GeM (reflection padding of 2 needs a stage-4 map of at least 3 at scale 0.7071)
+    from datasets.transforms import SMALLEST_SIDE
+    from helpers.builders import build_model
+
+    model = build_model("superglobal", seed=0, warn_random=False)
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, SMALLEST_SIDE, 120)).shape == (1, 2048)
+        with pytest.raises(RuntimeError, match="[Pp]adding"):
+            model(torch.zeros(1, 3, SMALLEST_SIDE - 1, 120))
