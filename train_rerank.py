@@ -4,7 +4,8 @@
     python train_rerank.py --config configs/cvnet_rerank_r50_gldv2.yaml data.root=/data/gldv2 \
         backbone.checkpoint=runs/cvnet_r50_gldv2/last.pyth
     torchrun --nproc_per_node 4 train_rerank.py --config configs/cvnet_rerank_r50_gldv2.yaml ...
-    python train_rerank.py --config ... --resume
+    python train_rerank.py --config ... --resume                # refused if the backbone file changed since
+    python train_rerank.py --overwrite                          # delete the run in run.out_dir and start over
     python train_rerank.py --print-config                      # every key (defaults: helpers/schemas.py)
 
 The backbone checkpoint (from train_backbone.py, or any official-layout CVNet file) is frozen: its global
@@ -14,7 +15,8 @@ trained with cross-entropy on the two-way logits of (query, positive) -> 1 and (
 curriculum shrinks the negative pool to the hardest negatives and raises the Hide-and-Seek probability over the
 epochs. ``<out_dir>/last.pyth`` is a complete official-layout CVNet checkpoint: the backbone file's ``encoder_q.*``
 (stages 1-4 and the global head) plus the trained ``conv2ds.*`` and ``cv_learner.*``, so every model of this
-project (and eval.py) loads it.
+project (and eval.py) loads it. The backbone file's sha256 is recorded (training state, ``last.pyth``,
+``summary.json``): a run is resumed only on the very file it started with.
 """
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ DEFAULT_CONFIG = repo_path(__file__, "configs", "builtin_rerank.yaml")
 log = logging.getLogger("train_rerank")
 
 
-def train_rerank(*, cfg: dict[str, Any], resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) CVNet-Rerank training as configured (a checked config); returns the run's summary."""
+def train_rerank(*, cfg: dict[str, Any], resume: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Run (``resume``: continue; ``overwrite``: replace the run in ``run.out_dir``) CVNet-Rerank training as
+    configured (a checked config); returns the run's summary."""
     # heavy imports only here, once the config is known good (--help and config errors answer at once)
     import math
 
@@ -53,28 +57,42 @@ def train_rerank(*, cfg: dict[str, Any], resume: bool = False, progress: bool = 
     from helpers.training.loop import (
         WEIGHTS_NAME,
         LoopConfig,
+        RunConflict,
         finish_run,
+        read_run_info,
         resolve_total_steps,
         run_loop,
         start_run,
         steps_per_epoch,
         training_session,
     )
-    from helpers.training.mining import MinedTriplets, mine_pairs
+    from helpers.training.mining import MINING_NAME, MinedTriplets, mine_pairs
     from helpers.training.objectives import RerankHead
     from helpers.training.optim import Optimization, amp_enabled
-    from helpers.training.state import seed_everything
+    from helpers.training.state import file_sha256, seed_everything
     from models.losses import balanced_cross_entropy, training_pairs
 
     tcfg, dcfg, ccfg = cfg["train"], cfg["data"], cfg["curriculum"]
     seed = int(cfg["run"]["seed"])
     with training_session(tcfg) as env:
-        out_dir = start_run(cfg, env)
+        out_dir = start_run(cfg, env, resume=resume, overwrite=overwrite, extra_files=(MINING_NAME,))
         device = env.device
         amp = amp_enabled(tcfg.get("amp", "auto"), device)
 
         ckpt_path = os.fspath(cfg["backbone"]["checkpoint"])
         ckpt = read_backbone_checkpoint(ckpt_path)
+        backbone_sha256 = file_sha256(ckpt_path)
+        if resume:  # before mining, which would replace the cached pairs of the old backbone
+            recorded = read_run_info(out_dir).get("backbone_sha256")
+            if recorded is None:
+                log.warning("the run in %s recorded no backbone sha256 (made by an older version): cannot check "
+                            "that %s is the file it was trained on", out_dir, ckpt_path)
+            elif recorded != backbone_sha256:
+                raise RunConflict(
+                    f"backbone.checkpoint {ckpt_path} changed since this run started (sha256 {recorded[:12]}... "
+                    f"then, {backbone_sha256[:12]}... now): the head was trained on the old backbone's features "
+                    "and cannot continue on the new one. Put the old file back to --resume, or start over with "
+                    "--overwrite")
         depth, dim = checkpoint_geometry(ckpt)
         convention = InputConvention.from_dict(ckpt["input_convention"]) if ckpt.get("input_convention") \
             else OFFICIAL_CONVENTION
@@ -141,19 +159,26 @@ def train_rerank(*, cfg: dict[str, Any], resume: bool = False, progress: bool = 
             atomic_torch_save({"model_state": complete_rerank_checkpoint(ckpt, rerank),
                                "input_convention": convention.to_dict(), "depth": depth, "reduction_dim": dim,
                                "stage": "cvnet_rerank", "step": step, "total_steps": total,
-                               "backbone_checkpoint": ckpt_path, "config": cfg}, out_dir / WEIGHTS_NAME)
+                               "backbone_checkpoint": ckpt_path, "backbone_sha256": backbone_sha256,
+                               "config": cfg}, out_dir / WEIGHTS_NAME)
 
         result = run_loop(dataset=triplets, env=env, cfg=loop, step_fn=step_fn, get_state=get_state,
                           set_state=set_state, on_checkpoint=on_checkpoint, resume=resume,
-                          extra_log={"stage": "rerank", "images": len(triplets), "epochs": epochs})
-        return finish_run(stage="rerank", result=result, env=env, trained=head, out_dir=out_dir)
+                          extra_log={"stage": "rerank", "images": len(triplets), "epochs": epochs},
+                          run_info={"backbone_checkpoint": ckpt_path, "backbone_sha256": backbone_sha256})
+        return finish_run(stage="rerank", result=result, env=env, trained=head, out_dir=out_dir,
+                          extra={"backbone_checkpoint": ckpt_path, "backbone_sha256": backbone_sha256})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = config_arg_parser(description="Train the CVNet re-ranking head on mined pairs (backbone frozen).",
                                schema=TRAIN_RERANK, default_config=DEFAULT_CONFIG,
                                example="train.batch_size=32 data.root=/data")
-    parser.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/train_state.pth")
+    run = parser.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true",
+                     help="continue from <run.out_dir>/train_state.pth (on the same backbone file)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete the run already in run.out_dir (its own files only) and start over")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -166,13 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from helpers.distributed import DeviceError
     from helpers.training.data import TooManyCorruptImages
+    from helpers.training.loop import RunConflict
+    from models.checkpoint import CheckpointError
 
     def run() -> int:
-        train_rerank(cfg=cfg, resume=args.resume, progress=not args.no_progress)
+        train_rerank(cfg=cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         return 0
 
-    return run_reporting_errors(run, errors=[TooManyCorruptImages, FileNotFoundError, DeviceError],
-                                name=TRAIN_RERANK.name)
+    return run_reporting_errors(run, errors=[TooManyCorruptImages, FileNotFoundError, DeviceError, RunConflict,
+                                             CheckpointError], name=TRAIN_RERANK.name)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common.convention import OFFICIAL_CONVENTION, TORCHVISION_CONVENTION
-from models.checkpoint import load_official_checkpoint, official_state_dict
+from common.convention import OFFICIAL_CONVENTION, TORCHVISION_CONVENTION, InputConvention
+from helpers.config import ConfigError
+from models.checkpoint import CheckpointError, load_official_checkpoint, official_state_dict
 from models.cvnet import CVNetGlobal, CVNetRerank
 from models.superglobal import SuperGlobal, SuperGlobalRerank
+from models.timm_global import FeatureMapGlobal, TimmGlobal
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +197,38 @@ def load_database(backend: str, path: str | os.PathLike) -> Any:
 RERANK_HEAD_PREFIXES = ("conv2ds.", "cv_learner.")
 
 
-def build_training_backbone(*, depth: int, reduction_dim: int, key_momentum: float,
+#: ``model.arch`` of train_backbone.py: CVNet-Global's ResNet, or ``timm:<model name>`` (:class:`TimmGlobal`).
+RESNET_ARCH = "resnet"
+TIMM_ARCH_PREFIX = "timm:"
+#: The ``format`` of a trained TimmGlobal's weights file (the official CVNet key layout only fits the ResNet).
+TIMM_CHECKPOINT_FORMAT = "timm-global-v1"
+
+
+def timm_model_name(arch: str) -> str | None:
+    """The timm model name of a ``model.arch`` value (``"timm:resnet50"`` -> ``"resnet50"``), None for
+    ``"resnet"``; a ConfigError for anything else."""
+    if arch == RESNET_ARCH:
+        return None
+    if arch.startswith(TIMM_ARCH_PREFIX) and len(arch) > len(TIMM_ARCH_PREFIX):
+        return arch[len(TIMM_ARCH_PREFIX):]
+    raise ConfigError(f"model.arch must be {RESNET_ARCH!r} or 'timm:<timm model name>', got {arch!r}")
+
+
+def global_dim(model: nn.Module) -> int:
+    """The descriptor dimension D of a global model (CVNetGlobal's fc, a FeatureMapGlobal's output)."""
+    if isinstance(model, FeatureMapGlobal):
+        return int(model.dim)
+    return int(model.head.fc.out_features)
+
+
+def build_training_backbone(*, depth: int, reduction_dim: int | None, key_momentum: float,
                             imagenet_weights: bool | str = "auto", init_checkpoint: str | os.PathLike | None = None,
-                            zero_init_residual: bool = False) -> CVNetGlobal:
-    """CVNet-Global to train (train mode, on the CPU), initialised from the first that applies:
+                            zero_init_residual: bool = False, arch: str = RESNET_ARCH, pooling: str = "gem",
+                            pretrained_file: str | os.PathLike | None = None) -> nn.Module:
+    """The global model to train (train mode, on the CPU): ``arch="resnet"`` is CVNet-Global (its own momentum
+    key encoder inside), ``arch="timm:<name>"`` a :class:`TimmGlobal` (see :func:`build_training_timm`).
+
+    CVNet-Global is initialised from the first that applies:
 
     - ``init_checkpoint``: an official-layout checkpoint (its own input convention);
     - ``imagenet_weights`` true, or ``"auto"`` when torchvision's ImageNet weights are in the torch hub cache:
@@ -210,6 +240,14 @@ def build_training_backbone(*, depth: int, reduction_dim: int, key_momentum: flo
     choice = str(imagenet_weights).lower()
     if choice not in ("auto", "true", "false"):
         raise ValueError(f"model.imagenet_weights must be true, false or auto, got {imagenet_weights!r}")
+    name = timm_model_name(arch)
+    if name is not None:
+        return build_training_timm(name, pooling=pooling, dim=reduction_dim, imagenet_weights=choice,
+                                   pretrained_file=pretrained_file, init_checkpoint=init_checkpoint)
+    if pooling != "gem" or pretrained_file is not None or reduction_dim is None:
+        raise ConfigError("model.arch=resnet is CVNet-Global (GeM, fc to model.reduction_dim, ImageNet weights "
+                          "through model.imagenet_weights): model.pooling=gem, model.pretrained_file=null and a "
+                          "model.reduction_dim are required; the other values are for model.arch=timm:<name>")
     options = {"reduction_dim": int(reduction_dim), "momentum": float(key_momentum)}
     build = dict(depth=int(depth), seed=None, warn_random=False, eval_mode=False)
     if init_checkpoint:
@@ -234,6 +272,67 @@ def build_training_backbone(*, depth: int, reduction_dim: int, key_momentum: flo
     return model
 
 
+def build_training_timm(name: str, *, pooling: str = "gem", dim: int | None = None, imagenet_weights: str = "auto",
+                        pretrained_file: str | os.PathLike | None = None,
+                        init_checkpoint: str | os.PathLike | None = None) -> TimmGlobal:
+    """A :class:`TimmGlobal` to train (train mode, CPU; ``dim``: its projection, None for none), from the first
+    that applies: ``init_checkpoint`` (a :func:`timm_global_checkpoint` file of the same model), the local
+    ``pretrained_file``, timm's own download when ``imagenet_weights`` is ``"true"``, else random weights from
+    the global RNG (``"auto"`` never downloads). The input convention is timm's for the model (RGB)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"model.arch=timm:{name}: timm {timm.__version__} has no model {name!r} "
+                          f"(python -c \"import timm; print(timm.list_models('*{name.split('_')[0]}*'))\" lists "
+                          "the names)")
+    if init_checkpoint:
+        model = load_timm_global(init_checkpoint)
+        held = (model.model_name, model.pooling, None if model.projection is None else model.dim)
+        if held != (name, pooling, dim):
+            raise ConfigError(f"model.init_checkpoint {init_checkpoint} holds timm:{held[0]} (pooling {held[1]}, "
+                              f"dim {held[2]}), not the configured timm:{name} (pooling {pooling}, dim {dim})")
+        log.info("initialised from %s", init_checkpoint)
+        return model.train()
+    pretrained = imagenet_weights == "true" or pretrained_file is not None
+    model = TimmGlobal(name, pretrained=pretrained, pooling=pooling, dim=dim, pretrained_file=pretrained_file)
+    log.info("timm:%s, %s: %s (input convention RGB, mean %s)", name, pooling,
+             f"pretrained weights from {pretrained_file or 'timm'}" if pretrained else "random initialisation",
+             model.input_convention.mean)
+    return model.train()
+
+
+def timm_global_checkpoint(model: TimmGlobal, **extra: Any) -> dict[str, Any]:
+    """A trained TimmGlobal's weights file as a dict (tensors and builtins only: weights_only loads it):
+    ``format`` (:data:`TIMM_CHECKPOINT_FORMAT`), ``arch`` (``"timm:<name>"``), ``model_name``, ``pooling``,
+    ``dim`` (the projection's, None without one), ``reduction_dim`` (the descriptor's D), ``model_state``
+    (``model.state_dict()``), ``input_convention``, then ``extra``."""
+    return {"format": TIMM_CHECKPOINT_FORMAT, "arch": TIMM_ARCH_PREFIX + model.model_name,
+            "model_name": model.model_name, "pooling": model.pooling,
+            "dim": None if model.projection is None else int(model.dim), "reduction_dim": int(model.dim),
+            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "input_convention": model.input_convention.to_dict(), **extra}
+
+
+def is_timm_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether a loaded weights file is a :func:`timm_global_checkpoint`."""
+    return isinstance(checkpoint, Mapping) and checkpoint.get("format") == TIMM_CHECKPOINT_FORMAT
+
+
+def load_timm_global(checkpoint: str | os.PathLike | Mapping[str, Any]) -> TimmGlobal:
+    """The TimmGlobal of a :func:`timm_global_checkpoint` (path or dict), loaded strictly, in eval mode (the
+    architecture's random initialisation is drawn on a forked RNG: the global one is left untouched)."""
+    source = "checkpoint" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not is_timm_checkpoint(checkpoint):
+        raise CheckpointError(f"{source} is not a trained timm global model (format {TIMM_CHECKPOINT_FORMAT})")
+    with torch.random.fork_rng(devices=[]):
+        model = TimmGlobal(checkpoint["model_name"], pooling=checkpoint["pooling"], dim=checkpoint["dim"])
+    model.load_state_dict(checkpoint["model_state"], strict=True)
+    model.input_convention = InputConvention.from_dict(checkpoint["input_convention"])
+    return model.eval()
+
+
 @torch.no_grad()
 def zero_init_residual_(model: CVNetGlobal) -> None:
     """Zero the last BN scale of every bottleneck (Goyal et al. 2017): each block starts as the identity, which
@@ -256,6 +355,9 @@ def read_backbone_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint")
+    if is_timm_checkpoint(ckpt):
+        raise CheckpointError(f"{path} holds a {ckpt.get('arch')} backbone: CVNet-Rerank needs CVNet-Global's "
+                              "ResNet (its stage-3 maps); train one with train_backbone.py model.arch=resnet")
     if "model_state" not in ckpt:
         ckpt = {"model_state": ckpt}
     return ckpt

@@ -147,8 +147,10 @@ TRAIN_BACKBONE = Schema(
     name="train_backbone.py",
     defaults={
         "run": {"out_dir": "runs/builtin/backbone", "seed": 0},
-        "model": {"depth": 50, "reduction_dim": 2048, "imagenet_weights": "auto", "init_checkpoint": None,
-                  "zero_init_residual": False},
+        # arch: "resnet" = CVNet-Global (depth, GeM, fc to reduction_dim); "timm:<name>" = models.TimmGlobal
+        # (pooling, reduction_dim = its projection or null for none, pretrained_file = local timm weights)
+        "model": {"arch": "resnet", "depth": 50, "reduction_dim": 2048, "pooling": "gem", "imagenet_weights": "auto",
+                  "pretrained_file": None, "init_checkpoint": None, "zero_init_residual": False},
         "data": {**_train_data(1, {"scale": [0.35, 1.0], "ratio": [0.75, 1.3333], "flip": 0.5, "brightness": 0.2,
                                    "contrast": 0.2, "saturation": 0.2}),
                  "label_cache": None},
@@ -159,8 +161,12 @@ TRAIN_BACKBONE = Schema(
     },
     rules={
         **_TRAIN_COMMON_RULES,
+        "model.arch": Rule(types=(str,), pattern=r"resnet|timm:[A-Za-z0-9_.\-]+",
+                           pattern_text="resnet, or timm:<timm model name> such as timm:vit_small_patch16_224"),
         "model.depth": DEPTH,
-        "model.reduction_dim": POSITIVE_INT,
+        "model.reduction_dim": OPTIONAL_POSITIVE_INT,
+        "model.pooling": Rule(choices=("gem", "gem+", "rgem")),
+        "model.pretrained_file": Rule(types=(str,), nullable=True),
         "model.imagenet_weights": Rule(choices=("auto", True, False)),
         "model.init_checkpoint": Rule(types=(str,), nullable=True),
         "data.label_cache": Rule(types=(str,), nullable=True),

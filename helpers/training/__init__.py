@@ -1,12 +1,14 @@
 """The training library both training scripts share, one module per concern:
 
 - :mod:`~helpers.training.loop`: the step loop (resumable data order, corrupt items, progress, JSONL metrics,
-  checkpoints), the run's start and summary;
+  checkpoints), the run's start (an existing run only with --resume / --overwrite; orphaned temporaries of killed
+  writes removed) and summary;
 - :mod:`~helpers.training.optim`: learning-rate schedule, optimizer, and the AMP + clipping optimizer step;
 - :mod:`~helpers.training.state`: seeds, runtime determinism, RNG capture / restore, training checkpoint files;
 - :mod:`~helpers.training.data`: resumable distributed sampler, corrupt-image accounting, labelled training sets;
 - :mod:`~helpers.training.mining`: CVNet-Rerank's positive / hard-negative mining, its cache and curriculum;
-- :mod:`~helpers.training.objectives`: the thin modules DistributedDataParallel wraps.
+- :mod:`~helpers.training.objectives`: the thin modules DistributedDataParallel wraps, and the EMA key encoder
+  of any global model.
 
 Distributed pieces (DistEnv, collectives) live in :mod:`helpers.distributed`; models and weights come from
 :mod:`helpers.builders`. Import from the submodules: this package imports nothing, so it loads without torch.

@@ -9,8 +9,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,14 @@ log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
 WEIGHTS_NAME = "last.pyth"
+SUMMARY_NAME = "summary.json"
+CONFIG_NAME = "config.yaml"
+#: What every run writes into run.out_dir: ``--overwrite`` deletes these (and a script's own, e.g. mining.pt).
+RUN_FILES = (TRAIN_STATE_NAME, WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME, CONFIG_NAME)
+#: Any of these in run.out_dir means a run is there: starting another needs --resume or --overwrite.
+RUN_MARKERS = (TRAIN_STATE_NAME, WEIGHTS_NAME, METRICS_NAME)
+#: common.io.atomic_write's temporary files: ".<target name>.<mkstemp's 8 random characters>.tmp"
+_ORPHAN_TMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -72,15 +81,82 @@ def training_session(train_cfg: Mapping[str, Any]) -> Iterator[DistEnv]:
         cleanup_distributed(env)
 
 
-def start_run(cfg: Mapping[str, Any], env: DistEnv) -> Path:
-    """``run.out_dir``, created with the resolved ``config.yaml`` on the main rank; the other ranks log
-    warnings only."""
+class RunConflict(RuntimeError):
+    """A run cannot start as asked: ``run.out_dir`` holds another run (``--resume`` or ``--overwrite`` needed),
+    there is nothing to resume, or the run to resume was made from other inputs."""
+
+
+def find_orphan_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """The temporary files of killed atomic writes in ``out_dir`` (:func:`common.io.atomic_write` names them
+    ``.<target name>.<8 random characters>.tmp`` beside the target), sorted."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if _ORPHAN_TMP.fullmatch(p.name) and p.is_file())
+
+
+def remove_orphan_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete :func:`find_orphan_temporaries` (a checkpoint's can be hundreds of MB), each one logged."""
+    removed = []
+    for path in find_orphan_temporaries(out_dir):
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        removed.append(path)
+        log.warning("removed %s (%.1f MB), the temporary file of a write that was killed", path, size / 2**20)
+    return removed
+
+
+def prepare_run_dir(out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+                    extra_files: Sequence[str] = ()) -> Path:
+    """Make ``out_dir`` ready for a run, or raise :class:`RunConflict` having touched nothing.
+
+    A directory that holds a run (any of :data:`RUN_MARKERS`) is continued only with ``resume`` and replaced only
+    with ``overwrite``, which first deletes that run's own files (:data:`RUN_FILES` and ``extra_files``, nothing
+    else). Either way the temporaries of killed writes are removed. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise RunConflict("--resume continues a run and --overwrite deletes it: give one of them")
+    existing = [name for name in RUN_MARKERS if (out_dir / name).exists()]
+    if resume and not (out_dir / TRAIN_STATE_NAME).is_file():
+        hint = ("start over with --overwrite" if existing else "start without --resume")
+        raise RunConflict(f"no training checkpoint to resume from at {out_dir / TRAIN_STATE_NAME}: {hint}")
+    if existing and not (resume or overwrite):
+        raise RunConflict(f"run.out_dir {out_dir} already holds a training run ({', '.join(existing)}): add "
+                          "--resume to continue it, or --overwrite to delete it and start over")
+    remove_orphan_temporaries(out_dir)
+    if overwrite:
+        removed = []
+        for name in (*RUN_FILES, *extra_files):
+            if (out_dir / name).is_file():
+                (out_dir / name).unlink()
+                removed.append(name)
+        if removed:
+            log.info("--overwrite: deleted the previous run's %s from %s", ", ".join(removed), out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def start_run(cfg: Mapping[str, Any], env: DistEnv, *, resume: bool = False, overwrite: bool = False,
+              extra_files: Sequence[str] = ()) -> Path:
+    """``run.out_dir``, made ready by :func:`prepare_run_dir` on the main rank (every rank raises its
+    :class:`RunConflict`), with the resolved ``config.yaml``; the other ranks log warnings only.
+    ``extra_files``: the script's own files in out_dir besides :data:`RUN_FILES` (``--overwrite`` deletes them)."""
     out_dir = Path(cfg["run"]["out_dir"])
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    problem = None
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out_dir)
+        try:
+            prepare_run_dir(out_dir, resume=resume, overwrite=overwrite, extra_files=extra_files)
+        except RunConflict as exc:
+            problem = str(exc)
+    # the main rank decides for all (the others may not see its file system): no rank is left waiting
+    problem = all_gather_objects(problem, env)[0]
+    if problem is not None:
+        raise RunConflict(problem)
+    if env.is_main:
+        save_resolved(cfg, out_dir, CONFIG_NAME)
     return out_dir
 
 
@@ -206,6 +282,7 @@ def run_loop(
     on_checkpoint: Callable[[int], None] | None = None,
     resume: bool = False,
     extra_log: Mapping[str, Any] | None = None,
+    run_info: Mapping[str, Any] | None = None,
 ) -> LoopResult:
     """Drive ``step_fn(batch_data, step) -> metrics`` for ``cfg.total_steps`` optimizer steps.
 
@@ -213,6 +290,7 @@ def run_loop(
     JSONL metrics (main rank), atomic checkpoints every ``cfg.checkpoint_every`` steps and at the end
     (``get_state()`` is the task's state, ``set_state`` restores it on ``resume``), and calls
     ``on_checkpoint(step)`` on the main rank after each checkpoint (e.g. to write official-layout weights).
+    ``run_info``: what the run was made from (builtins), saved in every checkpoint for :func:`read_run_info`.
     """
     if cfg.batch_size % env.world_size:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the number of ranks "
@@ -253,10 +331,12 @@ def run_loop(
         rngs = all_gather_objects(capture_rng_state(), env)
         task = get_state()  # every rank: the task may gather inside
         if env.is_main:
+            info = {"run_info": dict(run_info)} if run_info else {}
             save_train_state(state_path, {"step": at_step, "total_steps": total, "task": task, "rng": rngs,
                                           "corrupt": tally.state_dict(), "world_size": env.world_size,
                                           "data_order": {"seed": cfg.seed, "epoch": at_step // spe,
-                                                         "position": (at_step % spe) * cfg.batch_size}})
+                                                         "position": (at_step % spe) * cfg.batch_size},
+                                          **info})
             if on_checkpoint is not None:
                 on_checkpoint(at_step)
             logger.write({"event": "checkpoint", "step": at_step, "path": str(state_path)})
@@ -336,6 +416,11 @@ def run_loop(
                       last_metrics=last, seconds=seconds)
 
 
+def read_run_info(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``run_info`` that :func:`run_loop` saved with the run's last checkpoint ({} when it saved none)."""
+    return dict(load_train_state(Path(out_dir) / TRAIN_STATE_NAME).get("run_info") or {})
+
+
 def dump_summary(path: str | os.PathLike, summary: Mapping[str, Any]) -> None:
     """A small JSON summary next to the run's outputs (written atomically)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dict(summary), indent=2) + "\n"))
@@ -354,7 +439,7 @@ def finish_run(
                "ranks_in_sync": len(set(checksums)) == 1, **(extra or {}),
                "checkpoint": str(out_dir / WEIGHTS_NAME)}
     if env.is_main:
-        dump_summary(out_dir / "summary.json", summary)
+        dump_summary(out_dir / SUMMARY_NAME, summary)
         log.info("done: %d steps in %.0f s, final loss %.4f; %d corrupt images skipped; weights %s",
                  result.steps, result.seconds, result.last_metrics.get("loss", float("nan")),
                  result.corrupt_images, out_dir / WEIGHTS_NAME)

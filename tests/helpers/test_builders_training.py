@@ -1,5 +1,5 @@
-"""The training section of helpers.builders: the model to train from random / ImageNet / checkpoint weights,
-the re-ranker on a frozen backbone, and the complete checkpoint it writes (all through build_model)."""
+"""The training section of helpers.builders: the model to train from random / ImageNet / checkpoint weights (CVNet's
+ResNet or any timm model), the re-ranker on a frozen backbone, and the checkpoints they write."""
 import logging
 
 import pytest
@@ -8,16 +8,23 @@ from torch import nn
 
 import models.backbone
 from common.convention import OFFICIAL_CONVENTION, TORCHVISION_CONVENTION
+from common.io import atomic_torch_save
 from helpers.builders import (
     RERANK_HEAD_PREFIXES,
+    TIMM_CHECKPOINT_FORMAT,
     build_training_backbone,
     build_training_rerank,
     checkpoint_geometry,
     complete_rerank_checkpoint,
+    global_dim,
+    load_timm_global,
     read_backbone_checkpoint,
+    timm_global_checkpoint,
 )
-from models.checkpoint import official_state_dict, save_official_checkpoint
+from helpers.config import ConfigError
+from models.checkpoint import CheckpointError, official_state_dict, save_official_checkpoint
 from models.cvnet import CVNetGlobal, CVNetRerank
+from models.timm_global import TimmGlobal
 
 DIM = 16
 
@@ -119,3 +126,63 @@ def test_rerank_on_a_frozen_backbone_and_its_complete_checkpoint(backbone_file):
         build_training_rerank(ckpt, depth=50, head_init="checkpoint")
     with pytest.raises(ValueError, match="head_init"):
         build_training_rerank(ckpt, depth=50, head_init="pretrained")
+
+
+# ------------------------------------------------------------------------------------------------ timm backbones
+
+
+def _timm(**kw):
+    return build_training_backbone(depth=50, key_momentum=0.9, imagenet_weights="auto",
+                                   **{"arch": "timm:resnet18", "reduction_dim": DIM, **kw})
+
+
+def test_a_timm_arch_builds_a_random_timm_global_from_the_global_rng():
+    torch.manual_seed(5)
+    model = _timm()
+    torch.manual_seed(5)
+    again = _timm()
+    assert isinstance(model, TimmGlobal) and model.model_name == "resnet18" and model.training
+    assert _same_weights(model, again)  # "auto" without a pretrained_file: random, never a download
+    assert global_dim(model) == DIM and model(torch.randn(2, 3, 32, 32)).shape == (2, DIM)
+    assert model.input_convention.channel_order == "RGB"
+    unprojected = _timm(reduction_dim=None, pooling="gem+")
+    assert global_dim(unprojected) == 512 and unprojected.projection is None
+    assert global_dim(CVNetGlobal(50, DIM)) == DIM
+
+
+def test_a_timm_run_writes_its_own_format_that_loads_back_exactly(tmp_path):
+    torch.manual_seed(6)
+    model = _timm(pooling="gem")
+    with torch.no_grad():
+        model.pool.p.fill_(2.5)  # a trained-looking value, not the initial one
+    path = tmp_path / "last.pyth"
+    atomic_torch_save(timm_global_checkpoint(model, step=3), path)
+    saved = torch.load(path, weights_only=True)
+    assert saved["format"] == TIMM_CHECKPOINT_FORMAT and saved["arch"] == "timm:resnet18" and saved["step"] == 3
+    assert saved["dim"] == saved["reduction_dim"] == DIM and saved["pooling"] == "gem"
+    assert saved["input_convention"] == model.input_convention.to_dict()
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    loaded = load_timm_global(path)
+    assert torch.equal(torch.rand(1), before)  # the global RNG is left as it was
+    assert _same_weights(loaded, model) and not loaded.training
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(images), model(images))
+    resumed = _timm(pooling="gem", init_checkpoint=str(path))
+    assert _same_weights(resumed, model) and resumed.training
+    with pytest.raises(ConfigError, match="pooling gem"):
+        _timm(pooling="gem+", init_checkpoint=str(path))
+    with pytest.raises(CheckpointError, match="CVNet-Rerank needs CVNet-Global's ResNet"):
+        read_backbone_checkpoint(path)  # train_rerank.py cannot use it
+
+
+def test_arch_values_that_do_not_fit_are_named():
+    with pytest.raises(ConfigError, match="has no model 'no_such_net'"):
+        _timm(arch="timm:no_such_net")
+    with pytest.raises(ConfigError, match="model.pooling=gem"):
+        build_training_backbone(depth=50, reduction_dim=DIM, key_momentum=0.9, imagenet_weights=False,
+                                pooling="gem+")
+    with pytest.raises(ConfigError, match="model.arch must be"):
+        _timm(arch="vit")

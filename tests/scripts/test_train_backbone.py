@@ -1,5 +1,6 @@
 """train_backbone.py on a tiny synthetic split: a 5-step run, SIGKILL + --resume == uninterrupted, two CPU ranks
-(gloo), corrupt images skipped, counted and capped, and config errors answered before torch is imported."""
+(gloo), corrupt images skipped, counted and capped, a second run in the same directory only with --resume or
+--overwrite, a timm backbone (model.arch=timm:...), and config errors answered before torch is imported."""
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import yaml
 
 import train_backbone
 from datasets.synthetic import SyntheticConfig, build_synthetic, load_train_split
+from helpers.builders import TIMM_CHECKPOINT_FORMAT, load_timm_global
 from helpers.training.data import ResumableDistributedSampler
 from helpers.training.loop import METRICS_NAME, read_jsonl
 from helpers.training.state import TRAIN_STATE_NAME
@@ -165,10 +167,71 @@ def test_config_errors_answer_at_once_without_importing_torch():
         assert run.returncode == 2 and run.seconds < 5, (args, run.stderr)
         assert all(word in run.stderr for word in named) and "Traceback" not in run.stderr, run.stderr
         assert "torch" not in run.modules
+    both = run_recording_imports(SCRIPT, "--resume", "--overwrite")
+    assert both.returncode == 2 and "not allowed with" in both.stderr and "torch" not in both.modules
     helped = run_recording_imports(SCRIPT, "--help")
     assert helped.returncode == 0 and helped.seconds < 2 and "torch" not in helped.modules
-    assert "--resume" in helped.stdout and "--print-config" in helped.stdout and "helpers/schemas.py" in helped.stdout
+    assert all(word in helped.stdout for word in ("--resume", "--overwrite", "--print-config", "helpers/schemas.py"))
     printed = run_recording_imports(SCRIPT, "--print-config", "train.steps=7")
     assert printed.returncode == 0 and "torch" not in printed.modules
     cfg = yaml.safe_load(printed.stdout)
     assert cfg["train"]["steps"] == 7 and cfg["model"]["zero_init_residual"] is True  # defaults <- built-in YAML
+
+
+def _error_line(err):
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_second_run_in_the_same_directory_needs_resume_or_overwrite(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--no-progress", *_overrides(data_root, out, "train.steps=1", "train.checkpoint_every=100")]
+    assert train_backbone.main(args) == 0
+    first = {name: (out / name).read_bytes() for name in (METRICS_NAME, TRAIN_STATE_NAME, "last.pyth")}
+    capsys.readouterr()
+    assert train_backbone.main(args) == 2  # refused: the first run's files are untouched
+    line = _error_line(capsys.readouterr().err)
+    assert str(out) in line and "--resume" in line and "--overwrite" in line and METRICS_NAME in line
+    assert all((out / name).read_bytes() == data for name, data in first.items())
+
+    (out / "notes.txt").write_text("mine")
+    orphan = out / ".last.pyth.k1ll3d_0.tmp"  # what a write killed mid-way leaves
+    orphan.write_bytes(bytes(1000))
+    assert train_backbone.main(["--overwrite", *args]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and not orphan.exists()
+    events = [r.get("event") for r in read_jsonl(out / METRICS_NAME)]
+    assert events.count("start") == 1 and events[0] == "start"  # one run in the log: the new one
+
+
+def test_a_timm_backbone_trains_with_the_same_losses_and_resumes(data_root, tmp_path):
+    timm = ("model.arch=timm:resnet18", "train.threads=1", "train.deterministic=true", "schedule.name=constant")
+    out = tmp_path / "timm"
+    rc = train_backbone.main(["--no-progress", *_overrides(data_root, out, *timm, "train.steps=5",
+                                                            "train.fixed_batch=true", "train.checkpoint_every=100")])
+    assert rc == 0
+    records = [r for r in read_jsonl(out / METRICS_NAME) if "loss" in r]
+    assert len(records) == 5 and all(np.isfinite([r["loss_cls"] + r["loss_con"] for r in records]))
+    assert records[-1]["loss"] < records[0]["loss"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arch"] == "timm:resnet18" and summary["queue_filled"] == 5 * 4
+    # the final weights: the timm format (the official layout only fits CVNet's ResNet), loadable as they were
+    saved = torch.load(out / "last.pyth", weights_only=True)
+    assert saved["format"] == TIMM_CHECKPOINT_FORMAT and saved["arch"] == "timm:resnet18" and saved["step"] == 5
+    assert saved["reduction_dim"] == DIM and saved["input_convention"]["channel_order"] == "RGB"
+    state = torch.load(out / TRAIN_STATE_NAME, weights_only=True)["task"]
+    model = load_timm_global(out / "last.pyth")
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+    ema = state["key_encoder"]  # the EMA key encoder moved, and is not the model
+    assert not all(torch.equal(v, ema["encoder." + k]) for k, v in state["model"].items())
+
+    # resumed from step 2 (its key encoder included), a run ends where the uninterrupted one does
+    ref, part = tmp_path / "ref", tmp_path / "part"
+    assert train_backbone.main(["--no-progress", *_overrides(data_root, ref, *timm, "train.steps=4")]) == 0
+    assert train_backbone.main(["--no-progress", *_overrides(data_root, part, *timm, "train.steps=2")]) == 0
+    assert train_backbone.main(["--no-progress", "--resume", *_overrides(data_root, part, *timm, "train.steps=4")]) == 0
+    a = torch.load(ref / TRAIN_STATE_NAME, weights_only=True)["task"]
+    b = torch.load(part / TRAIN_STATE_NAME, weights_only=True)["task"]
+    for section in ("model", "key_encoder", "classifier", "queue"):
+        assert all(torch.equal(v, b[section][k]) for k, v in a[section].items()), section
+    assert _losses(ref) == _losses(part)

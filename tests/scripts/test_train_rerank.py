@@ -1,6 +1,7 @@
 """train_rerank.py on a tiny synthetic split and a random backbone checkpoint: a 5-step run, the complete
-official-layout output, SIGKILL + --resume == uninterrupted, two CPU ranks (gloo), corrupt images, and config
-errors answered before torch is imported."""
+official-layout output, SIGKILL + --resume == uninterrupted, two CPU ranks (gloo), corrupt images, a resume refused
+once the backbone file changed, and config errors answered before torch is imported."""
+import hashlib
 import json
 import logging
 import os
@@ -173,3 +174,30 @@ def test_config_errors_answer_at_once_without_importing_torch():
     assert printed.returncode == 0 and "torch" not in printed.modules
     cfg = yaml.safe_load(printed.stdout)
     assert cfg["train"]["steps"] == 7 and cfg["optim"]["name"] == "adam"  # defaults <- built-in YAML
+
+
+def test_resume_on_a_changed_backbone_file_is_refused_and_overwrite_starts_over(setup, tmp_path, capsys):
+    backbone = tmp_path / "backbone.pyth"
+    shutil.copyfile(setup[1], backbone)
+    old_sha = hashlib.sha256(backbone.read_bytes()).hexdigest()
+    out = tmp_path / "run"
+    args = ["--no-progress", *_overrides((setup[0], backbone), out, "train.steps=2", "train.checkpoint_every=1")]
+    assert train_rerank.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backbone_sha256"] == old_sha and summary["backbone_checkpoint"] == str(backbone)
+    assert torch.load(out / "last.pyth", weights_only=True)["backbone_sha256"] == old_sha
+
+    torch.manual_seed(1)  # the backbone is retrained: same path, other weights
+    save_official_checkpoint(CVNetGlobal(50, DIM), backbone, extra={"stage": "cvnet_global", "reduction_dim": DIM})
+    mined, state = (out / "mining.pt").read_bytes(), (out / TRAIN_STATE_NAME).read_bytes()
+    capsys.readouterr()
+    assert train_rerank.main(["--resume", *args]) == 2
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if "error:" in x]
+    assert len(line) == 1 and "changed" in line[0] and "--overwrite" in line[0] and "Traceback" not in err
+    assert (out / "mining.pt").read_bytes() == mined and (out / TRAIN_STATE_NAME).read_bytes() == state
+
+    assert train_rerank.main(["--overwrite", *args]) == 0  # start over on the new backbone
+    new_sha = hashlib.sha256(backbone.read_bytes()).hexdigest()
+    assert json.loads((out / "summary.json").read_text())["backbone_sha256"] == new_sha != old_sha
+    assert (out / "mining.pt").read_bytes() != mined  # mined again, with the new backbone

@@ -1,5 +1,12 @@
-"""The step loop (crash + resume == uninterrupted, on a toy model), its metrics file and its config."""
+"""The step loop (crash + resume == uninterrupted, on a toy model), its metrics file and its config, and the run
+directory (an existing run needs --resume or --overwrite; orphans of killed writes are removed)."""
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +16,17 @@ from torch.utils.data import Dataset
 
 from helpers.distributed import DistEnv
 from helpers.schemas import TRAIN_BACKBONE
-from helpers.training.loop import METRICS_NAME, JsonlLog, LoopConfig, read_jsonl, run_loop
+from helpers.training.loop import (
+    METRICS_NAME,
+    WEIGHTS_NAME,
+    JsonlLog,
+    LoopConfig,
+    RunConflict,
+    read_jsonl,
+    read_run_info,
+    run_loop,
+    start_run,
+)
 from helpers.training.state import TRAIN_STATE_NAME, load_train_state
 
 
@@ -100,3 +117,86 @@ def test_loop_config_from_a_training_config():
     assert loop == LoopConfig(out_dir=Path("runs/x"), batch_size=8, total_steps=12, epochs=25, checkpoint_every=1000,
                               log_every=20, num_workers=8, seed=7, max_corrupt=100, fixed_batch=True,
                               progress=False, desc="backbone")
+
+
+# ------------------------------------------------------------------------------------------------ the run directory
+
+
+def _cfg(out_dir):
+    return {**TRAIN_BACKBONE.defaults, "run": {"out_dir": str(out_dir), "seed": 0}}
+
+
+def _killed_atomic_write(target: Path) -> Path:
+    """Start an atomic write of ``target`` in another process, SIGKILL it mid-write, return its orphan."""
+    code = ("import sys, time\nfrom common.io import atomic_write\n"
+            "def write(tmp):\n    open(tmp, 'wb').write(b'x' * 4096)\n    time.sleep(120)\n"
+            "atomic_write(sys.argv[1], write)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=Path(__file__).resolve().parents[3])
+    deadline = time.time() + 60
+    while time.time() < deadline and not [p for p in target.parent.glob(".*.tmp") if p.stat().st_size == 4096]:
+        assert proc.poll() is None, "the writer ended before it was killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (orphan,) = target.parent.glob(".*.tmp")
+    return orphan
+
+
+def test_the_next_start_removes_the_orphan_of_a_killed_checkpoint_write(tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    orphan = _killed_atomic_write(out / TRAIN_STATE_NAME)
+    assert orphan.name.startswith(f".{TRAIN_STATE_NAME}.") and not (out / TRAIN_STATE_NAME).exists()
+    keep = [out / "notes.tmp", out / ".notes.tmp", out / ".x.toolong123.tmp", out / "x.abcd1234.tmp"]
+    for path in keep:  # not atomic_write's pattern: left alone
+        path.write_text("mine")
+    with caplog.at_level(logging.WARNING):
+        start_run(_cfg(out), DistEnv())
+    assert not orphan.exists() and all(p.is_file() for p in keep)
+    assert any(str(orphan) in r.getMessage() and "killed" in r.getMessage() for r in caplog.records)
+
+
+def test_starting_over_a_run_needs_resume_or_overwrite_and_overwrite_deletes_only_its_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    run_files = {name: f"old {name}" for name in (TRAIN_STATE_NAME, WEIGHTS_NAME, METRICS_NAME, "summary.json",
+                                                  "config.yaml", "mining.pt")}
+    for name, text in run_files.items():
+        (out / name).write_text(text)
+    (out / "notes.txt").write_text("mine")
+    (out / "eval").mkdir()
+
+    with pytest.raises(RunConflict, match="--resume.*--overwrite") as err:
+        start_run(_cfg(out), DistEnv())
+    assert "\n" not in str(err.value) and METRICS_NAME in str(err.value)
+    assert all((out / name).read_text() == text for name, text in run_files.items())  # refused: nothing touched
+
+    start_run(_cfg(out), DistEnv(), resume=True)  # continues: the run's files stay
+    assert (out / METRICS_NAME).read_text() == run_files[METRICS_NAME]
+
+    start_run(_cfg(out), DistEnv(), overwrite=True, extra_files=("mining.pt",))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "eval", "notes.txt"]  # config: the new run's
+    assert (out / "config.yaml").read_text() != run_files["config.yaml"]
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(RunConflict, match="start without --resume"):
+        start_run(_cfg(tmp_path / "empty"), DistEnv(), resume=True)
+    (tmp_path / "killed_early").mkdir()
+    (tmp_path / "killed_early" / METRICS_NAME).write_text("")  # killed before its first checkpoint
+    with pytest.raises(RunConflict, match="start over with --overwrite"):
+        start_run(_cfg(tmp_path / "killed_early"), DistEnv(), resume=True)
+    with pytest.raises(RunConflict, match="one of them"):
+        start_run(_cfg(tmp_path / "x"), DistEnv(), resume=True, overwrite=True)
+    start_run(_cfg(tmp_path / "fresh"), DistEnv())  # an empty or absent out_dir needs neither
+    assert (tmp_path / "fresh" / "config.yaml").is_file()
+
+
+def test_run_info_is_saved_with_every_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    cfg = LoopConfig(out_dir=tmp_path, batch_size=6, total_steps=2, checkpoint_every=1, log_every=1,
+                     num_workers=0, seed=0, progress=False)
+    run_loop(dataset=_Toy(), env=DistEnv(), cfg=cfg, step_fn=lambda batch, step: {},
+             get_state=model.state_dict, set_state=model.load_state_dict, run_info={"backbone_sha256": "ab12"})
+    assert read_run_info(tmp_path) == {"backbone_sha256": "ab12"}
