@@ -44,7 +44,7 @@ def train_rerank(*, cfg: dict[str, Any], resume: bool = False, overwrite: bool =
     from torch import nn
 
     from common.convention import OFFICIAL_CONVENTION, InputConvention
-    from common.io import atomic_torch_save
+    from common.io import atomic_torch_save, file_sha256
     from datasets.augment import TrainAugment
     from helpers.builders import (
         RERANK_HEAD_PREFIXES,
@@ -69,7 +69,7 @@ def train_rerank(*, cfg: dict[str, Any], resume: bool = False, overwrite: bool =
     from helpers.training.mining import MINING_NAME, MinedTriplets, mine_pairs
     from helpers.training.objectives import RerankHead
     from helpers.training.optim import Optimization, amp_enabled
-    from helpers.training.state import file_sha256, seed_everything
+    from helpers.training.state import seed_everything
     from models.losses import balanced_cross_entropy, training_pairs
 
     tcfg, dcfg, ccfg = cfg["train"], cfg["data"], cfg["curriculum"]

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.io import file_sha256  # noqa: F401  (re-exported: the downloader verifies with it)
+
 logger = logging.getLogger(__name__)
 
 
@@ -532,12 +534,6 @@ def weights_url(entry: OfficialWeights, url: str | None, *, root: str | os.PathL
                        + manual_weights_steps(entry, root))
 
 
-def file_sha256(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_sha256sums(path: str | os.PathLike) -> dict[str, str]:

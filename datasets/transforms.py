@@ -208,23 +208,46 @@ def downscale_to_max_side(img: np.ndarray, max_side: int | None) -> tuple[np.nda
     return cv2.resize(img, dsize=size, interpolation=cv2.INTER_AREA), factor
 
 
-def fit_sides(img: np.ndarray, *, min_side: int | None, max_side: int | None) -> np.ndarray:
-    """Bring an image within the size limits of the retrieval pipeline, longest side first.
+def enlarge_within(img: np.ndarray, *, min_side: int | None, max_side: int | None) -> np.ndarray:
+    """Enlarge an image whose short side is below ``min_side``, never taking its long side past ``max_side``.
 
-    1. :func:`downscale_to_max_side`: a long side above ``max_side`` is shrunk to it (INTER_AREA).
-    2. :func:`min_size_guard` with the cap: a short side below ``min_side`` is enlarged towards it
-       (INTER_LINEAR), but never so far that the long side exceeds ``max_side``.
-
-    So the result always has ``max(H, W) <= max_side``; an extreme aspect ratio keeps a short side below
-    ``min_side`` (10 x 4000 with 96 / 1024 gives 3 x 1024, not 96 x 32768), and an image whose short side then
-    stays below :data:`SMALLEST_SIDE` cannot go through SuperGlobal. Either limit may be None (no limit).
-    A query box must be cropped between the two steps (in the downscaled image's pixels); call the two
-    functions directly then, as :func:`fit_sides` is for whole images.
+    - short side >= ``min_side`` (or ``min_side`` None): unchanged.
+    - enlarging the short side to ``min_side`` keeps the long side <= ``max_side`` (or ``max_side`` None):
+      :func:`min_size_guard` (INTER_LINEAR, aspect kept).
+    - otherwise the aspect ratio exceeds ``max_side / min_side`` (a 10 x 4000 strip would become 96 x 32768, 104 s
+      and 3 GB): enlarged until the long side is ``max_side`` (INTER_LINEAR, aspect kept), then the short side is
+      padded to ``min_side`` by repeating its edge pixels (``cv2.BORDER_REPLICATE``), centred. Both limits hold,
+      so the image can go through SuperGlobal (:data:`SMALLEST_SIDE`), the picture is not distorted and the
+      padding adds no new structure.
     """
-    if max_side is not None and min_side is not None and max_side < min_side:
+    if min_side is None:
+        return img
+    if max_side is not None and max_side < min_side:
         raise ValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
+    h, w = img.shape[:2]
+    short, long = min(h, w), max(h, w)
+    if short >= min_side:
+        return img
+    if max_side is None or short == 0 or max(min_side, round(long * min_side / short)) <= max_side:
+        return min_size_guard(img, min_side)
+    cv2 = _cv2()
+    factor = max_side / long
+    new_h, new_w = (max(1, round(h * factor)), max_side) if h <= w else (max_side, max(1, round(w * factor)))
+    img = cv2.resize(img, dsize=(new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    pad = min_side - min(new_h, new_w)
+    before, after = pad // 2, pad - pad // 2
+    top, bottom, left, right = (before, after, 0, 0) if new_h <= new_w else (0, 0, before, after)
+    return cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_REPLICATE)
+
+
+def fit_sides(img: np.ndarray, *, min_side: int | None, max_side: int | None) -> np.ndarray:
+    """Bring a whole image within the size limits of the retrieval pipeline, longest side first:
+    :func:`downscale_to_max_side`, then :func:`enlarge_within`. The result always has ``max(H, W) <= max_side``
+    and ``min(H, W) >= min_side`` (either limit may be None). A query box must be cropped between the two steps
+    (in the downscaled image's pixels); call the two functions directly then.
+    """
     img, _ = downscale_to_max_side(img, max_side)
-    return min_size_guard(img, min_side, max_side=max_side)
+    return enlarge_within(img, min_side=min_side, max_side=max_side)
 
 
 def to_tensor(img_bgr_uint8: np.ndarray, convention: InputConvention) -> torch.Tensor:

@@ -46,7 +46,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from common.convention import OFFICIAL_CONVENTION, InputConvention
-from common.io import atomic_torch_save, atomic_write
+from common.io import atomic_torch_save, atomic_write, file_sha256
 from datasets.transforms import multiscale_tensors
 from helpers.distributed import barrier
 from models.backbone import ResNetBackbone
@@ -167,14 +167,6 @@ HASH_MEMO_DIR = "content-sha256"
 _HASH_THREADS = 8
 
 
-def _file_sha256(path: str, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ContentHashes:
     """sha256 of files' content, memoised in ``memo_dir`` (one TSV per image set) under
     (path, size, mtime_ns, ctime_ns, inode).
@@ -246,7 +238,7 @@ class ContentHashes:
             return out  # type: ignore[return-value]
         bar = tqdm(total=len(todo), desc=desc, unit="file", leave=False, disable=not progress or len(todo) < 2000)
         with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:  # hashlib releases the GIL while hashing
-            for k, digest in zip(todo, pool.map(lambda j: _file_sha256(paths[j]), todo)):
+            for k, digest in zip(todo, pool.map(lambda j: file_sha256(paths[j]), todo)):
                 out[k] = digest
                 bar.update(1)
         bar.close()

@@ -39,7 +39,6 @@ Re-ranking (optional):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -60,9 +59,9 @@ from tqdm.auto import tqdm
 
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
 from common.convention import InputConvention
-from common.io import atomic_write
+from common.io import atomic_write, file_sha256
 from datasets.folder import IMAGE_EXTENSIONS
-from datasets.transforms import crop_query, min_size_guard, read_image, to_tensor
+from datasets.transforms import crop_query, downscale_to_max_side, enlarge_within, read_image, to_tensor
 from helpers.builders import (
     GLOBAL_KINDS,
     OFFICIAL_WEIGHTS_HINT,
@@ -163,48 +162,6 @@ def load_bgr(image: str | os.PathLike | np.ndarray, *, channel_order: str = "BGR
     return np.ascontiguousarray(image[:, :, ::-1]) if channel_order == "RGB" else image
 
 
-def downscale_to_max_side(img: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
-    """Shrink (INTER_AREA, aspect kept) so that max(H, W) <= ``max_side``; returns (image, factor applied)."""
-    h, w = img.shape[:2]
-    if max_side is None or max(h, w) <= max_side:
-        return img, 1.0
-    import cv2
-
-    factor = max_side / max(h, w)
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    return cv2.resize(img, dsize=size, interpolation=cv2.INTER_AREA), factor
-
-
-def fit_sides(img: np.ndarray, *, min_side: int | None, max_side: int | None) -> np.ndarray:
-    """Enlarge an image whose short side is below ``min_side``, never taking its long side past ``max_side``.
-
-    - short side >= ``min_side`` (or ``min_side`` None): unchanged.
-    - enlarging the short side to ``min_side`` keeps the long side <= ``max_side`` (or ``max_side`` None):
-      :func:`datasets.transforms.min_size_guard` (INTER_LINEAR, aspect kept).
-    - otherwise the aspect ratio exceeds ``max_side / min_side`` (a 10 x 4000 strip became 96 x 32768, 104 s and
-      3 GB): enlarged until the long side is ``max_side`` (INTER_LINEAR, aspect kept), then the short side is
-      padded to ``min_side`` by repeating its edge pixels (``cv2.BORDER_REPLICATE``), centred. Both limits hold,
-      the picture is not distorted and the padding adds no new structure.
-    """
-    if min_side is None:
-        return img
-    h, w = img.shape[:2]
-    short, long = min(h, w), max(h, w)
-    if short >= min_side:
-        return img
-    if max_side is None or short == 0 or max(min_side, round(long * min_side / short)) <= max_side:
-        return min_size_guard(img, min_side)
-    import cv2
-
-    factor = max_side / long
-    new_h, new_w = (max(1, round(h * factor)), max_side) if h <= w else (max_side, max(1, round(w * factor)))
-    img = cv2.resize(img, dsize=(new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    pad = min_side - min(new_h, new_w)
-    before, after = pad // 2, pad - pad // 2
-    top, bottom, left, right = (before, after, 0, 0) if new_h <= new_w else (0, 0, before, after)
-    return cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_REPLICATE)
-
-
 def prepare_image(
     img: np.ndarray,
     *,
@@ -213,15 +170,15 @@ def prepare_image(
     bbox: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Downscale to ``max_side``, crop the query box (given in the original image's pixels), enlarge to
-    ``min_side`` without passing ``max_side`` (:func:`fit_sides`). The crop follows the downscale so that a query
-    is seen at the scale of the database images."""
+    ``min_side`` without passing ``max_side`` (:func:`datasets.transforms.enlarge_within`). The crop follows the
+    downscale so that a query is seen at the scale of the database images."""
     img, factor = downscale_to_max_side(img, max_side)
     if bbox is not None:
         box = np.asarray(bbox, dtype=np.float64).reshape(-1)
         if box.shape != (4,) or not np.isfinite(box).all():
             raise ValueError(f"bbox must be 4 finite numbers (x1, y1, x2, y2), got {bbox!r}")
         img = crop_query(img, box * factor)
-    return fit_sides(img, min_side=min_side, max_side=max_side)
+    return enlarge_within(img, min_side=min_side, max_side=max_side)
 
 
 def list_images(
@@ -708,7 +665,7 @@ class Retriever:
             def write_file(part: str, suffix: str, write: Callable[[Path], None]) -> str:
                 name = f"{part}-{save_id}{suffix}"
                 write(directory / name)
-                files[name] = _sha256_file(directory / name)
+                files[name] = file_sha256(directory / name)
                 return name
 
             if backend in _DATABASE_SUFFIX:
@@ -851,14 +808,6 @@ class Retriever:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def _writer_lock(directory: Path) -> Iterator[None]:
     """Saves to one folder take turns (an exclusive ``flock`` on ``.retriever.lock``; none where there is no
@@ -908,7 +857,7 @@ def _verify_files(directory: Path, files: Mapping[str, str]) -> None:
     for name, digest in files.items():
         path = directory / name
         try:
-            actual = _sha256_file(path)
+            actual = file_sha256(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} is missing: the saved retriever in {directory} is incomplete") from None
         if actual != digest:

@@ -1,7 +1,6 @@
 """Seeds, runtime determinism, RNG capture / restore and the training checkpoint file (what a resume reads)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from collections.abc import Mapping
@@ -83,12 +82,3 @@ def load_train_state(path: str | os.PathLike, map_location: str | torch.device =
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         raise ValueError(f"{path} is not a training checkpoint of this project (format {TRAIN_STATE_FORMAT})")
     return state
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (read in ``block``-byte pieces)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()

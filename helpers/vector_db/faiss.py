@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.io import atomic_write
+from common.io import atomic_write, file_sha256
 from helpers.vector_db.base import (
     AbstractVectorDB,
     ArrayLike,
@@ -67,14 +67,6 @@ def import_faiss() -> Any:
     if not hasattr(faiss, "IndexFlatIP"):  # something named faiss shadows the real package
         raise ImportError(f"`import faiss` found {getattr(faiss, '__file__', faiss)!r}, which is not faiss")
     return faiss
-
-
-def _sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sidecar(path: str | os.PathLike) -> Path:
@@ -430,7 +422,7 @@ class FaissVectorDB(AbstractVectorDB):
             digest = side["index_sha256"]
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptIndexError(f"{meta_path} is truncated or not a FaissVectorDB sidecar: {exc}") from exc
-        if _sha256_file(path) != digest:
+        if file_sha256(path) != digest:
             raise CorruptIndexError(f"{path}: sha256 checksum mismatch, the index file is truncated or corrupted")
         try:
             index = faiss.read_index(os.fspath(path))

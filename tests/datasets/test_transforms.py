@@ -245,14 +245,14 @@ def test_min_size_guard_respects_max_side():
 
 
 def test_fit_sides_downscales_then_enlarges_within_max_side():
-    from datasets.transforms import downscale_to_max_side, fit_sides
+    from datasets.transforms import downscale_to_max_side, enlarge_within, fit_sides
 
     huge = _img(10, 4000)
     out = fit_sides(huge, min_side=96, max_side=1024)
-    assert out.shape == (3, 1024, 3)  # 10 x 4000 -> 3 x 1024 (INTER_AREA); no room left to enlarge
-    assert np.array_equal(out, cv2.resize(huge, dsize=(1024, 3), interpolation=cv2.INTER_AREA))
-    small = _img(50, 800)
-    assert fit_sides(small, min_side=96, max_side=1024).shape == (64, 1024, 3)
+    assert out.shape == (96, 1024, 3)  # 10 x 4000 -> 3 x 1024 (INTER_AREA), then padded to the short side
+    down = cv2.resize(huge, dsize=(1024, 3), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(out[46:49], down) and (out[:46] == down[0]).all() and (out[49:] == down[-1]).all()
+    assert fit_sides(_img(50, 800), min_side=96, max_side=1024).shape == (96, 1024, 3)
     assert fit_sides(_img(50, 500), min_side=96, max_side=1024).shape == (96, 960, 3)
     big = _img(2000, 1500)
     down, factor = downscale_to_max_side(big, 1024)
@@ -262,6 +262,10 @@ def test_fit_sides_downscales_then_enlarges_within_max_side():
     assert fit_sides(mid, min_side=96, max_side=1024) is mid
     assert fit_sides(mid, min_side=None, max_side=None) is mid
     assert fit_sides(_img(40, 30), min_side=96, max_side=None).shape == (128, 96, 3)
+    wide = _img(40, 300)  # within the aspect limit: min_size_guard's enlargement, exactly
+    assert np.array_equal(enlarge_within(wide, min_side=96, max_side=1024), min_size_guard(wide, 96))
+    with pytest.raises(ValueError, match="max_side"):
+        enlarge_within(wide, min_side=96, max_side=50)
 
 
 def test_smallest_side_for_superglobal_is_what_the_model_needs():

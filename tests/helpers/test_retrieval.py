@@ -549,10 +549,10 @@ def test_max_side_holds_after_min_side_upscaling(sg_model):
     assert np.array_equal(prepare_image(wide, max_side=1024, min_side=96), min_size_guard(wide, 96))
     assert prepare_image(wide, max_side=None, min_side=96).shape == (96, 720, 3)
     # the padding repeats the edge rows: the middle rows are the resized picture
-    from helpers.retrieval import fit_sides
+    from datasets.transforms import enlarge_within
 
     thin = _image(1, 8, 800)
-    fitted = fit_sides(thin, min_side=96, max_side=1024)
+    fitted = enlarge_within(thin, min_side=96, max_side=1024)
     assert fitted.shape == (96, 1024, 3)
     content = cv2.resize(thin, (1024, 10), interpolation=cv2.INTER_LINEAR)
     assert np.array_equal(fitted[43:53], content)

@@ -451,7 +451,8 @@ def test_faiss_loads_the_older_two_file_layout(tmp_path):
     """Saves made before the one-file layout (index file + path.json sidecar with its sha256) still load."""
     import faiss
 
-    from helpers.vector_db.faiss import FaissVectorDB, _sha256_file
+    from common.io import file_sha256 as _sha256_file
+    from helpers.vector_db.faiss import FaissVectorDB
 
     db = FaissVectorDB(D, use_gpu=False)
     db.add(unit_rows(12), metadata=[{"k": i} for i in range(12)])
