@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from common.convention import OFFICIAL_CONVENTION, TORCHVISION_CONVENTION, InputConvention
 from helpers.config import ConfigError
-from models.checkpoint import CheckpointError, load_official_checkpoint, official_state_dict
+from models.checkpoint import CheckpointError, load_official_checkpoint, official_state_dict, read_checkpoint
 from models.cvnet import CVNetGlobal, CVNetRerank
 from models.superglobal import SuperGlobal, SuperGlobalRerank
 from models.timm_global import FeatureMapGlobal, TimmGlobal
@@ -89,6 +89,9 @@ def build_model(
     with a loud warning unless ``warn_random=False``. ``options``: the class's constructor options (SuperGlobal's
     gemp / rgem / sgem / relup / scales / antialias, ``reduction_dim``, ...).
     """
+    if kind.startswith(TIMM_ARCH_PREFIX):
+        return _build_timm(kind, weights=weights, seed=seed, options=options, device=device,
+                           warn_random=warn_random, eval_mode=eval_mode)
     kind = model_kind(kind)
     cls = MODEL_CLASSES[kind]
     opts = dict(options or {})
@@ -107,6 +110,26 @@ def build_model(
     if device is not None:
         model.to(device)
     return model.eval() if eval_mode else model
+
+
+def _build_timm(kind: str, *, weights: Any, seed: int | None, options: Mapping[str, Any] | None,
+                device: torch.device | str | None, warn_random: bool, eval_mode: bool) -> nn.Module:
+    """``timm:<name>``: a trained :func:`timm_global_checkpoint` (``weights``) or a random
+    :class:`models.TimmGlobal` (``options``: pooling, dim, pretrained_file)."""
+    if weights is not None:
+        model = load_timm_global(weights)
+        if model.model_name != kind[len(TIMM_ARCH_PREFIX):]:
+            raise CheckpointError(f"{weights} holds timm:{model.model_name}, not {kind}")
+    else:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = TimmGlobal(kind[len(TIMM_ARCH_PREFIX):], **dict(options or {}))
+        if warn_random and not (options or {}).get("pretrained_file"):
+            warn_random_weights(f"TimmGlobal ({kind})", seed)
+    if device is not None:
+        model.to(device)
+    return model.eval() if eval_mode else model.train()
 
 
 def copy_backbone(*, source: nn.Module, target: nn.Module) -> None:
@@ -323,7 +346,7 @@ def load_timm_global(checkpoint: str | os.PathLike | Mapping[str, Any]) -> TimmG
     architecture's random initialisation is drawn on a forked RNG: the global one is left untouched)."""
     source = "checkpoint" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
     if not isinstance(checkpoint, Mapping):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(checkpoint)
     if not is_timm_checkpoint(checkpoint):
         raise CheckpointError(f"{source} is not a trained timm global model (format {TIMM_CHECKPOINT_FORMAT})")
     with torch.random.fork_rng(devices=[]):
@@ -352,9 +375,9 @@ def read_backbone_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"backbone checkpoint not found: {path}. Train it first (`python train_backbone.py` for the built-in "
             "demo, or with your config), or point backbone.checkpoint=<file> at an official-layout CVNet "
             "checkpoint such as CVPR2022_CVNet_R50.pyth (see README, 'Official weights').")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint")
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if is_timm_checkpoint(ckpt):
         raise CheckpointError(f"{path} holds a {ckpt.get('arch')} backbone: CVNet-Rerank needs CVNet-Global's "
                               "ResNet (its stage-3 maps); train one with train_backbone.py model.arch=resnet")

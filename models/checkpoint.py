@@ -99,7 +99,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that does not fit the model: the message names the offending keys."""
 
 
-def _read_checkpoint(path: str | os.PathLike) -> Any:
+def read_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load(weights_only=True)`` of a checkpoint file, with every way a file can be damaged named:
     missing, empty, truncated, a byte changed in a stored record (the zip format's CRC32), not a checkpoint,
     or holding Python objects that need unsafe unpickling. Each is an error that names the file."""
@@ -226,7 +226,7 @@ def load_official_checkpoint(model: nn.Module, path_or_state: str | os.PathLike 
     none and are BGR, :data:`OFFICIAL_CONVENTION`). Returns the checkpoint's metadata (everything but weights).
     """
     source = "checkpoint" if isinstance(path_or_state, Mapping) else os.fspath(path_or_state)
-    checkpoint = path_or_state if isinstance(path_or_state, Mapping) else _read_checkpoint(path_or_state)
+    checkpoint = path_or_state if isinstance(path_or_state, Mapping) else read_checkpoint(path_or_state)
     state = _unwrap_state(checkpoint, source)
     check_finite_state(state, source)
     meta = {k: v for k, v in checkpoint.items() if k not in ("model_state",)} if "model_state" in checkpoint else {}

@@ -91,3 +91,19 @@ def test_database_factory_round_trip(tmp_path):
         make_database("annoy", 8)
     with pytest.raises(TypeError):
         backend_name(object())
+
+
+def test_timm_kinds_build_random_or_load_a_trained_run(tmp_path, caplog):
+    pytest.importorskip("timm")
+    from helpers.builders import timm_global_checkpoint
+    from models import TimmGlobal
+
+    model = build_model("timm:resnet18", seed=4, options={"pooling": "gem+"})
+    assert isinstance(model, TimmGlobal) and model.pooling == "gem+" and "RANDOM weights" in caplog.text
+    again = build_model("timm:resnet18", seed=4, options={"pooling": "gem+"}, warn_random=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    torch.save(timm_global_checkpoint(model), tmp_path / "run.pyth")
+    loaded = build_model("timm:resnet18", weights=tmp_path / "run.pyth")
+    assert torch.equal(loaded.body.model.conv1.weight, model.body.model.conv1.weight)
+    with pytest.raises(CheckpointError, match="holds timm:resnet18, not timm:resnet34"):
+        build_model("timm:resnet34", weights=tmp_path / "run.pyth")
