@@ -5,6 +5,8 @@
   are combined by :func:`models.functional.aggregate_scales` (per-scale L2, mean, L2: CVNet's multi-scale
   test). SuperGlobal's datasets yield scale 1.0 only, since its Scale-GeM resizes inside the model; one scale
   passes through unchanged.
+- Flip test-time augmentation (``flip=True``, off by default): ``L2(desc(x) + desc(flip x))``, every scale of
+  the image mirrored horizontally; it is part of the feature cache key.
 - Images of identical size are batched (:func:`bucket_batches`); the revisited sets hold many sizes, so most
   batches hold one image, which is handled the same way.
 - :func:`cached_global_descriptors` keeps an on-disk cache keyed by sha256 of the model weights, the extraction
@@ -76,10 +78,17 @@ class ImageTooSmallError(ExtractionError):
     """An image too small for the model (SuperGlobal's Regional-GeM pads its stage-4 map by 2, reflecting)."""
 
 
-def describe_multiscale(model: nn.Module, per_scale: Sequence[Tensor]) -> Tensor:
+def describe_multiscale(model: nn.Module, per_scale: Sequence[Tensor], *, flip: bool = False) -> Tensor:
     """One batch through ``model`` at every scale: list of (B, 3, H_s, W_s) -> (B, D) descriptors combined by
-    :func:`models.functional.aggregate_scales` (per-scale L2, mean, L2)."""
-    return aggregate_scales([model(x) for x in per_scale])
+    :func:`models.functional.aggregate_scales` (per-scale L2, mean, L2).
+
+    ``flip``: flip test-time augmentation at the image level, ``L2(desc(x) + desc(flip x))`` where ``flip x``
+    mirrors every scale horizontally and ``desc`` is the multi-scale descriptor above."""
+    desc = aggregate_scales([model(x) for x in per_scale])
+    if not flip:
+        return desc
+    mirrored = aggregate_scales([model(torch.flip(x, dims=(-1,))) for x in per_scale])
+    return torch.nn.functional.normalize(desc + mirrored, dim=-1)
 
 
 class ImageArrays(Dataset):
@@ -359,16 +368,19 @@ def _image_entries(d: Dataset, names: list[tuple[str, str]], hashes: ContentHash
 
 def feature_cache_key(*, model: nn.Module, dataset: Dataset, kind: str = "global",
                       weights_hash: str | None = None, progress: bool = False,
-                      hashes: ContentHashes | None = None) -> str:
+                      hashes: ContentHashes | None = None, flip: bool = False) -> str:
     """sha256 of (weights hash, extraction config, image list with each file's content hash): equal keys mean
-    equal descriptors. ``hashes`` memoises the files' hashes (default: every file is read)."""
-    payload = {
+    equal descriptors. ``hashes`` memoises the files' hashes (default: every file is read). ``flip`` (flip
+    test-time augmentation) enters the key only when on, so the keys of caches written without it stay valid."""
+    payload: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "kind": kind,
         "weights": weights_hash or state_dict_hash(model),
         "model": model_signature(model),
         "data": dataset_signature(dataset, progress=progress, hashes=hashes),
     }
+    if flip:
+        payload["flip"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -520,6 +532,7 @@ def extract_global_descriptors(
     dtype: torch.dtype | None = None,
     runner: nn.Module | None = None,
     weights_source: str | None = None,
+    flip: bool = False,
 ) -> Tensor:
     """Global descriptors (N, D) float32 on CPU of ``dataset[indices]`` (all by default), in that order.
 
@@ -529,7 +542,9 @@ def extract_global_descriptors(
     within 1e-5; ``compile_model`` adds ``torch.compile`` (worth it for long runs only); ``dtype``
     bfloat16/float16 autocasts on CUDA. ``runner``: the module to run in place of the one ``fast`` derives from
     ``model``, e.g. a :func:`fast_runner` kept by a caller that extracts a few images at a time, so that the model
-    is not copied on every call.
+    is not copied on every call. ``flip``: flip test-time augmentation, each image's descriptor is
+    ``L2(desc(x) + desc(flip x))`` with every scale mirrored horizontally (:func:`describe_multiscale`); twice
+    the compute. Off by default.
 
     Every batch is checked: NaN/Inf descriptors raise :class:`NonFiniteDescriptorError` naming the images and
     ``weights_source`` (where the weights came from: a checkpoint path, "random (seed 0)", ...); an image too
@@ -554,7 +569,7 @@ def extract_global_descriptors(
         with autocast:
             batch = [x.to(device, non_blocking=True).contiguous(memory_format=layout) for x in per_scale]
             try:
-                desc_b = describe_multiscale(runner, batch).float().cpu()
+                desc_b = describe_multiscale(runner, batch, flip=flip).float().cpu()
             except RuntimeError as exc:
                 if "padding" not in str(exc).lower():
                     raise
@@ -627,12 +642,13 @@ def extract_sharded(
     desc: str = "descriptors",
     fast: bool = True,
     weights_source: str | None = None,
+    flip: bool = False,
 ) -> Tensor | None:
     """Extract in shards of ``shard_size`` images, one file each (atomic), skipping complete shards.
 
     A crashed run resumes where it stopped. Rank ``rank`` of ``world_size`` takes shards i % world_size == rank;
     after a barrier rank 0 merges all shards (recomputing any a rank failed to write) and returns the (N, D)
-    descriptors; other ranks return None.
+    descriptors; other ranks return None. ``flip``: see :func:`extract_global_descriptors` (``key`` must say it).
     """
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -647,7 +663,7 @@ def extract_sharded(
         feats = extract_global_descriptors(model=model, dataset=dataset, indices=ranges[i], device=device,
                                            batch_size=batch_size, num_workers=num_workers, progress=progress,
                                            desc=f"{desc} shard {i + 1}/{n}", fast=fast,
-                                           weights_source=weights_source)
+                                           weights_source=weights_source, flip=flip)
         _save_features(path, key, feats, start=ranges[i].start, stop=ranges[i].stop)
         return feats
 
@@ -679,6 +695,7 @@ def cached_global_descriptors(
     progress: bool = True,
     fast: bool = True,
     weights_source: str | None = None,
+    flip: bool = False,
 ) -> Tensor | None:
     """Global descriptors (N, D) of a whole dataset, through the on-disk cache when ``cache_dir`` is given.
 
@@ -690,19 +707,20 @@ def cached_global_descriptors(
     other than 0 when sharded. ``weights_source`` names the weights in errors (see
     :func:`extract_global_descriptors`).
     ``fast`` (see :func:`extract_global_descriptors`) gives the same descriptors within 1e-5, so it shares the cache.
+    ``flip`` (flip test-time augmentation, see :func:`extract_global_descriptors`) is part of the cache key.
     """
     if cache_dir is None:
         if world_size > 1:
             raise ValueError("extraction over several ranks needs a cache_dir shared by all of them")
         return extract_global_descriptors(model=model, dataset=dataset, device=device, batch_size=batch_size,
                                           num_workers=num_workers, progress=progress, desc=label, fast=fast,
-                                          weights_source=weights_source)
+                                          weights_source=weights_source, flip=flip)
     hashes = ContentHashes(Path(cache_dir) / HASH_MEMO_DIR)
     if world_size > 1 and rank != 0:
         barrier()  # rank 0 reads the files first; the others then find their hashes in its memo
     try:
         key = feature_cache_key(model=model, dataset=dataset, weights_hash=weights_hash, progress=progress,
-                                hashes=hashes)
+                                hashes=hashes, flip=flip)
     finally:
         if world_size > 1 and rank == 0:
             barrier()
@@ -716,14 +734,14 @@ def cached_global_descriptors(
     if not sharded:
         feats = extract_global_descriptors(model=model, dataset=dataset, device=device, batch_size=batch_size,
                                            num_workers=num_workers, progress=progress, desc=label, fast=fast,
-                                           weights_source=weights_source)
+                                           weights_source=weights_source, flip=flip)
         _save_features(path, key, feats, label=label)
         return feats
     shard_dir = path.with_suffix(".shards")
     feats = extract_sharded(model=model, dataset=dataset, key=key, shard_dir=shard_dir,
                             shard_size=shard_size or len(dataset), rank=rank, world_size=world_size, device=device,
                             batch_size=batch_size, num_workers=num_workers, progress=progress, desc=label,
-                            fast=fast, weights_source=weights_source)
+                            fast=fast, weights_source=weights_source, flip=flip)
     if feats is not None:
         _save_features(path, key, feats, label=label)
         shutil.rmtree(shard_dir, ignore_errors=True)

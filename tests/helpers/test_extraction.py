@@ -1,5 +1,6 @@
 """helpers.extraction: multi-scale aggregation, size buckets, the feature cache, resumable shards, re-ranking maps,
 and images held in memory (the retrieval API's) through the same engine."""
+import copy
 import os
 import pickle
 
@@ -424,3 +425,49 @@ def test_content_hashes_read_each_file_once_until_it_changes(layout, tmp_path, m
     fresh = ReducedMapStore(model=reranker, dataset=ds, cache_dir=tmp_path / "maps")
     fresh.get(4)
     assert (fresh.loaded, fresh.computed) == (0, 1)  # the old maps on disk are not this image's
+
+
+def test_flip_tta_is_l2_of_original_plus_mirrored_multiscale_descriptor(layout):
+    """flip=True: L2(desc(x) + desc(flip x)), desc the multi-scale descriptor, every scale mirrored."""
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0, 0.7071))
+    plain = extract_global_descriptors(model=model, dataset=ds, batch_size=2, progress=False, fast=False)
+    flipped = extract_global_descriptors(model=model, dataset=ds, batch_size=2, progress=False, fast=False,
+                                         flip=True)
+    fast = extract_global_descriptors(model=model, dataset=ds, batch_size=2, progress=False, flip=True)
+    conv = copy.deepcopy(model.conv).double()  # the reference in float64
+
+    def desc(xs):
+        return F.normalize(torch.stack([F.normalize(conv(x).mean(dim=(2, 3)), dim=-1)[0] for x in xs]).mean(0),
+                           dim=-1)
+
+    with torch.no_grad():
+        for i in range(len(ds)):
+            per_scale = [t[None].double() for t in ds[i]]
+            ref = F.normalize(desc(per_scale) + desc([torch.flip(x, dims=(-1,)) for x in per_scale]), dim=-1)
+            torch.testing.assert_close(flipped[i].double(), ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(plain[i].double(), desc(per_scale), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast, flipped, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, flipped, atol=1e-3)  # noise images are not mirror-symmetric
+
+
+def test_flip_is_part_of_the_feature_cache_key_and_off_leaves_it_unchanged(layout, tmp_path):
+    model = TinyNet().eval()
+    ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,))
+    key = feature_cache_key(model=model, dataset=ds)
+    assert feature_cache_key(model=model, dataset=ds, flip=False) == key
+    assert feature_cache_key(model=model, dataset=ds, flip=True) != key
+    cache = tmp_path / "cache"
+    plain = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False)
+    flipped = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False,
+                                        flip=True)
+    assert len(list(cache.glob("*.pt"))) == 2 and not torch.allclose(plain, flipped)
+    seen = model.seen
+    again = cached_global_descriptors(model=model, dataset=ds, cache_dir=cache, label="db", progress=False,
+                                      flip=True)
+    assert model.seen == seen  # a hit
+    torch.testing.assert_close(again, flipped)
+    sharded = extract_sharded(model=model, dataset=ds, key="k", shard_dir=tmp_path / "shards", shard_size=3,
+                              progress=False, flip=True)
+    torch.testing.assert_close(sharded, flipped)
