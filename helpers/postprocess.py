@@ -94,9 +94,10 @@ def postprocess_full(xq: Tensor, xb: Tensor, post: PostProcessing, *, chunk: int
     return torch.cat([_order_descending(xq[s : s + chunk] @ xb.T) for s in range(0, xq.shape[0], chunk)]).T.numpy()
 
 
-def postprocess_candidates(q: Tensor, candidates: Tensor, post: PostProcessing) -> Tensor:
-    """Shortlist mode for one query: ``q`` (d,), its ``candidates`` (N, d) best first -> the new order (N,) of
-    the candidates (indices into ``candidates``), best first."""
+def post_scores(q: Tensor, candidates: Tensor, post: PostProcessing) -> Tensor:
+    """Shortlist mode for one query: ``q`` (d,), its ``candidates`` (N, d) best first -> (N,) scores, higher
+    better, that order them: the inner product of the expanded query with the augmented candidates, or minus the
+    k-reciprocal distance."""
     q, cand = q.float(), candidates.float()
     if post.dba_k:
         cand = MF.database_side_augmentation(cand, k=post.dba_k, alpha=post.dba_alpha)
@@ -104,9 +105,14 @@ def postprocess_candidates(q: Tensor, candidates: Tensor, post: PostProcessing) 
     if post.aqe_k:
         q = MF.alpha_query_expansion(q, cand, k=post.aqe_k, alpha=post.aqe_alpha)
     if post.kreciprocal:
-        dist = MF.k_reciprocal_distance(q, cand, k1=post.k1, k2=post.k2, lambda_value=post.lambda_value)[0]
-        return torch.argsort(dist, stable=True)
-    return _order_descending(cand @ q[0])
+        return -MF.k_reciprocal_distance(q, cand, k1=post.k1, k2=post.k2, lambda_value=post.lambda_value)[0]
+    return cand @ q[0]
+
+
+def postprocess_candidates(q: Tensor, candidates: Tensor, post: PostProcessing) -> Tensor:
+    """Shortlist mode for one query: ``q`` (d,), its ``candidates`` (N, d) best first -> the new order (N,) of
+    the candidates (indices into ``candidates``), best first (:func:`post_scores`, ties in the given order)."""
+    return _order_descending(post_scores(q, candidates, post))
 
 
 def postprocess_ranking(xq: Any, xb: Any, ranks: np.ndarray, post: PostProcessing, *,

@@ -35,10 +35,19 @@ Re-ranking (optional):
   ``global cosine + mix * CVNet score`` (CVNet's final similarity, mix 0.5), re-sorted among themselves; the
   rest of the global ranking follows. Database feature maps are recomputed from the image path stored in each
   entry's metadata (``"path"``), with an in-memory LRU cache of the reduced maps keyed by id.
+
+Post-processing (optional, ``post=`` a :class:`helpers.postprocess.PostProcessing`): α-DBA, α-QE and k-reciprocal
+re-ranking of each query's global shortlist (its top ``post.shortlist`` candidates with their stored vectors),
+applied first; the re-ranker, if any, then works over the post-processed order (see :meth:`Retriever.query_batch`).
+:func:`reranker_for_index` builds the re-ranker of a saved index (what ``retrieve.py query`` and ``demo.py`` use).
+
+Flip test-time augmentation (``flip=True``) describes every image, indexed or queried, as
+``L2(desc(x) + desc(flip x))``; the index records it.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -59,19 +68,22 @@ from tqdm.auto import tqdm
 
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
 from common.convention import InputConvention
-from common.io import atomic_write, file_sha256
+from common.io import atomic_torch_save, atomic_write, file_sha256
 from datasets.folder import IMAGE_EXTENSIONS
 from datasets.transforms import crop_query, downscale_to_max_side, enlarge_within, read_image, to_tensor
 from helpers.builders import (
     GLOBAL_KINDS,
     OFFICIAL_WEIGHTS_HINT,
+    TIMM_ARCH_PREFIX,
     backend_name,
     build_model,
     build_superglobal_reranker,
+    global_dim,
     kind_of,
     load_database,
     make_database,
     model_kind,
+    timm_global_checkpoint,
 )
 from helpers.distributed import resolve_device
 from helpers.extraction import (
@@ -82,11 +94,13 @@ from helpers.extraction import (
     fast_runner,
     state_dict_hash,
 )
+from helpers.postprocess import PostProcessing, post_scores
 from helpers.reranking import CVNetPairScorer, apply_cvnet_rerank
 from helpers.vector_db.base import AbstractVectorDB, CorruptIndexError, as_id_vector, check_metadata, check_unique
 from models.checkpoint import OFFICIAL_CONVENTION, save_official_checkpoint
 from models.cvnet import CVNetRerank
 from models.superglobal import SuperGlobalRerank
+from models.timm_global import TimmGlobal
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +114,8 @@ FORMAT_VERSION = 1
 _DATABASE_SUFFIX = {"tensor": ".pt", "faiss": ".faiss"}
 _ADD_EVERY = 256  # descriptors accumulated before one database write (bounds memory and lost work)
 RERANKERS = ("none", "superglobal", "cvnet")
+#: :func:`global_kind` of a :class:`models.TimmGlobal`.
+TIMM_KIND = "timm"
 
 
 class _Recorded:
@@ -256,32 +272,47 @@ class StoredImages(Dataset):
 
 
 def descriptor_dim(model: nn.Module) -> int:
-    """Dimension d of a global model's descriptors (its fc output)."""
-    return int(model.head.fc.out_features)
+    """Dimension d of a global model's descriptors (see :func:`helpers.builders.global_dim`)."""
+    return global_dim(model)
 
 
 def global_kind(model: nn.Module) -> str:
-    """``"superglobal"`` or ``"cvnet_global"`` (see :func:`helpers.builders.kind_of`); anything else is a
-    TypeError."""
+    """``"superglobal"``, ``"cvnet_global"`` (see :func:`helpers.builders.kind_of`) or ``"timm"`` (a
+    :class:`models.TimmGlobal`, built by ``build_model("timm:<name>")``); anything else is a TypeError."""
+    if isinstance(model, TimmGlobal):
+        return TIMM_KIND
     try:
         kind = kind_of(model)
     except TypeError:
         kind = None
     if kind not in GLOBAL_KINDS:
-        raise TypeError(f"model must be a models.SuperGlobal or models.CVNetGlobal, got {type(model).__name__}")
+        raise TypeError(f"model must be a models.SuperGlobal, models.CVNetGlobal or models.TimmGlobal, got "
+                        f"{type(model).__name__}")
     return kind
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
     """What rebuilds the architecture: class, depth, options and input convention (weights not included)."""
     kind = global_kind(model)
+    convention = getattr(model, "input_convention", OFFICIAL_CONVENTION)
+    if kind == TIMM_KIND:
+        options = {"model_name": model.model_name, "pooling": model.pooling,
+                   "dim": None if model.projection is None else int(model.dim)}
+        return {"class": type(model).__name__, "depth": None, "options": options,
+                "input_convention": convention.to_dict()}
     options: dict[str, Any] = {"reduction_dim": descriptor_dim(model)}
     if kind == "superglobal":
         options.update(gemp=model.gemp, rgem=model.rgem, sgem=model.sgem, relup=model.relup,
                        scales=list(model.scales), antialias=model.antialias)
-    convention = getattr(model, "input_convention", OFFICIAL_CONVENTION)
     return {"class": type(model).__name__, "depth": int(model.depth), "options": options,
             "input_convention": convention.to_dict()}
+
+
+def model_name(model: nn.Module) -> str:
+    """What messages call a global model: ``SuperGlobal ResNet-50``, ``TimmGlobal timm:resnet18``."""
+    if isinstance(model, TimmGlobal):
+        return f"{type(model).__name__} {TIMM_ARCH_PREFIX}{model.model_name}"
+    return f"{type(model).__name__} ResNet-{model.depth}"
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -317,6 +348,10 @@ class Retriever:
             initialisation); recorded by :meth:`save` so that :meth:`load` can rebuild the model, and named by
             errors. With neither, :meth:`save` writes the weights themselves into the index folder.
         rerank_weights, rerank_seed: the same for a CVNet re-ranker.
+        post: the default post-processing of queries (:class:`helpers.postprocess.PostProcessing`, or its
+            fields as a dict; None: none); :meth:`query` may override it.
+        flip: flip test-time augmentation of every descriptor, indexed and queried alike
+            (:func:`helpers.extraction.extract_global_descriptors`).
     """
 
     def __init__(
@@ -337,6 +372,8 @@ class Retriever:
         seed: int | None = None,
         rerank_weights: str | os.PathLike | None = None,
         rerank_seed: int | None = None,
+        post: PostProcessing | Mapping[str, Any] | None = None,
+        flip: bool = False,
     ) -> None:
         self.kind = global_kind(model)
         if not isinstance(database, AbstractVectorDB):
@@ -372,6 +409,8 @@ class Retriever:
         self.seed = seed
         self.rerank_weights = None if rerank_weights is None else os.fspath(rerank_weights)
         self.rerank_seed = rerank_seed
+        self.post = _post_settings(post)
+        self.flip = bool(flip)
         self._runner: nn.Module | None = None
         self._db_maps: ReducedMapStore | None = None
 
@@ -387,7 +426,18 @@ class Retriever:
         """The constructor settings :meth:`save` records (model, database and re-ranker excluded)."""
         return {"rerank_top_k": self.rerank_top_k, "mix": self.mix, "batch_size": self.batch_size,
                 "max_side": self.max_side, "min_side": self.min_side, "scales": list(self.scales),
-                "map_cache_size": self.map_cache_size}
+                "map_cache_size": self.map_cache_size, "flip": self.flip,
+                "post": None if self.post is None else dataclasses.asdict(self.post)}
+
+    def set_reranker(self, reranker: nn.Module | None, *, weights: str | os.PathLike | None = None,
+                     seed: int | None = None) -> None:
+        """Use ``reranker`` (None, a SuperGlobalRerank or a CVNetRerank; moved to the device) from now on;
+        ``weights`` / ``seed``: where a CVNet re-ranker's weights came from (what errors and :meth:`save` name)."""
+        if reranker is not None and not isinstance(reranker, (SuperGlobalRerank, CVNetRerank)):
+            raise TypeError(f"reranker must be None, SuperGlobalRerank or CVNetRerank, got {type(reranker).__name__}")
+        self.reranker = None if reranker is None else reranker.to(self.device).eval()
+        self.rerank_weights = None if weights is None else os.fspath(weights)
+        self.rerank_seed = seed
 
     # ------------------------------------------------------------------ descriptors
     def _prepare(self, image: Any, bbox: Sequence[float] | None, channel_order: str) -> np.ndarray:
@@ -410,7 +460,8 @@ class Retriever:
         dataset = ImageArrays(images, scales=scales, convention=self.model.input_convention, names=names)
         return extract_global_descriptors(model=self.model, dataset=dataset, device=self.device,
                                           batch_size=self.batch_size, progress=False, runner=self._runner,
-                                          weights_source=self._weights_source(self.weights, self.seed))
+                                          weights_source=self._weights_source(self.weights, self.seed),
+                                          flip=self.flip)
 
     def describe(
         self,
@@ -512,12 +563,17 @@ class Retriever:
         *,
         bbox: Sequence[float] | None = None,
         channel_order: str = "BGR",
+        post: PostProcessing | Mapping[str, Any] | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[Hit]:
         """The ``k`` best database entries for one image or path, best first (see :class:`Hit`).
 
         ``bbox`` = (x1, y1, x2, y2) crops the query (original pixels), as for the revisited benchmarks' queries.
+        ``post``: post-processing for this query (None: the retriever's ``post``; ``PostProcessing()``: none).
+        ``timings``: a dict to fill with the seconds each stage took (see :meth:`query_batch`).
         """
-        return self.query_batch([image], k, bboxes=[bbox], channel_order=channel_order)[0]
+        return self.query_batch([image], k, bboxes=[bbox], channel_order=channel_order, post=post,
+                                timings=timings)[0]
 
     def query_batch(
         self,
@@ -526,23 +582,90 @@ class Retriever:
         *,
         bboxes: Sequence[Sequence[float] | None] | None = None,
         channel_order: str = "BGR",
+        post: PostProcessing | Mapping[str, Any] | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[list[Hit]]:
-        """:meth:`query` for several images: one list of hits per image."""
+        """:meth:`query` for several images: one list of hits per image.
+
+        Order of the work: the global search; with post-processing active (α-DBA, α-QE, k-reciprocal), each
+        query's top ``post.shortlist`` candidates (with their stored vectors) re-ordered among themselves by
+        :func:`helpers.postprocess.post_scores`, the rest following in global order; then the re-ranker, over
+        that order: SuperGlobal re-ranks its top ``M``, CVNet re-scores its top ``rerank_top_k`` with
+        ``global cosine + mix * CVNet score``. A hit's score is what placed it: the re-ranker's, else the
+        post-processed similarity (k-reciprocal: minus its distance), else the global cosine.
+        ``timings`` (a dict) gets the seconds of each stage run: ``prepare query`` (read, resize, crop),
+        ``describe query``, ``search``, ``post-processing``, ``re-ranking``, ``metadata``, added to what it holds.
+        """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if len(self.database) == 0:
             raise ValueError("the database is empty: index some images first")
+        post = self.post if post is None else _post_settings(post)
+        k = int(k)
         bboxes = _per_item(bboxes, len(images), "bboxes")
-        prepared = [self._prepare(img, box, channel_order) for img, box in zip(images, bboxes)]
-        queries = self._describe_prepared(prepared, [f"query {_image_name(img, r)}" for r, img in enumerate(images)])
-        if self.reranker is None:
-            scores, ids = self.database.search(queries, int(k))
+        with _stage(timings, "prepare query"):
+            prepared = [self._prepare(img, box, channel_order) for img, box in zip(images, bboxes)]
+        with _stage(timings, "describe query"):
+            queries = self._describe_prepared(prepared,
+                                              [f"query {_image_name(img, r)}" for r, img in enumerate(images)])
+        if post is not None and post.active:
+            candidates = self._post_rows(queries, k, post, timings)
+            if self.reranker is None:
+                rows = [(s, i, g) for s, i, g, _ in candidates]
+            else:
+                with _stage(timings, "re-ranking"):
+                    if isinstance(self.reranker, SuperGlobalRerank):
+                        rows = self._superglobal_over(queries, candidates, k)
+                    else:
+                        rows = self._cvnet_rows(queries, prepared, k, candidates=candidates)
+        elif self.reranker is None:
+            with _stage(timings, "search"):
+                scores, ids = self.database.search(queries, k)
             rows = [(s, i, s) for s, i in zip(scores.cpu(), ids.cpu())]
         elif isinstance(self.reranker, SuperGlobalRerank):
-            rows = self._superglobal_rows(queries, int(k))
+            with _stage(timings, "re-ranking"):  # SuperGlobal searches its top M itself
+                rows = self._superglobal_rows(queries, k)
         else:
-            rows = self._cvnet_rows(queries, prepared, int(k))
-        return self._hits(rows, int(k))
+            with _stage(timings, "search"):
+                scores, ids = (t.cpu() for t in self.database.search(queries, max(k, self.rerank_top_k)))
+            with _stage(timings, "re-ranking"):
+                rows = self._cvnet_rows(queries, prepared, k, searched=(scores, ids))
+        with _stage(timings, "metadata"):
+            return self._hits(rows, k)
+
+    def _post_rows(self, queries: Tensor, k: int, post: PostProcessing, timings: dict[str, float] | None
+                   ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Per query: (scores, ids, global cosines, vectors) of its top ``max(k, post.shortlist)`` candidates, the
+        first ``post.shortlist`` re-ordered by the post-processing (the rest keep the global order)."""
+        n = min(max(k, post.shortlist), len(self.database))
+        with _stage(timings, "search"):
+            scores, ids, vectors = (t.cpu() for t in self.database.search_with_vectors(queries, n))
+        rows = []
+        with _stage(timings, "post-processing"):
+            for r in range(queries.shape[0]):
+                valid = ids[r] >= 0
+                s, i, v = scores[r][valid], ids[r][valid], vectors[r][valid].float()
+                t = min(post.shortlist, i.numel())
+                head = post_scores(queries[r].cpu(), v[:t], post)
+                order = torch.argsort(head, descending=True, stable=True)
+                keep = torch.cat([order, torch.arange(t, i.numel())])
+                rows.append((torch.cat([head[order], s[t:]]), i[keep], s[keep], v[keep]))
+        return rows
+
+    def _superglobal_over(self, queries: Tensor, candidates: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]],
+                          k: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """SuperGlobal re-ranking of the top ``M`` of given (post-processed) candidates; the rest follow."""
+        rows = []
+        for r, (s, i, g, v) in enumerate(candidates):
+            m = min(int(self.reranker.M), i.numel())
+            q = queries[r : r + 1].to(self.device)
+            new_s, new_i = self.reranker.rerank_candidates(q, v[None, :m].to(self.device), i[None, :m].to(self.device))
+            new_s, new_i = new_s[0].cpu(), new_i[0].cpu()
+            by_id = dict(zip(i.tolist(), g.tolist()))
+            globals_ = torch.tensor([by_id[j] for j in new_i.tolist()], dtype=torch.float32)
+            rows.append((torch.cat([new_s, s[m:]])[:k], torch.cat([new_i, i[m:]])[:k],
+                         torch.cat([globals_, g[m:]])[:k]))
+        return rows
 
     def _superglobal_rows(self, queries: Tensor, k: int) -> list[tuple[Tensor, Tensor, Tensor]]:
         scores, ids = self.reranker.rerank(queries, self.database)
@@ -565,14 +688,25 @@ class Retriever:
             rows.append((s, i, globals_))
         return rows
 
-    def _cvnet_rows(self, queries: Tensor, prepared: Sequence[np.ndarray], k: int) -> list[tuple]:
-        scores, ids = (t.cpu() for t in self.database.search(queries, max(k, self.rerank_top_k)))
+    def _cvnet_rows(self, queries: Tensor, prepared: Sequence[np.ndarray], k: int, *,
+                    searched: tuple[Tensor, Tensor] | None = None,
+                    candidates: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None) -> list[tuple]:
+        """CVNet re-ranking of the global search result ``searched`` (scores, ids), or of post-processed
+        ``candidates``: their top ``rerank_top_k`` re-scored with global cosine + mix * CVNet score, the rest
+        keeping their order and scores."""
         found, pairs = [], []
         for r in range(queries.shape[0]):
-            valid = ids[r] >= 0
-            s, i = scores[r][valid], ids[r][valid]
-            t = min(self.rerank_top_k, i.numel())
-            found.append((s, i, t))
+            if candidates is not None:
+                post_s, i, g, _ = candidates[r]
+                t = min(self.rerank_top_k, i.numel())
+                s = torch.cat([g[:t], post_s[t:]])  # CVNet's mix is over the global cosine
+                by_id = dict(zip(i.tolist(), g.tolist()))
+            else:
+                valid = searched[1][r] >= 0
+                s, i = searched[0][r][valid], searched[1][r][valid]
+                t = min(self.rerank_top_k, i.numel())
+                by_id = dict(zip(i.tolist(), s.tolist()))
+            found.append((s, i, t, by_id))
             pairs.extend((r, j) for j in i[:t].tolist())
         store = self._map_store()
         store.dataset.load_paths(j for _, j in pairs if not store.in_memory(j))
@@ -585,10 +719,9 @@ class Retriever:
         if self.map_cache_size == 0:
             store.clear()
         rows, start = [], 0
-        for s, i, t in found:
+        for s, i, t, by_id in found:
             new_s, new_i = apply_cvnet_rerank(s, i, pair_scores[start : start + t], weight=self.mix)
             start += t
-            by_id = dict(zip(i.tolist(), s.tolist()))
             globals_ = torch.tensor([by_id[j] for j in new_i.tolist()], dtype=torch.float32)
             rows.append((new_s[:k], new_i[:k], globals_[:k]))
         return rows
@@ -872,7 +1005,11 @@ def _weights_record(net: nn.Module, weights: str | None, seed: int | None, part:
     record: dict[str, Any] = {"weights": None if weights is None else str(Path(weights).resolve()), "seed": seed,
                               "fingerprint": weights_fingerprint(net), "checkpoint": None}
     if weights is None and seed is None:
-        record["checkpoint"] = write_file(part, ".pth", lambda path: save_official_checkpoint(net, path))
+        if isinstance(net, TimmGlobal):  # the official key layout fits the project's ResNets only
+            save = lambda path: atomic_torch_save(timm_global_checkpoint(net), path)  # noqa: E731
+        else:
+            save = lambda path: save_official_checkpoint(net, path)  # noqa: E731
+        record["checkpoint"] = write_file(part, ".pth", save)
         logger.info("%s weights of unknown origin (no file, no seed): saved them with the index", part)
     return record
 
@@ -904,8 +1041,12 @@ def _build_recorded(record: Mapping[str, Any], directory: Path, *, kind: str,
         flag = "weights= (--weights)" if what == "model" else "rerank_weights= (--rerank-weights)"
         raise FileNotFoundError(f"the index was built with {what} weights {path}, which is missing: put the file "
                                 f"back or pass {flag} with its new location")
-    net = build_model(kind, depth=record["depth"], weights=path, seed=record.get("seed") or 0,
-                      options=record.get("options"), warn_random=path is None)
+    options = record.get("options")
+    if record.get("class") == TimmGlobal.__name__:
+        options = dict(options or {})
+        kind = TIMM_ARCH_PREFIX + options.pop("model_name")
+    net = build_model(kind, depth=record["depth"] or 50, weights=path, seed=record.get("seed") or 0,
+                      options=options, warn_random=path is None)
     if path is None and record.get("input_convention"):  # random weights: no file to carry the convention
         net.input_convention = InputConvention.from_dict(record["input_convention"])
     return net
@@ -955,6 +1096,29 @@ def _image_name(image: Any, row: int) -> str:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {row} (array)"
 
 
+@contextlib.contextmanager
+def _stage(timings: dict[str, float] | None, name: str) -> Iterator[None]:
+    """Add the seconds the block took to ``timings[name]`` (nothing when ``timings`` is None)."""
+    if timings is None:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _post_settings(post: PostProcessing | Mapping[str, Any] | None) -> PostProcessing | None:
+    """A :class:`PostProcessing` from itself, its fields as a dict (a save's record), or None."""
+    if post is None or isinstance(post, PostProcessing):
+        return post
+    if isinstance(post, Mapping):
+        return PostProcessing(**post)
+    raise TypeError(f"post must be a helpers.postprocess.PostProcessing, a dict of its fields or None, got "
+                    f"{type(post).__name__}")
+
+
 def _per_item(values: Sequence[Any] | None, n: int, name: str) -> list[Any]:
     if values is None:
         return [None] * n
@@ -989,10 +1153,13 @@ def build_index(
     index_name: str | None = None,
     namespace: str = "",
     progress: bool = True,
+    flip: bool = False,
 ) -> Retriever:
     """Index every image under ``images`` into ``index_dir`` (ids 0..n-1 in sorted path order); returns the
-    :class:`Retriever`. ``model``: ``"superglobal"`` or ``"cvnet"`` (CVNet-Global). Without ``weights`` the model
-    is random (seeded, loudly warned: results meaningless). ``device``: auto, cpu, cuda or cuda:N.
+    :class:`Retriever`. ``model``: ``"superglobal"``, ``"cvnet"`` (CVNet-Global) or ``"timm:<timm model name>"``
+    (a :class:`models.TimmGlobal`; ``weights`` a trained ``timm-global-v1`` file of train_backbone.py). Without
+    ``weights`` the model is random (seeded, loudly warned: results meaningless). ``device``: auto, cpu, cuda or
+    cuda:N. ``flip``: flip test-time augmentation of every descriptor (recorded: queries get it too).
 
     ``scales``: the multi-scale factors (default: the model's, 0.7071, 1, 1.4142; ``[1.0]`` is single scale,
     about 3.5 times faster). An unreadable image is an error naming it, unless ``skip_unreadable``. An existing
@@ -1008,7 +1175,7 @@ def build_index(
     kind = global_kind_name(model)
     options = {"scales": list(scales)} if scales is not None and kind == "superglobal" else None
     net = build_model(kind, depth=depth, weights=weights, seed=seed, options=options)
-    extra = {"scales": tuple(scales)} if scales is not None and kind == "cvnet_global" else {}
+    extra = {"scales": tuple(scales)} if scales is not None and kind != "superglobal" else {}
     database = make_database(backend, descriptor_dim(net), host=host, index_name=index_name, namespace=namespace)
     if len(database):
         if not overwrite:
@@ -1016,8 +1183,10 @@ def build_index(
                                   "to delete them first, or use another --namespace")
         database.delete(database.ids())
     retriever = Retriever(net, database, device=torch_device, batch_size=batch_size, max_side=max_side,
-                          min_side=min_side, weights=weights, seed=None if weights is not None else seed, **extra)
-    logger.info("indexing %d images from %s with %s (ResNet-%d)", len(files), images, type(net).__name__, depth)
+                          min_side=min_side, weights=weights, seed=None if weights is not None else seed, flip=flip,
+                          **extra)
+    logger.info("indexing %d images from %s with %s%s", len(files), images, model_name(net),
+                " (flip test-time augmentation)" if flip else "")
     ids = retriever.index(files, ids=range(len(files)), on_error="skip" if skip_unreadable else "raise",
                           progress=progress)
     if int((ids >= 0).sum()) == 0:
@@ -1027,11 +1196,58 @@ def build_index(
 
 
 def global_kind_name(name: str) -> str:
-    """A global model's kind from a builder kind or alias (``"superglobal"``, ``"cvnet"``, ``"CVNetGlobal"``, ...)."""
+    """A global model's kind from a builder kind or alias (``"superglobal"``, ``"cvnet"``, ``"CVNetGlobal"``, ...);
+    ``"timm:<name>"`` stays as it is."""
+    if name.startswith(TIMM_ARCH_PREFIX) and len(name) > len(TIMM_ARCH_PREFIX):
+        return name
     kind = model_kind(name)
     if kind not in GLOBAL_KINDS:
         raise ValueError(f"a global model is one of {GLOBAL_KINDS} (or 'cvnet'), got {name!r}")
     return kind
+
+
+def rerank_source(index_dir: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+                  rerank_weights: str | os.PathLike | None = None) -> tuple[str | None, int | None]:
+    """Where the CVNet re-ranker of a saved index takes its weights: (checkpoint path, None) from
+    ``rerank_weights``, else ``weights`` (the index's checkpoint, moved), else the checkpoint the index was built
+    with (an official CVNet checkpoint holds both parts); (None, seed) for an index of random weights (the same
+    seed). An index of a timm model has no CVNet part: ``rerank_weights`` is needed (ValueError)."""
+    recorded = Retriever.read_config(index_dir)["model"]
+    if rerank_weights is not None:
+        return os.fspath(rerank_weights), None
+    if recorded.get("class") == TimmGlobal.__name__:
+        raise ValueError(f"{index_dir} was built with a timm model ({TIMM_ARCH_PREFIX}"
+                         f"{(recorded.get('options') or {}).get('model_name')}), whose weights hold no CVNet "
+                         "re-ranking head: pass the CVNet checkpoint (rerank_weights=, --rerank-weights)")
+    source = weights if weights is not None else recorded.get("weights")
+    if source is not None:
+        return os.fspath(source), None
+    return None, recorded.get("seed") or 0
+
+
+def reranker_for_index(
+    index_dir: str | os.PathLike,
+    kind: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    rerank_weights: str | os.PathLike | None = None,
+    M: int | None = None,
+    K: int | None = None,
+    beta: float | None = None,
+) -> nn.Module | None:
+    """The re-ranker ``kind`` (``"none"`` -> None, ``"superglobal"``, ``"cvnet"``) for the index saved in
+    ``index_dir``. SuperGlobal: ``M``, ``K``, ``beta`` (None: SuperGlobal's 400, 9, 0.15). CVNet: its weights
+    from :func:`rerank_source` (``rerank_weights``, else the index's own checkpoint, ``weights`` if it moved,
+    else random weights of the index's seed) at the index's ResNet depth."""
+    if kind not in RERANKERS:
+        raise ValueError(f"rerank must be one of {RERANKERS}, got {kind!r}")
+    if kind == "none":
+        return None
+    if kind == "superglobal":
+        return build_superglobal_reranker(**_given(M=M, K=K, beta=beta))
+    source, seed = rerank_source(index_dir, weights=weights, rerank_weights=rerank_weights)
+    depth = Retriever.read_config(index_dir)["model"].get("depth") or 50
+    return build_model("cvnet_rerank", depth=depth, weights=source, seed=seed if seed is not None else 0)
 
 
 def query_index(
@@ -1049,31 +1265,25 @@ def query_index(
     M: int | None = None,
     K: int | None = None,
     beta: float | None = None,
+    post: PostProcessing | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[list[Hit], Retriever]:
     """Query a saved index with one image: (hits best first, the retriever).
 
-    ``rerank``: ``"none"``, ``"superglobal"`` (``M``, ``K``, ``beta``; None: SuperGlobal's 400, 9, 0.15) or
-    ``"cvnet"`` (its weights: ``rerank_weights``, else the checkpoint the index was built with, which holds both
-    parts, else random like the index's model; ``rerank_top_k`` and ``mix``, None: the index's settings).
-    ``weights`` points at the index's checkpoint if it moved since the build.
+    ``rerank``: ``"none"``, ``"superglobal"`` or ``"cvnet"``, built by :func:`reranker_for_index` (``M``, ``K``,
+    ``beta``; ``rerank_weights``); ``rerank_top_k`` and ``mix`` (None: the index's settings). ``post``: the
+    post-processing (None: the index's recorded one, if any). ``weights`` points at the index's checkpoint if it
+    moved since the build. ``timings``: filled with each stage's seconds (see :meth:`Retriever.query_batch`).
     """
-    if rerank not in RERANKERS:
-        raise ValueError(f"rerank must be one of {RERANKERS}, got {rerank!r}")
-    config = Retriever.read_config(index_dir)
-    recorded = config["model"]
-    reranker: nn.Module | None = None
-    rerank_source: tuple[Any, int | None] = (None, None)
-    if rerank == "superglobal":
-        reranker = build_superglobal_reranker(**_given(M=M, K=K, beta=beta))
-    elif rerank == "cvnet":
-        source = rerank_weights or (weights if weights is not None else recorded.get("weights"))
-        seed = recorded.get("seed") or 0
-        reranker = build_model("cvnet_rerank", depth=recorded["depth"], weights=source, seed=seed)
-        rerank_source = (os.fspath(source), None) if source is not None else (None, seed)
-    retriever = Retriever.load(index_dir, weights=weights, reranker=reranker, device=resolve_device(device),
+    reranker = reranker_for_index(index_dir, rerank, weights=weights, rerank_weights=rerank_weights, M=M, K=K,
+                                  beta=beta)
+    retriever = Retriever.load(index_dir, weights=weights, reranker=None, device=resolve_device(device),
                                **_given(rerank_top_k=rerank_top_k, mix=mix))
-    retriever.rerank_weights, retriever.rerank_seed = rerank_source  # what errors name the re-ranker's weights by
-    return retriever.query(image, k, bbox=bbox), retriever
+    source: tuple[str | None, int | None] = (None, None)
+    if rerank == "cvnet":
+        source = rerank_source(index_dir, weights=weights, rerank_weights=rerank_weights)
+    retriever.set_reranker(reranker, weights=source[0], seed=source[1])  # what errors name its weights by
+    return retriever.query(image, k, bbox=bbox, post=post, timings=timings), retriever
 
 
 def _given(**values: Any) -> dict[str, Any]:

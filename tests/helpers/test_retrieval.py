@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from datasets.transforms import to_tensor
 from helpers.builders import build_model
-from helpers.retrieval import CONFIG_FILE, Retriever, list_images, prepare_image
+from helpers.postprocess import PostProcessing, post_scores
+from helpers.retrieval import CONFIG_FILE, Retriever, list_images, prepare_image, reranker_for_index
 from helpers.vector_db.tensor import TensorVectorDB
 from models.cvnet import CVNetGlobal, CVNetRerank
 from models.superglobal import SuperGlobal, SuperGlobalRerank
@@ -355,7 +356,7 @@ def test_errors(sg_model, cv_reranker, images, tmp_path):
     arrays, paths = images
     with pytest.raises(ValueError, match=r"128-d.*2048-d"):
         Retriever(sg_model, TensorVectorDB(128))
-    with pytest.raises(TypeError, match="SuperGlobal or models.CVNetGlobal"):
+    with pytest.raises(TypeError, match="SuperGlobal, models.CVNetGlobal or models.TimmGlobal"):
         Retriever(cv_reranker, TensorVectorDB(2048))
 
     retriever = Retriever(sg_model, TensorVectorDB(2048), reranker=cv_reranker)
@@ -588,3 +589,123 @@ def test_a_save_of_the_older_layout_loads_and_is_replaced_whole(images, tmp_path
     assert len(loaded) == 2 and loaded.reranker is None and loaded.seed == 3
     loaded.save(tmp_path)
     assert not (tmp_path / "database.pt").exists() and len(Retriever.load(tmp_path, model)) == 2
+
+
+# ------------------------------------------------------------------------- post-processing, timings, flip, timm
+
+POST = PostProcessing(aqe_k=1, aqe_alpha=3.0, dba_k=1, dba_alpha=3.0, kreciprocal=True, k1=3, k2=2, shortlist=3)
+
+
+@pytest.mark.parametrize("post", [POST, PostProcessing(aqe_k=2, aqe_alpha=0.0, shortlist=N_IMAGES)])
+def test_post_processing_reorders_the_global_shortlist_and_reports_its_scores(post, sg_model, indexed, images):
+    db, ids = indexed
+    retriever = Retriever(sg_model, db)
+    timings: dict[str, float] = {}
+    hits = retriever.query(images[0][2], k=N_IMAGES, post=post, timings=timings)
+
+    # reference: the global ranking's top `shortlist`, ordered by post_scores of the stored vectors; the rest after
+    xq = retriever.describe([images[0][2]])[0]
+    xb = db.get(ids)
+    glob = xb @ xq
+    order = torch.argsort(glob, descending=True, stable=True)
+    t = min(post.shortlist, N_IMAGES)
+    head = post_scores(xq, xb[order[:t]], post)
+    head_order = torch.argsort(head, descending=True, stable=True)
+    expected = [int(ids[j]) for j in order[:t][head_order]] + [int(ids[j]) for j in order[t:]]
+    assert [h.id for h in hits] == expected
+    torch.testing.assert_close(torch.tensor([h.score for h in hits[:t]]), head[head_order], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor([h.global_score for h in hits]),
+                               torch.tensor([float(glob[int((ids == h.id).nonzero())]) for h in hits]),
+                               atol=1e-5, rtol=0)
+    assert set(timings) == {"prepare query", "describe query", "search", "post-processing", "metadata"}
+    assert all(v >= 0 for v in timings.values())
+    # an inactive PostProcessing is the plain global search
+    plain = retriever.query(images[0][2], k=N_IMAGES, post=PostProcessing())
+    assert [h.id for h in plain] == [int(ids[j]) for j in order]
+
+
+def test_rerankers_work_over_the_post_processed_order(sg_model, cv_reranker, indexed, images):
+    db, ids = indexed
+    # SuperGlobal: its re-ranking of the post-processed top M
+    sg = SuperGlobalRerank(M=2, K=1, beta=0.15)
+    retriever = Retriever(sg_model, db, reranker=sg, post=POST)
+    timings: dict[str, float] = {}
+    hits = retriever.query(images[0][1], k=N_IMAGES, timings=timings)
+    assert "re-ranking" in timings and "post-processing" in timings
+    post_only = Retriever(sg_model, db, post=POST).query(images[0][1], k=N_IMAGES)
+    xq = retriever.describe([images[0][1]])
+    top = torch.tensor([h.id for h in post_only[:2]])
+    scores, order = sg.rerank_candidates(xq, db.get(top)[None], top[None])
+    assert [h.id for h in hits] == order[0].tolist() + [h.id for h in post_only[2:]]
+    torch.testing.assert_close(torch.tensor([h.score for h in hits[:2]]), scores[0], atol=1e-5, rtol=0)
+    # CVNet: global cosine + mix * pair score over the post-processed top rerank_top_k, re-sorted among themselves
+    retriever = Retriever(sg_model, db, reranker=cv_reranker, rerank_top_k=2, mix=0.5, post=POST)
+    hits = retriever.query(images[1][1], k=N_IMAGES)
+    post_only = Retriever(sg_model, db, post=POST).query(images[1][1], k=N_IMAGES)
+    assert {h.id for h in hits[:2]} == {h.id for h in post_only[:2]}
+    assert [h.id for h in hits[2:]] == [h.id for h in post_only[2:]]
+    assert hits[0].id == int(ids[1])  # the query image itself
+    assert [h.score for h in hits[2:]] == pytest.approx([h.score for h in post_only[2:]], abs=1e-6)
+    assert hits[0].score > hits[0].global_score  # the CVNet score of an image with itself is positive
+
+
+def test_timings_of_each_reranker(sg_model, cv_reranker, indexed, images):
+    db, _ = indexed
+    for kind, stages in (("none", {"search"}), ("superglobal", {"re-ranking"}),
+                         ("cvnet", {"search", "re-ranking"})):
+        timings: dict[str, float] = {}
+        Retriever(sg_model, db, reranker=_reranker(kind, cv_reranker), rerank_top_k=2).query(
+            images[1][0], k=2, timings=timings)
+        assert set(timings) == {"prepare query", "describe query", "metadata"} | stages, kind
+
+
+def test_flip_describes_every_image_as_l2_of_it_and_its_mirror(sg_model, images, tmp_path):
+    img = images[0][1]
+    plain = Retriever(sg_model, TensorVectorDB(2048))
+    flipped = Retriever(sg_model, TensorVectorDB(2048), flip=True)
+    mirror = np.ascontiguousarray(img[:, ::-1])
+    expected = F.normalize(plain.describe([img]) + plain.describe([mirror]), dim=-1)
+    torch.testing.assert_close(flipped.describe([img]), expected, atol=1e-5, rtol=0)
+    ids = flipped.index(images[1], progress=False)
+    torch.testing.assert_close(flipped.database.get(ids[:1]), flipped.describe([images[1][0]]), atol=1e-6, rtol=0)
+    flipped.post = POST
+    flipped.save(tmp_path)
+    settings = json.loads((tmp_path / CONFIG_FILE).read_text())["settings"]
+    assert settings["flip"] is True and settings["post"]["k1"] == 3
+    loaded = Retriever.load(tmp_path, sg_model)
+    assert loaded.flip and loaded.post == POST
+
+
+def test_a_timm_model_indexes_queries_saves_and_loads(images, tmp_path):
+    model = build_model("timm:resnet18", seed=4, warn_random=False)
+    retriever = Retriever(model, TensorVectorDB(512), seed=4, scales=(1.0,))
+    ids = retriever.index(images[1], progress=False)
+    hits = retriever.query(images[0][2], k=2)
+    assert hits[0].id == int(ids[2]) and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    retriever.save(tmp_path / "seeded")
+    config = json.loads((tmp_path / "seeded" / CONFIG_FILE).read_text())["model"]
+    assert config["class"] == "TimmGlobal" and config["options"]["model_name"] == "resnet18"
+    loaded = Retriever.load(tmp_path / "seeded")  # rebuilt from the seed
+    assert [(h.id, h.score) for h in loaded.query(images[0][2], k=2)] == [(h.id, h.score) for h in hits]
+    with pytest.raises(ValueError, match="rerank_weights"):
+        reranker_for_index(tmp_path / "seeded", "cvnet")
+    unknown = Retriever(model, retriever.database, scales=(1.0,))  # no file, no seed: the weights go with the save
+    unknown.save(tmp_path / "unknown")
+    again = Retriever.load(tmp_path / "unknown")
+    assert [(h.id, h.score) for h in again.query(images[0][2], k=2)] == [(h.id, h.score) for h in hits]
+
+
+def test_reranker_for_index_builds_each_kind(images, tmp_path):
+    model = build_model("superglobal", depth=50, seed=3, options={"scales": [1.0]}, warn_random=False)
+    retriever = Retriever(model, TensorVectorDB(2048), seed=3)
+    retriever.index(images[1][:2], progress=False)
+    retriever.save(tmp_path)
+    assert reranker_for_index(tmp_path, "none") is None
+    sg = reranker_for_index(tmp_path, "superglobal", M=5, K=2, beta=0.2)
+    assert isinstance(sg, SuperGlobalRerank) and (sg.M, sg.K, sg.beta) == (5, 2, 0.2)
+    cv = reranker_for_index(tmp_path, "cvnet")  # random like the index: the same seed
+    expected = build_model("cvnet_rerank", depth=50, seed=3, warn_random=False)
+    assert isinstance(cv, CVNetRerank)
+    assert all(torch.equal(a, b) for a, b in zip(cv.state_dict().values(), expected.state_dict().values()))
+    with pytest.raises(ValueError, match="rerank must be one of"):
+        reranker_for_index(tmp_path, "dino")
