@@ -2,12 +2,17 @@
 
     python retrieve.py build --images photos/ --index my_index --weights weights/CVPR2022_CVNet_R50.pyth
     python retrieve.py query --index my_index --image photos/q.jpg --k 10 --rerank superglobal --grid q.png
+    python retrieve.py build --images photos/ --index vit_index --model timm:vit_small_patch16_224 --flip
+    python retrieve.py query --index my_index --image photos/q.jpg --aqe 2 --dba 2 --kreciprocal --rerank cvnet
 
 ``build`` describes every image under ``--images`` (recursively; jpg, png, bmp, webp, tif, ppm, pgm) with
-SuperGlobal (default) or CVNet-Global and stores the descriptors, with each image's path, in ``--index``
+SuperGlobal (default), CVNet-Global or any timm model (``--model timm:<name>``, random or ``--weights`` a
+``timm-global-v1`` file written by train_backbone.py), optionally with flip test-time augmentation, and stores the descriptors, with each image's path, in ``--index``
 (``retriever.json`` + ``database-<save id>.pt`` or ``.faiss``), or in a Pinecone namespace with
-``--backend pinecone``. ``query`` prints the ranked list (rank, score, path), optionally re-ranked, and can
-write a PNG grid of the query and its top-k. The work is done by :func:`helpers.retrieval.build_index` and
+``--backend pinecone``. ``query`` prints the ranked list (rank, score, path), optionally post-processed (α-QE,
+α-DBA, k-reciprocal over the global shortlist) and re-ranked (SuperGlobal or CVNet, over the post-processed
+order), the time of each stage, and can write a PNG grid of the query and its top-k
+(:func:`helpers.visualize.save_ranking_grid`). The work is done by :func:`helpers.retrieval.build_index` and
 :func:`helpers.retrieval.query_index`; torch is imported only once the arguments are parsed.
 """
 from __future__ import annotations
@@ -32,10 +37,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="describe every image under a folder and save the index")
     b.add_argument("--images", required=True, help="folder of images (searched recursively)")
     b.add_argument("--index", required=True, help="output folder of the index")
-    b.add_argument("--model", choices=["superglobal", "cvnet"], default="superglobal",
-                   help="global descriptor (default: superglobal)")
+    b.add_argument("--model", type=_model, default="superglobal", metavar="{superglobal,cvnet,timm:<name>}",
+                   help="global descriptor: superglobal (default), cvnet (CVNet-Global) or timm:<timm model name>")
     b.add_argument("--weights", default=None,
-                   help="official checkpoint, e.g. weights/CVPR2022_CVNet_R50.pyth (without: random, meaningless)")
+                   help="official checkpoint, e.g. weights/CVPR2022_CVNet_R50.pyth, or for timm:<name> a "
+                        "timm-global-v1 file of train_backbone.py (without: random, meaningless)")
+    b.add_argument("--flip", action="store_true",
+                   help="flip test-time augmentation: L2(desc(image) + desc(mirrored image)), at query time too")
     b.add_argument("--depth", type=int, choices=[50, 101], default=None, help="ResNet depth of the checkpoint (50)")
     b.add_argument("--backend", choices=["tensor", "faiss", "pinecone"], default="tensor",
                    help="vector database (pinecone: needs PINECONE_API_KEY)")
@@ -68,8 +76,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     q.add_argument("--sg-m", type=int, default=None, help="SuperGlobal re-ranking: candidates re-ranked (M, 400)")
     q.add_argument("--sg-k", type=int, default=None, help="SuperGlobal re-ranking: neighbours (K, 9)")
     q.add_argument("--sg-beta", type=float, default=None, help="SuperGlobal re-ranking: neighbour weight (beta, 0.15)")
+    p = q.add_argument_group("post-processing of the global shortlist (before any --rerank)")
+    p.add_argument("--aqe", type=_count, default=0, metavar="K", help="alpha-QE over the query's top K (0: off)")
+    p.add_argument("--aqe-alpha", type=float, default=3.0, metavar="A", help="alpha-QE exponent (3; 0: average QE)")
+    p.add_argument("--dba", type=_count, default=0, metavar="K", help="alpha-DBA over each candidate's top K (0: off)")
+    p.add_argument("--dba-alpha", type=float, default=3.0, metavar="A", help="alpha-DBA exponent (3)")
+    p.add_argument("--kreciprocal", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
+    p.add_argument("--k1", type=_count, default=20, help="k-reciprocal k1 (20)")
+    p.add_argument("--k2", type=_count, default=6, help="k-reciprocal k2 (6)")
+    p.add_argument("--lambda", dest="lambda_value", type=float, default=0.3, help="k-reciprocal lambda (0.3)")
+    p.add_argument("--shortlist", type=_count, default=1000, metavar="N",
+                   help="global candidates post-processed per query (1000)")
     _common(q)
     return parser
+
+
+def _model(text: str) -> str:
+    if text in ("superglobal", "cvnet") or (text.startswith("timm:") and len(text) > len("timm:")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected superglobal, cvnet or timm:<timm model name>, got {text!r}")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def _floats(text: str) -> list[float]:
@@ -121,15 +156,15 @@ def _sides(args: argparse.Namespace) -> dict[str, int | None]:
 
 def build(args: argparse.Namespace) -> int:
     from helpers.builders import OFFICIAL_WEIGHTS_HINT
-    from helpers.retrieval import build_index
+    from helpers.retrieval import build_index, model_name
 
     retriever = build_index(
         images=args.images, index_dir=args.index, model=args.model, weights=args.weights, backend=args.backend,
         device=args.device, scales=args.scales, overwrite=args.overwrite, skip_unreadable=args.skip_unreadable,
         host=args.host, index_name=args.index_name, namespace=args.namespace, progress=not args.quiet,
-        **_sides(args), **_given(depth=args.depth, batch_size=args.batch_size, seed=args.seed))
-    print(f"indexed {len(retriever)} images into {args.index} ({args.backend}, "
-          f"{type(retriever.model).__name__} ResNet-{retriever.model.depth})")
+        flip=args.flip, **_sides(args), **_given(depth=args.depth, batch_size=args.batch_size, seed=args.seed))
+    print(f"indexed {len(retriever)} images into {args.index} ({args.backend}, {model_name(retriever.model)}"
+          f"{', flip TTA' if args.flip else ''})")
     if args.weights is None:
         print("WARNING: built with RANDOM weights, rankings are meaningless. " + OFFICIAL_WEIGHTS_HINT,
               file=sys.stderr)
@@ -139,19 +174,30 @@ def build(args: argparse.Namespace) -> int:
 def query(args: argparse.Namespace) -> int:
     bbox = parse_bbox(args.bbox)
     from helpers.grid import write_grid
-    from helpers.retrieval import query_index
+    from helpers.postprocess import PostProcessing
+    from helpers.retrieval import model_name, query_index
 
+    post = PostProcessing(aqe_k=args.aqe, aqe_alpha=args.aqe_alpha, dba_k=args.dba, dba_alpha=args.dba_alpha,
+                          kreciprocal=args.kreciprocal, k1=args.k1, k2=args.k2,
+                          lambda_value=args.lambda_value, shortlist=args.shortlist)
+    timings: dict[str, float] = {}
     hits, retriever = query_index(
         index_dir=args.index, image=args.image, k=args.k, rerank=args.rerank, bbox=bbox, weights=args.weights,
-        rerank_weights=args.rerank_weights, device=args.device,
+        rerank_weights=args.rerank_weights, device=args.device, timings=timings,
+        post=post if post.active else None,  # none asked for: the index's recorded post-processing, if any
         **_given(rerank_top_k=args.rerank_top_k, mix=args.mix, M=args.sg_m, K=args.sg_k, beta=args.sg_beta))
-    print(f"# query {args.image}: top {len(hits)} of {len(retriever)} ({type(retriever.model).__name__}, "
-          f"rerank {args.rerank})")
+    applied = post if post.active else retriever.post or post
+    what = f"{model_name(retriever.model)}{', flip TTA' if retriever.flip else ''}, post-processing " \
+           f"{applied.describe()}, rerank {args.rerank}"
+    print(f"# query {args.image}: top {len(hits)} of {len(retriever)} ({what})")
+    print("# time: " + ", ".join(f"{name} {1000 * t:.1f} ms" for name, t in timings.items()))
     print("# rank\tscore\tpath")
     for line in format_hits(hits):
         print(line)
     if args.grid:
-        print(f"# grid written to {write_grid(args.grid, args.image, hits, bbox=bbox)}")
+        title = f"{model_name(retriever.model)}  rerank {args.rerank}" + \
+            (f"  {applied.describe()}" if applied.active else "")
+        print(f"# grid written to {write_grid(args.grid, args.image, hits, bbox=bbox, title=title)}")
     return 0
 
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.grid import fit_thumbnail, make_grid, tile_origin
+from helpers.grid import query_tiles
+from helpers.retrieval import Retriever
+from helpers.visualize import ranking_grid, score_decimals
 from retrieve import main, parse_bbox
 from tests.helpers.pinecone_server import FakePinecone
 
@@ -107,17 +109,56 @@ def test_cvnet_rerank_adds_between_0_and_mix_to_the_global_score(built, folder, 
         assert glob[path] - 1e-5 <= score <= glob[path] + 0.5 + 1e-5
 
 
-def test_grid_shows_the_query_then_its_hits(built, folder, tmp_path, capsys):
+def test_grid_is_the_one_renderer_with_rank_score_and_name(built, folder, tmp_path, capsys):
     files = folder[1]
     grid_path = tmp_path / "grid.png"
-    rows = _query(capsys, built, files[1], "--k", "2", "--grid", str(grid_path))
-    assert rows[0][2] == str(files[1])
+    rows = _query(capsys, built, files[1], "--k", "3", "--grid", str(grid_path), "--bbox", "4,4,90,80")
     grid = cv2.imread(str(grid_path))
-    assert grid.shape == make_grid([None] * 3, ["", "", ""]).shape
-    expected = fit_thumbnail(cv2.imread(str(files[1])))
-    for tile in (0, 1):  # the query, then rank 1, which is the same image
-        y, x = tile_origin(tile, cols=3)
-        np.testing.assert_array_equal(grid[y : y + 160, x : x + 160], expected)
+    hits = Retriever.load(built).query(str(files[1]), 3, bbox=(4, 4, 90, 80))
+    assert [h.path for h in hits] == [r[2] for r in rows]
+    query_img, tiles = query_tiles(files[1], hits, bbox=(4, 4, 90, 80))
+    assert [(t.rank, t.name) for t in tiles] == [(r, Path(p).name) for r, _, p in rows]
+    for tile, (_, _, path) in zip(tiles, rows):
+        np.testing.assert_array_equal(tile.image, cv2.imread(path))
+    # the grid the command wrote is helpers.visualize's rendering of these tiles (the title aside)
+    expected = ranking_grid(query=query_img, hits=tiles, query_name=files[1].name, cols=6, legend=False)
+    body = grid[grid.shape[0] - expected.shape[0]:]
+    np.testing.assert_array_equal(body, expected)
+    assert score_decimals([h.score for h in hits]) >= 4  # scores printed with digits enough to tell them apart
+
+
+def test_post_processing_flags_reorder_the_shortlist(built, folder, capsys):
+    files = folder[1]
+    glob = _query(capsys, built, files[0], "--k", "3")
+    capsys.readouterr()
+    assert main(["query", "--index", str(built), "--image", str(files[0]), "--device", "cpu", "--quiet", "--k", "3",
+                 "--aqe", "1", "--aqe-alpha", "0", "--dba", "1", "--kreciprocal", "--k1", "2", "--k2", "1",
+                 "--shortlist", "3", "--rerank", "superglobal", "--sg-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "α-DBA k=1" in out and "α-QE k=1" in out and "k-reciprocal k1=2 k2=1" in out and "rerank superglobal" in out
+    time_line = next(line for line in out.splitlines() if line.startswith("# time: "))
+    for stage in ("describe query", "search", "post-processing", "re-ranking"):
+        assert stage in time_line
+    paths = [line.split("\t")[2] for line in out.splitlines() if not line.startswith("#")]
+    assert sorted(paths) == sorted(r[2] for r in glob) and paths[0] == str(files[0])
+    err = _fails(capsys, ["query", "--index", str(built), "--image", str(files[0]), "--kreciprocal", "--k1", "0",
+                          "--quiet"])
+    assert "post-processing" in err
+
+
+def test_build_with_flip_and_a_timm_model(folder, tmp_path, capsys):
+    index = tmp_path / "timm"
+    capsys.readouterr()
+    assert main(["build", "--images", str(folder[0]), "--index", str(index), "--device", "cpu", "--quiet",
+                 "--model", "timm:resnet18", "--flip", "--scales", "1"]) == 0
+    assert "TimmGlobal timm:resnet18, flip TTA" in capsys.readouterr().out
+    settings = json.loads((index / "retriever.json").read_text())
+    assert settings["settings"]["flip"] is True and settings["model"]["options"]["model_name"] == "resnet18"
+    rows = _query(capsys, index, folder[1][2], "--k", "2")
+    assert rows[0][2] == str(folder[1][2]) and rows[0][1] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(SystemExit):
+        main(["build", "--images", str(folder[0]), "--index", str(tmp_path / "x"), "--model", "dino"])
+    assert "timm:<timm model name>, got 'dino'" in capsys.readouterr().err
 
 
 def test_bbox_crops_the_query(built, folder, capsys):
