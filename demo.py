@@ -32,21 +32,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from helpers.demo_app import DemoState, build_app, builtin_index
+    from helpers.demo_app import DemoState, build_app, builtin_index, index_examples
     from helpers.distributed import resolve_device
     from helpers.retrieval import Retriever
 
     if args.index:
-        index_dir, examples, weights = args.index, [], args.weights
+        index_dir, examples = args.index, None
     else:
-        index_dir, examples, weights = builtin_index(args.root, os.path.join("runs", "demo", "index"))
+        index_dir, examples, _ = builtin_index(args.root, os.path.join("runs", "demo", "index"))
     retriever = Retriever.load(index_dir, weights=args.weights, device=resolve_device(args.device))
-    state = DemoState(index_dir=index_dir, retriever=retriever, examples=examples,
-                      weights=retriever.weights, random_weights=retriever.weights is None)
+    if examples is None:  # a few indexed images to click (each finds itself first)
+        examples = index_examples(retriever)
+    state = DemoState(index_dir=index_dir, retriever=retriever, examples=examples, weights=args.weights,
+                      random_weights=retriever.weights is None and retriever.seed is not None)
     app = build_app(state)
     print(f"{NAME}: serving {index_dir} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     # only the example queries are served from disk; results are sent as in-memory thumbnails
-    app.launch(server_name=args.host, server_port=args.port, allowed_paths=[os.path.abspath(args.root)])
+    app.launch(server_name=args.host, server_port=args.port, allowed_paths=[p for p, _ in examples],
+               show_error=True)
     return 0
 
 

@@ -24,7 +24,9 @@ BUILTIN_WEIGHTS = ("runs/builtin/rerank/last.pyth", "runs/builtin/backbone/last.
 
 @dataclass
 class DemoState:
-    """What one demo process serves: the index and its retriever, example queries, the weights' description."""
+    """What one demo process serves: the index and its retriever, example queries (path, box or None),
+    ``weights`` the index's checkpoint when it moved since the build (``demo.py --weights``), and whether the
+    weights are random (the page then shows a banner)."""
 
     index_dir: Path
     retriever: Any
@@ -33,15 +35,18 @@ class DemoState:
     weights: str | None = None
     _rerankers: dict[str, Any] = field(default_factory=dict)
 
-    def reranker(self, kind: str) -> Any:
-        """The re-ranker of ``kind`` for this index, built once (CVNet's from the index's own weights)."""
-        from helpers.retrieval import reranker_for_index
+    def use_reranker(self, kind: str) -> None:
+        """Make the retriever re-rank with ``kind`` (built once per kind; CVNet's from the index's own weights,
+        ``weights`` when they moved, or the index's random seed)."""
+        from helpers.retrieval import rerank_source, reranker_for_index
 
-        if kind == "none":
-            return None
+        if kind not in RERANK_CHOICES:
+            raise ValueError(f"re-ranking must be one of {RERANK_CHOICES}, got {kind!r}")
         if kind not in self._rerankers:
-            self._rerankers[kind] = reranker_for_index(self.index_dir, kind)
-        return self._rerankers[kind]
+            source = rerank_source(self.index_dir, weights=self.weights) if kind == "cvnet" else (None, None)
+            self._rerankers[kind] = (reranker_for_index(self.index_dir, kind, weights=self.weights), source)
+        reranker, (weights, seed) = self._rerankers[kind]
+        self.retriever.set_reranker(reranker, weights=weights, seed=seed)
 
 
 def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
@@ -68,51 +73,94 @@ def post_settings(chosen: Sequence[str]) -> Any:
                           kreciprocal="k-reciprocal" in chosen, shortlist=100)
 
 
-def run_query(state: DemoState, image: str | None, box_text: str, rerank: str, post: Sequence[str], k: int
-              ) -> tuple[list[tuple[str, str]], str, str]:
-    """(gallery items (image path, caption), timings as Markdown, message). Errors come back as the message,
-    for the page to show, never as an exception."""
-    from helpers.retrieval import load_bgr
+def _path_of(image: Any) -> str | None:
+    """The file of a Gradio upload or example (a path, or a file object with ``.name`` / ``"path"``)."""
+    if image is None or isinstance(image, (str, os.PathLike)):
+        return None if image is None else os.fspath(image)
+    if isinstance(image, dict):
+        return image.get("path")
+    return getattr(image, "name", None)
 
-    if not image:
+
+def run_query(state: DemoState, image: Any, box_text: str, rerank: str, post: Sequence[str], k: int
+              ) -> tuple[list[tuple[Any, str]], str, str]:
+    """(gallery items (RGB thumbnail, caption ``#rank  score  file name``), timings as a Markdown table,
+    message). Errors (an unreadable image, a bad box, a re-ranker that cannot be built) come back as the
+    message, for the page to show, never as an exception."""
+    from helpers.retrieval import load_bgr
+    from helpers.visualize import format_scores
+
+    path = _path_of(image)
+    if not path:
         return [], "", "Pick an example or upload a query image first."
     timings: dict[str, float] = {}
     try:
         start = time.perf_counter()
-        img = load_bgr(image)
+        img = load_bgr(path)
         timings["read image"] = time.perf_counter() - start
         box = parse_box(box_text)
-        if rerank not in RERANK_CHOICES:
-            raise ValueError(f"re-ranking must be one of {RERANK_CHOICES}, got {rerank!r}")
+        settings = post_settings(post or [])
         start = time.perf_counter()
-        reranker = state.reranker(rerank)
+        state.use_reranker(rerank)
         timings["load re-ranker"] = time.perf_counter() - start
-        state.retriever.reranker = reranker
-        hits = state.retriever.query(img, int(k), bbox=box, post=post_settings(post), timings=timings)
-    except (OSError, ValueError) as exc:
+        hits = state.retriever.query(img, int(k), bbox=box, post=settings, timings=timings)
+    except (OSError, ValueError, KeyError) as exc:
         return [], "", f"**Could not run this query:** {exc}"
     start = time.perf_counter()
-    gallery = [(thumbnail(hit.path), f"#{rank}  {hit.score:.4f}  {Path(hit.path).name}")
-               for rank, hit in enumerate(hits, 1) if hit.path]  # entries indexed from arrays have no image
+    hits = [hit for hit in hits if hit.path]  # entries indexed from arrays have no image to show
+    scores = format_scores([hit.score for hit in hits])  # digits enough to tell neighbours apart
+    gallery = []
+    for rank, (hit, score) in enumerate(zip(hits, scores), 1):
+        try:
+            thumb = thumbnail(hit.path)
+        except (OSError, ValueError) as exc:  # a file removed since the build: say so, keep the others
+            log.warning("cannot show %s: %s", hit.path, exc)
+            continue
+        gallery.append((thumb, f"#{rank}  {score}  {Path(hit.path).name}"))
     timings["thumbnails"] = time.perf_counter() - start
-    lines = ["| stage | ms |", "|---|---|"] + [f"| {name} | {1000 * t:.1f} |" for name, t in timings.items()]
+    lines = ["| stage | ms |", "|---|---:|"] + [f"| {name} | {1000 * t:.1f} |" for name, t in timings.items()]
     lines.append(f"| **total** | **{1000 * sum(timings.values()):.1f}** |")
-    return gallery, "\n".join(lines), f"{len(hits)} results"
+    applied = settings.describe()
+    return gallery, "\n".join(lines), (f"{len(gallery)} results; re-ranking {rerank}; post-processing {applied}")
+
+
+def preview(image: Any, box_text: str) -> Any:
+    """The query as the page shows it: an RGB thumbnail with the box drawn, or None (nothing or unreadable)."""
+    import cv2
+
+    from helpers.retrieval import load_bgr
+
+    path = _path_of(image)
+    if not path:
+        return None
+    try:
+        img = load_bgr(path).copy()
+        box = parse_box(box_text)
+    except (OSError, ValueError):
+        return None
+    if box is not None:
+        cv2.rectangle(img, (round(box[0]), round(box[1])), (round(box[2]), round(box[3])), (212, 119, 31),
+                      max(2, max(img.shape[:2]) // 150))
+    return _shrink(img)[:, :, ::-1].copy()
 
 
 def thumbnail(path: str, side: int = 256) -> Any:
     """An RGB uint8 thumbnail (longer side ``side``) of an image file, for the gallery (served from memory, so the
     indexed files need not be exposed by the web server)."""
-    import cv2
-
     from datasets.transforms import read_image
 
-    img = read_image(path)
+    return _shrink(read_image(path), side)[:, :, ::-1].copy()
+
+
+def _shrink(img: Any, side: int = 256) -> Any:
+    """A BGR image downscaled (INTER_AREA) so that its longer side is at most ``side``."""
+    import cv2
+
     scale = side / max(img.shape[:2])
     if scale < 1:
         img = cv2.resize(img, (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale))),
                          interpolation=cv2.INTER_AREA)
-    return img[:, :, ::-1].copy()
+    return img
 
 
 def builtin_index(root: str | os.PathLike, index_dir: str | os.PathLike, *, name: str = "synth",
@@ -142,24 +190,50 @@ def builtin_index(root: str | os.PathLike, index_dir: str | os.PathLike, *, name
     return index_dir, examples, weights
 
 
+def _weights_text(state: DemoState) -> str:
+    r = state.retriever
+    if r.weights:
+        return r.weights
+    return f"random (seed {r.seed})" if r.seed is not None else "saved with the index"
+
+
+def index_examples(retriever: Any, n: int = 4) -> list[tuple[str, None]]:
+    """Up to ``n`` indexed image files of ``retriever`` (spread over its ids) as example queries, without box."""
+    ids = retriever.database.ids()
+    if len(ids) == 0:
+        return []
+    picks = sorted({int(ids[round(j * (len(ids) - 1) / max(n - 1, 1))]) for j in range(min(n, len(ids)))})
+    paths = [(entry or {}).get("path") for entry in retriever.database.get_metadata(picks)]
+    return [(p, None) for p in paths if p and os.path.isfile(p)]
+
+
 def build_app(state: DemoState, *, title: str = "CVNet / SuperGlobal retrieval demo") -> Any:
-    """The Gradio Blocks app over ``state``."""
+    """The Gradio Blocks app over ``state``: query file (``#query``), box (``#box``), re-ranking (``#rerank``),
+    post-processing (``#post``), top-k (``#topk``), ``#search``; the message (``#message``), the gallery
+    (``#results``) and the stage timings (``#timings``). A random-weights index shows ``#random-banner``."""
     import gradio as gr
 
+    from helpers.retrieval import model_name
+
     with gr.Blocks(title=title) as app:
-        gr.Markdown(f"# {title}\nIndex: `{state.index_dir}` ({len(state.retriever)} images, "
-                    f"{type(state.retriever.model).__name__}); weights: `{state.weights or 'random'}`")
+        flip = ", flip TTA" if getattr(state.retriever, "flip", False) else ""
+        gr.Markdown(f"# {title}\nIndex `{state.index_dir}`: {len(state.retriever)} images, "
+                    f"{model_name(state.retriever.model)}{flip}; weights `{_weights_text(state)}`",
+                    elem_id="header")
         if state.random_weights:
-            gr.Markdown("<div id='random-banner' style='background:#fff3cd;border:2px solid #d39e00;padding:8px;"
-                        "font-weight:bold'>RANDOM WEIGHTS: the rankings below are meaningless. Train with the "
-                        "built-in pipeline or build the index with --weights weights/CVPR2022_CVNet_R50.pyth."
-                        "</div>")
+            gr.HTML("<div id='random-banner' style='background:#fff3cd;border:2px solid #d39e00;padding:8px;"
+                    "font-weight:bold;color:#5c4400'>RANDOM WEIGHTS: the rankings below are meaningless. Train "
+                    "with the built-in pipeline (python train_backbone.py) or build the index with --weights "
+                    "weights/CVPR2022_CVNet_R50.pyth.</div>")
         with gr.Row():
             with gr.Column(scale=1):
-                query = gr.Image(type="filepath", label="Query image", sources=["upload"], elem_id="query")
+                query = gr.File(label="Query image (upload, or pick an example below)", file_types=["image"],
+                                type="filepath", elem_id="query")
+                shown = gr.Image(label="Query (box drawn)", interactive=False, height=220, elem_id="query-preview")
                 box = gr.Textbox(label="Bounding box x1,y1,x2,y2 (optional, original pixels)", elem_id="box")
                 rerank = gr.Radio(list(RERANK_CHOICES), value="none", label="Re-ranking", elem_id="rerank")
-                post = gr.CheckboxGroup(list(POST_CHOICES), value=[], label="Post-processing", elem_id="post")
+                post = gr.CheckboxGroup(list(POST_CHOICES), value=[], label="Post-processing (global shortlist)",
+                                        elem_id="post")
                 k = gr.Slider(1, 50, value=10, step=1, label="Top-k", elem_id="topk")
                 search = gr.Button("Search", variant="primary", elem_id="search")
                 if state.examples:
@@ -168,8 +242,11 @@ def build_app(state: DemoState, *, title: str = "CVNet / SuperGlobal retrieval d
                                 elem_id="examples")
             with gr.Column(scale=2):
                 message = gr.Markdown(elem_id="message")
-                gallery = gr.Gallery(label="Results", columns=5, height="auto", elem_id="results")
+                gallery = gr.Gallery(label="Results", columns=5, height="auto", object_fit="contain",
+                                     elem_id="results")
                 timings = gr.Markdown(elem_id="timings")
+        for trigger in (query.change, box.change):
+            trigger(preview, inputs=[query, box], outputs=shown)
         search.click(lambda *args: run_query(state, *args), inputs=[query, box, rerank, post, k],
                      outputs=[gallery, timings, message])
     return app
