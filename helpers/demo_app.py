@@ -227,7 +227,7 @@ def build_app(state: DemoState, *, title: str = "CVNet / SuperGlobal retrieval d
                     "weights/CVPR2022_CVNet_R50.pyth.</div>")
         with gr.Row():
             with gr.Column(scale=1):
-                query = gr.File(label="Query image (upload, or pick an example below)", file_types=["image"],
+                query = gr.File(label="Query image", file_types=["image"],
                                 type="filepath", elem_id="query")
                 shown = gr.Image(label="Query (box drawn)", interactive=False, height=220, elem_id="query-preview")
                 box = gr.Textbox(label="Bounding box x1,y1,x2,y2 (optional, original pixels)", elem_id="box")
@@ -238,8 +238,9 @@ def build_app(state: DemoState, *, title: str = "CVNet / SuperGlobal retrieval d
                 search = gr.Button("Search", variant="primary", elem_id="search")
                 if state.examples:
                     gr.Examples([[p, ",".join(f"{v:g}" for v in b) if b else ""] for p, b in state.examples],
-                                inputs=[query, box], label="Example queries (with their boxes)",
-                                elem_id="examples")
+                                inputs=[query, box], label="Example queries (click one)", elem_id="examples",
+                                example_labels=[Path(p).name + (" (with its box)" if b else "")
+                                                for p, b in state.examples])
             with gr.Column(scale=2):
                 message = gr.Markdown(elem_id="message")
                 gallery = gr.Gallery(label="Results", columns=5, height="auto", object_fit="contain",
