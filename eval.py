@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 4 eval.py --config configs/superglobal_r101.yaml data.distractors=revisitop1m
     python eval.py --print-config                             # every key with its resolved value
     python eval.py --compare runs/eval/A runs/eval/B          # per-query AP differences between two runs
+    python eval.py --config configs/superglobal_r50.yaml "post.rows=[aqe, dba+aqe]" export.ames=ames_data
 
 Methods: ``cvnet_global``, ``cvnet_rerank`` (CVNet-Global ranking re-ranked by CVNet-Rerank), ``superglobal``,
 ``superglobal_rerank``; several in one run share their extracted descriptors, and the on-disk feature cache lets
@@ -13,6 +14,12 @@ mP@1/5/10) on stdout and, in the run directory (``<output_dir>/<name or timestam
 per-query APs and top results), ``results.md``, ``report.html`` (one self-contained page: per-query APs sortable by
 their change under re-ranking, each query's top results framed by their label, precision-recall curves), the
 resolved ``config.yaml`` and PNG result grids. Rows that reproduce a paper row show the paper's figure beside ours.
+
+Beside the methods: ``post.rows=[aqe, dba+aqe, kreciprocal, whitening, ...]`` adds, for each global ranking, a row
+with the field's standard post-processing applied (alpha-QE, alpha-DBA, k-reciprocal re-ranking, learned PCA
+whitening), titled by what it applied; ``export.ames=DIR`` writes the SuperGlobal shortlists and descriptors that
+AMES and LoCoRe read; ``model.weights_sha256=HEX`` checks the weights file before use (``results.json`` records
+the sha256 of every weights file either way).
 
 The keys and their defaults live in ``helpers/schemas.py`` (``EVAL``); the run is ``helpers/eval_pipeline.py``,
 the report ``helpers/report.py``. Torch is imported only once the config has been checked.
