@@ -15,7 +15,6 @@ and ``export.ames`` writes the SuperGlobal shortlists and descriptors that AMES 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
+from common.io import file_sha256
 from datasets.revisited import RevisitedDataset, Revisitop1M
 from helpers.builders import GLOBAL_KINDS, build_model, build_superglobal_reranker, copy_backbone, make_database
 from helpers.config import ConfigError
@@ -59,8 +59,8 @@ from helpers.extraction import ReducedMapStore, cached_global_descriptors, state
 from helpers.postprocess import postprocess_ranking
 from helpers.reranking import (
     CVNetPairScorer,
-    _db_rows,  # TODO(retrieval): a public name for the row gather over database parts
     cvnet_rerank,
+    db_rows,
     global_ranking,
     superglobal_rerank_ranking,
 )
@@ -185,15 +185,6 @@ def plan_weights(model_cfg: Mapping[str, Any]) -> WeightsPlan:
     looked = ", ".join(p for p in (rerank, backbone) if p) or "nowhere (model.weights is unset)"
     return WeightsPlan(warnings=[f"weights: {RANDOM_WEIGHTS} (no checkpoint found; looked at {looked}). "
                                  "Train with the built-in training run or pass model.weights=<file>."])
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    """sha256 (hex) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_weights(plan: WeightsPlan, expected: str | None) -> dict[str, str]:
@@ -349,7 +340,7 @@ def rank_post_row(row: PostRow, start: tuple[np.ndarray, Any, Any]) -> np.ndarra
     ranks, xq, xb = start
     if not row.post.active:
         return ranks
-    gather = (lambda rows: _db_rows(xb, rows)) if isinstance(xb, (list, tuple)) else None
+    gather = (lambda rows: db_rows(xb, rows)) if isinstance(xb, (list, tuple)) else None
     return postprocess_ranking(xq, xb, ranks, row.post, gather=gather)
 
 
