@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from helpers.cli import config_arg_parser, config_from_args, repo_path, run_reporting_errors, setup_logging
+from cli import config_arg_parser, config_from_args, repo_path, run_reporting_errors, setup_logging
 from helpers.schemas import EVAL
 
 DEFAULT_CONFIG = repo_path(__file__, "configs", "eval_builtin.yaml")
@@ -90,13 +90,17 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, EVAL, DEFAULT_CONFIG)
     if isinstance(cfg, int):
         return cfg
+    from datasets.revisited import GroundTruthError
+    from datasets.transforms import CorruptImageError
     from helpers.config import ConfigError
     from helpers.distributed import DeviceError, launcher_ranks
+    from helpers.extraction import ExtractionError
     from models import CheckpointError
 
     setup_logging(launcher_ranks()[0] == 0)
     return run_reporting_errors(lambda: evaluate(cfg, start=start), name=EVAL.name,
-                                errors=[FileNotFoundError, CheckpointError, ConfigError, DeviceError])
+                                errors=[FileNotFoundError, CheckpointError, ConfigError, DeviceError, ExtractionError,
+                                        GroundTruthError, CorruptImageError])
 
 
 if __name__ == "__main__":

@@ -474,6 +474,9 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
         models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=int(cfg.get("seed", 0)),
                               device=device)
         hashes = {k: state_dict_hash(m) for k, m in models.items()}
+    # where each model's weights came from, for the engine's errors (NaN descriptors, too-small images)
+    sources = {k: plan.global_path or f"random (seed {int(cfg.get('seed', 0)) * 1000 + SEED_OFFSETS[k]})"
+               for k in models}
     extract_kw = {"device": device, "batch_size": int(ext_cfg["batch_size"]),
                   "num_workers": int(ext_cfg["num_workers"]), "shard_size": ext_cfg.get("shard_size"),
                   "rank": env.rank, "world_size": env.world_size, "progress": progress,
@@ -495,7 +498,7 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                 with timer.stage(f"extract {kind} {name} {split}"):
                     entry["vectors"][(kind, split)] = cached_global_descriptors(
                         model=model, dataset=ds, label=f"{name}-{split}-{kind}-r{depth}",
-                        weights_hash=hashes[kind], **extract_kw)
+                        weights_hash=hashes[kind], weights_source=sources[kind], **extract_kw)
             if distractors:
                 with timer.stage(f"extract {kind} revisitop1m"):
                     # the completeness scan of the 1M files runs once per run, not once per model
@@ -504,7 +507,7 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                     checked_r1m = True
                     vectors = cached_global_descriptors(
                         model=model, dataset=r1m, label=f"revisitop1m-{kind}-r{depth}",
-                        weights_hash=hashes[kind], **extract_kw)
+                        weights_hash=hashes[kind], weights_source=sources[kind], **extract_kw)
                     entry["vectors"][(kind, "distractors")] = stored_distractors(vectors,
                                                                                  data_cfg["distractors_dtype"])
         data[name] = entry
