@@ -62,19 +62,24 @@ def compare(run_a: str, run_b: str) -> int:
 
 def evaluate(cfg: dict[str, Any], *, start: float) -> int:
     """Run the evaluation of a checked config and print its report (rank 0)."""
-    from helpers.config import save_resolved
+    from helpers.config import ConfigError, save_resolved
     from helpers.distributed import cleanup_distributed, init_distributed
+    from helpers.eval_gldv2 import GLDV2_TEST, run_gldv2_evaluation, write_gldv2_report
     from helpers.eval_pipeline import run_evaluation
     from helpers.report import new_run_dir, write_report
 
     env = init_distributed(cfg["device"])
     try:
-        outcome = run_evaluation(cfg, env=env)
-        if outcome is None:  # ranks other than 0 only extract
+        gldv2 = GLDV2_TEST in cfg["data"]["datasets"] and not (cfg["data"].get("synthetic") or {}).get("name")
+        if gldv2 and cfg["data"]["datasets"] != [GLDV2_TEST]:
+            raise ConfigError(f"{GLDV2_TEST} is evaluated on its own: data.datasets=[{GLDV2_TEST}]")
+        outcome = run_gldv2_evaluation(cfg, env=env) if gldv2 else run_evaluation(cfg, env=env)
+        if outcome is None or (gldv2 and not env.is_main):  # ranks other than 0 only extract
             return 0
         run_dir = new_run_dir(cfg["output_dir"], cfg["name"])
         save_resolved(cfg, run_dir)
-        print(write_report(cfg=cfg, outcome=outcome, run_dir=run_dir, start=start), flush=True)
+        report = write_gldv2_report if gldv2 else write_report
+        print(report(cfg=cfg, outcome=outcome, run_dir=run_dir, start=start), flush=True)
         return 0
     finally:
         cleanup_distributed(env)
