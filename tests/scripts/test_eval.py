@@ -38,13 +38,7 @@ TINY_SYNTH = ("data.synthetic.config={n_landmarks: 3, views_per_landmark: 3, n_d
 NO_CHECKPOINTS = ("model.builtin_checkpoints.rerank=null", "model.builtin_checkpoints.backbone=null")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # a 2-core machine shared with other test runs: OpenMP threads spinning against each other cost 10-100x
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, *overrides, config=None):
