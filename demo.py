@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from helpers.cli import run_reporting_errors, setup_logging
+from cli import run_reporting_errors, setup_logging
 
 NAME = "demo.py"
 

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 4 eval.py --config configs/superglobal_r101.yaml data.distractors=revisitop1m
     python eval.py --print-config                             # every key with its resolved value
     python eval.py --compare runs/eval/A runs/eval/B          # per-query AP differences between two runs
+    python eval.py --config configs/superglobal_r50.yaml "post.rows=[aqe, dba+aqe]" export.ames=ames_data
 
 Methods: ``cvnet_global``, ``cvnet_rerank`` (CVNet-Global ranking re-ranked by CVNet-Rerank), ``superglobal``,
 ``superglobal_rerank``; several in one run share their extracted descriptors, and the on-disk feature cache lets
@@ -13,6 +14,12 @@ mP@1/5/10) on stdout and, in the run directory (``<output_dir>/<name or timestam
 per-query APs and top results), ``results.md``, ``report.html`` (one self-contained page: per-query APs sortable by
 their change under re-ranking, each query's top results framed by their label, precision-recall curves), the
 resolved ``config.yaml`` and PNG result grids. Rows that reproduce a paper row show the paper's figure beside ours.
+
+Beside the methods: ``post.rows=[aqe, dba+aqe, kreciprocal, whitening, ...]`` adds, for each global ranking, a row
+with the field's standard post-processing applied (alpha-QE, alpha-DBA, k-reciprocal re-ranking, learned PCA
+whitening), titled by what it applied; ``export.ames=DIR`` writes the SuperGlobal shortlists and descriptors that
+AMES and LoCoRe read; ``model.weights_sha256=HEX`` checks the weights file before use (``results.json`` records
+the sha256 of every weights file either way).
 
 The keys and their defaults live in ``helpers/schemas.py`` (``EVAL``); the run is ``helpers/eval_pipeline.py``,
 the report ``helpers/report.py``. Torch is imported only once the config has been checked.
@@ -24,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from helpers.cli import config_arg_parser, config_from_args, repo_path, run_reporting_errors, setup_logging
+from cli import config_arg_parser, config_from_args, repo_path, run_reporting_errors, setup_logging
 from helpers.schemas import EVAL
 
 DEFAULT_CONFIG = repo_path(__file__, "configs", "eval_builtin.yaml")
@@ -55,19 +62,24 @@ def compare(run_a: str, run_b: str) -> int:
 
 def evaluate(cfg: dict[str, Any], *, start: float) -> int:
     """Run the evaluation of a checked config and print its report (rank 0)."""
-    from helpers.config import save_resolved
+    from helpers.config import ConfigError, save_resolved
     from helpers.distributed import cleanup_distributed, init_distributed
+    from helpers.eval_gldv2 import GLDV2_TEST, run_gldv2_evaluation, write_gldv2_report
     from helpers.eval_pipeline import run_evaluation
     from helpers.report import new_run_dir, write_report
 
     env = init_distributed(cfg["device"])
     try:
-        outcome = run_evaluation(cfg, env=env)
-        if outcome is None:  # ranks other than 0 only extract
+        gldv2 = GLDV2_TEST in cfg["data"]["datasets"] and not (cfg["data"].get("synthetic") or {}).get("name")
+        if gldv2 and cfg["data"]["datasets"] != [GLDV2_TEST]:
+            raise ConfigError(f"{GLDV2_TEST} is evaluated on its own: data.datasets=[{GLDV2_TEST}]")
+        outcome = run_gldv2_evaluation(cfg, env=env) if gldv2 else run_evaluation(cfg, env=env)
+        if outcome is None or (gldv2 and not env.is_main):  # ranks other than 0 only extract
             return 0
         run_dir = new_run_dir(cfg["output_dir"], cfg["name"])
         save_resolved(cfg, run_dir)
-        print(write_report(cfg=cfg, outcome=outcome, run_dir=run_dir, start=start), flush=True)
+        report = write_gldv2_report if gldv2 else write_report
+        print(report(cfg=cfg, outcome=outcome, run_dir=run_dir, start=start), flush=True)
         return 0
     finally:
         cleanup_distributed(env)
@@ -83,13 +95,17 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, EVAL, DEFAULT_CONFIG)
     if isinstance(cfg, int):
         return cfg
+    from datasets.revisited import GroundTruthError
+    from datasets.transforms import CorruptImageError
     from helpers.config import ConfigError
     from helpers.distributed import DeviceError, launcher_ranks
+    from helpers.extraction import ExtractionError
     from models import CheckpointError
 
     setup_logging(launcher_ranks()[0] == 0)
     return run_reporting_errors(lambda: evaluate(cfg, start=start), name=EVAL.name,
-                                errors=[FileNotFoundError, CheckpointError, ConfigError, DeviceError])
+                                errors=[FileNotFoundError, CheckpointError, ConfigError, DeviceError, ExtractionError,
+                                        GroundTruthError, CorruptImageError])
 
 
 if __name__ == "__main__":

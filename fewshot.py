@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from helpers.cli import run_reporting_errors, setup_logging
+from cli import run_reporting_errors, setup_logging
 
 NAME = "fewshot.py"
 BUILTIN_BACKBONE = os.path.join("runs", "builtin", "backbone", "last.pyth")

@@ -21,9 +21,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from cli import run_reporting_errors
+
 # torch-free: the tables of names are what --datasets and weights accept
 from datasets.download import CVNET_REPO_URL, DOWNLOADS, OFFICIAL_WEIGHTS, WeightsError
-from helpers.cli import run_reporting_errors
 
 log = logging.getLogger("prepare_data")
 

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from helpers.cli import run_reporting_errors
+from cli import run_reporting_errors
 
 NAME = "retrieve.py"
 

@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Any
 
-from helpers.cli import config_arg_parser, config_from_args, repo_path, run_reporting_errors, setup_logging
+from cli import repo_path, training_arg_parser, training_main
 from helpers.schemas import TRAIN_RERANK
 
 DEFAULT_CONFIG = repo_path(__file__, "configs", "builtin_rerank.yaml")
@@ -171,35 +171,14 @@ def train_rerank(*, cfg: dict[str, Any], resume: bool = False, overwrite: bool =
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = config_arg_parser(description="Train the CVNet re-ranking head on mined pairs (backbone frozen).",
+    return training_arg_parser(description="Train the CVNet re-ranking head on mined pairs (backbone frozen).",
                                schema=TRAIN_RERANK, default_config=DEFAULT_CONFIG,
                                example="train.batch_size=32 data.root=/data")
-    run = parser.add_mutually_exclusive_group()
-    run.add_argument("--resume", action="store_true",
-                     help="continue from <run.out_dir>/train_state.pth (on the same backbone file)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="delete the run already in run.out_dir (its own files only) and start over")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    cfg = config_from_args(args, TRAIN_RERANK, DEFAULT_CONFIG)
-    if isinstance(cfg, int):
-        return cfg
-    setup_logging()
-    from helpers.distributed import DeviceError
-    from helpers.training.data import TooManyCorruptImages
-    from helpers.training.loop import RunConflict
-    from models.checkpoint import CheckpointError
-
-    def run() -> int:
-        train_rerank(cfg=cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-        return 0
-
-    return run_reporting_errors(run, errors=[TooManyCorruptImages, FileNotFoundError, DeviceError, RunConflict,
-                                             CheckpointError], name=TRAIN_RERANK.name)
+    return training_main(train_rerank, get_args_parser(), schema=TRAIN_RERANK, default_config=DEFAULT_CONFIG,
+                         argv=argv)
 
 
 if __name__ == "__main__":

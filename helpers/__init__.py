@@ -1,7 +1,7 @@
 """What turns models and data into results: vector databases, extraction, re-ranking, evaluation, retrieval.
 
 The public names are imported on first use, so that light modules (``helpers.config``, ``helpers.schemas``,
-``helpers.cli``) load without torch.
+``cli``) load without torch.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from helpers.evaluation import PROTOCOLS, build_protocols, evaluate_revisited, mean_precision_recall
-from helpers.reranking import _db_rows  # TODO(retrieval): a public name for the row gather over database parts
+from helpers.reranking import db_rows
 from helpers.visualize import result_labels
 from models.functional import cvnet_score_mix
 
@@ -41,7 +41,7 @@ def pair_similarities(xq: torch.Tensor, xb: Any, queries: np.ndarray, items: np.
     ``xq`` (nq, d), ``xb`` the database's (n_db, d) descriptors or the list of its parts, as ranked."""
     if len(queries) == 0:
         return np.zeros(0)
-    rows = _db_rows(xb, torch.from_numpy(np.asarray(items, dtype=np.int64))).cpu()
+    rows = db_rows(xb, torch.from_numpy(np.asarray(items, dtype=np.int64))).cpu()
     picked = xq.float().cpu()[torch.from_numpy(np.asarray(queries, dtype=np.int64))]
     return (picked * rows).sum(dim=1).double().numpy()
 

@@ -8,6 +8,9 @@ the revisited metrics, for every (dataset, method) of a checked config.
 Methods: ``cvnet_global``, ``cvnet_rerank`` (CVNet-Global ranking re-ranked by CVNet-Rerank), ``superglobal``,
 ``superglobal_rerank``. The models the methods need are built once and their descriptors shared. Under torchrun
 every rank extracts its shards of the descriptors; rank 0 alone ranks and scores.
+
+Beside the methods' rows: ``post.rows`` adds post-processed copies of each global ranking (helpers.eval_post),
+and ``export.ames`` writes the SuperGlobal shortlists and descriptors that AMES and LoCoRe read (helpers.export).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
+from common.io import file_sha256
 from datasets.revisited import RevisitedDataset, Revisitop1M
 from helpers.builders import GLOBAL_KINDS, build_model, build_superglobal_reranker, copy_backbone, make_database
 from helpers.config import ConfigError
@@ -35,13 +39,32 @@ from helpers.eval_detail import (
     RankingDetail,
     RecordingReranker,
     RecordingScorer,
+    ScoreFn,
     global_detail,
+    global_scores,
     lookup_scores,
     ranking_detail,
 )
+from helpers.eval_post import (
+    PostRow,
+    WhiteningContext,
+    check_whitening_source,
+    obtain_whitening,
+    post_rows,
+    row_order,
+    whiten,
+)
 from helpers.evaluation import PROTOCOLS, evaluate_revisited, format_percent, metrics_percent
 from helpers.extraction import ReducedMapStore, cached_global_descriptors, state_dict_hash
-from helpers.reranking import CVNetPairScorer, cvnet_rerank, global_ranking, superglobal_rerank_ranking
+from helpers.postprocess import postprocess_ranking
+from helpers.reranking import (
+    CVNetPairScorer,
+    cvnet_rerank,
+    db_rows,
+    global_ranking,
+    superglobal_rerank_ranking,
+)
+from models import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +187,25 @@ def plan_weights(model_cfg: Mapping[str, Any]) -> WeightsPlan:
                                  "Train with the built-in training run or pass model.weights=<file>."])
 
 
+def verify_weights(plan: WeightsPlan, expected: str | None) -> dict[str, str]:
+    """{path: sha256} of every weights file ``plan`` uses; with ``expected`` (``model.weights_sha256``), each
+    must have that hash, else a :class:`CheckpointError` naming the file and both hashes."""
+    files = list(dict.fromkeys(p for p in (plan.global_path, plan.rerank_path) if p))
+    if expected and not files:
+        raise ConfigError(f"model.weights_sha256 is set, but this run uses no weights file ({plan.description})")
+    hashes = {}
+    for path in files:
+        if not os.path.isfile(path):
+            continue  # building the model says it is missing, with where to get the official files
+        hashes[path] = file_sha256(path)
+        if expected and hashes[path] != expected.lower():
+            raise CheckpointError(f"weights file {path} has sha256 {hashes[path]}, but model.weights_sha256 is "
+                                  f"{expected.lower()}: it is not the expected file (damaged, replaced or another "
+                                  "release). Fetch the file again, or correct model.weights_sha256.")
+        logger.info("weights %s: sha256 %s%s", path, hashes[path], " (verified)" if expected else "")
+    return hashes
+
+
 def needed_models(methods: Sequence[str]) -> set[str]:
     """The models ('cvnet_global', 'cvnet_rerank', 'superglobal') the methods need (names checked by the
     schema: helpers.schemas.EVAL_METHODS)."""
@@ -265,15 +307,99 @@ def run_cvnet_rerank(*, model: nn.Module, root: str, name: str, extra: str | Non
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Post-processed rows and exports
+# --------------------------------------------------------------------------------------------------------------
+
+
+def post_score_source(row: PostRow) -> str:
+    """What the scores shown for a post-processed row are."""
+    what = f"cosine similarity of the {'whitened ' if row.whitening else ''}{row.base} descriptors"
+    return what + (f", before {row.post.describe()} re-ordered the ranking" if row.post.active else "")
+
+
+def whitened_ranking(kind: str, *, vectors: Mapping[tuple[str, str], Any], whitening: Mapping[str, torch.Tensor],
+                     with_distractors: bool, cache: dict[tuple[str, str], torch.Tensor], device: torch.device
+                     ) -> tuple[np.ndarray, torch.Tensor, Any]:
+    """(ranks, whitened queries, whitened database or its parts) of global model ``kind`` over its whitened
+    descriptors ``vectors[(kind, split)]``; ``cache`` keeps the whitened descriptors of a dataset, so that its
+    +1M ranking whitens only the distractors."""
+    splits = ("query", "db", "distractors") if with_distractors else ("query", "db")
+    for split in splits:
+        if (kind, split) not in cache:
+            cache[(kind, split)] = whiten(vectors[(kind, split)], whitening)
+    wq, wb = cache[(kind, "query")], cache[(kind, "db")]
+    if with_distractors:
+        wb = [wb, cache[(kind, "distractors")]]
+    _, ranks = global_ranking(wq, wb, device=device, with_similarities=False, rank_dtype=np.int32)
+    return ranks, wq, wb
+
+
+def rank_post_row(row: PostRow, start: tuple[np.ndarray, Any, Any]) -> np.ndarray:
+    """The ranking (n_db, nq) of a post-processed row from ``start`` = (ranks, xq, xb) of its (whitened) global
+    ranking; a +1M database (a list of parts) goes through the shortlist mode, reading rows part by part."""
+    ranks, xq, xb = start
+    if not row.post.active:
+        return ranks
+    gather = (lambda rows: db_rows(xb, rows)) if isinstance(xb, (list, tuple)) else None
+    return postprocess_ranking(xq, xb, ranks, row.post, gather=gather)
+
+
+def check_exports(cfg: Mapping[str, Any], needed: set[str]) -> None:
+    """``export.*`` needs the rankings it writes: refused before anything runs otherwise."""
+    export = cfg.get("export") or {}
+    if not export.get("ames"):
+        return
+    if "superglobal" not in needed:
+        raise ConfigError("export.ames writes SuperGlobal shortlists: add superglobal (or superglobal_rerank) to "
+                          "methods")
+    if export.get("reranked") and "superglobal_rerank" not in cfg["methods"]:
+        raise ConfigError("export.reranked=true exports the superglobal_rerank ranking: add superglobal_rerank to "
+                          "methods")
+
+
+def export_ames(out_dir: str | os.PathLike, *, name: str, query_set: RevisitedDataset, db_set: RevisitedDataset,
+                xq: torch.Tensor, xb: torch.Tensor, ranks: np.ndarray, m: int,
+                reranked: tuple[np.ndarray, ScoreFn, int] | None = None) -> dict[str, Any]:
+    """Write ``<out_dir>/<name>/`` for AMES and LoCoRe (:func:`helpers.export.export_shortlists`): the SuperGlobal
+    descriptors, each query's top ``m`` of the SuperGlobal ranking ``ranks`` (n_db, nq) with their cosine
+    similarities or, with ``reranked`` = (superglobal_rerank ranking, its score lookup, M), the re-ranked top
+    min(m, M) with their re-ranking scores, the image lists relative to the dataset folder and the ground truth."""
+    from helpers.export import export_shortlists
+
+    if reranked is None:
+        m = min(int(m), ranks.shape[0])
+        ids = torch.from_numpy(np.ascontiguousarray(ranks[:m].T).astype(np.int64))
+        sims = (xq.float() @ xb.float().T).gather(1, ids)
+        source = f"superglobal global ranking, top {m}"
+    else:
+        final, score_of, top = reranked
+        m = min(int(m), int(top), final.shape[0])
+        ids = torch.from_numpy(np.ascontiguousarray(final[:m].T).astype(np.int64))
+        sims = torch.from_numpy(score_of(ids.numpy())).float()
+        if not torch.isfinite(sims).all():
+            raise RuntimeError(f"export.reranked: the SuperGlobal re-ranking recorded no score for some of the top "
+                               f"{m} of {name} (set export.shortlist <= rerank.superglobal.M)")
+        source = f"superglobal_rerank ranking, top {m} with the re-ranking scores"
+    written = export_shortlists(
+        out_dir, dataset=name, query=xq, database=xb,
+        query_names=[os.path.relpath(p, query_set.data_dir) for p in query_set.image_paths],
+        database_names=[os.path.relpath(p, db_set.data_dir) for p in db_set.image_paths],
+        gnd_path=query_set.gnd_path, desc_name="superglobal", ranking=(sims, ids))
+    return {"shortlist": source, "m": m, "files": {k: os.fspath(v) for k, v in written.items()}}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class EvalOutcome:
-    """What a run found: ``results[label][method]`` (percent, :func:`helpers.evaluation.metrics_percent`), the
-    Medium ranking (n_db, nq) behind each, the weights plan, stage timings, the datasets opened and, per
-    (label, method), the per-query :class:`MethodDetail`."""
+    """What a run found: ``results[label][row]`` (percent, :func:`helpers.evaluation.metrics_percent`) for each
+    method and post-processed row, the Medium ranking (n_db, nq) behind each, the weights plan (and the sha256 of
+    each weights file), stage timings, the datasets opened, per (label, row) the per-query :class:`MethodDetail`,
+    the rows in report order (``rows``), what each post-processed row applied (``post``) and the files
+    exported (``exports``)."""
 
     results: dict[str, dict[str, Any]]
     rankings: dict[tuple[str, str], np.ndarray]
@@ -286,6 +412,10 @@ class EvalOutcome:
     root: str = ""
     min_side: int | None = None
     details: dict[tuple[str, str], MethodDetail] = field(default_factory=dict)
+    rows: list[str] = field(default_factory=list)
+    post: dict[str, dict[str, Any]] = field(default_factory=dict)
+    weights_sha256: dict[str, str] = field(default_factory=dict)
+    exports: dict[str, Any] = field(default_factory=dict)
     _readers: dict[str, CombinedReader] = field(default_factory=dict, repr=False)
 
     def query_set(self, label: str) -> RevisitedDataset:
@@ -305,8 +435,8 @@ class EvalOutcome:
 
 
 def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> EvalOutcome | None:
-    """Evaluate every (dataset, method) of the checked config ``cfg`` (see helpers.schemas.EVAL) on
-    ``env.device``; returns the outcome on rank 0, None on the other ranks."""
+    """Evaluate every (dataset, method) and post-processed row of the checked config ``cfg`` (see
+    helpers.schemas.EVAL) on ``env.device``; returns the outcome on rank 0, None on the other ranks."""
     env = env or DistEnv()
     timer = Timer()
     if cfg.get("threads"):
@@ -316,6 +446,7 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
     if not methods:
         raise ConfigError("methods is empty")
     needed = needed_models(methods)
+    check_exports(cfg, needed)
     progress = bool(cfg.get("progress", True)) and env.is_main
     device = env.device
     depth = int(model_cfg["depth"])
@@ -324,6 +455,13 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
     distractors = data_cfg.get("distractors")
     names = list(data_cfg["datasets"])
     builtin = bool((data_cfg.get("synthetic") or {}).get("name"))
+    # the global rankings the run computes; the post-processed rows are copies of each
+    global_kinds = sorted(needed & set(GLOBAL_KINDS))
+    post_cfg = cfg.get("post") or {"rows": []}
+    rows = post_rows(post_cfg, kinds=global_kinds) if post_cfg.get("rows") else []
+    white_cfg = post_cfg.get("whitening") or {}
+    if any(r.whitening for r in rows):
+        check_whitening_source(white_cfg.get("source"))
     if builtin:
         with timer.stage("build synthetic dataset"):
             names = [build_builtin_dataset(root=root, synthetic=data_cfg["synthetic"], progress=progress)]
@@ -331,17 +469,20 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
         raise ConfigError("data.datasets is empty")
 
     plan = plan_weights(model_cfg)
+    weights_sha256 = verify_weights(plan, model_cfg.get("weights_sha256"))
     with timer.stage("build models"):
         models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=int(cfg.get("seed", 0)),
                               device=device)
         hashes = {k: state_dict_hash(m) for k, m in models.items()}
+    # where each model's weights came from, for the engine's errors (NaN descriptors, too-small images)
+    sources = {k: plan.global_path or f"random (seed {int(cfg.get('seed', 0)) * 1000 + SEED_OFFSETS[k]})"
+               for k in models}
     extract_kw = {"device": device, "batch_size": int(ext_cfg["batch_size"]),
                   "num_workers": int(ext_cfg["num_workers"]), "shard_size": ext_cfg.get("shard_size"),
                   "rank": env.rank, "world_size": env.world_size, "progress": progress,
                   "cache_dir": ext_cfg.get("cache_dir")}
 
     # phase 1, every rank: global descriptors (queries, database, distractors) per dataset and model
-    global_kinds = sorted(needed & set(GLOBAL_KINDS))
     data: dict[str, dict[str, Any]] = {}
     checked_r1m = False
     for name in names:
@@ -357,7 +498,7 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                 with timer.stage(f"extract {kind} {name} {split}"):
                     entry["vectors"][(kind, split)] = cached_global_descriptors(
                         model=model, dataset=ds, label=f"{name}-{split}-{kind}-r{depth}",
-                        weights_hash=hashes[kind], **extract_kw)
+                        weights_hash=hashes[kind], weights_source=sources[kind], **extract_kw)
             if distractors:
                 with timer.stage(f"extract {kind} revisitop1m"):
                     # the completeness scan of the 1M files runs once per run, not once per model
@@ -366,10 +507,24 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                     checked_r1m = True
                     vectors = cached_global_descriptors(
                         model=model, dataset=r1m, label=f"revisitop1m-{kind}-r{depth}",
-                        weights_hash=hashes[kind], **extract_kw)
+                        weights_hash=hashes[kind], weights_source=sources[kind], **extract_kw)
                     entry["vectors"][(kind, "distractors")] = stored_distractors(vectors,
                                                                                  data_cfg["distractors_dtype"])
         data[name] = entry
+    whitenings: dict[str, tuple[dict[str, Any] | None, dict[str, Any]]] = {}
+    if any(r.whitening for r in rows):
+        ctx = WhiteningContext(
+            source=white_cfg.get("source"), dim=white_cfg.get("dim"), max_images=white_cfg.get("images"),
+            weights_file=plan.global_path,
+            weights_sha256=weights_sha256.get(plan.global_path or ""), root=root,
+            train_name=data_cfg["synthetic"]["name"] if builtin else None, min_side=min_side,
+            cache_dir=ext_cfg.get("cache_dir"), depth=depth, extract_kw=extract_kw)
+        for kind in sorted({r.base for r in rows if r.whitening}):
+            with timer.stage(f"whitening {kind}"):
+                whitenings[kind] = obtain_whitening(
+                    ctx, kind=kind, model=models[kind], state_hash=hashes[kind],
+                    d=int(models[kind].head.fc.out_features), scales=scales_for(kind, model_cfg),
+                    is_main=env.is_main)
     if not env.is_main:
         logger.info("rank %d: extraction done; rank 0 evaluates", env.rank)
         return None
@@ -378,18 +533,22 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
     kappas = [int(k) for k in cfg["eval"]["kappas"]]
     rr_cfg = cfg["rerank"]
     top = int(cfg["viz"]["top"])
+    export_cfg = cfg.get("export") or {}
     results: dict[str, dict[str, Any]] = {}
     rankings: dict[tuple[str, str], np.ndarray] = {}
     details: dict[tuple[str, str], MethodDetail] = {}
+    exports: dict[str, Any] = {}
     for name in names:
         entry = data[name]
         gnd = entry["query_set"].gnd
+        whitened: dict[tuple[str, str], torch.Tensor] = {}  # (kind, split) -> whitened descriptors, shared by labels
         for extra in [None] + ([distractors] if distractors else []):
             label = dataset_label(name, extra)
             results[label] = {}
             ranked: dict[str, tuple[np.ndarray, Any, Any]] = {}
             global_details: dict[str, RankingDetail] = {}
             detail_kw = {"ranked": ranked, "gnd": gnd, "kappas": kappas, "top": top, "cache": global_details}
+            sg_rerank: tuple[np.ndarray, ScoreFn, int] | None = None
             for kind in global_kinds:
                 xq = entry["vectors"][(kind, "query")]
                 xb: Any = entry["vectors"][(kind, "db")]
@@ -420,6 +579,7 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                         final = superglobal_rerank_ranking(query_vectors=xq.to(device), database=database,
                                                            ranks=ranks, reranker=reranker)
                     score_of = lookup_scores(reranker.scores(xq.shape[0]))
+                    sg_rerank = (final, score_of, int(sgr["M"]))
                 with timer.stage("evaluate"):
                     evaluation = evaluate_revisited(final, gnd, kappas)
                     results[label][method] = metrics_percent(evaluation)
@@ -436,5 +596,41 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                                                                 base=base)
                 logger.info("%s %s: mAP E %s M %s H %s", label, method,
                             *(format_percent(results[label][method]["mAP"][p]) for p in PROTOCOLS))
+
+            white_ranked: dict[str, tuple[np.ndarray, Any, Any]] = {}
+            for row in rows:
+                with timer.stage(f"post {row.key} {label}"):
+                    if row.whitening and row.base not in white_ranked:
+                        white_ranked[row.base] = whitened_ranking(
+                            row.base, vectors=entry["vectors"], whitening=whitenings[row.base][0],
+                            with_distractors=bool(extra), cache=whitened, device=device)
+                    start = white_ranked[row.base] if row.whitening else ranked[row.base]
+                    final = rank_post_row(row, start)
+                with timer.stage("evaluate"):
+                    evaluation = evaluate_revisited(final, gnd, kappas)
+                    results[label][row.key] = metrics_percent(evaluation)
+                rankings[(label, row.key)] = final
+                with timer.stage("per-query detail"):
+                    after = ranking_detail(final, evaluation, gnd, top=top, score_of=global_scores(*start[1:]),
+                                           source=post_score_source(row))
+                    details[(label, row.key)] = MethodDetail(after=after, before=global_detail(row.base, **detail_kw),
+                                                             base=row.base)
+                logger.info("%s %s: mAP E %s M %s H %s", label, row.key,
+                            *(format_percent(results[label][row.key]["mAP"][p]) for p in PROTOCOLS))
+
+            if export_cfg.get("ames") and extra is None:
+                with timer.stage(f"export {name}"):
+                    ranks, xq, xb = ranked["superglobal"]
+                    exports[name] = export_ames(
+                        export_cfg["ames"], name=name, query_set=entry["query_set"], db_set=entry["db_set"], xq=xq,
+                        xb=xb, ranks=ranks, m=int(export_cfg["shortlist"]),
+                        reranked=sg_rerank if export_cfg.get("reranked") else None)
+    post = {}
+    for row in rows:
+        saved, info = whitenings.get(row.base, (None, {})) if row.whitening else (None, {})
+        post[row.key] = {"base": row.base, "steps": list(row.steps),
+                         "applied": row.applied(info.get("dim") if saved is not None else None),
+                         "settings": row.settings(info)}
     return EvalOutcome(results=results, rankings=rankings, plan=plan, timer=timer, data=data, names=names,
-                       builtin=builtin, distractors=distractors, root=root, min_side=min_side, details=details)
+                       builtin=builtin, distractors=distractors, root=root, min_side=min_side, details=details,
+                       rows=row_order(methods, rows), post=post, weights_sha256=weights_sha256, exports=exports)

@@ -52,6 +52,26 @@ def method_title(method: str, *, depth: int, mode: str | None = None) -> str:
     return f"{title} ({mode} mode)" if method == "cvnet_rerank" and mode else title
 
 
+def row_titles(rows: Sequence[str], post: Mapping[str, Mapping[str, Any]], *, depth: int, mode: str | None
+               ) -> dict[str, str]:
+    """Each reported row's title: a method's (:func:`method_title`), or for a post-processed row its global
+    ranking's followed by what was applied, e.g. ``SuperGlobal R50 + α-DBA k=2 α=3 + α-QE k=2 α=3``. The global
+    rankings are titled too, reported or not: a re-ranked row names the ranking it started from."""
+    titles = {kind: method_title(kind, depth=depth) for kind in ("cvnet_global", "superglobal")}
+    titles.update({row: (f"{method_title(post[row]['base'], depth=depth)} + {post[row]['applied']}" if row in post
+                         else method_title(row, depth=depth, mode=mode)) for row in rows})
+    return titles
+
+
+def payload_titles(payload: Mapping[str, Any]) -> dict[str, str]:
+    """The row titles of a ``results.json`` payload (computed for one written before they were recorded)."""
+    if payload.get("titles"):
+        return dict(payload["titles"])
+    cfg = payload["config"]
+    return row_titles(payload["methods"], payload.get("post_rows") or {}, depth=int(cfg["model"]["depth"]),
+                      mode=cfg["rerank"]["cvnet"]["mode"])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Paper figures
 # --------------------------------------------------------------------------------------------------------------
@@ -109,9 +129,10 @@ def comparability_notes(cfg: Mapping[str, Any], plan: WeightsPlan, builtin: bool
     off = [k for k in ("gemp", "rgem", "sgem", "relup") if not sg.get(k, True)]
     if off and any(m.startswith("superglobal") for m in cfg["methods"]):
         notes.append(f"SuperGlobal ran with {', '.join(off)} switched off; the paper's rows use all four.")
-    if not sg.get("antialias", True) and any(m.startswith("superglobal") for m in cfg["methods"]):
-        notes.append("SuperGlobal's Scale-GeM resize ran with antialias=False (the release under the pinned "
-                     "torchvision resizes with antialias=True).")
+    if sg.get("antialias", True) and any(m.startswith("superglobal") for m in cfg["methods"]):
+        notes.append("SuperGlobal's Scale-GeM resize ran with antialias=True; the release's 2023 code ran under "
+                     "torchvision <= 0.16, which did not antialias tensors, so the published rows were most likely "
+                     "computed with antialias=False (model.superglobal.antialias=false, as the paper-row configs).")
     return True, notes
 
 
@@ -121,16 +142,19 @@ def comparability_notes(cfg: Mapping[str, Any], plan: WeightsPlan, builtin: bool
 
 
 def markdown_tables(*, results: Mapping[str, Mapping[str, Any]], methods: Sequence[str], depth: int, mode: str,
-                    paper_rows: Mapping[str, Any], show_paper: bool, kappas: Sequence[int]
-                    ) -> tuple[str, dict[str, Any]]:
+                    paper_rows: Mapping[str, Any], show_paper: bool, kappas: Sequence[int],
+                    titles: Mapping[str, str] | None = None) -> tuple[str, dict[str, Any]]:
     """The papers' layout (rows = methods, columns = dataset x {Medium, Hard} mAP, the paper's figure in
-    brackets), then per dataset the full E/M/H mAP and mP@k. Returns (markdown, paper figures used)."""
+    brackets), then per dataset the full E/M/H mAP and mP@k. ``methods``: the rows in order (post-processed rows
+    included, titled by ``titles``). Returns (markdown, paper figures used)."""
     labels = list(results)
     used: dict[str, Any] = {}
+    titles = dict(titles or {})
+    titles.update({m: method_title(m, depth=depth, mode=mode) for m in methods if m not in titles})
     head = ["Method"] + [f"{dataset_title(lb)} {p}" for lb in labels for p in ("M", "H")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in methods:
-        cells = [method_title(method, depth=depth, mode=mode)]
+        cells = [titles[method]]
         for lb in labels:
             for p in ("medium", "hard"):
                 ours = format_percent(results[lb][method]["mAP"][p])
@@ -149,7 +173,7 @@ def markdown_tables(*, results: Mapping[str, Mapping[str, Any]], methods: Sequen
         rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method in methods:
             r = results[lb][method]
-            cells = [method_title(method, depth=depth, mode=mode)]
+            cells = [titles[method]]
             cells += [format_percent(r["mAP"][p]) for p in PROTOCOLS]
             cells += [format_percent(r["mP@k"][p][str(k)]) for p in ("medium", "hard") for k in kappas]
             rows.append("| " + " | ".join(cells) + " |")
@@ -182,7 +206,7 @@ def new_run_dir(output_dir: str | os.PathLike, name: str | None) -> Path:
 
 
 def save_result_grids(*, per_query: Mapping[str, Any], outcome: EvalOutcome, methods: Sequence[str],
-                      run_dir: Path, num_queries: int, height: int, depth: int, mode: str) -> list[str]:
+                      run_dir: Path, num_queries: int, height: int, titles: Mapping[str, str]) -> list[str]:
     """PNG grids (:func:`helpers.visualize.save_ranking_grid`) of the first ``num_queries`` queries' top results,
     per (dataset, method), under ``run_dir/grids``; ``per_query`` is :func:`per_query_payload`'s output."""
     grids: list[str] = []
@@ -195,7 +219,7 @@ def save_result_grids(*, per_query: Mapping[str, Any], outcome: EvalOutcome, met
                         for r, (j, lab, score) in enumerate(zip(m["top_ids"][i], m["labels"][i], m["scores"][i]),
                                                              start=1)]
                 ap = format_percent(m["ap"]["medium"][i])
-                title = f"{label}  {method_title(method, depth=depth, mode=mode)}  query {i}  AP(M) {ap}"
+                title = f"{label}  {titles[method]}  query {i}  AP(M) {ap}"
                 path = save_ranking_grid(run_dir / "grids" / f"{label}_{method}_q{i:03d}.png", query=qset.read(i),
                                          hits=hits, tile=height, query_name=ds["queries"][i], title=title,
                                          legend=GROUND_TRUTH_LEGEND)
@@ -274,32 +298,37 @@ def write_report(*, cfg: Mapping[str, Any], outcome: EvalOutcome, run_dir: Path,
     ``start``: the run's ``time.perf_counter()`` at launch, for the total wall time."""
     plan, timer = outcome.plan, outcome.timer
     methods = list(cfg["methods"])
+    rows = list(outcome.rows) or methods  # the methods and the post-processed rows, in report order
     show_paper, notes = comparability_notes(cfg, plan, outcome.builtin)
 
     viz, depth, mode = cfg["viz"], int(cfg["model"]["depth"]), cfg["rerank"]["cvnet"]["mode"]
-    per_query = per_query_payload(outcome, methods, int(viz["top"])) if outcome.details else None
+    titles = row_titles(rows, outcome.post, depth=depth, mode=mode)
+    per_query = per_query_payload(outcome, rows, int(viz["top"])) if outcome.details else None
     grids: list[str] = []
     if int(viz["num_queries"]) > 0 and per_query is not None:
-        with timer.stage("result grids"):
+        with timer.stage("result grids"):  # the methods' rows; report.html shows every row's top results
             grids = save_result_grids(per_query=per_query, outcome=outcome, methods=methods, run_dir=run_dir,
                                       num_queries=int(viz["num_queries"]), height=int(viz["height"]),
-                                      depth=depth, mode=mode)
+                                      titles=titles)
 
-    table, used = markdown_tables(results=outcome.results, methods=methods, depth=depth, mode=mode,
+    table, used = markdown_tables(results=outcome.results, methods=rows, depth=depth, mode=mode,
                                   paper_rows=load_paper_results(cfg.get("paper_results")), show_paper=show_paper,
-                                  kappas=[int(k) for k in cfg["eval"]["kappas"]])
+                                  kappas=[int(k) for k in cfg["eval"]["kappas"]], titles=titles)
     warn = list(plan.warnings) + ([NOT_COMPARABLE] if outcome.builtin else [])
     timings = dict(timer.stages)
     timings["total"] = time.perf_counter() - start
     payload = {
         "weights": plan.description,
         "weights_source": plan.source,
+        "weights_sha256": outcome.weights_sha256,
         "warnings": warn,
         "comparable_with_papers": show_paper,
         "notes": notes,
         "unit": "percent",
         "datasets": list(outcome.results),
-        "methods": methods,
+        "methods": rows,
+        "titles": titles,
+        "post_rows": outcome.post,
         "results": outcome.results,
         "paper": used,
         "table_markdown": table,
@@ -308,6 +337,7 @@ def write_report(*, cfg: Mapping[str, Any], outcome: EvalOutcome, run_dir: Path,
         "run_dir": os.fspath(run_dir),
         "config": cfg,
         "per_query": per_query,
+        "exports": outcome.exports,
         "files": {"markdown": "results.md", "html": "report.html" if per_query is not None else None},
     }
     if per_query is not None:
@@ -323,11 +353,16 @@ def write_report(*, cfg: Mapping[str, Any], outcome: EvalOutcome, run_dir: Path,
     parts = []
     if warn:
         parts += [banner(warn), ""]
-    parts += [f"weights: {plan.description}", "", table]
+    parts += [f"weights: {plan.description}"]
+    parts += [f"weights sha256: {h}  {p}" for p, h in outcome.weights_sha256.items()]
+    parts += ["", table]
     if notes:
         parts += ["", *[f"note: {n}" for n in notes]]
     parts += ["", "### wall time per stage (s)", "", "| stage | s |", "|---|---|"]
     parts += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    for export in outcome.exports.values():
+        folder = Path(export["files"]["shortlist"]).parent
+        parts += ["", f"export for AMES / LoCoRe: {folder} ({export['shortlist']})"]
     parts += ["", f"results: {run_dir / 'results.json'}, {run_dir / 'results.md'}"]
     if per_query is not None:
         parts += [f"report:  {run_dir / 'report.html'} (open it in a browser)"]
@@ -340,19 +375,19 @@ def _signed(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.2f}"
 
 
-def per_query_markdown(per_query: Mapping[str, Any], methods: Sequence[str], *, depth: int, mode: str) -> str:
-    """Per dataset and method, a table of each query's AP (%) under Easy / Medium / Hard and, for a re-ranking
-    method, its change from the global ranking it re-ordered."""
+def per_query_markdown(per_query: Mapping[str, Any], methods: Sequence[str], *, titles: Mapping[str, str]) -> str:
+    """Per dataset and row, a table of each query's AP (%) under Easy / Medium / Hard and, for a re-ranking
+    method or a post-processed row, its change from the global ranking it re-ordered."""
     out = ["## Per-query AP (%)", "",
            "AP change (dAP) = AP after re-ranking - AP of the global ranking it re-ordered; n/a: the query has no "
            "positive under that protocol. Top results, scores and precision-recall curves: report.html."]
     for label, ds in per_query["datasets"].items():
         for method in methods:
             m = ds["methods"][method]
-            title = method_title(method, depth=depth, mode=mode)
+            title = titles[method]
             head = ["#", "query", *(f"AP {p[0].upper()}" for p in PROTOCOLS)]
             if m["before"] is not None:
-                title += f" (before: {method_title(m['before']['method'], depth=depth)})"
+                title += f" (before: {titles[m['before']['method']]})"
                 head += [f"dAP {p[0].upper()}" for p in PROTOCOLS]
             out += ["", f"### {label}: {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for i, name in enumerate(ds["queries"]):
@@ -365,16 +400,23 @@ def per_query_markdown(per_query: Mapping[str, Any], methods: Sequence[str], *, 
 
 def results_markdown(payload: Mapping[str, Any]) -> str:
     """``results.md``: warnings, weights, the tables, notes, per-query APs and timings of a ``results.json``."""
-    cfg = payload["config"]
-    depth, mode = int(cfg["model"]["depth"]), cfg["rerank"]["cvnet"]["mode"]
     out = [f"# Evaluation results: {Path(payload['run_dir']).name}", ""]
     for w in payload["warnings"]:
         out += [f"> **Warning:** {w}", ""]
-    out += [f"Weights: {payload['weights']}", "", payload["table_markdown"]]
+    out += [f"Weights: {payload['weights']}", ""]
+    out += [f"Weights sha256: `{h}` {p}" for p, h in (payload.get("weights_sha256") or {}).items()]
+    out += ["", payload["table_markdown"]]
     if payload["notes"]:
         out += ["", *[f"Note: {n}" for n in payload["notes"]]]
+    if payload.get("post_rows"):
+        out += ["", "Post-processed rows (each a copy of a global ranking, with the steps listed applied):"]
+        out += [f"- `{key}`: {row['applied']}" for key, row in payload["post_rows"].items()]
+    if payload.get("exports"):
+        out += ["", *[f"Export for AMES / LoCoRe ({name}): {Path(e['files']['shortlist']).parent} — {e['shortlist']}"
+                      for name, e in payload["exports"].items()]]
     if payload.get("per_query"):
-        out += ["", per_query_markdown(payload["per_query"], payload["methods"], depth=depth, mode=mode)]
+        titles = payload_titles(payload)
+        out += ["", per_query_markdown(payload["per_query"], payload["methods"], titles=titles)]
     out += ["", "## Wall time per stage (s)", "", "| stage | s |", "|---|---|"]
     out += [f"| {k} | {v:.1f} |" for k, v in payload["timings_s"].items()]
     return "\n".join(out) + "\n"

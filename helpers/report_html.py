@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from helpers.evaluation import PROTOCOLS, format_percent
-from helpers.report import dataset_title, method_title
+from helpers.report import dataset_title, payload_titles
 from helpers.visualize import format_scores
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ PROTOCOL_TITLES = {"easy": "Easy", "medium": "Medium", "hard": "Hard"}
 #: Curve colour and dash per method: one hue per family, the global ranking dashed, its re-ranking solid.
 CURVE_STYLE = {"cvnet_global": ("#e08214", "6 4"), "cvnet_rerank": ("#b35806", ""),
                "superglobal": ("#8073ac", "6 4"), "superglobal_rerank": ("#542788", "")}
+#: Colours of the other curves (post-processed rows), in turn; dotted.
+OTHER_COLOURS = ("#1b9e77", "#d95f02", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#1f78b4", "#b2182b",
+                 "#4d4d4d", "#01665e")
 LABEL_TEXT = {"positive": "positive", "negative": "negative", "junk": "junk"}
 LABEL_MARK = {"positive": "\u2713", "negative": "\u2717", "junk": "\u2013"}
 
@@ -140,6 +143,9 @@ def pr_curves_svg(levels: Sequence[float], curves: Sequence[tuple[str, str, Mapp
     title, {protocol: precision per level}). Returns an inline ``<svg>`` with a legend below it."""
     pw, ph, ml, mr, mt, mb = 270, 230, 44, 12, 24, 38
     iw, ih = pw - ml - mr, ph - mt - mb
+    others = [m for m, _, _ in curves if m not in CURVE_STYLE]
+    style = {m: CURVE_STYLE.get(m) or (OTHER_COLOURS[others.index(m) % len(OTHER_COLOURS)], "2 3")
+             for m, _, _ in curves}
     parts = [f'<svg class="pr" viewBox="0 0 {3 * pw} {ph}" width="{3 * pw}" height="{ph}" role="img" '
              f'aria-label="precision-recall curves">']
     for k, p in enumerate(PROTOCOLS):
@@ -157,7 +163,7 @@ def pr_curves_svg(levels: Sequence[float], curves: Sequence[tuple[str, str, Mapp
                      f'<text class="axis" transform="translate({k * pw + 11},{y0 + ih / 2}) rotate(-90)">'
                      f'precision</text>')
         for method, title, precision in curves:
-            color, dash = CURVE_STYLE.get(method, ("#333333", ""))
+            color, dash = style[method]
             pts = [f"{x0 + r * iw:.1f},{y0 + ih - v * ih:.1f}"
                    for r, v in zip(levels, precision[p]) if v is not None]
             if pts:
@@ -166,8 +172,8 @@ def pr_curves_svg(levels: Sequence[float], curves: Sequence[tuple[str, str, Mapp
     parts.append("</svg>")
     legend = "".join(
         f'<span><svg width="34" height="10"><line x1="0" y1="5" x2="34" y2="5" '
-        f'stroke="{CURVE_STYLE.get(m, ("#333", ""))[0]}" '
-        f'stroke-width="2.5" stroke-dasharray="{CURVE_STYLE.get(m, ("", ""))[1]}"/></svg>{_e(t)}</span>'
+        f'stroke="{style[m][0]}" '
+        f'stroke-width="2.5" stroke-dasharray="{style[m][1]}"/></svg>{_e(t)}</span>'
         for m, t, _ in curves)
     return "".join(parts) + f'<div class="prlegend">{legend}</div>'
 
@@ -278,14 +284,14 @@ def _strips_of(methods: Sequence[str], ds: Mapping[str, Any]) -> list[tuple[str,
     return out
 
 
-def query_card(label: str, i: int, ds: Mapping[str, Any], methods: Sequence[str], *, thumbs: _Thumbs, depth: int,
-               mode: str) -> str:
+def query_card(label: str, i: int, ds: Mapping[str, Any], methods: Sequence[str], *, thumbs: _Thumbs,
+               titles: Mapping[str, str]) -> str:
     """A query's crop and the top results of each of its rankings, each re-ranking below the ranking it
     re-ordered (with the AP change and each result's move)."""
     name = ds["queries"][i]
     strips = []
     for method, ranking, only_before, base in _strips_of(methods, ds):
-        title = method_title(method, depth=depth, mode=mode)
+        title = titles[method]
         if only_before:
             title += " (before re-ranking)"
         before_ids = None
@@ -316,8 +322,7 @@ def dataset_section(label: str, ds: Mapping[str, Any], payload: Mapping[str, Any
                     max_cards: int) -> str:
     pq = payload["per_query"]
     methods = payload["methods"]
-    cfg = payload["config"]
-    depth, mode = int(cfg["model"]["depth"]), cfg["rerank"]["cvnet"]["mode"]
+    titles = payload_titles(payload)
     title = dataset_title(label)
     nq = len(ds["queries"])
     carded = min(nq, max_cards)
@@ -325,21 +330,22 @@ def dataset_section(label: str, ds: Mapping[str, Any], payload: Mapping[str, Any
            "<h3>Precision\u2013recall</h3>",
            '<p class="hint">Mean over queries of the interpolated precision (the best precision at that recall or '
            'beyond); dashed: a global ranking, solid: its re-ranking.</p>']
-    curves = [(m, method_title(m, depth=depth, mode=mode), ds["methods"][m]["pr"]) for m in methods]
+    curves = [(m, titles[m], ds["methods"][m]["pr"]) for m in methods]
     bases = {ds["methods"][m]["before"]["method"] for m in methods if ds["methods"][m]["before"]}
-    curves += [(b, method_title(b, depth=depth) + " (before re-ranking)",
+    curves += [(b, titles[b] + " (before re-ranking)",
                 next(ds["methods"][m]["before"]["pr"] for m in methods
                      if ds["methods"][m]["before"] and ds["methods"][m]["before"]["method"] == b))
                for b in sorted(bases - set(methods))]
     out.append(pr_curves_svg(pq["pr_recall_levels"], curves))
     for method in methods:
         m = ds["methods"][method]
-        out.append(f'<h3 id="h-{_e(label)}-{_e(method)}">{_e(method_title(method, depth=depth, mode=mode))}: '
+        out.append(f'<h3 id="h-{_e(label)}-{_e(method)}">{_e(titles[method])}: '
                    "per-query AP (%)</h3>")
         hint = "Scores: " + _e(m["score_source"]) + "."
         if m["before"] is not None:
-            base = _e(method_title(m["before"]["method"], depth=depth))
-            hint = f"\u0394AP = AP after re-ranking \u2212 AP of {base} (the ranking it re-ordered). " + hint
+            base = _e(titles[m["before"]["method"]])
+            step = "post-processing" if method in (payload.get("post_rows") or {}) else "re-ranking"
+            hint = f"\u0394AP = AP after {step} \u2212 AP of {base} (the ranking it re-ordered). " + hint
         out.append(f'<p class="hint">{hint} <span class="sorthint">Click a column header to sort; click again to '
                    "reverse.</span></p>")
         out.append(per_query_table(label, method, m, ds["queries"], thumbs=thumbs, carded=carded))
@@ -348,7 +354,7 @@ def dataset_section(label: str, ds: Mapping[str, Any], payload: Mapping[str, Any
         out.append(f'<p class="hint">The first {carded} of {nq} queries (the page holds at most '
                    f"{MAX_THUMBNAILS} result thumbnails); every query is in the tables above and in results.json.</p>")
     out.append(legend_html())
-    out += [query_card(label, i, ds, methods, thumbs=thumbs, depth=depth, mode=mode) for i in range(carded)]
+    out += [query_card(label, i, ds, methods, thumbs=thumbs, titles=titles) for i in range(carded)]
     out.append("</section>")
     return "\n".join(out)
 
@@ -372,11 +378,11 @@ def render_report(payload: Mapping[str, Any], *, images: ImageSource, max_cards:
     thumbs = _Thumbs(images)
     run = Path(payload["run_dir"]).name
     cfg = payload["config"]
+    titles = payload_titles(payload)
     nav = ['<a href="#summary">Summary</a>']
     for label in pq["datasets"]:
         nav.append(f'<a href="#ds-{_e(label)}">{_e(dataset_title(label))}</a>')
-        nav += [f'<a class="sub" href="#h-{_e(label)}-{_e(m)}">{_e(method_title(m, depth=int(cfg["model"]["depth"])))}'
-                "</a>" for m in payload["methods"]]
+        nav += [f'<a class="sub" href="#h-{_e(label)}-{_e(m)}">{_e(titles[m])}</a>' for m in payload["methods"]]
         nav.append(f'<a class="sub" href="#cards-{_e(label)}">queries</a>')
     warnings = "".join(f'<div class="warn">{_e(w)}</div>' for w in payload["warnings"])
     notes = "".join(f'<p class="note">Note: {_e(n)}</p>' for n in payload["notes"] if n not in payload["warnings"])

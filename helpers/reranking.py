@@ -58,7 +58,7 @@ def _db_parts(db_vectors: DbVectors) -> list[Tensor]:
     return [_as_tensor(db_vectors)]
 
 
-def _db_rows(db_vectors: DbVectors, rows: Tensor) -> Tensor:
+def db_rows(db_vectors: DbVectors, rows: Tensor) -> Tensor:
     """float32 rows ``rows`` (int64) of the logical concatenation of the database parts, (len(rows), d)."""
     parts = _db_parts(db_vectors)
     if len(parts) == 1:
@@ -190,7 +190,7 @@ def cvnet_rerank(
                              for p in pos}), dtype=np.int64).reshape(-1, 2)
     xq = _as_tensor(query_vectors).float()
     qi, di = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
-    global_sim = (xq[qi] * _db_rows(db_vectors, di)).sum(dim=1).double().numpy()
+    global_sim = (xq[qi] * db_rows(db_vectors, di)).sum(dim=1).double().numpy()
     local = np.asarray(score_pairs(pairs), dtype=np.float64).reshape(-1)
     if local.shape[0] != pairs.shape[0]:
         raise ValueError(f"score_pairs returned {local.shape[0]} scores for {pairs.shape[0]} pairs")
@@ -340,6 +340,6 @@ def superglobal_rerank_ranking(*, query_vectors: Tensor | np.ndarray, database: 
     out = []
     for start in range(0, xq.shape[0], chunk):
         ids = top[start : start + chunk]
-        vectors = _db_rows(database, ids.reshape(-1)).view(*ids.shape, -1).to(xq.device)
+        vectors = db_rows(database, ids.reshape(-1)).view(*ids.shape, -1).to(xq.device)
         out.append(reranker.rerank_candidates(xq[start : start + ids.shape[0]], vectors, ids)[1].cpu())
     return merge_reranked(ranks, torch.cat(out).numpy())

@@ -18,6 +18,14 @@ DEPTH = Rule(choices=(50, 101))
 
 EVAL_METHODS = ("cvnet_global", "cvnet_rerank", "superglobal", "superglobal_rerank")
 RERANK_MODES = ("clean", "paper")
+#: The post-processing steps of a global ranking, in the order they are applied (and spelt in ``post.rows``):
+#: learned whitening changes the descriptors, then alpha-DBA, alpha-QE, k-reciprocal (helpers.postprocess).
+#: Flip test-time augmentation, an extraction option, will come first once the engine has it ("flip").
+POST_STEPS = ("whitening", "dba", "aqe", "kreciprocal")
+#: Every ``post.rows`` entry: a non-empty '+'-joined combination of POST_STEPS, in their order.
+POST_ROWS = tuple("+".join(s for k, s in enumerate(POST_STEPS) if mask >> k & 1)
+                  for mask in sorted(range(1, 1 << len(POST_STEPS)), key=lambda m: (bin(m).count("1"), m)))
+SHA256 = Rule(types=(str,), nullable=True, pattern=r"[0-9a-fA-F]{64}", pattern_text="64 hexadecimal digits")
 
 EVAL = Schema(
     name="eval.py",
@@ -39,6 +47,7 @@ EVAL = Schema(
         "model": {
             "depth": 50,
             "weights": None,
+            "weights_sha256": None,
             "builtin_checkpoints": {"rerank": None, "backbone": None},
             "cvnet_scales": [0.7071, 1.0, 1.4142],
             "superglobal": {"gemp": True, "rgem": True, "sgem": True, "relup": True,
@@ -50,6 +59,17 @@ EVAL = Schema(
             "superglobal": {"M": 400, "K": 9, "beta": 0.15, "database": "tensor"},
         },
         "extraction": {"batch_size": 8, "num_workers": 0, "cache_dir": "cache/features", "shard_size": 20000},
+        # extra rows per global ranking (cvnet_global, superglobal): post-processed copies; the main rows stay
+        "post": {
+            "rows": [],
+            "aqe": {"k": 2, "alpha": 3.0},
+            "dba": {"k": 2, "alpha": 3.0},
+            "kreciprocal": {"k1": 20, "k2": 6, "lambda": 0.3},
+            "shortlist": 1000,
+            "full_limit": 20000,
+            "whitening": {"source": None, "dim": None, "images": None},
+        },
+        "export": {"ames": None, "shortlist": 1600, "reranked": False},
         "eval": {"kappas": [1, 5, 10]},
         "viz": {"num_queries": 3, "top": 10, "height": 160},
         "paper_results": "configs/paper_results.yaml",
@@ -68,6 +88,7 @@ EVAL = Schema(
         "data.synthetic.name": Rule(types=(str,), nullable=True),
         "model.depth": DEPTH,
         "model.weights": Rule(types=(str,), nullable=True),
+        "model.weights_sha256": SHA256,
         "model.builtin_checkpoints.rerank": Rule(types=(str,), nullable=True),
         "model.builtin_checkpoints.backbone": Rule(types=(str,), nullable=True),
         "model.cvnet_scales": Rule(items=float, min=0.05, max=4.0),
@@ -84,6 +105,21 @@ EVAL = Schema(
         "extraction.num_workers": NON_NEGATIVE_INT,
         "extraction.cache_dir": Rule(types=(str,), nullable=True),
         "extraction.shard_size": OPTIONAL_POSITIVE_INT,
+        "post.rows": Rule(choices=POST_ROWS),
+        "post.aqe.k": POSITIVE_INT,
+        "post.aqe.alpha": Rule(min=0.0),
+        "post.dba.k": POSITIVE_INT,
+        "post.dba.alpha": Rule(min=0.0),
+        "post.kreciprocal.k1": POSITIVE_INT,
+        "post.kreciprocal.k2": POSITIVE_INT,
+        "post.kreciprocal.lambda": PROBABILITY,
+        "post.shortlist": POSITIVE_INT,
+        "post.full_limit": NON_NEGATIVE_INT,
+        "post.whitening.source": Rule(types=(str,), nullable=True),
+        "post.whitening.dim": OPTIONAL_POSITIVE_INT,
+        "post.whitening.images": Rule(types=(int,), nullable=True, min=2),
+        "export.ames": Rule(types=(str,), nullable=True),
+        "export.shortlist": POSITIVE_INT,
         "eval.kappas": Rule(items=int, min=1),
         "viz.num_queries": NON_NEGATIVE_INT,
         "viz.top": POSITIVE_INT,

@@ -41,6 +41,7 @@ from datasets.augment import (
 from datasets.transforms import to_tensor
 from helpers.builders import build_model
 from helpers.distributed import DistEnv, all_gather_cat, all_gather_objects
+from helpers.extraction import check_finite
 from helpers.training.data import CorruptSample, LabelledData, SkipCorrupt
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def extract_descriptors(
     num_workers: int = 0,
     env: DistEnv | None = None,
     progress: bool = True,
+    weights_source: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Global descriptors of every item of ``dataset`` (items ``(image (3, H, W), label)``, equal sizes).
 
@@ -83,10 +85,15 @@ def extract_descriptors(
                         collate_fn=_keep_items)
     model.eval()
     blocks: list[tuple[Tensor, Tensor | None]] = []
+    at = 0
     for items in tqdm(loader, desc="mining: global descriptors", disable=not (progress and env.is_main)):
         flags = torch.tensor([not isinstance(it, CorruptSample) for it in items], dtype=torch.bool)
         good = [it[0] for it in items if not isinstance(it, CorruptSample)]
         out = model(torch.stack(good).to(device)).float().cpu() if good else None
+        if out is not None:  # the engine's check: NaN/Inf descriptors are an error naming images and weights
+            rows = [mine[at + j] for j, ok in enumerate(flags.tolist()) if ok]
+            check_finite(out, dataset=dataset, indices=rows, model=model, weights_source=weights_source)
+        at += len(flags)
         blocks.append((flags, out))
     dims = {out.shape[1] for _, out in blocks if out is not None}
     dim = dims.pop() if dims else int(model.head.fc.out_features)  # this rank's images all failed to decode
@@ -209,7 +216,8 @@ def mine_pairs(*, backbone: Mapping[str, Any], backbone_path: str, depth: int, d
                         device=env.device, warn_random=False)
     images = ResizedImages(data.dataset, size=int(mining_cfg["image_size"]), convention=convention)
     desc, valid = extract_descriptors(model, images, batch_size=int(mining_cfg["batch_size"]), device=env.device,
-                                      num_workers=num_workers, env=env, progress=progress)
+                                      num_workers=num_workers, env=env, progress=progress,
+                                      weights_source=os.fspath(backbone_path))
     pos, neg = mine_distributed(desc, labels, valid, num_positives=int(mining_cfg["num_positives"]),
                                 num_negatives=int(mining_cfg["num_negatives"]), env=env)
     if env.is_main:

@@ -1,12 +1,13 @@
-"""A toy evaluation outcome (3 queries, 9 database images, two methods) built with the real ranking, re-ranking
-record and per-query code, for the report tests without running a model."""
+"""A toy evaluation outcome (3 queries, 9 database images, two methods; ``toy_post_run`` adds a post-processed
+row) built with the real ranking, re-ranking record and per-query code, for the report tests without running a
+model."""
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 
-from helpers.eval_detail import MethodDetail, global_detail, lookup_scores, ranking_detail
+from helpers.eval_detail import MethodDetail, global_detail, global_scores, lookup_scores, ranking_detail
 from helpers.eval_pipeline import EvalOutcome, Timer, WeightsPlan
 from helpers.evaluation import evaluate_revisited, metrics_percent
 from helpers.reranking import global_ranking
@@ -72,3 +73,32 @@ def toy_run():
                           timer=timer, data={"toy": {"query_set": ToySet(3, "q"), "db_set": ToySet(9, "db")}},
                           names=["toy"], builtin=True, distractors=None, details=details)
     return Toy(outcome=outcome, final={"cvnet_global": ranks, "cvnet_rerank": reranked}, gnd=GND)
+
+
+@pytest.fixture
+def toy_post_run(toy_run):
+    """``toy_run`` with the row ``cvnet_global+dba`` (alpha-DBA k=2 over the toy database), reported right after
+    CVNet-Global, and a weights file's sha256."""
+    from helpers.eval_post import post_rows, row_order
+    from helpers.postprocess import postprocess_ranking
+
+    outcome = toy_run.outcome
+    gen = torch.Generator().manual_seed(0)  # the toy descriptors again (the same draws as toy_run)
+    xq = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=1)
+    xb = torch.nn.functional.normalize(torch.randn(9, 8, generator=gen), dim=1)
+    ranks = toy_run.final["cvnet_global"]
+    post = {"rows": ["dba"], "aqe": {"k": 2, "alpha": 3.0}, "dba": {"k": 2, "alpha": 3.0},
+            "kreciprocal": {"k1": 20, "k2": 6, "lambda": 0.3}, "shortlist": 1000, "full_limit": 20000}
+    (row,) = post_rows(post, kinds=["cvnet_global"])
+    final = postprocess_ranking(xq, xb, ranks, row.post)
+    ev = evaluate_revisited(final, GND, [1, 5])
+    outcome.results["toy"][row.key] = metrics_percent(ev)
+    outcome.details[("toy", row.key)] = MethodDetail(
+        after=ranking_detail(final, ev, GND, top=5, score_of=global_scores(xq, xb), source="cosine"),
+        before=outcome.details[("toy", "cvnet_global")].after, base="cvnet_global")
+    outcome.rows = row_order(["cvnet_global", "cvnet_rerank"], [row])
+    outcome.post = {row.key: {"base": "cvnet_global", "steps": ["dba"], "applied": row.applied(),
+                              "settings": row.settings()}}
+    outcome.weights_sha256 = {"/w/last.pyth": "ab" * 32}
+    toy_run.final[row.key] = final
+    return toy_run

@@ -1,23 +1,37 @@
-"""The evaluation run's pieces: the weights plan, the models it builds (seeded random weights independent of one
-another), the SuperGlobal re-ranking databases, the distractors' storage and the reader behind +1M grids."""
+"""The evaluation run's pieces: the weights plan and its files' sha256, the models it builds (seeded random
+weights independent of one another), the SuperGlobal re-ranking databases, the distractors' storage, the reader
+behind +1M grids, the post-processed rows over +1M parts and the AMES / LoCoRe export."""
+import hashlib
+import pickle
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.config import ConfigError
 from helpers.eval_pipeline import (
     SEED_OFFSETS,
     CombinedReader,
+    WeightsPlan,
     build_models,
+    check_exports,
     dataset_label,
+    export_ames,
+    file_sha256,
     needed_models,
     plan_weights,
+    rank_post_row,
     scales_for,
     stored_distractors,
     superglobal_database,
+    verify_weights,
 )
+from helpers.eval_post import PostRow, post_processing
+from helpers.postprocess import postprocess_ranking
 from helpers.reranking import global_ranking, superglobal_rerank_ranking
-from models import CVNetGlobal, CVNetRerank, SuperGlobal, SuperGlobalRerank
+from models import CheckpointError, CVNetGlobal, CVNetRerank, SuperGlobal, SuperGlobalRerank
 
 CPU = torch.device("cpu")
 
@@ -153,3 +167,102 @@ def test_combined_reader_continues_after_the_database():
     assert [reader.read(j) for j in range(5)] == ["a", "b", "x", "y", "z"]
     assert CombinedReader(_Images(["a"]), None).read(0) == "a"
     assert [reader.name(j) for j in (0, 1, 2, 4)] == ["a.jpg", "b.jpg", "x.jpg", "z.jpg"]
+
+
+def test_weights_files_are_hashed_and_verified(tmp_path):
+    path = tmp_path / "w.pyth"
+    path.write_bytes(b"weights" * 1000)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert file_sha256(path, block=100) == sha
+    plan = WeightsPlan(str(path), str(path), source="official", description=str(path))
+    assert verify_weights(plan, None) == {str(path): sha}  # one file, recorded once
+    assert verify_weights(plan, sha.upper()) == {str(path): sha}
+    wrong = "0" * 64
+    with pytest.raises(CheckpointError) as err:
+        verify_weights(plan, wrong)
+    assert str(path) in str(err.value) and sha in str(err.value) and wrong in str(err.value)
+    with pytest.raises(ConfigError, match="weights_sha256 is set, but this run uses no weights file"):
+        verify_weights(WeightsPlan(), sha)
+    assert verify_weights(WeightsPlan(), None) == {}
+    # a missing file is left to the model builder, whose error says where the official files are
+    assert verify_weights(WeightsPlan(str(tmp_path / "nope.pyth"), None), None) == {}
+
+
+def _parts_setup(n_db=40, n_extra=60, nq=4, d=12):
+    g = torch.Generator().manual_seed(3)
+    xb = F.normalize(torch.randn(n_db + n_extra, d, generator=g), dim=1)
+    xq = F.normalize(xb[:nq] + 0.2 * torch.randn(nq, d, generator=g), dim=1)
+    return xq, xb, [xb[:n_db], xb[n_db:].half().float()]
+
+
+def test_post_rows_over_database_parts_use_the_shortlist_mode():
+    xq, xb, parts = _parts_setup()
+    xb = torch.cat(parts)
+    _, ranks = global_ranking(xq, parts, with_similarities=False, rank_dtype=np.int32)
+    cfg = {"aqe": {"k": 2, "alpha": 3.0}, "dba": {"k": 2, "alpha": 3.0},
+           "kreciprocal": {"k1": 6, "k2": 3, "lambda": 0.3}, "shortlist": 30, "full_limit": 10000}
+    for steps in (("dba", "aqe"), ("kreciprocal",)):
+        row = PostRow(base="superglobal", steps=steps, post=post_processing(steps, cfg))
+        got = rank_post_row(row, (ranks, xq, parts))
+        # the same as the concatenated database forced into shortlist mode (full_limit 0)
+        forced = post_processing(steps, {**cfg, "full_limit": 0})
+        expected = postprocess_ranking(xq, xb, ranks, forced)
+        np.testing.assert_array_equal(got, expected)
+        assert got.dtype == ranks.dtype and not np.array_equal(got[:30], ranks[:30])
+        np.testing.assert_array_equal(got[30:], ranks[30:])  # beyond the shortlist the order is kept
+    # one tensor: the whole database, in full mode
+    row = PostRow(base="superglobal", steps=("aqe",), post=post_processing(("aqe",), cfg))
+    np.testing.assert_array_equal(rank_post_row(row, (ranks, xq, xb)), postprocess_ranking(xq, xb, ranks, row.post))
+    whitening_only = PostRow(base="superglobal", steps=("whitening",), post=post_processing(("whitening",), cfg))
+    assert rank_post_row(whitening_only, (ranks, xq, parts)) is ranks
+
+
+def test_exports_need_their_rankings():
+    cfg = {"methods": ["superglobal"], "export": {"ames": "out", "shortlist": 10, "reranked": False}}
+    check_exports(cfg, {"superglobal"})
+    check_exports({**cfg, "export": {"ames": None}}, {"cvnet_global"})
+    with pytest.raises(ConfigError, match="add superglobal"):
+        check_exports({**cfg, "methods": ["cvnet_global"]}, {"cvnet_global"})
+    with pytest.raises(ConfigError, match="export.reranked=true.*add superglobal_rerank"):
+        check_exports({**cfg, "export": {"ames": "out", "reranked": True}}, {"superglobal"})
+
+
+def test_ames_export_holds_the_run_ranking(tmp_path):
+    xq, xb, _ = _parts_setup(n_db=30, n_extra=0, nq=3)
+    data_dir = tmp_path / "data" / "toy"
+    (data_dir / "jpg").mkdir(parents=True)
+    gnd = [{"junk": [1]}, {"junk": []}, {"junk": []}]
+    with open(data_dir / "gnd_toy.pkl", "wb") as f:
+        pickle.dump({"gnd": gnd}, f)
+    q = SimpleNamespace(data_dir=str(data_dir), image_paths=[str(data_dir / "jpg" / f"q{i}.jpg") for i in range(3)],
+                        gnd_path=str(data_dir / "gnd_toy.pkl"))
+    db = SimpleNamespace(data_dir=str(data_dir), image_paths=[str(data_dir / "jpg" / f"d{i}.jpg") for i in range(30)])
+    _, ranks = global_ranking(xq, xb, with_similarities=False, rank_dtype=np.int32)
+    out = export_ames(tmp_path / "out", name="toy", query_set=q, db_set=db, xq=xq, xb=xb, ranks=ranks, m=8)
+    assert out["m"] == 8 and "global ranking" in out["shortlist"]
+    with open(out["files"]["shortlist"], "rb") as f:
+        nn = pickle.load(f)
+    assert nn.shape == (2, 3, 8) and nn.dtype == torch.float64
+    np.testing.assert_array_equal(nn[1].long().numpy(), ranks[:8].T)
+    torch.testing.assert_close(nn[0].float(), (xq @ xb.T).gather(1, nn[1].long()))
+    assert (tmp_path / "out" / "toy" / "test_gallery.txt").read_text().splitlines()[:2] == ["jpg/d0.jpg",
+                                                                                            "jpg/d1.jpg"]
+    assert (tmp_path / "out" / "toy" / "gnd_toy.pkl").is_file()
+    # the re-ranked export: the re-ranking's top min(m, M) with its scores
+    final = ranks.copy()
+    final[:5] = final[:5][::-1]
+    scores = {(qi, int(j)): 1.0 - 0.1 * r for qi in range(3) for r, j in enumerate(final[:5, qi])}
+
+    def score_of(ids):
+        return np.array([[scores.get((qi, int(j)), np.nan) for j in row] for qi, row in enumerate(ids)])
+
+    out = export_ames(tmp_path / "re", name="toy", query_set=q, db_set=db, xq=xq, xb=xb, ranks=ranks, m=8,
+                      reranked=(final, score_of, 5))
+    with open(out["files"]["shortlist"], "rb") as f:
+        nn = pickle.load(f)
+    assert out["m"] == 5 and nn.shape == (2, 3, 5)
+    np.testing.assert_array_equal(nn[1].long().numpy(), final[:5].T)
+    np.testing.assert_allclose(nn[0].numpy(), np.tile([1.0, 0.9, 0.8, 0.7, 0.6], (3, 1)), atol=1e-6)
+    with pytest.raises(RuntimeError, match="no score"):
+        export_ames(tmp_path / "re", name="toy", query_set=q, db_set=db, xq=xq, xb=xb, ranks=ranks, m=8,
+                    reranked=(final, score_of, 8))

@@ -31,14 +31,7 @@ from helpers.extraction import (
 from models import OFFICIAL_CONVENTION, CVNetGlobal, CVNetRerank, SuperGlobal
 from models.functional import aggregate_scales
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # a 2-core machine shared with other test runs: OpenMP threads spinning against each other cost 10-100x
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (H, W) of the database images: two pairs of equal sizes, so batches of 2 happen, and odd ones out

@@ -45,13 +45,7 @@ def unit_rows(n: int, d: int = D, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems on a shared 2-core machine: torch's thread pool spinning against the server costs time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from helpers.report import (
     method_title,
     new_run_dir,
     paper_figure,
+    payload_titles,
+    row_titles,
     write_json,
     write_report,
 )
@@ -39,6 +41,14 @@ def test_titles():
     assert dataset_title("synth+1m") == "synth+1M"
     assert method_title("cvnet_rerank", depth=50, mode="paper") == "CVNet-Global + CVNet-Rerank R50 (paper mode)"
     assert method_title("superglobal", depth=101, mode="paper") == "SuperGlobal R101"
+    post = {"superglobal+dba+aqe": {"base": "superglobal", "applied": "α-DBA k=2 α=3 + α-QE k=2 α=3"}}
+    titles = row_titles(["superglobal_rerank", "superglobal+dba+aqe"], post, depth=50, mode="clean")
+    assert titles["superglobal+dba+aqe"] == "SuperGlobal R50 + α-DBA k=2 α=3 + α-QE k=2 α=3"
+    assert titles["superglobal_rerank"] == "SuperGlobal + re-ranking R50"
+    assert titles["superglobal"] == "SuperGlobal R50"  # the ranking a row started from, reported or not
+    # a results.json written before titles were recorded gets the same ones
+    payload = {"methods": ["superglobal_rerank"], "config": _cfg()}
+    assert payload_titles(payload)["superglobal_rerank"] == "SuperGlobal + re-ranking R50"
 
 
 def test_table_prints_paper_figures_marking_unconfirmed():
@@ -102,11 +112,19 @@ def test_comparability_notes():
     assert comparability_notes(_cfg(), official, True) == (False, [NOT_COMPARABLE])
     show, notes = comparability_notes(_cfg(), SimpleNamespace(source="builtin"), False)
     assert not show and "official weights" in notes[0]
-    show, notes = comparability_notes(_cfg(**{"rerank.cvnet.mode": "paper"}), official, False)
+    # the paper-row settings: the released protocol, SuperGlobal's resize as the 2023 release ran it
+    paper = {"rerank.cvnet.mode": "paper", "model.superglobal.antialias": False}
+    show, notes = comparability_notes(_cfg(**paper), official, False)
     assert show and notes == []
-    show, notes = comparability_notes(_cfg(**{"model.superglobal.rgem": False,
-                                              "model.superglobal.antialias": False}), official, False)
-    assert show and len(notes) == 3 and "'clean' mode" in notes[0] and "rgem" in notes[1] and "antialias" in notes[2]
+    show, notes = comparability_notes(_cfg(**{"model.superglobal.rgem": False}), official, False)
+    assert show and len(notes) == 3 and "'clean' mode" in notes[0] and "rgem" in notes[1]
+    # antialias=True is what differs from the 2023 release (torchvision <= 0.16 did not antialias tensors)
+    assert "antialias=True" in notes[2] and "torchvision <= 0.16" in notes[2] and "pinned" not in notes[2]
+    show, notes = comparability_notes(_cfg(**{**paper, "model.superglobal.antialias": True}), official, False)
+    assert len(notes) == 1 and "antialias=False" in notes[0]
+    cfg = _cfg(**{**paper, "model.superglobal.antialias": True})
+    cfg["methods"] = ["cvnet_rerank"]  # no SuperGlobal row: nothing to say about its resize
+    assert comparability_notes(cfg, official, False) == (True, [])
 
 
 def test_banner():
@@ -315,3 +333,41 @@ def test_compare_refuses_runs_it_cannot_compare(tmp_path, toy_run):
         compare_runs(tmp_path / "a", tmp_path / "other")
     with pytest.raises(CompareError, match="no results.json"):
         compare_runs(tmp_path / "a", tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Post-processed rows and the weights' sha256
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_post_rows_are_reported_like_any_row(tmp_path, toy_post_run):
+    outcome = toy_post_run.outcome
+    text = write_report(cfg=_toy_cfg(), outcome=outcome, run_dir=tmp_path, start=time.perf_counter())
+    res = json.loads((tmp_path / "results.json").read_text())
+    title = "CVNet-Global R50 + α-DBA k=2 α=3"
+    assert res["methods"] == ["cvnet_global", "cvnet_global+dba", "cvnet_rerank"]
+    assert res["titles"]["cvnet_global+dba"] == title
+    assert res["post_rows"]["cvnet_global+dba"]["settings"]["dba"] == {"k": 2, "alpha": 3.0}
+    assert res["weights_sha256"] == {"/w/last.pyth": "ab" * 32} and f"weights sha256: {'ab' * 32}" in text
+    # the printed table: the post row right after its global ranking, with its figures
+    lines = res["table_markdown"].splitlines()
+    at = [i for i, ln in enumerate(lines) if ln.startswith(f"| {title} |")]
+    assert len(at) == 2 and all(lines[i - 1].startswith("| CVNet-Global R50 |") for i in at)
+    r = res["results"]["toy"]["cvnet_global+dba"]
+    assert lines[at[0]] == f"| {title} | {r['mAP']['medium']:.2f} | {r['mAP']['hard']:.2f} |"
+    # per-query APs like any row, with the change from the ranking it post-processed
+    m = res["per_query"]["datasets"]["toy"]["methods"]["cvnet_global+dba"]
+    glob = res["per_query"]["datasets"]["toy"]["methods"]["cvnet_global"]
+    assert m["top_ids"] == toy_post_run.final["cvnet_global+dba"][:5].T.tolist()
+    assert m["before"]["method"] == "cvnet_global" and m["before"]["top_ids"] == glob["top_ids"]
+    assert m["ap_change"]["medium"] == [None if a is None else a - b
+                                        for a, b in zip(m["ap"]["medium"], glob["ap"]["medium"])]
+    md = (tmp_path / "results.md").read_text()
+    assert f"### toy: {title} (before: CVNet-Global R50)" in md and "- `cvnet_global+dba`: α-DBA k=2 α=3" in md
+    assert f"Weights sha256: `{'ab' * 32}` /w/last.pyth" in md
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="t-toy-cvnet_global+dba"' in page and f"{title}: per-query AP (%)" in page
+    assert "AP after post-processing" in page and page.count("<polyline") == 3 * 3
+    assert page.count('<li class="tile ') == 3 * 3 * 5  # a strip per row in each card
+    # the grids stay one per method (report.html shows the post rows' top results)
+    assert not any("dba" in g for g in res["grids"])

@@ -19,14 +19,7 @@ from helpers.reranking import (
 from helpers.vector_db.tensor import TensorVectorDB
 from models import CVNetRerank, SuperGlobalRerank
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # a 2-core machine shared with other test runs: OpenMP threads spinning against each other cost 10-100x
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 N_DB, NQ, DIM, TOP_K = 40, 4, 16, 6

@@ -1,14 +1,18 @@
 """eval.py end to end on a tiny generated benchmark, its command line (checked before torch is imported), its
-error messages and the experiment configs."""
+error messages and the experiment configs; the post-processed rows, the AMES / LoCoRe export and the weights'
+sha256 as a user meets them."""
+import hashlib
 import importlib.util
 import json
 import logging
+import pickle
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -28,18 +32,13 @@ def _load_eval():
 
 ev = _load_eval()
 
+# 4 training images: the built-in config's whitening row learns on them (d = 3)
 TINY_SYNTH = ("data.synthetic.config={n_landmarks: 3, views_per_landmark: 3, n_distractors: 3, "
-              "image_size: [96, 64], train_landmarks: 1, train_views_per_landmark: 1}")
+              "image_size: [96, 64], train_landmarks: 2, train_views_per_landmark: 2}")
 NO_CHECKPOINTS = ("model.builtin_checkpoints.rerank=null", "model.builtin_checkpoints.backbone=null")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # a 2-core machine shared with other test runs: OpenMP threads spinning against each other cost 10-100x
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, *overrides, config=None):
@@ -112,12 +111,18 @@ def test_builtin_run_end_to_end(tmp_path, capsys, caplog):
     for title in ("CVNet-Global R50", "CVNet-Global + CVNet-Rerank R50 (clean mode)", "SuperGlobal R50",
                   "SuperGlobal + re-ranking R50"):
         assert f"| {title} |" in out
+    # the built-in config's post-processed rows: each global ranking with each option, named by what it applied
+    for base in ("CVNet-Global R50", "SuperGlobal R50"):
+        for applied in ("α-QE k=2 α=3", "α-DBA k=2 α=3", "α-DBA k=2 α=3 + α-QE k=2 α=3",
+                        "k-reciprocal k1=20 k2=6 λ=0.3", "learned whitening (d=3)"):
+            assert out.count(f"| {base} + {applied} |") == 2
     assert "| Method | mAP E | mAP M | mAP H | mP@1 M | mP@5 M | mP@10 M | mP@1 H | mP@5 H | mP@10 H |" in out
     assert "random — numbers are meaningless" in out and "NOT comparable with the papers" in out
     assert "[" not in out.split("### mAP")[1].split("###")[1]  # no paper figures beside built-in numbers
 
     res = json.loads((run_dir / "results.json").read_text())
-    assert res["weights"] == "random — numbers are meaningless"
+    assert res["weights"] == "random — numbers are meaningless" and res["weights_sha256"] == {}
+    assert len(res["methods"]) == 4 + 2 * 5 and set(res["results"]["synth"]) == set(res["methods"])
     assert res["comparable_with_papers"] is False
     assert set(res["results"]) == {"synth"}
     for method in ("cvnet_global", "cvnet_rerank", "superglobal", "superglobal_rerank"):
@@ -135,7 +140,7 @@ def test_builtin_run_end_to_end(tmp_path, capsys, caplog):
     # per-query results: the mean of the per-query APs is the mAP; each query's top 10 with scores
     pq = res["per_query"]["datasets"]["synth"]
     nq = len(pq["queries"])
-    for method, r in res["results"]["synth"].items():
+    for method, r in res["results"]["synth"].items():  # the post-processed rows too
         m = pq["methods"][method]
         for p in ("easy", "medium", "hard"):
             valid = [a for a in m["ap"][p] if a is not None]
@@ -147,14 +152,14 @@ def test_builtin_run_end_to_end(tmp_path, capsys, caplog):
     md = (run_dir / "results.md").read_text()
     assert res["table_markdown"] in md and "### synth: SuperGlobal + re-ranking R50 (before: SuperGlobal R50)" in md
     page = (run_dir / "report.html").read_text()
-    assert page.count('<li class="tile ') == nq * 4 * 10 and "https://" not in page
+    assert page.count('<li class="tile ') == nq * len(res["methods"]) * 10 and "https://" not in page
     assert f"{run_dir / 'report.html'}" in out
 
     # a second run: every descriptor from the cache, and the same numbers (seeded random weights)
     caplog.clear()
     assert _run(tmp_path, TINY_SYNTH, "viz.num_queries=0", "name=again") == 0
     hits = [r for r in caplog.records if "feature cache hit" in r.getMessage()]
-    assert len(hits) == 4  # queries + database, for CVNet-Global and SuperGlobal
+    assert len(hits) == 4  # queries + database, for CVNet-Global and SuperGlobal (the whitening: its saved file)
     again = json.loads((tmp_path / "runs" / "again" / "results.json").read_text())
     assert again["results"] == res["results"]
 
@@ -162,7 +167,99 @@ def test_builtin_run_end_to_end(tmp_path, capsys, caplog):
     assert ev.main(ev.get_args_parser().parse_args(["--compare", str(run_dir), str(tmp_path / "runs" / "again")])) == 0
     text = capsys.readouterr().out
     assert "synth cvnet_rerank hard: mAP A" in text and "d +0.00" in text
-    assert text.count(" queries changed, ") == 4 * 3 and " 1 queries changed" not in text
+    assert text.count(" queries changed, ") == len(res["methods"]) * 3 and " 1 queries changed" not in text
+
+
+def _ames_read(folder, gnd):
+    """The shortlist as AMES's loader reads it (restated): pickle.load, then per query the ground truth's junk
+    moved to the end, similarities [0] and indices [1].long()."""
+    with open(folder / "nn_superglobal.pkl", "rb") as f:
+        cache_nn = pickle.load(f)
+    nn = cache_nn.clone()
+    for i in range(cache_nn.shape[1]):
+        is_junk = np.isin(cache_nn[1, i].numpy(), gnd[i]["junk"])
+        nn[:, i] = torch.cat((cache_nn[:, i, ~is_junk], cache_nn[:, i, is_junk]), dim=1)
+    return cache_nn, nn[0], nn[1].long()
+
+
+@pytest.mark.slow
+def test_post_rows_ames_export_and_weights_hash_end_to_end(tmp_path, capsys, caplog):
+    from models import CVNetGlobal
+    from models.checkpoint import official_state_dict
+
+    caplog.set_level(logging.INFO)
+    torch.manual_seed(5)
+    weights = tmp_path / "backbone.pyth"  # a file in the official layout, as the built-in training run writes
+    torch.save({"model_state": official_state_dict(CVNetGlobal(50))}, weights)
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    common = (TINY_SYNTH, "methods=[superglobal, superglobal_rerank]", f"model.builtin_checkpoints.backbone={weights}",
+              f"model.weights_sha256={sha}", "post.rows=[dba+aqe, whitening]", "viz.num_queries=0",
+              "rerank.superglobal.M=6", "export.shortlist=8")
+    assert _run(tmp_path, *common, f"export.ames={tmp_path / 'ames'}") == 0
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    assert res["weights_sha256"] == {str(weights): sha} and f"weights sha256: {sha}" in out
+    assert res["methods"] == ["superglobal", "superglobal+dba+aqe", "superglobal+whitening", "superglobal_rerank"]
+    titles = {"superglobal+dba+aqe": "SuperGlobal R50 + α-DBA k=2 α=3 + α-QE k=2 α=3",
+              "superglobal+whitening": "SuperGlobal R50 + learned whitening (d=3)"}
+    md, page = (tmp_path / "runs" / "run" / "results.md").read_text(), (tmp_path / "runs" / "run" /
+                                                                        "report.html").read_text()
+    pq = res["per_query"]["datasets"]["synth"]
+    for key, title in titles.items():
+        assert res["titles"][key] == title and f"| {title} |" in out and f"### synth: {title}" in md
+        assert f"{title}: per-query AP (%)" in page
+        valid = [a for a in pq["methods"][key]["ap"]["medium"] if a is not None]
+        assert abs(sum(valid) / len(valid) - res["results"]["synth"][key]["mAP"]["medium"]) < 1e-9
+    # the whitening: learned on synth_train, saved beside the weights with their sha256
+    white = res["post_rows"]["superglobal+whitening"]["settings"]["whitening"]
+    assert white["file"] == f"{weights}.whiten-superglobal.pt" and white["n_images"] == 4 and white["dim"] == 3
+    assert torch.load(white["file"], weights_only=True)["weights_sha256"] == sha
+    assert res["post_rows"]["superglobal+dba+aqe"]["settings"]["aqe"] == {"k": 2, "alpha": 3.0}
+
+    # the export, read as AMES reads it, holds the run's own SuperGlobal ranking and similarities
+    folder = tmp_path / "ames" / "synth"
+    gnd = pickle.loads((folder / "gnd_synth.pkl").read_bytes())["gnd"]
+    cache_nn, sims, ids = _ames_read(folder, gnd)
+    sg = pq["methods"]["superglobal"]
+    nq = len(pq["queries"])
+    assert cache_nn.shape == (2, nq, 8) and cache_nn.dtype == torch.float64
+    assert cache_nn[1].long().tolist() == [row[:8] for row in sg["top_ids"]]
+    np.testing.assert_allclose(cache_nn[0].numpy(), [row[:8] for row in sg["scores"]], atol=1e-6)
+    for i in range(nq):  # junk to the end, the rest in the run's order
+        kept = [j for j in sg["top_ids"][i][:8] if j not in gnd[i]["junk"]]
+        assert ids[i, : len(kept)].tolist() == kept
+    queries = (folder / "test_query.txt").read_text().splitlines()
+    gallery = (folder / "test_gallery.txt").read_text().splitlines()
+    assert queries == [f"jpg/{q}" for q in pq["queries"]]
+    assert all(gallery[int(j)] == f"jpg/{name}" for j, name in pq["db_names"].items())
+    xq = np.fromfile(folder / "superglobal_query_global.pt", dtype=np.float32).reshape(nq, -1)
+    xb = np.fromfile(folder / "superglobal_gallery_global.pt", dtype=np.float32).reshape(len(gallery), -1)
+    assert xq.shape[1] == 2048
+    np.testing.assert_allclose(np.take_along_axis(xq @ xb.T, cache_nn[1].long().numpy(), 1), cache_nn[0].numpy(),
+                               atol=1e-5)
+    assert res["exports"]["synth"]["files"]["shortlist"] == str(folder / "nn_superglobal.pkl")
+
+    # again, exporting the re-ranked top M: the whitening is reused, the figures are the same
+    caplog.clear()
+    assert _run(tmp_path, *common, "name=again", f"export.ames={tmp_path / 'ames2'}", "export.reranked=true") == 0
+    assert any("reusing" in r.getMessage() and "whiten-superglobal.pt" in r.getMessage() for r in caplog.records)
+    again = json.loads((tmp_path / "runs" / "again" / "results.json").read_text())
+    assert again["results"] == res["results"]
+    cache_nn, _, _ = _ames_read(tmp_path / "ames2" / "synth", gnd)
+    rr = pq["methods"]["superglobal_rerank"]
+    assert cache_nn.shape == (2, nq, 6) and again["exports"]["synth"]["m"] == 6
+    assert cache_nn[1].long().tolist() == [row[:6] for row in rr["top_ids"]]
+    np.testing.assert_allclose(cache_nn[0].numpy(), [row[:6] for row in rr["scores"]], atol=1e-6)
+
+    # a weights file that is not the one expected: refused before any model is built
+    capsys.readouterr()
+    caplog.clear()
+    wrong = "0123456789abcdef" * 4
+    assert _run(tmp_path, *common, "name=wrong", f"model.weights_sha256={wrong}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eval.py: error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert str(weights) in err and sha in err and wrong in err
+    assert not any("stage build models" in r.getMessage() for r in caplog.records)
 
 
 def _payload(datasets, queries=("a.jpg", "b.jpg"), aps=(50.0, 20.0)):
@@ -251,7 +348,7 @@ def test_distractors_are_appended_after_the_database(tmp_path, capsys):
     from datasets.synthetic import SyntheticConfig, build_synthetic
 
     config = SyntheticConfig(n_landmarks=2, views_per_landmark=3, n_distractors=2, image_size=(96, 64),
-                             train_landmarks=1, train_views_per_landmark=1)
+                             train_landmarks=2, train_views_per_landmark=2)
     synth = build_synthetic(tmp_path / "data", name="synth", config=config, progress=False)
     r1m = tmp_path / "data" / "revisitop1m"
     (r1m / "jpg" / "a").mkdir(parents=True)
@@ -269,5 +366,8 @@ def test_distractors_are_appended_after_the_database(tmp_path, capsys):
     plain, with_1m = res["results"]["synth"]["cvnet_global"], res["results"]["synth+1m"]["cvnet_global"]
     for p in ("easy", "medium", "hard"):  # distractors only add negatives: a global ranking cannot improve
         assert with_1m["mAP"][p] <= plain["mAP"][p] + 1e-9
+    # the built-in config's post-processed rows, over the database and distractors as parts (shortlist mode)
+    for row in ("aqe", "dba", "dba+aqe", "kreciprocal", "whitening"):
+        assert f"cvnet_global+{row}" in res["results"]["synth+1m"]
     assert any("synth+1m_cvnet_rerank" in g for g in res["grids"])
     assert not list((tmp_path / "cache").glob("*.shards"))  # merged shards are cleaned up

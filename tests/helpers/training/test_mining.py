@@ -119,3 +119,16 @@ def test_mine_pairs_mines_once_then_reads_its_cache(tmp_path, monkeypatch):
     assert torch.equal(pos, pos2) and torch.equal(neg, neg2)
     with pytest.raises(AssertionError, match="cache"):  # other settings: another key, mined afresh
         mine_pairs(**{**args, "mining_cfg": {**args["mining_cfg"], "num_negatives": 5}})
+
+
+def test_nan_descriptors_stop_mining_naming_the_weights():
+    from helpers.extraction import NonFiniteDescriptorError
+    from helpers.training.mining import extract_descriptors
+
+    torch.manual_seed(0)
+    model = CVNetGlobal(50).eval()
+    with torch.no_grad():
+        model.head.fc.weight[0, 0] = float("nan")
+    items = [(torch.randn(3, 64, 64), 0), (torch.randn(3, 64, 64), 1)]
+    with pytest.raises(NonFiniteDescriptorError, match=r"2 image\(s\).*weights: backbone\.pyth"):
+        extract_descriptors(model, items, batch_size=2, progress=False, weights_source="backbone.pyth")

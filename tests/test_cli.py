@@ -1,14 +1,14 @@
-"""helpers.cli: --print-config, one-line config errors with exit code 2, and no torch before parsing."""
+"""cli: --print-config, one-line config errors with exit code 2, and no torch before parsing."""
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from helpers.cli import config_arg_parser, config_from_args
+from cli import config_arg_parser, config_from_args
 from helpers.config import Rule, Schema
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SCHEMA = Schema(name="toy.py", defaults={"device": "auto", "train": {"steps": 10}},
                 rules={"train.steps": Rule(min=1)})
 
@@ -40,6 +40,6 @@ def test_help_names_where_the_keys_are(capsys):
 
 
 def test_cli_module_loads_without_torch():
-    code = "import sys, helpers.cli; print('torch' in sys.modules)"
+    code = "import sys, cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,5 +1,6 @@
-"""What every config-driven script shares on its command line: ``--config FILE``, ``--print-config`` and dotted
-overrides, checked against the script's :class:`~helpers.config.Schema` before anything heavy is imported.
+"""The command line the top-level scripts share (argument parsing lives only at the top level, never under models/,
+datasets/ or helpers/): ``--config FILE``, ``--print-config`` and dotted overrides, checked against the script's
+:class:`~helpers.config.Schema` before anything heavy is imported; one-line errors; logging setup.
 
 Torch-free: a script calls :func:`config_from_args` first and imports torch only once its config is known good.
 """
@@ -67,3 +68,41 @@ def run_reporting_errors(fn: Callable[[], int], *, errors: Sequence[type[BaseExc
 def repo_path(script: str, *parts: str) -> Path:
     """A path inside the repository, from a top-level script's ``__file__``."""
     return Path(script).resolve().parent.joinpath(*parts)
+
+
+def training_arg_parser(*, description: str, schema: Schema, default_config: str | os.PathLike,
+                        example: str) -> argparse.ArgumentParser:
+    """A training script's command line: config options plus --resume / --overwrite (exclusive), --no-progress."""
+    parser = config_arg_parser(description=description, schema=schema, default_config=default_config,
+                               example=example)
+    run = parser.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/train_state.pth")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete the run already in run.out_dir (its own files only) and start over")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def training_main(train: Callable[..., Any], parser: argparse.ArgumentParser, *, schema: Schema,
+                  default_config: str | os.PathLike, argv: Sequence[str] | None = None) -> int:
+    """Parse, check the config (torch-free), then ``train(cfg=, resume=, overwrite=, progress=)``, with the
+    training errors printed as one line (exit code 2)."""
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, schema, default_config)
+    if isinstance(cfg, int):
+        return cfg
+    setup_logging()
+    from helpers.config import ConfigError
+    from helpers.distributed import DeviceError
+    from helpers.extraction import ExtractionError
+    from helpers.training.data import TooManyCorruptImages
+    from helpers.training.loop import RunConflict
+    from models.checkpoint import CheckpointError
+
+    def run() -> int:
+        train(cfg=cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        return 0
+
+    return run_reporting_errors(run, name=schema.name, errors=[TooManyCorruptImages, FileNotFoundError, DeviceError,
+                                                               RunConflict, ConfigError, CheckpointError,
+                                                               ExtractionError])
