@@ -7,7 +7,8 @@
 
 ``build`` describes every image under ``--images`` (recursively; jpg, png, bmp, webp, tif, ppm, pgm) with
 SuperGlobal (default), CVNet-Global or any timm model (``--model timm:<name>``, random or ``--weights`` a
-``timm-global-v1`` file written by train_backbone.py), optionally with flip test-time augmentation, and stores the descriptors, with each image's path, in ``--index``
+``timm-global-v1`` file written by train_backbone.py), optionally with flip test-time augmentation, and stores
+the descriptors, with each image's path, in ``--index``
 (``retriever.json`` + ``database-<save id>.pt`` or ``.faiss``), or in a Pinecone namespace with
 ``--backend pinecone``. ``query`` prints the ranked list (rank, score, path), optionally post-processed (α-QE,
 α-DBA, k-reciprocal over the global shortlist) and re-ranked (SuperGlobal or CVNet, over the post-processed

@@ -156,10 +156,11 @@ def test_demo_search_shows_k_results_and_timings(server, browser, tiny_index, tm
 
     try:
         images = wait.until(gallery_images)
-    except Exception:
+    except Exception as exc:
         browser.save_screenshot(str(tmp_path / "failed.png"))
         shutil.copyfile(tmp_path / "failed.png", SCREENSHOT)
-        raise AssertionError(f"no {K} results within {SEARCH_TIMEOUT} s; server log:\n{log.read_text()[-3000:]}")
+        tail = log.read_text()[-3000:]
+        raise AssertionError(f"no {K} results within {SEARCH_TIMEOUT} s; server log:\n{tail}") from exc
     assert len(images) == K
     assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
                for img in images)

@@ -8,20 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from helpers.demo_app import DemoState, index_examples, parse_box, post_settings, preview, run_query
 from helpers.retrieval import Retriever, build_index
 
 N = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
