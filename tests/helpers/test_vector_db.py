@@ -576,7 +576,6 @@ def test_faiss_hnsw_recall_against_flat_at_default_settings():
 
 @needs_faiss
 def test_faiss_hnsw_delete_and_upsert_mark_nodes_dead_then_rebuild(tmp_path):
-    from helpers.vector_db.faiss import FaissVectorDB
 
     xb, new = unit_rows(200), unit_rows(20, seed=7)
     db = make_db("faiss_hnsw")
