@@ -105,7 +105,7 @@ class FaissVectorDB(AbstractVectorDB):
     def __init__(
         self,
         dim: int,
-        index: Literal["flat", "ivfpq"] = "flat",
+        index: Literal["flat", "hnsw", "ivfpq"] = "flat",
         nlist: int = 1024,
         m: int = 64,
         nbits: int = 8,
