@@ -1,4 +1,5 @@
-"""Faiss back-end: exact (``IndexFlatIP`` under ``IndexIDMap2``) or compressed (``IndexIVFPQ``, inner product).
+"""Faiss back-end: exact (``IndexFlatIP`` under ``IndexIDMap2``), graph-based approximate (``IndexHNSWFlat``
+under ``IndexIDMap2``) or compressed (``IndexIVFPQ``), all by inner product.
 
 ``faiss`` is optional: it is imported when a :class:`FaissVectorDB` is built, never at module import. This
 module is ``helpers.vector_db.faiss``; ``import faiss`` inside it is an absolute import and reaches the
@@ -6,6 +7,13 @@ installed faiss package, not this file.
 
 - ``index="flat"``: exact search, same results as :class:`helpers.vector_db.tensor.TensorVectorDB`; ``get``
   returns the stored vectors exactly.
+- ``index="hnsw"``: approximate search on a hierarchical navigable small-world graph (``hnsw_m`` links per
+  node, ``ef_construction`` / ``ef_search`` candidate lists when building / searching; a search uses
+  ``max(ef_search, k)``). The vectors are stored uncompressed, so ``get`` returns them exactly (memory: the
+  float32 vectors plus about ``2 * hnsw_m`` int32 links a vector). faiss cannot remove nodes from the graph: a
+  delete (or the upsert of a stored id) marks the old node dead; searches skip dead nodes (they still route
+  through them) and the graph is rebuilt from the live vectors once the dead outnumber the live, and before
+  every save, so a save never holds a deleted vector. CPU only (faiss has no GPU HNSW).
 - ``index="ivfpq"``: for collections past memory (1M x 2048 float32 is 8 GB; with ``m=64, nbits=8`` the
   codes take 64 bytes a vector). It must be trained before vectors are added: call :meth:`FaissVectorDB.train`
   with a representative sample, or let the first ``add`` train on its own vectors when it holds at least
@@ -54,6 +62,8 @@ _MAGIC = b"FVDB\x00v1\n"  # the last 8 bytes of a one-file save
 _TAIL = struct.Struct("<Q8s")  # trailer length, magic
 _GPU_MAX_K = 2048
 _WELL_TRAINED = 39  # faiss' own advice: at least 39 training points per centroid
+_KINDS = ("flat", "hnsw", "ivfpq")
+_REBUILD_CHUNK = 65536  # live vectors copied at a time when the HNSW graph is rebuilt
 
 
 def import_faiss() -> Any:
@@ -74,15 +84,19 @@ def _sidecar(path: str | os.PathLike) -> Path:
 
 
 class FaissVectorDB(AbstractVectorDB):
-    """Inner-product search with faiss: exact (``"flat"``) or IVF-PQ (``"ivfpq"``).
+    """Inner-product search with faiss: exact (``"flat"``), HNSW graph (``"hnsw"``) or IVF-PQ (``"ivfpq"``).
 
     Args:
         dim: descriptor dimension d.
-        index: ``"flat"`` (exact) or ``"ivfpq"`` (inverted file with product quantisation).
+        index: ``"flat"`` (exact), ``"hnsw"`` (approximate graph search, exact stored vectors) or ``"ivfpq"``
+            (inverted file with product quantisation).
         nlist: IVF-PQ inverted lists (coarse centroids).
         m: IVF-PQ sub-quantisers; must divide ``dim``.
         nbits: bits per sub-quantiser code.
         nprobe: IVF-PQ lists visited per query.
+        hnsw_m: HNSW links per node (more: better recall, more memory, slower build).
+        ef_construction: HNSW candidate list while inserting (more: a better graph, a slower build).
+        ef_search: HNSW candidate list while searching (more: better recall, slower search); at least ``k``.
         use_gpu: ``"auto"`` (GPU search when faiss sees a GPU), ``True`` (require one) or ``False``.
         gpu_device: which GPU.
         norm_tolerance: allowed |norm - 1| of added vectors and queries.
@@ -91,31 +105,45 @@ class FaissVectorDB(AbstractVectorDB):
     def __init__(
         self,
         dim: int,
-        index: Literal["flat", "ivfpq"] = "flat",
+        index: Literal["flat", "hnsw", "ivfpq"] = "flat",
         nlist: int = 1024,
         m: int = 64,
         nbits: int = 8,
         nprobe: int = 16,
         use_gpu: bool | Literal["auto"] = "auto",
         *,
+        hnsw_m: int = 32,
+        ef_construction: int = 200,
+        ef_search: int = 128,
         gpu_device: int = 0,
         norm_tolerance: float = 1e-3,
     ) -> None:
         super().__init__(dim, norm_tolerance=norm_tolerance)
         faiss = import_faiss()
-        if index not in ("flat", "ivfpq"):
-            raise ValueError(f"index must be 'flat' or 'ivfpq', got {index!r}")
+        if index not in _KINDS:
+            raise ValueError(f"index must be 'flat', 'hnsw' or 'ivfpq', got {index!r}")
         if use_gpu not in ("auto", True, False):
             raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
         self.kind = index
         self.nlist, self.m, self.nbits = int(nlist), int(m), int(nbits)
+        self.hnsw_m, self.ef_construction = int(hnsw_m), int(ef_construction)
         if index == "ivfpq":
             if self.nlist < 1 or self.m < 1 or not 1 <= self.nbits <= 16:
                 raise ValueError(f"need nlist >= 1, m >= 1, 1 <= nbits <= 16; got {nlist}, {m}, {nbits}")
             if dim % self.m:
                 raise ValueError(f"m={m} sub-quantisers must divide dim={dim}")
+        if index == "hnsw":
+            if self.hnsw_m < 2 or self.ef_construction < 1:
+                raise ValueError(f"need hnsw_m >= 2 and ef_construction >= 1; got {hnsw_m}, {ef_construction}")
+            if use_gpu is True:
+                raise ValueError("faiss has no GPU HNSW index: use index='flat' or 'ivfpq' on a GPU, or use_gpu=False")
+            use_gpu = False
         self._index = self._build_index(faiss)
         self._known: set[int] = set()
+        # HNSW only: dead[i] marks node i (a position in the index) as deleted or replaced; id_map caches the
+        # index's position -> id table (None: to be re-read)
+        self._dead = np.zeros(0, dtype=bool)
+        self._id_map: np.ndarray | None = None
         self._meta = LocalMetadata()
         self._gpu_res: Any = None
         self._gpu_index: Any = None
@@ -123,11 +151,19 @@ class FaissVectorDB(AbstractVectorDB):
         self.use_gpu = self._resolve_gpu(faiss, use_gpu)
         self._gpu_required = use_gpu is True
         self.nprobe = nprobe
+        self.ef_search = ef_search
 
     # ------------------------------------------------------------------ construction
     def _build_index(self, faiss: Any) -> Any:
         if self.kind == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        if self.kind == "hnsw":
+            graph = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            graph.hnsw.efConstruction = self.ef_construction
+            index = faiss.IndexIDMap2(graph)
+            index.own_fields = True
+            graph.this.disown()  # the id map now frees the graph
+            return index
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFPQ(quantizer, self.dim, self.nlist, self.m, self.nbits, faiss.METRIC_INNER_PRODUCT)
         index.own_fields = True
@@ -157,6 +193,21 @@ class FaissVectorDB(AbstractVectorDB):
         self._gpu_index = None  # the replica picks the new value up when rebuilt
 
     @property
+    def ef_search(self) -> int:
+        """HNSW candidate list per search (a search uses ``max(ef_search, k)``; ignored by the other indexes)."""
+        return self._ef_search
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"ef_search must be a positive integer, got {value!r}")
+        self._ef_search = value
+
+    def _graph(self) -> Any:
+        """The ``IndexHNSWFlat`` inside the id map (HNSW only)."""
+        return import_faiss().downcast_index(self._index.index)
+
+    @property
     def is_trained(self) -> bool:
         """Whether vectors can be added (always true for the flat index)."""
         return bool(self._index.is_trained)
@@ -167,8 +218,9 @@ class FaissVectorDB(AbstractVectorDB):
         return max(self.nlist, 2**self.nbits) if self.kind == "ivfpq" else 0
 
     def __repr__(self) -> str:
-        extra = f", nlist={self.nlist}, m={self.m}, nbits={self.nbits}, nprobe={self.nprobe}" \
-            if self.kind == "ivfpq" else ""
+        extra = {"flat": "", "ivfpq": f", nlist={self.nlist}, m={self.m}, nbits={self.nbits}, nprobe={self.nprobe}",
+                 "hnsw": f", hnsw_m={self.hnsw_m}, ef_construction={self.ef_construction}, "
+                         f"ef_search={self.ef_search}"}[self.kind]
         return f"FaissVectorDB(dim={self.dim}, n={len(self)}, index={self.kind!r}{extra}, gpu={self.use_gpu})"
 
     # ------------------------------------------------------------------ training
@@ -181,8 +233,8 @@ class FaissVectorDB(AbstractVectorDB):
         self._train(x.cpu().numpy())
 
     def _train(self, x: np.ndarray) -> None:
-        if self.kind == "flat":
-            logger.info("the flat index needs no training; ignoring %d vectors", x.shape[0])
+        if self.kind != "ivfpq":
+            logger.info("the %s index needs no training; ignoring %d vectors", self.kind, x.shape[0])
             return
         if self._index.ntotal:
             raise RuntimeError("cannot retrain an IVF-PQ index that holds vectors; delete them or build a new one")
@@ -215,7 +267,37 @@ class FaissVectorDB(AbstractVectorDB):
             raise RuntimeError(f"faiss removed {removed} vectors where {ids.shape[0]} were expected")
 
     def _count(self) -> int:
-        return int(self._index.ntotal)
+        return len(self._known) if self.kind == "hnsw" else int(self._index.ntotal)
+
+    # ------------------------------------------------------------------ HNSW: dead nodes
+    def _positions(self) -> np.ndarray:
+        """HNSW: the id of every node, dead or alive, by position."""
+        if self._id_map is None:
+            self._id_map = import_faiss().vector_to_array(self._index.id_map).astype(np.int64)
+        return self._id_map
+
+    def _kill(self, ids: np.ndarray) -> None:
+        """HNSW: mark the live nodes of ``ids`` dead; rebuild the graph once the dead outnumber the live."""
+        hit = np.isin(self._positions(), ids) & ~self._dead
+        self._dead |= hit
+        if int(self._dead.sum()) > self._index.ntotal - int(self._dead.sum()):
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """HNSW: a new graph over the live vectors only, inserted in their old order (the dead are gone)."""
+        if not self._dead.any():
+            return
+        live = np.flatnonzero(~self._dead)
+        graph, ids = self._graph(), self._positions()
+        fresh = self._build_index(import_faiss())
+        for start in range(0, live.size, _REBUILD_CHUNK):
+            rows = live[start : start + _REBUILD_CHUNK]
+            fresh.add_with_ids(graph.reconstruct_batch(rows), ids[rows])
+        logger.info("rebuilt the HNSW graph over %d live vectors (%d dead dropped)", live.size,
+                    self._index.ntotal - live.size)
+        self._index = fresh
+        self._dead = np.zeros(live.size, dtype=bool)
+        self._id_map = None
 
     def _upsert(self, vectors: Tensor, ids: Tensor, metadata: list[Metadata | None] | None) -> None:
         x = np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
@@ -229,9 +311,16 @@ class FaissVectorDB(AbstractVectorDB):
             logger.info("IVF-PQ index untrained: training on the %d vectors of the first add", x.shape[0])
             self._train(x)
         existing = np.array([i for i in id_np.tolist() if i in self._known], dtype=np.int64)
-        if existing.size:
-            self._remove(existing)
-        self._index.add_with_ids(x, id_np)
+        if self.kind == "hnsw":
+            if existing.size:
+                self._kill(existing)
+            self._index.add_with_ids(x, id_np)  # the id map's reverse table now points at the new nodes
+            self._dead = np.concatenate([self._dead, np.zeros(x.shape[0], dtype=bool)])
+            self._id_map = None
+        else:
+            if existing.size:
+                self._remove(existing)
+            self._index.add_with_ids(x, id_np)
         self._known.update(id_np.tolist())
         self._meta.set(ids, metadata)
         self._gpu_index = None
@@ -257,11 +346,28 @@ class FaissVectorDB(AbstractVectorDB):
                 return self._index
         return self._gpu_index
 
+    def _search_hnsw(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """HNSW search on the graph itself, skipping dead nodes, its positions mapped to ids."""
+        faiss = import_faiss()
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = self.ef_search
+        keep = None
+        if self._dead.any():
+            keep = np.packbits(~self._dead, bitorder="little")  # bit i: node i may be returned
+            selector = faiss.IDSelectorBitmap(self._dead.size, faiss.swig_ptr(keep))
+            params.sel = selector
+        scores, pos = self._graph().search(xq, k, params=params)
+        del keep
+        return scores, np.where(pos >= 0, self._positions()[np.maximum(pos, 0)], -1)
+
     def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         xq = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
-        if self._index.ntotal == 0:
+        if self._count() == 0:
             return torch.empty(xq.shape[0], 0), torch.empty(xq.shape[0], 0, dtype=torch.int64)
-        scores, ids = self._searcher(k).search(xq, k)
+        if self.kind == "hnsw":
+            scores, ids = self._search_hnsw(xq, k)
+        else:
+            scores, ids = self._searcher(k).search(xq, k)
         scores = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
         ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
         scores[ids < 0] = float("-inf")  # faiss pads with -FLT_MAX; the convention here is -inf
@@ -285,7 +391,10 @@ class FaissVectorDB(AbstractVectorDB):
         return ids[torch.tensor([i not in self._known for i in ids.tolist()], dtype=torch.bool)]
 
     def _delete(self, ids: Tensor) -> None:
-        self._remove(ids.numpy())
+        if self.kind == "hnsw":
+            self._kill(ids.numpy().astype(np.int64))
+        else:
+            self._remove(ids.numpy())
         self._known.difference_update(ids.tolist())
         self._meta.drop(ids)
         self._gpu_index = None
@@ -299,7 +408,7 @@ class FaissVectorDB(AbstractVectorDB):
     def _index_ids(self) -> np.ndarray:
         """Every id held by the faiss index itself (used to rebuild the id set after loading)."""
         faiss = import_faiss()
-        if self.kind == "flat":
+        if self.kind in ("flat", "hnsw"):
             return faiss.vector_to_array(self._index.id_map).astype(np.int64)
         invlists, parts = self._index.invlists, []
         for lst in range(self._index.nlist):
@@ -313,13 +422,17 @@ class FaissVectorDB(AbstractVectorDB):
     # ------------------------------------------------------------------ persistence
     def _params(self) -> dict[str, Any]:
         return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dim": self.dim, "index": self.kind,
-                "nlist": self.nlist, "m": self.m, "nbits": self.nbits, "nprobe": self.nprobe}
+                "nlist": self.nlist, "m": self.m, "nbits": self.nbits, "nprobe": self.nprobe,
+                "hnsw_m": self.hnsw_m, "ef_construction": self.ef_construction, "ef_search": self.ef_search}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the database to ``path`` as one file, replaced atomically: the faiss index, then a JSON trailer
         holding the parameters, per-id metadata and the index bytes' sha256 (see the module notes). A sidecar
-        ``path.json`` of the older two-file layout is removed."""
+        ``path.json`` of the older two-file layout is removed. An HNSW graph holding dead nodes is rebuilt first,
+        so that no deleted vector reaches the file."""
         faiss = import_faiss()
+        if self.kind == "hnsw":
+            self._rebuild()
         trailer = {**self._params(), "count": int(self._index.ntotal), "trained": self.is_trained,
                    "norm_tolerance": self.norm_tolerance, "metadata": json.loads(self._meta.to_json())}
 
@@ -441,17 +554,27 @@ class FaissVectorDB(AbstractVectorDB):
         if params["format"] != FORMAT_NAME or params["version"] != FORMAT_VERSION:
             raise CorruptIndexError(f"{path} has format {params['format']!r} v{params['version']}, "
                                     f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
+        if params["index"] not in _KINDS:
+            raise CorruptIndexError(f"{path}: unknown index type {params['index']!r}")
+        hnsw = {key: side[key] for key in ("hnsw_m", "ef_construction", "ef_search") if key in side}
         db = cls(params["dim"], index=params["index"], nlist=params["nlist"], m=params["m"],
                  nbits=params["nbits"], nprobe=params["nprobe"], use_gpu=use_gpu, gpu_device=gpu_device,
-                 norm_tolerance=side.get("norm_tolerance", 1e-3))
-        expected = faiss.IndexIDMap2 if db.kind == "flat" else faiss.IndexIVFPQ
-        if not isinstance(index, expected) or index.d != db.dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
-            raise CorruptIndexError(f"{path} holds a {type(index).__name__} (d={index.d}), expected "
+                 norm_tolerance=side.get("norm_tolerance", 1e-3), **hnsw)
+        expected = faiss.IndexIVFPQ if db.kind == "ivfpq" else faiss.IndexIDMap2
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+        wrong_inner = (db.kind == "flat" and not isinstance(inner, faiss.IndexFlat)) or \
+            (db.kind == "hnsw" and not isinstance(inner, faiss.IndexHNSWFlat))
+        if not isinstance(index, expected) or wrong_inner or index.d != db.dim \
+                or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise CorruptIndexError(f"{path} holds a {type(index).__name__} (d={index.d}), expected a {db.kind} "
                                     f"{expected.__name__} with inner product and d={db.dim}")
+        if db.kind == "hnsw":
+            index.own_fields = True  # faiss.read_index gives the id map its graph to free
         if index.ntotal != params["count"]:
             raise CorruptIndexError(f"{path} holds {index.ntotal} vectors, its description says {params['count']}")
         db._index = index
         db.nprobe = params["nprobe"]
+        db._dead = np.zeros(index.ntotal, dtype=bool)
         ids = db._index_ids()
         db._known = set(ids.tolist())
         if len(db._known) != ids.shape[0]:

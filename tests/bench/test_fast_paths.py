@@ -271,7 +271,8 @@ def test_reserve_then_bulk_add_searches_like_brute_force():
 @pytest.mark.parametrize("module,extra,expect", [
     ("bench.rerank_cvnet", ["--no-profile"], "equality scores"),
     ("bench.extract", [], "equality superglobal"),  # --quick's images leave Regional-GeM a 3x3 stage-4 map
-    ("bench.search", [], "tensor32"),
+    ("bench.search", [], "hnsw ef="),
+    ("bench.postprocess", ["--large-n", "20000"], "shortlist mode"),
     ("bench.rerank_superglobal", ["--db-sizes", "3000", "--dim", "256"], "speed-up"),
 ])
 def test_benchmark_quick_run(module, extra, expect, capsys):

@@ -1,0 +1,239 @@
+"""The standard post-processing of a global ranking (alpha-QE, alpha-DBA, k-reciprocal, learned PCA whitening)
+timed against the global search itself.
+
+Two measurements, on seeded random unit vectors:
+
+- **full mode** (``--n`` 5000 x ``--dim`` 2048, ``--nq`` 70, the revisited Oxford/Paris sizes): each step of
+  :mod:`models.functional` alone (alpha-QE of the queries, alpha-DBA of the database, the k-reciprocal distance
+  over the whole pool, whitening learned on the database and applied to queries and database) and
+  :func:`helpers.postprocess.postprocess_ranking` with each step switched on, interleaved with the exact top-k
+  search by inner product over the same database (``TensorVectorDB``, float32), which is the reference: each
+  step's time is reported as a multiple of it. Also each step's peak extra memory (its first, untimed call).
+- **shortlist mode** (``--large-n``, default 1M; float16 storage): the exact top-``--shortlist`` search over the
+  large database, then ``postprocess_ranking`` of each query's shortlist read back from the store, per query
+  (ms/query) with its peak extra memory: bounded by the shortlist, not by the database size.
+
+Run: ``python -m bench.postprocess`` (``--quick`` for a smoke test in seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import (
+    PeakRSS,
+    add_common_args,
+    format_table,
+    interleaved,
+    machine_info,
+    median,
+    meminfo_bytes,
+    print_header,
+    setup_process,
+)
+from helpers.postprocess import PostProcessing, postprocess_ranking
+from helpers.vector_db.tensor import TensorVectorDB
+from models import functional as MF
+
+_GEN_ROWS = 32768
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--n", type=int, default=5000, help="database size of the full-mode measurement")
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--nq", type=int, default=70)
+    p.add_argument("--k", type=int, default=100, help="top-k of the global search")
+    p.add_argument("--aqe-k", type=int, default=2)
+    p.add_argument("--dba-k", type=int, default=2)
+    p.add_argument("--alpha", type=float, default=3.0, help="alpha of alpha-QE and alpha-DBA")
+    p.add_argument("--large-n", type=int, default=1_000_000,
+                   help="database size of the shortlist-mode measurement (0: skip it); lowered to what fits")
+    p.add_argument("--shortlist", type=int, default=1000, help="candidates per query in shortlist mode")
+    return p
+
+
+def unit_vectors(n: int, d: int, *, seed: int, dtype: torch.dtype = torch.float32,
+                 rows: int = _GEN_ROWS) -> torch.Tensor:
+    """``n`` seeded random unit vectors (n, d) in ``dtype``, generated ``rows`` at a time (no float32 copy of a
+    float16 database)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, d, dtype=dtype)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        out[start:stop] = F.normalize(torch.randn(stop - start, d, generator=g), dim=1).to(dtype)
+    return out
+
+
+def settings(aqe_k: int, dba_k: int, alpha: float, shortlist: int = 1000) -> dict[str, PostProcessing]:
+    """The post-processing configurations timed through ``postprocess_ranking``: each step alone, then all."""
+    base = {"aqe_alpha": alpha, "dba_alpha": alpha, "shortlist": shortlist}
+    return {
+        "α-QE": PostProcessing(aqe_k=aqe_k, **base),
+        "α-DBA": PostProcessing(dba_k=dba_k, **base),
+        "k-reciprocal": PostProcessing(kreciprocal=True, **base),
+        "α-DBA + α-QE + k-reciprocal": PostProcessing(aqe_k=aqe_k, dba_k=dba_k, kreciprocal=True, **base),
+    }
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the kernel (glibc), so that the next peak-RSS reading starts from what is
+    really in use rather than from earlier steps' freed buffers."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _measure(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, float],
+                                                                          dict[str, Any]]:
+    """(median seconds, peak extra MB of the first call, result of the first call) of each function; the first
+    calls are untimed, then ``repeats`` interleaved rounds."""
+    results, peaks = {}, {}
+    for name, fn in fns.items():
+        _release_freed_memory()
+        with PeakRSS() as mem:
+            results[name] = fn()
+        peaks[name] = mem.delta_mb
+    times = interleaved(fns, repeats=repeats, warmup=0)
+    return {name: median(ts) for name, ts in times.items()}, peaks, results
+
+
+def measure_full(*, n: int, d: int, nq: int, k: int, aqe_k: int, dba_k: int, alpha: float, seed: int,
+                 repeats: int) -> dict[str, Any]:
+    """Full mode: every step and ``postprocess_ranking`` with each, interleaved with the global search.
+
+    Returns ``{"xq", "xb", "ranks" (n, nq) global ranking, "seconds", "peak_mb", "results"}`` where ``results``
+    holds each timed function's output: ``"global search"`` (scores, ids) (nq, k), ``"α-QE"`` (nq, d) expanded
+    queries, ``"α-DBA"`` (n, d) augmented database, ``"k-reciprocal"`` (nq, n) distances, ``"whitening"`` the
+    whitened (queries, database), and ``"ranking: <setting>"`` (n, nq) post-processed ranks.
+    """
+    xb = unit_vectors(n, d, seed=seed)
+    xq = unit_vectors(nq, d, seed=seed + 1)
+    db = TensorVectorDB(d)
+    db.add(xb)
+    ranks = torch.argsort(xq @ xb.T, dim=1, descending=True, stable=True).T.numpy()  # what eval's ranking gives
+
+    def whitening() -> tuple[torch.Tensor, torch.Tensor]:
+        w = MF.learn_pca_whitening(xb)
+        return MF.apply_whitening(xq, w), MF.apply_whitening(xb, w)
+
+    fns: dict[str, Callable[[], Any]] = {
+        "global search": lambda: db.search(xq, k),
+        "α-QE": lambda: MF.alpha_query_expansion(xq, xb, k=aqe_k, alpha=alpha),
+        "α-DBA": lambda: MF.database_side_augmentation(xb, k=dba_k, alpha=alpha),
+        "k-reciprocal": lambda: MF.k_reciprocal_distance(xq, xb),
+        "whitening": whitening,
+    }
+    for name, post in settings(aqe_k, dba_k, alpha).items():
+        fns[f"ranking: {name}"] = lambda post=post: postprocess_ranking(xq, xb, ranks, post)
+    seconds, peaks, results = _measure(fns, repeats)
+    return {"xq": xq, "xb": xb, "ranks": ranks, "seconds": seconds, "peak_mb": peaks, "results": results}
+
+
+def fitting_size(requested: int, d: int, *, bytes_per_value: int = 2, share: float = 0.5) -> int:
+    """The largest of ``requested``, 500k, 200k, 100k, ... whose store takes at most ``share`` of the available
+    memory (the machine may be shared)."""
+    available = meminfo_bytes("MemAvailable") or 8e9
+    n = requested
+    for candidate in (requested, 500_000, 200_000, 100_000, 50_000, 20_000):
+        n = min(requested, candidate)
+        if n * d * bytes_per_value <= share * available:
+            break
+    return n
+
+
+def measure_shortlist(*, n: int, d: int, nq: int, shortlist: int, aqe_k: int, dba_k: int, alpha: float,
+                      seed: int, repeats: int) -> dict[str, Any]:
+    """Shortlist mode over a float16 store of ``n`` vectors: the exact top-``shortlist`` search, then
+    ``postprocess_ranking`` of those candidates (read back from the store) with each setting.
+
+    Returns ``{"seconds", "peak_mb", "results", "store_mb", "n"}``; ``results["global search"]`` is (scores, ids)
+    (nq, shortlist), ``results[<setting>]`` the re-ordered (shortlist, nq) ids.
+    """
+    db = TensorVectorDB(d, dtype=torch.float16, progress=False)
+    db.reserve(n)
+    g = torch.Generator().manual_seed(seed)
+    for start in range(0, n, _GEN_ROWS):
+        rows = min(_GEN_ROWS, n - start)
+        db.add(F.normalize(torch.randn(rows, d, generator=g), dim=1), ids=torch.arange(start, start + rows))
+    xq = unit_vectors(nq, d, seed=seed + 1)
+    _, top = db.search(xq, shortlist)
+    ranks = top.T.numpy()
+
+    fns: dict[str, Callable[[], Any]] = {"global search": lambda: db.search(xq, shortlist)}
+    for name, post in settings(aqe_k, dba_k, alpha, shortlist=shortlist).items():
+        fns[name] = lambda post=post: postprocess_ranking(xq, None, ranks, post, gather=db.get)
+    seconds, peaks, results = _measure(fns, repeats)
+    return {"seconds": seconds, "peak_mb": peaks, "results": results, "n": n,
+            "store_mb": n * d * 2 / 2**20}
+
+
+_NOTES = {
+    "global search": "the reference: exact top-k, queries against the database",
+    "α-QE": "query side",
+    "α-DBA": "database side: once per database, O(n^2 d)",
+    "k-reciprocal": "query side, over the pool of queries and database: O((nq + n)^2) memory",
+    "whitening": "learned once (d x d covariance, eigh) and applied to queries and database",
+}
+
+
+def full_rows(out: dict[str, Any], nq: int) -> list[list[Any]]:
+    ref = out["seconds"]["global search"]
+    rows = []
+    for name, t in out["seconds"].items():
+        note = _NOTES.get(name, "postprocess_ranking, full mode (argsort of every score)")
+        rows.append([name, t * 1000, t * 1000 / nq, f"{t / ref:.2f}x", out["peak_mb"][name], note])
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    setup_process(args)
+    if args.quick:
+        args.n, args.dim, args.nq = min(args.n, 1000), min(args.dim, 256), min(args.nq, 20)
+        args.large_n = min(args.large_n, 100_000)
+        args.shortlist = min(args.shortlist, 200)
+    repeats = args.repeats or (1 if args.quick else 3)
+    info = machine_info()
+    print_header("Post-processing of a global ranking against the global search, CPU", info, {
+        "n": args.n, "d": args.dim, "nq": args.nq, "k": args.k, "α-QE k": args.aqe_k, "α-DBA k": args.dba_k,
+        "α": args.alpha, "k-reciprocal": "k1=20 k2=6 λ=0.3", "repeats": repeats})
+
+    full = measure_full(n=args.n, d=args.dim, nq=args.nq, k=args.k, aqe_k=args.aqe_k, dba_k=args.dba_k,
+                        alpha=args.alpha, seed=args.seed, repeats=repeats)
+    print(f"\n-- full mode: {args.n} x {args.dim} float32 database, {args.nq} queries (median of {repeats}, "
+          "interleaved)")
+    print(format_table(["step", "ms", "ms/query", "x global search", "peak extra MB (first call)", "what"],
+                       full_rows(full, args.nq)))
+
+    if args.large_n > 0:
+        n = fitting_size(args.large_n, args.dim)
+        if n < args.large_n:
+            print(f"\n   {args.large_n} x {args.dim} float16 does not fit in half the available memory: using {n}")
+        large_repeats = 1 if not args.repeats else args.repeats
+        short = measure_shortlist(n=n, d=args.dim, nq=args.nq, shortlist=args.shortlist, aqe_k=args.aqe_k,
+                                  dba_k=args.dba_k, alpha=args.alpha, seed=args.seed, repeats=large_repeats)
+        print(f"\n-- shortlist mode: {n} x {args.dim} float16 store ({short['store_mb']:.0f} MB), {args.nq} "
+              f"queries, top {args.shortlist} each (median of {large_repeats})")
+        ref = short["seconds"]["global search"]
+        rows = [[name, t * 1000 / args.nq, f"{t / ref:.2f}x", short["peak_mb"][name]]
+                for name, t in short["seconds"].items()]
+        print(format_table(["step", "ms/query", "x global search", "peak extra MB (first call)"], rows))
+        pool = (args.nq + n) ** 2 * 4 / 2**30
+        print(f"   full mode here would hold (nq + n)^2 float32 = {pool:,.0f} GB per pool matrix for k-reciprocal; "
+              f"shortlist mode holds O(shortlist^2 + shortlist x d) a query")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
