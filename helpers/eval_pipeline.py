@@ -474,6 +474,7 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
         models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=int(cfg.get("seed", 0)),
                               device=device)
         hashes = {k: state_dict_hash(m) for k, m in models.items()}
+    run_flip = bool(ext_cfg.get("flip", False))  # every ranking of the run from flip-averaged descriptors
     # where each model's weights came from, for the engine's errors (NaN descriptors, too-small images)
     sources = {k: plan.global_path or f"random (seed {int(cfg.get('seed', 0)) * 1000 + SEED_OFFSETS[k]})"
                for k in models}
@@ -498,7 +499,7 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                 with timer.stage(f"extract {kind} {name} {split}"):
                     entry["vectors"][(kind, split)] = cached_global_descriptors(
                         model=model, dataset=ds, label=f"{name}-{split}-{kind}-r{depth}",
-                        weights_hash=hashes[kind], weights_source=sources[kind], **extract_kw)
+                        weights_hash=hashes[kind], weights_source=sources[kind], flip=run_flip, **extract_kw)
             if distractors:
                 with timer.stage(f"extract {kind} revisitop1m"):
                     # the completeness scan of the 1M files runs once per run, not once per model
@@ -507,9 +508,23 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                     checked_r1m = True
                     vectors = cached_global_descriptors(
                         model=model, dataset=r1m, label=f"revisitop1m-{kind}-r{depth}",
-                        weights_hash=hashes[kind], weights_source=sources[kind], **extract_kw)
+                        weights_hash=hashes[kind], weights_source=sources[kind], flip=run_flip, **extract_kw)
                     entry["vectors"][(kind, "distractors")] = stored_distractors(vectors,
                                                                                  data_cfg["distractors_dtype"])
+            if any(r.flip and r.base == kind for r in rows) and not run_flip:
+                # the flip rows' descriptors: original and mirrored image averaged (a second extraction)
+                for split, ds in sets.items():
+                    with timer.stage(f"extract {kind} {name} {split} (flip)"):
+                        entry["vectors"][(kind, split, "flip")] = cached_global_descriptors(
+                            model=model, dataset=ds, label=f"{name}-{split}-{kind}-r{depth}-flip",
+                            weights_hash=hashes[kind], weights_source=sources[kind], flip=True, **extract_kw)
+                if distractors:
+                    with timer.stage(f"extract {kind} revisitop1m (flip)"):
+                        vectors = cached_global_descriptors(
+                            model=model, dataset=r1m, label=f"revisitop1m-{kind}-r{depth}-flip",
+                            weights_hash=hashes[kind], weights_source=sources[kind], flip=True, **extract_kw)
+                        entry["vectors"][(kind, "distractors", "flip")] = stored_distractors(
+                            vectors, data_cfg["distractors_dtype"])
         data[name] = entry
     whitenings: dict[str, tuple[dict[str, Any] | None, dict[str, Any]]] = {}
     if any(r.whitening for r in rows):
@@ -541,7 +556,9 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
     for name in names:
         entry = data[name]
         gnd = entry["query_set"].gnd
-        whitened: dict[tuple[str, str], torch.Tensor] = {}  # (kind, split) -> whitened descriptors, shared by labels
+        # (kind, split) -> whitened descriptors, shared by the dataset's labels (plain and +1M)
+        whitened: dict[tuple[str, str], torch.Tensor] = {}
+        whitened_flip: dict[tuple[str, str], torch.Tensor] = {}
         for extra in [None] + ([distractors] if distractors else []):
             label = dataset_label(name, extra)
             results[label] = {}
@@ -597,14 +614,28 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                 logger.info("%s %s: mAP E %s M %s H %s", label, method,
                             *(format_percent(results[label][method]["mAP"][p]) for p in PROTOCOLS))
 
-            white_ranked: dict[str, tuple[np.ndarray, Any, Any]] = {}
+            starts: dict[tuple[str, bool, bool], tuple[np.ndarray, Any, Any]] = {
+                (kind, False, False): ranked[kind] for kind in global_kinds}
             for row in rows:
                 with timer.stage(f"post {row.key} {label}"):
-                    if row.whitening and row.base not in white_ranked:
-                        white_ranked[row.base] = whitened_ranking(
-                            row.base, vectors=entry["vectors"], whitening=whitenings[row.base][0],
-                            with_distractors=bool(extra), cache=whitened, device=device)
-                    start = white_ranked[row.base] if row.whitening else ranked[row.base]
+                    flip = row.flip and not run_flip  # a run-wide flip already is in every ranking
+                    key = (row.base, flip, row.whitening)
+                    if key not in starts:
+                        vectors = {(k[0], k[1]): v for k, v in entry["vectors"].items()
+                                   if len(k) == 3 and k[2] == "flip"} if flip else entry["vectors"]
+                        if row.whitening:
+                            starts[key] = whitened_ranking(
+                                row.base, vectors=vectors, whitening=whitenings[row.base][0],
+                                with_distractors=bool(extra), cache=whitened_flip if flip else whitened,
+                                device=device)
+                        else:
+                            fq, fb = vectors[(row.base, "query")], vectors[(row.base, "db")]
+                            if extra:
+                                fb = [fb, vectors[(row.base, "distractors")]]
+                            _, franks = global_ranking(fq, fb, device=device, with_similarities=False,
+                                                       rank_dtype=np.int32)
+                            starts[key] = (franks, fq, fb)
+                    start = starts[key]
                     final = rank_post_row(row, start)
                 with timer.stage("evaluate"):
                     evaluation = evaluate_revisited(final, gnd, kappas)

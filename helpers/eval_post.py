@@ -64,9 +64,14 @@ class PostRow:
     def whitening(self) -> bool:
         return "whitening" in self.steps
 
+    @property
+    def flip(self) -> bool:
+        """Descriptors with flip test-time augmentation (original and mirrored image, averaged, L2)."""
+        return "flip" in self.steps
+
     def applied(self, whitening_dim: int | None = None) -> str:
         """What was applied, for titles: e.g. ``learned whitening (d=239) + α-QE k=2 α=3``."""
-        parts = []
+        parts = ["flip TTA"] if self.flip else []
         if self.whitening:
             parts.append("learned whitening" + (f" (d={whitening_dim})" if whitening_dim else ""))
         if self.post.active:
@@ -75,7 +80,7 @@ class PostRow:
 
     def settings(self, whitening: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The settings of each step, JSON-ready (``whitening``: the whitening's :func:`whitening_info`)."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"flip": True} if self.flip else {}
         if self.whitening:
             out["whitening"] = dict(whitening or {})
         if self.post.dba_k:

@@ -118,10 +118,13 @@ def format_paper(fig: Mapping[str, Any] | None) -> str:
 def comparability_notes(cfg: Mapping[str, Any], plan: WeightsPlan, builtin: bool) -> tuple[bool, list[str]]:
     """Whether paper figures are printed beside ours, and the notes on what differs from the papers' setup."""
     notes: list[str] = []
+    if cfg["extraction"].get("flip"):
+        notes.append("Every descriptor of this run averages the image's and its mirror image's (extraction.flip); "
+                     "the papers' rows use no flip.")
     if builtin:
-        return False, [NOT_COMPARABLE]
+        return False, [NOT_COMPARABLE, *notes]
     if plan.source != "official":
-        return False, ["Paper figures are printed only with the official weights (model.weights=...)."]
+        return False, notes + ["Paper figures are printed only with the official weights (model.weights=...)."]
     if cfg["rerank"]["cvnet"]["mode"] != "paper" and "cvnet_rerank" in cfg["methods"]:
         notes.append("CVNet re-ranking ran in 'clean' mode (first 100 of the global ranking, no ground truth); "
                      "the paper's figures used the released protocol: rerank.cvnet.mode=paper.")

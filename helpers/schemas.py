@@ -21,7 +21,7 @@ RERANK_MODES = ("clean", "paper")
 #: The post-processing steps of a global ranking, in the order they are applied (and spelt in ``post.rows``):
 #: learned whitening changes the descriptors, then alpha-DBA, alpha-QE, k-reciprocal (helpers.postprocess).
 #: Flip test-time augmentation, an extraction option, will come first once the engine has it ("flip").
-POST_STEPS = ("whitening", "dba", "aqe", "kreciprocal")
+POST_STEPS = ("flip", "whitening", "dba", "aqe", "kreciprocal")
 #: Every ``post.rows`` entry: a non-empty '+'-joined combination of POST_STEPS, in their order.
 POST_ROWS = tuple("+".join(s for k, s in enumerate(POST_STEPS) if mask >> k & 1)
                   for mask in sorted(range(1, 1 << len(POST_STEPS)), key=lambda m: (bin(m).count("1"), m)))
@@ -58,7 +58,8 @@ EVAL = Schema(
                       "cache_maps": False},
             "superglobal": {"M": 400, "K": 9, "beta": 0.15, "database": "tensor"},
         },
-        "extraction": {"batch_size": 8, "num_workers": 0, "cache_dir": "cache/features", "shard_size": 20000},
+        "extraction": {"batch_size": 8, "num_workers": 0, "cache_dir": "cache/features", "shard_size": 20000,
+                       "flip": False},
         # extra rows per global ranking (cvnet_global, superglobal): post-processed copies; the main rows stay
         "post": {
             "rows": [],

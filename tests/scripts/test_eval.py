@@ -122,7 +122,7 @@ def test_builtin_run_end_to_end(tmp_path, capsys, caplog):
 
     res = json.loads((run_dir / "results.json").read_text())
     assert res["weights"] == "random — numbers are meaningless" and res["weights_sha256"] == {}
-    assert len(res["methods"]) == 4 + 2 * 5 and set(res["results"]["synth"]) == set(res["methods"])
+    assert len(res["methods"]) == 4 + 2 * 6 and set(res["results"]["synth"]) == set(res["methods"])
     assert res["comparable_with_papers"] is False
     assert set(res["results"]) == {"synth"}
     for method in ("cvnet_global", "cvnet_rerank", "superglobal", "superglobal_rerank"):
@@ -159,7 +159,8 @@ def test_builtin_run_end_to_end(tmp_path, capsys, caplog):
     caplog.clear()
     assert _run(tmp_path, TINY_SYNTH, "viz.num_queries=0", "name=again") == 0
     hits = [r for r in caplog.records if "feature cache hit" in r.getMessage()]
-    assert len(hits) == 4  # queries + database, for CVNet-Global and SuperGlobal (the whitening: its saved file)
+    # queries + database, for CVNet-Global and SuperGlobal, plain and flip-averaged (the whitening: its saved file)
+    assert len(hits) == 8
     again = json.loads((tmp_path / "runs" / "again" / "results.json").read_text())
     assert again["results"] == res["results"]
 
@@ -371,3 +372,19 @@ def test_distractors_are_appended_after_the_database(tmp_path, capsys):
         assert f"cvnet_global+{row}" in res["results"]["synth+1m"]
     assert any("synth+1m_cvnet_rerank" in g for g in res["grids"])
     assert not list((tmp_path / "cache").glob("*.shards"))  # merged shards are cleaned up
+
+
+def test_flip_rows_equal_a_run_with_flip_descriptors(tmp_path):
+    """A "flip" row is its global ranking over flip-averaged descriptors: the same figures as the main row of a
+    run with extraction.flip=true, and flip+aqe the same as that run's aqe row."""
+    common = (TINY_SYNTH, "methods=[superglobal]", "viz.num_queries=0")
+    assert _run(tmp_path, *common, "post.rows=[flip, flip+aqe]") == 0
+    rows = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    assert _run(tmp_path, *common, "post.rows=[aqe]", "extraction.flip=true", "name=flipped") == 0
+    flipped = json.loads((tmp_path / "runs" / "flipped" / "results.json").read_text())
+    r, f = rows["results"]["synth"], flipped["results"]["synth"]
+    assert r["superglobal+flip"]["mAP"] == f["superglobal"]["mAP"]
+    assert r["superglobal+flip+aqe"]["mAP"] == f["superglobal+aqe"]["mAP"]
+    assert r["superglobal+flip"]["mAP"] != r["superglobal"]["mAP"]  # the mirror images do change the ranking
+    assert rows["titles"]["superglobal+flip+aqe"] == "SuperGlobal R50 + flip TTA + α-QE k=2 α=3"
+    assert any("extraction.flip" in n for n in flipped["notes"])
