@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -48,7 +47,7 @@ from datasets.download import (
     gldv2_tar_urls,
     read_md5_file,
 )
-from datasets.transforms import CorruptImageError, min_size_guard, multiscale_tensors, read_image
+from datasets.transforms import CorruptImageError, ScaledImages, min_size_guard, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -401,7 +400,7 @@ def _read_ids(path: Path) -> list[str]:
     return ids
 
 
-class GLDv2RetrievalTest(Dataset):
+class GLDv2RetrievalTest(ScaledImages):
     """The GLDv2 retrieval test split, index or test side; item i -> list of (3, H_s, W_s) tensors, one per
     scale, like :class:`datasets.revisited.RevisitedDataset` (so the evaluation engine extracts it the same way).
 
@@ -480,19 +479,12 @@ class GLDv2RetrievalTest(Dataset):
                 f"{self.image_dir} (python prepare_data.py download --root DATA --datasets gldv2-retrieval-test)")
         return min_size_guard(read_image(path, dataset=f"gldv2 {self.split}"), self.min_side)
 
-    def __getitem__(self, index: int) -> list[torch.Tensor]:
-        return multiscale_tensors(self.read(index), self.scales, self.convention)
-
     def describe(self, index: int) -> str:
         """Which image item ``index`` is (for error messages)."""
         text = f"gldv2 ({self.split}) item {index}: id {self.ids[index]}, {self.image_paths[index]}"
         if self.min_side is not None:
             text += f", short side enlarged to min_side {self.min_side} when below it"
         return text
-
-    def missing_images(self) -> list[str]:
-        """Paths of this split's images that are not on disk."""
-        return [p for p in self.image_paths if not os.path.isfile(p)]
 
     def __repr__(self) -> str:
         return (f"GLDv2RetrievalTest(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "

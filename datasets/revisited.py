@@ -21,13 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from tqdm import tqdm
 
 from common.convention import OFFICIAL_CONVENTION, InputConvention
 from datasets.download import GND_URL, IMAGE_URLS, R1M_LIST_URL, R1M_TAR_URL
-from datasets.transforms import crop_query, min_size_guard, multiscale_tensors, read_image
+from datasets.transforms import ScaledImages, crop_query, min_size_guard, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +282,7 @@ def _download_hint(root: str, name: str) -> str:
     )
 
 
-class RevisitedDataset(Dataset):
+class RevisitedDataset(ScaledImages):
     """ROxford5k, RParis6k (or any dataset in their layout), database or query side.
 
     Item i -> list of (3, H_s, W_s) tensors, one per scale.
@@ -337,18 +336,12 @@ class RevisitedDataset(Dataset):
         self.image_paths: list[str] = [os.path.join(self.image_dir, n + ".jpg") for n in names]
         self.bbxs: list[np.ndarray] | None = [g["bbx"] for g in self.gnd] if split == "query" else None
 
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
     def read(self, index: int) -> np.ndarray:
         """The uint8 BGR (H, W, 3) image at its stored size, cropped to its bbx on the query side."""
         img = read_image(self.image_paths[index], dataset=f"{self.name} ({self.split})")
         if self.bbxs is not None:
             img = crop_query(img, self.bbxs[index])
         return min_size_guard(img, self.min_side)
-
-    def __getitem__(self, index: int) -> list[torch.Tensor]:
-        return multiscale_tensors(self.read(index), self.scales, self.convention)
 
     def describe(self, index: int) -> str:
         """Which image item ``index`` is: dataset, split, file, and the query box and resizing applied."""
@@ -358,10 +351,6 @@ class RevisitedDataset(Dataset):
         if self.min_side is not None:
             text += f", short side enlarged to min_side {self.min_side} when below it"
         return text
-
-    def missing_images(self) -> list[str]:
-        """Paths of this split's images that are not on disk."""
-        return [p for p in self.image_paths if not os.path.isfile(p)]
 
     def __repr__(self) -> str:
         return (f"RevisitedDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
@@ -394,7 +383,7 @@ def shard_range(i: int, n: int, total: int) -> range:
     return range(i * total // n, (i + 1) * total // n)
 
 
-class Revisitop1M(Dataset):
+class Revisitop1M(ScaledImages):
     """The R1M distractors (1,001,001 listed); item i -> list of (3, H_s, W_s) tensors, one per scale."""
 
     def __init__(
@@ -424,15 +413,9 @@ class Revisitop1M(Dataset):
         self.imlist: list[str] = [ln.removeprefix("jpg/") for ln in lines if ln]
         self.image_paths: list[str] = [os.path.join(self.image_dir, p) for p in self.imlist]
 
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
     def read(self, index: int) -> np.ndarray:
         img = read_image(self.image_paths[index], dataset=self.name)
         return min_size_guard(img, self.min_side)
-
-    def __getitem__(self, index: int) -> list[torch.Tensor]:
-        return multiscale_tensors(self.read(index), self.scales, self.convention)
 
     def describe(self, index: int) -> str:
         """Which image item ``index`` is (for error messages)."""

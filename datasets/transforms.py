@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from common.convention import InputConvention
 
@@ -270,3 +271,26 @@ def multiscale_tensors(
     """One normalised (3, H_s, W_s) tensor per scale of the uint8 BGR image (resize first, then normalise)."""
     _check_image(img)
     return [to_tensor(resize_scale(img, s), convention) for s in scales]
+
+
+class ScaledImages(Dataset):
+    """What the evaluation datasets share: item i is one normalised (3, H_s, W_s) tensor per scale of
+    ``self.read(i)`` (uint8 BGR), and ``missing_images`` lists the files of ``self.image_paths`` not on disk.
+    Subclasses set ``image_paths``, ``scales``, ``convention`` and implement ``read``."""
+
+    image_paths: list[str]
+    scales: tuple[float, ...]
+    convention: InputConvention
+
+    def read(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> list[torch.Tensor]:
+        return multiscale_tensors(self.read(index), self.scales, self.convention)
+
+    def missing_images(self) -> list[str]:
+        """Paths of this set's images that are not on disk."""
+        return [p for p in self.image_paths if not os.path.isfile(p)]
