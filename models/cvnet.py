@@ -67,13 +67,8 @@ class CVNetGlobal(nn.Module):
     def update_key_encoder(self, momentum: float | None = None) -> None:
         """EMA step: key <- m * key + (1 - m) * query, for parameters and BN statistics alike."""
         m = self.momentum if momentum is None else momentum
-        pairs = [(self.key_backbone, self.backbone), (self.key_head, self.head)]
-        for key_mod, query_mod in pairs:
-            for k, q in zip(key_mod.state_dict().values(), query_mod.state_dict().values()):
-                if k.dtype.is_floating_point:
-                    k.mul_(m).add_(q.detach(), alpha=1 - m)
-                else:
-                    k.copy_(q)
+        for key_mod, query_mod in ((self.key_backbone, self.backbone), (self.key_head, self.head)):
+            MF.ema_update_(key_mod.state_dict(), query_mod.state_dict(), m)
 
     @torch.no_grad()
     def reset_key_encoder(self) -> None:

@@ -568,3 +568,22 @@ def k_reciprocal_shortlist(Q: Tensor, candidates: Tensor, k1: int = 20, k2: int 
         raise ValueError(f"candidates must be (nq, N, d) for {Q.shape[0]} queries, got {tuple(candidates.shape)}")
     return torch.cat([k_reciprocal_distance(Q[i : i + 1], candidates[i], k1, k2, lambda_value)
                       for i in range(Q.shape[0])]) if Q.shape[0] else candidates.new_zeros(0, candidates.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Momentum (EMA) key encoder (CVNet Sec. 3.1, after MoCo)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ema_update_(key_state: dict[str, Tensor] | Sequence[Tensor], query_state: dict[str, Tensor] | Sequence[Tensor],
+                momentum: float) -> None:
+    """``key <- m * key + (1 - m) * query`` in place, tensor by tensor (parameters and float buffers such as BN
+    statistics); integer buffers (BN's batch counter) are copied. The two states must list matching tensors."""
+    keys = list(key_state.values()) if isinstance(key_state, dict) else list(key_state)
+    queries = list(query_state.values()) if isinstance(query_state, dict) else list(query_state)
+    for k, q in zip(keys, queries, strict=True):
+        if k.dtype.is_floating_point:
+            k.mul_(momentum).add_(q.detach(), alpha=1 - momentum)
+        else:
+            k.copy_(q)

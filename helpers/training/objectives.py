@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from models.cvnet import CVNetRerank
+from models.functional import ema_update_
 from models.losses import CurricularFace
 
 
@@ -33,12 +34,7 @@ class MomentumKeyEncoder(nn.Module):
     def update(self, model: nn.Module) -> None:
         """EMA step: key <- m * key + (1 - m) * query, for parameters and float buffers (BN statistics) alike;
         integer buffers (BN's batch counter) are copied. The rule of ``CVNetGlobal.update_key_encoder``."""
-        m = self.momentum
-        for k, q in zip(self.encoder.state_dict().values(), model.state_dict().values()):
-            if k.dtype.is_floating_point:
-                k.mul_(m).add_(q.detach(), alpha=1 - m)
-            else:
-                k.copy_(q)
+        ema_update_(self.encoder.state_dict(), model.state_dict(), self.momentum)
 
 
 class BackboneObjective(nn.Module):

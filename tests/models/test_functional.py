@@ -130,3 +130,16 @@ def test_superglobal_rerank_matches_per_query_loop():
     torch.testing.assert_close(scores, ref_scores)
     assert torch.equal(ids, ref_ids)
     assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+def test_ema_update_is_the_momentum_rule_and_copies_counters():
+    from models.functional import ema_update_
+
+    g = torch.Generator().manual_seed(0)
+    key = {"w": torch.randn(3, 4, generator=g), "n": torch.tensor(5)}
+    query = {"w": torch.randn(3, 4, generator=g), "n": torch.tensor(9)}
+    want = 0.9 * key["w"] + 0.1 * query["w"]
+    ema_update_(key, query, 0.9)
+    assert torch.allclose(key["w"], want) and int(key["n"]) == 9
+    with pytest.raises(ValueError):
+        ema_update_([torch.zeros(1)], [], 0.5)
