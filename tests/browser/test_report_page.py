@@ -110,7 +110,7 @@ def test_report_page_in_chromium(run_dir, browser, tmp_path):
     for table in summaries:
         assert len(table.find_elements(By.CSS_SELECTOR, "tbody tr")) == len(methods)
     # a per-query table per row, a row per query, with AP changes for the re-rankings and post-processed rows
-    assert len(methods) == 4 + 2 * 5  # the built-in config's post rows: 5 per global ranking
+    assert len(methods) == 4 + 2 * 6  # the built-in config's post rows: 6 per global ranking
     for method in methods:
         table = browser.find_element(By.ID, f"t-synth-{method}")
         assert len(table.find_elements(By.CSS_SELECTOR, "tbody tr")) == nq
