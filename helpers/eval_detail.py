@@ -29,6 +29,7 @@ ScoreFn = Callable[[np.ndarray], np.ndarray]
 SCORE_SOURCES = {
     "cvnet_global": "global cosine similarity",
     "superglobal": "global cosine similarity",
+    "timm_global": "global cosine similarity",
     "cvnet_rerank": "global cosine + {weight} x CVNet-Rerank score (re-scored items only)",
     "superglobal_rerank": "SuperGlobal re-ranking score (s1 + s2) / 2 (its top M only)",
 }

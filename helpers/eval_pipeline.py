@@ -30,7 +30,14 @@ from torch.utils.data import ConcatDataset, Dataset
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
 from common.io import file_sha256
 from datasets.revisited import RevisitedDataset, Revisitop1M
-from helpers.builders import GLOBAL_KINDS, build_model, build_superglobal_reranker, copy_backbone, make_database
+from helpers.builders import (
+    GLOBAL_KINDS,
+    build_model,
+    build_superglobal_reranker,
+    copy_backbone,
+    global_dim,
+    make_database,
+)
 from helpers.config import ConfigError
 from helpers.distributed import DistEnv
 from helpers.eval_detail import (
@@ -71,7 +78,15 @@ logger = logging.getLogger(__name__)
 RANDOM_WEIGHTS = "random — numbers are meaningless"
 #: Seed offsets of the random-weights models (``seed * 1000 + offset``): each model's weights do not depend on
 #: which other models a run builds.
-SEED_OFFSETS = {"cvnet_global": 1, "superglobal": 2, "cvnet_rerank": 3}
+SEED_OFFSETS = {"cvnet_global": 1, "superglobal": 2, "cvnet_rerank": 3, "timm_global": 4}
+#: The global rankings eval computes: the two CVNet-weight models and any timm model (model.timm).
+EVAL_GLOBAL_KINDS = (*GLOBAL_KINDS, "timm_global")
+
+
+def base_kind(method: str) -> str:
+    """The global ranking a method starts from."""
+    return "timm_global" if method == "timm_global" else ("cvnet_global" if method.startswith("cvnet")
+                                                          else "superglobal")
 
 
 class Timer:
@@ -211,7 +226,7 @@ def needed_models(methods: Sequence[str]) -> set[str]:
     schema: helpers.schemas.EVAL_METHODS)."""
     needed = set()
     for m in methods:
-        needed.add("superglobal" if m.startswith("superglobal") else "cvnet_global")
+        needed.add(base_kind(m))
         if m == "cvnet_rerank":
             needed.add("cvnet_rerank")
     return needed
@@ -238,6 +253,15 @@ def build_models(*, needed: set[str], model_cfg: Mapping[str, Any], plan: Weight
                 source = build_model("cvnet_global", weights=plan.global_path, seed=None, **kw)
             copy_backbone(source=source, target=rerank)
         models["cvnet_rerank"] = rerank
+    if "timm_global" in needed:
+        timm_cfg = model_cfg.get("timm") or {}
+        if not timm_cfg.get("arch"):
+            raise ConfigError("methods include timm_global: set model.timm.arch=timm:<name> (and model.timm.weights "
+                              "for a trained run)")
+        options = None if timm_cfg.get("weights") else {"pooling": timm_cfg["pooling"], "dim": timm_cfg["dim"]}
+        models["timm_global"] = build_model(timm_cfg["arch"], weights=timm_cfg.get("weights"),
+                                            seed=seed * 1000 + SEED_OFFSETS["timm_global"], options=options,
+                                            device=device, warn_random=timm_cfg.get("weights") is None)
     return models
 
 
@@ -456,7 +480,7 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
     names = list(data_cfg["datasets"])
     builtin = bool((data_cfg.get("synthetic") or {}).get("name"))
     # the global rankings the run computes; the post-processed rows are copies of each
-    global_kinds = sorted(needed & set(GLOBAL_KINDS))
+    global_kinds = sorted(needed & set(EVAL_GLOBAL_KINDS))
     post_cfg = cfg.get("post") or {"rows": []}
     rows = post_rows(post_cfg, kinds=global_kinds) if post_cfg.get("rows") else []
     white_cfg = post_cfg.get("whitening") or {}
@@ -478,6 +502,9 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
     # where each model's weights came from, for the engine's errors (NaN descriptors, too-small images)
     sources = {k: plan.global_path or f"random (seed {int(cfg.get('seed', 0)) * 1000 + SEED_OFFSETS[k]})"
                for k in models}
+    if "timm_global" in models:
+        sources["timm_global"] = (model_cfg.get("timm") or {}).get("weights") or \
+            f"random (seed {int(cfg.get('seed', 0)) * 1000 + SEED_OFFSETS['timm_global']})"
     extract_kw = {"device": device, "batch_size": int(ext_cfg["batch_size"]),
                   "num_workers": int(ext_cfg["num_workers"]), "shard_size": ext_cfg.get("shard_size"),
                   "rank": env.rank, "world_size": env.world_size, "progress": progress,
@@ -538,7 +565,7 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
             with timer.stage(f"whitening {kind}"):
                 whitenings[kind] = obtain_whitening(
                     ctx, kind=kind, model=models[kind], state_hash=hashes[kind],
-                    d=int(models[kind].head.fc.out_features), scales=scales_for(kind, model_cfg),
+                    d=global_dim(models[kind]), scales=scales_for(kind, model_cfg),
                     is_main=env.is_main)
     if not env.is_main:
         logger.info("rank %d: extraction done; rank 0 evaluates", env.rank)
@@ -575,10 +602,10 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                     _, ranks = global_ranking(xq, xb, device=device, with_similarities=False, rank_dtype=np.int32)
                 ranked[kind] = (ranks, xq, xb)
             for method in methods:
-                base = "cvnet_global" if method.startswith("cvnet") else "superglobal"
+                base = base_kind(method)
                 ranks, xq, xb = ranked[base]
                 score_of: Any = None
-                if method in GLOBAL_KINDS:
+                if method in EVAL_GLOBAL_KINDS:
                     final: Any = ranks
                 elif method == "cvnet_rerank":
                     with timer.stage(f"cvnet_rerank {label}"):
@@ -602,7 +629,7 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
                     results[label][method] = metrics_percent(evaluation)
                 rankings[(label, method)] = final["medium"] if isinstance(final, Mapping) else final
                 with timer.stage("per-query detail"):
-                    if method in GLOBAL_KINDS:
+                    if method in EVAL_GLOBAL_KINDS:
                         details[(label, method)] = MethodDetail(
                             after=global_detail(method, evaluation=evaluation, **detail_kw))
                     else:

@@ -125,7 +125,8 @@ def row_order(methods: Sequence[str], rows: Sequence[PostRow]) -> list[str]:
     pending = list(rows)
     for method in methods:
         order.append(method)
-        base = "cvnet_global" if method.startswith("cvnet") else "superglobal"
+        base = "timm_global" if method == "timm_global" else ("cvnet_global" if method.startswith("cvnet")
+                                                              else "superglobal")
         order += [r.key for r in pending if r.base == base]
         pending = [r for r in pending if r.base != base]
     return order + [r.key for r in pending]

@@ -38,6 +38,7 @@ METHOD_TITLES = {
     "cvnet_rerank": "CVNet-Global + CVNet-Rerank",
     "superglobal": "SuperGlobal",
     "superglobal_rerank": "SuperGlobal + re-ranking",
+    "timm_global": "timm global model",
 }
 
 
@@ -47,19 +48,22 @@ def dataset_title(label: str) -> str:
     return DATASET_SHORT.get(base, base) + plus
 
 
-def method_title(method: str, *, depth: int, mode: str | None = None) -> str:
+def method_title(method: str, *, depth: int, mode: str | None = None, arch: str | None = None) -> str:
+    if method == "timm_global":  # not a ResNet of the releases: named by its architecture
+        return f"{arch or 'timm'} (global)"
     title = f"{METHOD_TITLES[method]} R{depth}"
     return f"{title} ({mode} mode)" if method == "cvnet_rerank" and mode else title
 
 
-def row_titles(rows: Sequence[str], post: Mapping[str, Mapping[str, Any]], *, depth: int, mode: str | None
-               ) -> dict[str, str]:
+def row_titles(rows: Sequence[str], post: Mapping[str, Mapping[str, Any]], *, depth: int, mode: str | None,
+               arch: str | None = None) -> dict[str, str]:
     """Each reported row's title: a method's (:func:`method_title`), or for a post-processed row its global
     ranking's followed by what was applied, e.g. ``SuperGlobal R50 + α-DBA k=2 α=3 + α-QE k=2 α=3``. The global
     rankings are titled too, reported or not: a re-ranked row names the ranking it started from."""
-    titles = {kind: method_title(kind, depth=depth) for kind in ("cvnet_global", "superglobal")}
-    titles.update({row: (f"{method_title(post[row]['base'], depth=depth)} + {post[row]['applied']}" if row in post
-                         else method_title(row, depth=depth, mode=mode)) for row in rows})
+    titles = {kind: method_title(kind, depth=depth, arch=arch) for kind in ("cvnet_global", "superglobal",
+                                                                            "timm_global")}
+    titles.update({row: (f"{titles[post[row]['base']]} + {post[row]['applied']}" if row in post
+                         else method_title(row, depth=depth, mode=mode, arch=arch)) for row in rows})
     return titles
 
 
@@ -69,7 +73,7 @@ def payload_titles(payload: Mapping[str, Any]) -> dict[str, str]:
         return dict(payload["titles"])
     cfg = payload["config"]
     return row_titles(payload["methods"], payload.get("post_rows") or {}, depth=int(cfg["model"]["depth"]),
-                      mode=cfg["rerank"]["cvnet"]["mode"])
+                      mode=cfg["rerank"]["cvnet"]["mode"], arch=(cfg["model"].get("timm") or {}).get("arch"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -305,7 +309,7 @@ def write_report(*, cfg: Mapping[str, Any], outcome: EvalOutcome, run_dir: Path,
     show_paper, notes = comparability_notes(cfg, plan, outcome.builtin)
 
     viz, depth, mode = cfg["viz"], int(cfg["model"]["depth"]), cfg["rerank"]["cvnet"]["mode"]
-    titles = row_titles(rows, outcome.post, depth=depth, mode=mode)
+    titles = row_titles(rows, outcome.post, depth=depth, mode=mode, arch=(cfg["model"].get("timm") or {}).get("arch"))
     per_query = per_query_payload(outcome, rows, int(viz["top"])) if outcome.details else None
     grids: list[str] = []
     if int(viz["num_queries"]) > 0 and per_query is not None:

@@ -39,7 +39,8 @@ MAX_THUMBNAILS = 1200
 PROTOCOL_TITLES = {"easy": "Easy", "medium": "Medium", "hard": "Hard"}
 #: Curve colour and dash per method: one hue per family, the global ranking dashed, its re-ranking solid.
 CURVE_STYLE = {"cvnet_global": ("#e08214", "6 4"), "cvnet_rerank": ("#b35806", ""),
-               "superglobal": ("#8073ac", "6 4"), "superglobal_rerank": ("#542788", "")}
+               "superglobal": ("#8073ac", "6 4"), "superglobal_rerank": ("#542788", ""),
+               "timm_global": ("#1a9850", "6 4")}
 #: Colours of the other curves (post-processed rows), in turn; dotted.
 OTHER_COLOURS = ("#1b9e77", "#d95f02", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#1f78b4", "#b2182b",
                  "#4d4d4d", "#01665e")

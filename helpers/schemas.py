@@ -16,7 +16,9 @@ OPTIONAL_POSITIVE_INT = Rule(types=(int,), nullable=True, min=1)
 PROBABILITY = Rule(min=0.0, max=1.0)
 DEPTH = Rule(choices=(50, 101))
 
-EVAL_METHODS = ("cvnet_global", "cvnet_rerank", "superglobal", "superglobal_rerank")
+EVAL_METHODS = ("cvnet_global", "cvnet_rerank", "superglobal", "superglobal_rerank", "timm_global")
+#: The methods run by default (timm_global needs model.timm.arch)
+DEFAULT_EVAL_METHODS = EVAL_METHODS[:4]
 RERANK_MODES = ("clean", "paper")
 #: The post-processing steps of a global ranking, in the order they are applied (and spelt in ``post.rows``):
 #: learned whitening changes the descriptors, then alpha-DBA, alpha-QE, k-reciprocal (helpers.postprocess).
@@ -35,7 +37,7 @@ EVAL = Schema(
         "seed": 0,
         "device": "auto",
         "threads": None,
-        "methods": list(EVAL_METHODS),
+        "methods": list(DEFAULT_EVAL_METHODS),
         "data": {
             "root": "data",
             "datasets": ["roxford5k", "rparis6k"],
@@ -52,6 +54,7 @@ EVAL = Schema(
             "cvnet_scales": [0.7071, 1.0, 1.4142],
             "superglobal": {"gemp": True, "rgem": True, "sgem": True, "relup": True,
                             "scales": [0.7071, 1.0, 1.4142], "antialias": True},
+            "timm": {"arch": None, "weights": None, "pooling": "gem", "dim": None},
         },
         "rerank": {
             "cvnet": {"mode": "clean", "top_k": 100, "weight": 0.5, "batch_size": 32, "chunk_images": 256,
@@ -87,6 +90,10 @@ EVAL = Schema(
         "data.distractors_dtype": Rule(choices=("float32", "float16")),
         "data.min_side": OPTIONAL_POSITIVE_INT,
         "data.synthetic.name": Rule(types=(str,), nullable=True),
+        "model.timm.arch": Rule(types=(str,), nullable=True, pattern=r"timm:.+", pattern_text="timm:<model name>"),
+        "model.timm.weights": Rule(types=(str,), nullable=True),
+        "model.timm.pooling": Rule(choices=("gem", "gem+", "rgem")),
+        "model.timm.dim": OPTIONAL_POSITIVE_INT,
         "model.depth": DEPTH,
         "model.weights": Rule(types=(str,), nullable=True),
         "model.weights_sha256": SHA256,

@@ -388,3 +388,24 @@ def test_flip_rows_equal_a_run_with_flip_descriptors(tmp_path):
     assert r["superglobal+flip"]["mAP"] != r["superglobal"]["mAP"]  # the mirror images do change the ranking
     assert rows["titles"]["superglobal+flip+aqe"] == "SuperGlobal R50 + flip TTA + α-QE k=2 α=3"
     assert any("extraction.flip" in n for n in flipped["notes"])
+
+
+def test_any_timm_model_is_evaluated_with_post_rows(tmp_path):
+    pytest.importorskip("timm")
+    common = (TINY_SYNTH, "methods=[timm_global, superglobal]", "model.timm.arch=timm:resnet18",
+              "model.timm.pooling=gem+", "post.rows=[aqe]", "viz.num_queries=0")
+    assert _run(tmp_path, *common) == 0
+    res = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    assert res["methods"] == ["timm_global", "timm_global+aqe", "superglobal", "superglobal+aqe"]
+    assert res["titles"]["timm_global"] == "timm:resnet18 (global)"
+    assert res["titles"]["timm_global+aqe"] == "timm:resnet18 (global) + α-QE k=2 α=3"
+    assert 0 <= res["results"]["synth"]["timm_global"]["mAP"]["medium"] <= 100
+    # the same random timm model twice: same figures (seeded, the global RNG untouched)
+    assert _run(tmp_path, *common, "name=again") == 0
+    again = json.loads((tmp_path / "runs" / "again" / "results.json").read_text())
+    assert again["results"]["synth"]["timm_global"] == res["results"]["synth"]["timm_global"]
+
+
+def test_timm_method_needs_an_architecture(tmp_path, capsys):
+    assert _run(tmp_path, TINY_SYNTH, "methods=[timm_global]") == 2
+    assert "model.timm.arch=timm:<name>" in capsys.readouterr().err
