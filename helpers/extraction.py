@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -78,16 +78,17 @@ class ImageTooSmallError(ExtractionError):
     """An image too small for the model (SuperGlobal's Regional-GeM pads its stage-4 map by 2, reflecting)."""
 
 
-def describe_multiscale(model: nn.Module, per_scale: Sequence[Tensor], *, flip: bool = False) -> Tensor:
+def describe_multiscale(model: nn.Module, per_scale: Sequence[Tensor], *, flip: bool = False,
+                        combine: Callable[[Sequence[Tensor]], Tensor] = aggregate_scales) -> Tensor:
     """One batch through ``model`` at every scale: list of (B, 3, H_s, W_s) -> (B, D) descriptors combined by
-    :func:`models.functional.aggregate_scales` (per-scale L2, mean, L2).
+    ``combine``, by default :func:`models.functional.aggregate_scales` (per-scale L2, mean, L2).
 
     ``flip``: flip test-time augmentation at the image level, ``L2(desc(x) + desc(flip x))`` where ``flip x``
     mirrors every scale horizontally and ``desc`` is the multi-scale descriptor above."""
-    desc = aggregate_scales([model(x) for x in per_scale])
+    desc = combine([model(x) for x in per_scale])
     if not flip:
         return desc
-    mirrored = aggregate_scales([model(torch.flip(x, dims=(-1,))) for x in per_scale])
+    mirrored = combine([model(torch.flip(x, dims=(-1,))) for x in per_scale])
     return torch.nn.functional.normalize(desc + mirrored, dim=-1)
 
 
@@ -453,15 +454,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 class _Indexed(Dataset):
     """Items ``indices[k]`` of a dataset as (index, item) pairs."""
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
+    def __init__(self, dataset: Dataset, indices: Sequence[int], skip: tuple[type[BaseException], ...] = ()) -> None:
+        self.dataset, self.indices, self.skip = dataset, list(indices), skip
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[int, list[Tensor]]:
+    def __getitem__(self, k: int) -> tuple[int, list[Tensor] | None]:
         index = self.indices[k]
-        item = self.dataset[index]
+        try:
+            item = self.dataset[index]
+        except self.skip:  # e.g. an undecodable training image: the caller counts it (None), the run goes on
+            return index, None
         return index, list(item) if isinstance(item, (list, tuple)) else [item]
 
 
@@ -469,10 +473,11 @@ def _unbatched(batch: list) -> Any:
     return batch[0]
 
 
-def iterate_images(dataset: Dataset, indices: Sequence[int], *, num_workers: int = 0
-                   ) -> Iterator[tuple[int, list[Tensor]]]:
-    """(index, list of per-scale (3, H_s, W_s) tensors) for ``indices``, read by a DataLoader with workers."""
-    loader = DataLoader(_Indexed(dataset, indices), batch_size=1, shuffle=False, num_workers=num_workers,
+def iterate_images(dataset: Dataset, indices: Sequence[int], *, num_workers: int = 0,
+                   skip: tuple[type[BaseException], ...] = ()) -> Iterator[tuple[int, list[Tensor] | None]]:
+    """(index, list of per-scale (3, H_s, W_s) tensors) for ``indices``, read by a DataLoader with workers; an
+    item whose reading raises one of ``skip`` comes as (index, None)."""
+    loader = DataLoader(_Indexed(dataset, indices, skip), batch_size=1, shuffle=False, num_workers=num_workers,
                         collate_fn=_unbatched)
     yield from loader
 
@@ -533,6 +538,9 @@ def extract_global_descriptors(
     runner: nn.Module | None = None,
     weights_source: str | None = None,
     flip: bool = False,
+    combine: Callable[[Sequence[Tensor]], Tensor] = aggregate_scales,
+    skip_errors: tuple[type[BaseException], ...] = (),
+    skipped: list[int] | None = None,
 ) -> Tensor:
     """Global descriptors (N, D) float32 on CPU of ``dataset[indices]`` (all by default), in that order.
 
@@ -544,7 +552,9 @@ def extract_global_descriptors(
     ``model``, e.g. a :func:`fast_runner` kept by a caller that extracts a few images at a time, so that the model
     is not copied on every call. ``flip``: flip test-time augmentation, each image's descriptor is
     ``L2(desc(x) + desc(flip x))`` with every scale mirrored horizontally (:func:`describe_multiscale`); twice
-    the compute. Off by default.
+    the compute. Off by default. ``combine``: how a batch's per-scale descriptors become one (training's mining
+    passes its single scale through as the model gives it). ``skip_errors``: exceptions of reading an item that
+    leave its row zero and its index in ``skipped`` instead of stopping (an all-skipped set gives (N, 0)).
 
     Every batch is checked: NaN/Inf descriptors raise :class:`NonFiniteDescriptorError` naming the images and
     ``weights_source`` (where the weights came from: a checkpoint path, "random (seed 0)", ...); an image too
@@ -564,12 +574,20 @@ def extract_global_descriptors(
     position = {index: k for k, index in enumerate(indices)}
     out: Tensor | None = None
     bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress)
-    items = iterate_images(dataset, indices, num_workers=num_workers)
-    for batch_indices, per_scale in bucket_batches(items, batch_size=batch_size):
+    def readable() -> Iterator[tuple[int, list[Tensor]]]:
+        for index, tensors in iterate_images(dataset, indices, num_workers=num_workers, skip=skip_errors):
+            if tensors is None:
+                if skipped is not None:
+                    skipped.append(index)
+                bar.update(1)
+                continue
+            yield index, tensors
+
+    for batch_indices, per_scale in bucket_batches(readable(), batch_size=batch_size):
         with autocast:
             batch = [x.to(device, non_blocking=True).contiguous(memory_format=layout) for x in per_scale]
             try:
-                desc_b = describe_multiscale(runner, batch, flip=flip).float().cpu()
+                desc_b = describe_multiscale(runner, batch, flip=flip, combine=combine).float().cpu()
             except RuntimeError as exc:
                 if "padding" not in str(exc).lower():
                     raise
@@ -581,7 +599,8 @@ def extract_global_descriptors(
         out[[position[i] for i in batch_indices]] = desc_b
         bar.update(len(batch_indices))
     bar.close()
-    assert out is not None
+    if out is None:  # every image was skipped
+        return torch.zeros(len(indices), 0)
     return out
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common.convention import InputConvention
@@ -38,11 +38,12 @@ from datasets.augment import (
     hide_and_seek,
     item_rng,
 )
-from datasets.transforms import to_tensor
-from helpers.builders import build_model
+from datasets.revisited import describe_item
+from datasets.transforms import CorruptImageError, to_tensor
+from helpers.builders import build_model, global_dim
 from helpers.distributed import DistEnv, all_gather_cat, all_gather_objects
-from helpers.extraction import check_finite
-from helpers.training.data import CorruptSample, LabelledData, SkipCorrupt
+from helpers.extraction import extract_global_descriptors
+from helpers.training.data import LabelledData
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,27 @@ MINING_FORMAT = "cvnet-mining-v1"
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _keep_items(items: list[Any]) -> list[Any]:
-    return items
+class _Images(Dataset):
+    """Engine items of a training set: the image of each ``(image (3, H, W), label)`` item, as its one scale."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> list[Tensor]:
+        return [self.dataset[index][0]]
+
+    def describe(self, index: int) -> str:
+        return describe_item(self.dataset, index)
 
 
-@torch.no_grad()
+def _as_given(per_scale: Sequence[Tensor]) -> Tensor:
+    """Mining's one scale, as the model gives it (already L2-normalised): no re-normalisation rounding."""
+    return per_scale[0]
+
+
 def extract_descriptors(
     model: nn.Module,
     dataset: Dataset,
@@ -71,7 +88,8 @@ def extract_descriptors(
     progress: bool = True,
     weights_source: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Global descriptors of every item of ``dataset`` (items ``(image (3, H, W), label)``, equal sizes).
+    """Global descriptors of every item of ``dataset`` (items ``(image (3, H, W), label)``, equal sizes), through
+    the extraction engine (the model as given, batches of ``batch_size``, finite checks).
 
     Returns ``(descriptors (N, D) float32 on CPU, valid (N,) bool)``; an undecodable image gives a zero row and
     ``valid`` False. Under DDP each rank describes every W-th item and the results are gathered, so every rank
@@ -80,37 +98,25 @@ def extract_descriptors(
     env = env or DistEnv()
     n = len(dataset)
     mine = list(range(env.rank, n, env.world_size))
-    data = SkipCorrupt(torch.utils.data.Subset(dataset, mine))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_keep_items)
-    model.eval()
-    blocks: list[tuple[Tensor, Tensor | None]] = []
-    at = 0
-    for items in tqdm(loader, desc="mining: global descriptors", disable=not (progress and env.is_main)):
-        flags = torch.tensor([not isinstance(it, CorruptSample) for it in items], dtype=torch.bool)
-        good = [it[0] for it in items if not isinstance(it, CorruptSample)]
-        out = model(torch.stack(good).to(device)).float().cpu() if good else None
-        if out is not None:  # the engine's check: NaN/Inf descriptors are an error naming images and weights
-            rows = [mine[at + j] for j, ok in enumerate(flags.tolist()) if ok]
-            check_finite(out, dataset=dataset, indices=rows, model=model, weights_source=weights_source)
-        at += len(flags)
-        blocks.append((flags, out))
-    dims = {out.shape[1] for _, out in blocks if out is not None}
-    dim = dims.pop() if dims else int(model.head.fc.out_features)  # this rank's images all failed to decode
-    local = torch.zeros(len(mine), dim)
-    local_ok = torch.cat([f for f, _ in blocks]) if blocks else torch.zeros(0, dtype=torch.bool)
-    at = 0
-    for flags, out in blocks:
-        if out is not None:
-            local[at : at + len(flags)][flags] = out
-        at += len(flags)
+    skipped: list[int] = []
+    local = extract_global_descriptors(
+        model=model, dataset=_Images(dataset), indices=mine, device=device, batch_size=batch_size,
+        num_workers=num_workers, progress=progress and env.is_main, desc="mining: global descriptors", fast=False,
+        weights_source=weights_source, combine=_as_given, skip_errors=(CorruptImageError,), skipped=skipped)
+    if local.shape[1] == 0:  # this rank's images all failed to decode
+        local = torch.zeros(len(mine), global_dim(model))
+    local_ok = torch.ones(len(mine), dtype=torch.bool)
+    if skipped:
+        position = {index: k for k, index in enumerate(mine)}
+        local_ok[[position[i] for i in skipped]] = False
+        log.warning("mining: %d undecodable image(s) left out", len(skipped))
     if not env.distributed:
         return local, local_ok
     dev = env.device if env.device.type == "cuda" else torch.device("cpu")
     gathered = all_gather_cat(local.to(dev), env).cpu()
     gathered_ok = all_gather_cat(local_ok.to(dev), env).cpu()
     order = torch.tensor([i for r in range(env.world_size) for i in range(r, n, env.world_size)])
-    desc = torch.zeros(n, dim)
+    desc = torch.zeros(n, local.shape[1])
     valid = torch.zeros(n, dtype=torch.bool)
     desc[order] = gathered
     valid[order] = gathered_ok

@@ -464,3 +464,27 @@ def test_flip_is_part_of_the_feature_cache_key_and_off_leaves_it_unchanged(layou
     sharded = extract_sharded(model=model, dataset=ds, key="k", shard_dir=tmp_path / "shards", shard_size=3,
                               progress=False, flip=True)
     torch.testing.assert_close(sharded, flipped)
+
+
+def test_skip_errors_leave_zero_rows_and_name_the_indices():
+    from datasets.transforms import CorruptImageError
+
+    class _Flaky(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            if i == 2:
+                raise CorruptImageError("broken.jpg")
+            return [torch.full((3, 8, 8), float(i))]
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+    skipped: list[int] = []
+    out = extract_global_descriptors(model=model, dataset=_Flaky(), batch_size=2, progress=False, fast=False,
+                                     combine=lambda per_scale: per_scale[0], skip_errors=(CorruptImageError,),
+                                     skipped=skipped)
+    assert skipped == [2] and torch.equal(out[2], torch.zeros(4))
+    with torch.no_grad():  # the other rows: the model's output as given (combine passes the one scale through)
+        assert torch.equal(out[3], model(torch.full((1, 3, 8, 8), 3.0))[0])
+    with pytest.raises(CorruptImageError):
+        extract_global_descriptors(model=model, dataset=_Flaky(), progress=False, fast=False)
