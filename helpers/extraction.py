@@ -595,7 +595,7 @@ def extract_global_descriptors(
                                  model=model) from exc
         check_finite(desc_b, dataset=dataset, indices=batch_indices, model=model, weights_source=weights_source)
         if out is None:
-            out = torch.empty(len(indices), desc_b.shape[1], dtype=torch.float32)
+            out = torch.zeros(len(indices), desc_b.shape[1], dtype=torch.float32)  # skipped rows stay zero
         out[[position[i] for i in batch_indices]] = desc_b
         bar.update(len(batch_indices))
     bar.close()
