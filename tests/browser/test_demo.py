@@ -8,7 +8,6 @@ Needs Chromium, its driver, Selenium and Gradio (Debian: ``apt-get install chrom
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -21,32 +20,14 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.browser.chromium import browser_paths, start_chromium
+
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = Path(os.environ.get("DEMO_SCREENSHOT", "/tmp/demo_screenshot.png"))
 HEADLESS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1300")
 K = 4
 START_TIMEOUT = 120  # s for the server to listen (importing torch and gradio on a busy 2-core machine)
 SEARCH_TIMEOUT = 120
-
-
-def _requirements() -> tuple[str, str]:
-    """(chromium, chromedriver), or a skip that says what is missing and how to install it."""
-    missing = []
-    for module, hint in (("selenium", "pip install selenium"), ("gradio", "pip install gradio")):
-        if importlib.util.find_spec(module) is None:
-            missing.append(f"the {module} package ({hint})")
-    chromium = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
-                                 shutil.which("google-chrome"), "/usr/bin/chromium") if p and os.path.isfile(p)),
-                    None)
-    driver = next((p for p in (shutil.which("chromedriver"), "/usr/bin/chromedriver") if p and os.path.isfile(p)),
-                  None)
-    if chromium is None:
-        missing.append("a Chromium browser (Debian: apt-get install chromium)")
-    if driver is None:
-        missing.append("chromedriver (Debian: apt-get install chromium-driver)")
-    if missing:
-        pytest.skip("browser test skipped: needs " + ", ".join(missing))
-    return chromium, driver
 
 
 def _free_port() -> int:
@@ -69,7 +50,7 @@ def _wait_for_port(port: int, server: subprocess.Popen, log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_index(tmp_path_factory) -> Path:
-    _requirements()
+    browser_paths("gradio")
     from helpers.retrieval import build_index
 
     root = tmp_path_factory.mktemp("demo")
@@ -106,19 +87,7 @@ def server(tiny_index, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver_path = _requirements()
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in HEADLESS:
-        options.add_argument(flag)
-    try:
-        driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    except WebDriverException as exc:
-        pytest.skip(f"browser test skipped: Chromium did not start headless ({exc.msg or exc})")
+    driver = start_chromium(HEADLESS, "gradio")
     yield driver
     driver.quit()
 

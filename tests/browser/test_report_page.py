@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.browser.chromium import browser_paths, start_chromium
+
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = Path(os.environ.get("REPORT_SCREENSHOT_DIR", "/tmp"))
 # 4 training images: the built-in config's whitening rows learn on them
@@ -22,30 +24,9 @@ TINY_SYNTH = ("data.synthetic.config={n_landmarks: 3, views_per_landmark: 3, n_d
 HEADLESS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000")
 
 
-def _browser_paths() -> tuple[str, str]:
-    """(chromium, chromedriver), or a skip that says what is missing and how to install it."""
-    missing = []
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("the selenium package (pip install selenium)")
-    chromium = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
-                                 shutil.which("google-chrome"), "/usr/bin/chromium") if p and os.path.isfile(p)),
-                    None)
-    driver = next((p for p in (shutil.which("chromedriver"), "/usr/bin/chromedriver") if p and os.path.isfile(p)),
-                  None)
-    if chromium is None:
-        missing.append("a Chromium browser (Debian: apt-get install chromium)")
-    if driver is None:
-        missing.append("chromedriver (Debian: apt-get install chromium-driver)")
-    if missing:
-        pytest.skip("browser test skipped: needs " + ", ".join(missing))
-    return chromium, driver
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    _browser_paths()  # skip before spending the evaluation's seconds
+    browser_paths()  # skip before spending the evaluation's seconds
     spec = importlib.util.spec_from_file_location("eval_script", REPO / "eval.py")
     ev = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ev)
@@ -64,19 +45,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(run_dir):
-    from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver_path = _browser_paths()
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in HEADLESS:
-        options.add_argument(flag)
-    try:
-        driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    except WebDriverException as exc:
-        pytest.skip(f"browser test skipped: Chromium did not start headless ({exc.msg or exc})")
+    driver = start_chromium(HEADLESS)
     yield driver
     driver.quit()
 
