@@ -14,10 +14,11 @@ def _seed_everything():
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread: on a 2-core machine shared with other test runs, OpenMP threads spinning against each
-    other cost 10-100x. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    """One torch thread for a whole module (its module-scoped fixtures included): on a 2-core machine shared with
+    other test runs, OpenMP threads spinning against each other cost 10-100x. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -24,6 +24,7 @@ from helpers.retrieval import CONFIG_FILE, Retriever, list_images, prepare_image
 from helpers.vector_db.tensor import TensorVectorDB
 from models.cvnet import CVNetGlobal, CVNetRerank
 from models.superglobal import SuperGlobal, SuperGlobalRerank
+from tests.helpers.concurrency import hammer
 
 N_IMAGES = 4
 
@@ -48,13 +49,7 @@ def _calibrate_bn(net: torch.nn.Module, images: list[np.ndarray], forward) -> No
     net.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads per process oversubscribe and crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -493,45 +488,10 @@ def test_concurrent_saves_and_loads_never_fail_or_mix(images, tmp_path, monkeypa
     def check(loaded):
         assert len(loaded) == {3: 2, 7: 5}[loaded.rerank_top_k]
 
-    loads, failures = _hammer(lambda: writers[0].save(tmp_path), lambda: writers[1].save(tmp_path),
+    loads, failures = hammer(lambda: writers[0].save(tmp_path), lambda: writers[1].save(tmp_path),
                               lambda: Retriever.load(tmp_path, model), check, seconds=3.0, max_loads=150)
     assert loads >= 10 and failures == [], f"{len(failures)} of {loads} loads failed: {failures[:3]}"
     assert len(_save_files(tmp_path)) == 2  # retriever.json and one database: nothing left behind
-
-
-def _hammer(save_a, save_b, load, check, seconds: float, max_loads: int) -> tuple[int, list]:
-    """Two writer threads saving in a loop while this thread loads (bounded in time and count)."""
-    import threading
-    import time
-
-    stop = threading.Event()
-    writer_errors: list[BaseException] = []
-
-    def writer(save):
-        try:
-            while not stop.is_set():
-                save()
-        except BaseException as exc:  # noqa: BLE001 (reported by the test)
-            writer_errors.append(exc)
-
-    threads = [threading.Thread(target=writer, args=(f,), daemon=True) for f in (save_a, save_b)]
-    for t in threads:
-        t.start()
-    loads, failures = 0, []
-    deadline = time.monotonic() + seconds
-    try:
-        while time.monotonic() < deadline and loads < max_loads:
-            try:
-                check(load())
-            except Exception as exc:  # noqa: BLE001 (counted)
-                failures.append(repr(exc))
-            loads += 1
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-    assert not writer_errors, writer_errors
-    return loads, failures
 
 
 def test_max_side_holds_after_min_side_upscaling(sg_model):

@@ -13,6 +13,7 @@ import torch
 from common.io import atomic_write
 from helpers.vector_db.base import CorruptIndexError
 from helpers.vector_db.tensor import TensorVectorDB, chunked_topk
+from tests.helpers.concurrency import hammer
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss is not installed (pip install faiss-cpu)")
@@ -723,42 +724,6 @@ def test_faiss_save_killed_at_any_point_leaves_the_old_or_the_new_save(call, aft
     assert torch.equal(loaded.get([4]), (old if which == "old" else new).get([4]))
 
 
-def _hammer(save_a, save_b, load, check, seconds: float = 1.5, max_loads: int = 400) -> tuple[int, list]:
-    """Two writer threads saving in a loop and this thread loading meanwhile (bounded in time and count):
-    (loads done, failures)."""
-    import threading
-    import time
-
-    stop = threading.Event()
-    writer_errors: list[BaseException] = []
-
-    def writer(save):
-        try:
-            while not stop.is_set():
-                save()
-        except BaseException as exc:  # noqa: BLE001 (reported by the test)
-            writer_errors.append(exc)
-
-    threads = [threading.Thread(target=writer, args=(f,), daemon=True) for f in (save_a, save_b)]
-    for t in threads:
-        t.start()
-    loads, failures = 0, []
-    deadline = time.monotonic() + seconds
-    try:
-        while time.monotonic() < deadline and loads < max_loads:
-            try:
-                check(load())
-            except Exception as exc:  # noqa: BLE001 (counted)
-                failures.append(repr(exc))
-            loads += 1
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-    assert not writer_errors, writer_errors
-    return loads, failures
-
-
 @needs_faiss
 def test_faiss_concurrent_writers_and_a_reader_never_fail(tmp_path):
     """Issue 11.3: with two writers and one reader, 2,087 of 3,141 loads failed."""
@@ -773,7 +738,7 @@ def test_faiss_concurrent_writers_and_a_reader_never_fail(tmp_path):
     def check(db):
         assert len(db) == {"a": 10, "b": 20}[db.get_metadata([0])[0]["w"]]
 
-    loads, failures = _hammer(lambda: a.save(path), lambda: b.save(path),
+    loads, failures = hammer(lambda: a.save(path), lambda: b.save(path),
                               lambda: FaissVectorDB.load(path, use_gpu=False), check)
     assert loads >= 20 and failures == [], f"{len(failures)} of {loads} loads failed: {failures[:3]}"
 
