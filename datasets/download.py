@@ -442,6 +442,12 @@ def drive_file_id(url: str) -> str | None:
     return candidate if candidate is not None and _DRIVE_ID.fullmatch(candidate) else None
 
 
+def is_drive_folder(url: str) -> bool:
+    """Whether ``url`` is a Google Drive folder link (``.../drive/folders/<id>``, ``.../folderview?id=<id>``)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname in _DRIVE_HOSTS and ("/folders/" in parts.path or parts.path.endswith("/folderview"))
+
+
 def _attributes(tag: str) -> dict[str, str]:
     return {k.lower(): html.unescape(v) for k, v in re.findall(r'([\w-]+)\s*=\s*"([^"]*)"', tag)}
 
@@ -484,6 +490,9 @@ def drive_confirm_url(page: str, page_url: str, cookies: http.cookiejar.CookieJa
 # --------------------------------------------------------------------------------------------------------------
 
 CVNET_REPO_URL = "https://github.com/sungonce/CVNet"
+# The release's README links one shared Drive folder holding both checkpoints, not the files themselves; Drive
+# serves no folder as a file, so the fetcher needs each file's own link (or the file put in place by hand).
+CVNET_WEIGHTS_FOLDER_URL = "https://drive.google.com/drive/folders/1VE2uG0bynk6-XfokjE13VFNVQRb-rQM8"
 SHA256SUMS = "SHA256SUMS"
 
 
@@ -491,8 +500,9 @@ SHA256SUMS = "SHA256SUMS"
 class OfficialWeights:
     """One official checkpoint of the CVNet release (SuperGlobal uses the same files).
 
-    ``gdrive_id``: its Google Drive file id, from the link in the CVNet README. None while not recorded here
-    (the README's links could not be read when this table was written): then ``--url`` must give the link.
+    ``gdrive_id``: its Google Drive file id. None while not recorded here (the CVNet README links only the shared
+    folder :data:`CVNET_WEIGHTS_FOLDER_URL`, whose listing could not be read when this table was written): then
+    ``--url`` must give the file's own link.
     """
 
     name: str
@@ -514,7 +524,8 @@ class WeightsError(Exception):
 def manual_weights_steps(entry: OfficialWeights, root: str | os.PathLike) -> str:
     """What to do when the fetcher cannot: one line."""
     root = os.fspath(root)
-    return (f"open {CVNET_REPO_URL}, copy the Google Drive link of {entry.filename} from its README and run "
+    return (f"open the authors' Google Drive folder {CVNET_WEIGHTS_FOLDER_URL} (linked from {CVNET_REPO_URL}), "
+            f"copy the share link of {entry.filename} and run "
             f"`python prepare_data.py weights {entry.name} --root {root} --url <link>`; or download the file by "
             f"hand into {root}/ and run `python prepare_data.py weights {entry.name} --root {root}` to check it "
             f"and record its sha256")
@@ -527,6 +538,9 @@ def weights_url(entry: OfficialWeights, url: str | None, *, root: str | os.PathL
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise WeightsError(f"--url must be an http(s) URL or a Google Drive link, got {url!r}")
         file_id = drive_file_id(url)
+        if file_id is None and is_drive_folder(url):
+            raise WeightsError(f"--url is a Google Drive folder, which cannot be downloaded as a file: open it, "
+                               f"right-click {entry.filename}, copy its share link and pass that")
         return DRIVE_DOWNLOAD_URL.format(id=file_id) if file_id else url
     if entry.gdrive_id is not None:
         return DRIVE_DOWNLOAD_URL.format(id=entry.gdrive_id)

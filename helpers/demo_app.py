@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -82,32 +83,11 @@ def _path_of(image: Any) -> str | None:
     return getattr(image, "name", None)
 
 
-def run_query(state: DemoState, image: Any, box_text: str, rerank: str, post: Sequence[str], k: int
-              ) -> tuple[list[tuple[Any, str]], str, str]:
-    """(gallery items (RGB thumbnail, caption ``#rank  score  file name``), timings as a Markdown table,
-    message). Errors (an unreadable image, a bad box, a re-ranker that cannot be built) come back as the
-    message, for the page to show, never as an exception."""
-    from helpers.retrieval import load_bgr
+
+def _gallery(hits: list[Any]) -> list[tuple[Any, str]]:
+    """(RGB thumbnail, caption ``#rank  score  file name``) of each hit whose image can still be read."""
     from helpers.visualize import format_scores
 
-    path = _path_of(image)
-    if not path:
-        return [], "", "Pick an example or upload a query image first."
-    timings: dict[str, float] = {}
-    try:
-        start = time.perf_counter()
-        img = load_bgr(path)
-        timings["read image"] = time.perf_counter() - start
-        box = parse_box(box_text)
-        settings = post_settings(post or [])
-        start = time.perf_counter()
-        state.use_reranker(rerank)
-        timings["load re-ranker"] = time.perf_counter() - start
-        hits = state.retriever.query(img, int(k), bbox=box, post=settings, timings=timings)
-    except (OSError, ValueError, KeyError) as exc:
-        return [], "", f"**Could not run this query:** {exc}"
-    start = time.perf_counter()
-    hits = [hit for hit in hits if hit.path]  # entries indexed from arrays have no image to show
     scores = format_scores([hit.score for hit in hits])  # digits enough to tell neighbours apart
     gallery = []
     for rank, (hit, score) in enumerate(zip(hits, scores), 1):
@@ -117,7 +97,32 @@ def run_query(state: DemoState, image: Any, box_text: str, rerank: str, post: Se
             log.warning("cannot show %s: %s", hit.path, exc)
             continue
         gallery.append((thumb, f"#{rank}  {score}  {Path(hit.path).name}"))
-    timings["thumbnails"] = time.perf_counter() - start
+    return gallery
+
+
+def run_query(state: DemoState, image: Any, box_text: str, rerank: str, post: Sequence[str], k: int
+              ) -> tuple[list[tuple[Any, str]], str, str]:
+    """(gallery items (RGB thumbnail, caption ``#rank  score  file name``), timings as a Markdown table,
+    message). Errors (an unreadable image, a bad box, a re-ranker that cannot be built) come back as the
+    message, for the page to show, never as an exception."""
+    from helpers.retrieval import load_bgr
+
+    path = _path_of(image)
+    if not path:
+        return [], "", "Pick an example or upload a query image first."
+    timings: dict[str, float] = {}
+    try:
+        with timed(timings, "read image"):
+            img = load_bgr(path)
+        box = parse_box(box_text)
+        settings = post_settings(post or [])
+        with timed(timings, "load re-ranker"):
+            state.use_reranker(rerank)
+        hits = state.retriever.query(img, int(k), bbox=box, post=settings, timings=timings)
+    except (OSError, ValueError, KeyError) as exc:
+        return [], "", f"**Could not run this query:** {exc}"
+    with timed(timings, "thumbnails"):
+        gallery = _gallery([hit for hit in hits if hit.path])  # entries indexed from arrays have no image to show
     lines = ["| stage | ms |", "|---|---:|"] + [f"| {name} | {1000 * t:.1f} |" for name, t in timings.items()]
     lines.append(f"| **total** | **{1000 * sum(timings.values()):.1f}** |")
     applied = settings.describe()

@@ -17,8 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
 from common.io import file_sha256
+from common.timing import timed
 from datasets.revisited import RevisitedDataset, Revisitop1M
 from helpers.builders import (
     GLOBAL_KINDS,
@@ -95,15 +95,9 @@ class Timer:
     def __init__(self) -> None:
         self.stages: dict[str, float] = {}
 
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = time.perf_counter() - start
-            self.stages[name] = self.stages.get(name, 0.0) + elapsed
-            logger.info("stage %-40s %7.1f s", name, elapsed)
+    def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time the ``with`` block as stage ``name`` (logged)."""
+        return timed(self.stages, name, logger=logger)
 
 
 def dataset_label(name: str, distractors: str | None) -> str:

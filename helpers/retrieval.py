@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
 from common.convention import InputConvention
 from common.io import atomic_torch_save, atomic_write, file_sha256
+from common.timing import timed
 from datasets.folder import IMAGE_EXTENSIONS
 from datasets.transforms import crop_query, downscale_to_max_side, enlarge_within, read_image, to_tensor
 from helpers.builders import (
@@ -603,9 +604,9 @@ class Retriever:
         post = self.post if post is None else _post_settings(post)
         k = int(k)
         bboxes = _per_item(bboxes, len(images), "bboxes")
-        with _stage(timings, "prepare query"):
+        with timed(timings, "prepare query"):
             prepared = [self._prepare(img, box, channel_order) for img, box in zip(images, bboxes)]
-        with _stage(timings, "describe query"):
+        with timed(timings, "describe query"):
             queries = self._describe_prepared(prepared,
                                               [f"query {_image_name(img, r)}" for r, img in enumerate(images)])
         if post is not None and post.active:
@@ -613,24 +614,24 @@ class Retriever:
             if self.reranker is None:
                 rows = [(s, i, g) for s, i, g, _ in candidates]
             else:
-                with _stage(timings, "re-ranking"):
+                with timed(timings, "re-ranking"):
                     if isinstance(self.reranker, SuperGlobalRerank):
                         rows = self._superglobal_over(queries, candidates, k)
                     else:
                         rows = self._cvnet_rows(queries, prepared, k, candidates=candidates)
         elif self.reranker is None:
-            with _stage(timings, "search"):
+            with timed(timings, "search"):
                 scores, ids = self.database.search(queries, k)
             rows = [(s, i, s) for s, i in zip(scores.cpu(), ids.cpu())]
         elif isinstance(self.reranker, SuperGlobalRerank):
-            with _stage(timings, "re-ranking"):  # SuperGlobal searches its top M itself
+            with timed(timings, "re-ranking"):  # SuperGlobal searches its top M itself
                 rows = self._superglobal_rows(queries, k)
         else:
-            with _stage(timings, "search"):
+            with timed(timings, "search"):
                 scores, ids = (t.cpu() for t in self.database.search(queries, max(k, self.rerank_top_k)))
-            with _stage(timings, "re-ranking"):
+            with timed(timings, "re-ranking"):
                 rows = self._cvnet_rows(queries, prepared, k, searched=(scores, ids))
-        with _stage(timings, "metadata"):
+        with timed(timings, "metadata"):
             return self._hits(rows, k)
 
     def _post_rows(self, queries: Tensor, k: int, post: PostProcessing, timings: dict[str, float] | None
@@ -638,10 +639,10 @@ class Retriever:
         """Per query: (scores, ids, global cosines, vectors) of its top ``max(k, post.shortlist)`` candidates, the
         first ``post.shortlist`` re-ordered by the post-processing (the rest keep the global order)."""
         n = min(max(k, post.shortlist), len(self.database))
-        with _stage(timings, "search"):
+        with timed(timings, "search"):
             scores, ids, vectors = (t.cpu() for t in self.database.search_with_vectors(queries, n))
         rows = []
-        with _stage(timings, "post-processing"):
+        with timed(timings, "post-processing"):
             for r in range(queries.shape[0]):
                 valid = ids[r] >= 0
                 s, i, v = scores[r][valid], ids[r][valid], vectors[r][valid].float()
@@ -1094,19 +1095,6 @@ def _normalise(value: Any) -> Any:
 def _image_name(image: Any, row: int) -> str:
     """What errors call an image: its path, or its position in the call."""
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {row} (array)"
-
-
-@contextlib.contextmanager
-def _stage(timings: dict[str, float] | None, name: str) -> Iterator[None]:
-    """Add the seconds the block took to ``timings[name]`` (nothing when ``timings`` is None)."""
-    if timings is None:
-        yield
-        return
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _post_settings(post: PostProcessing | Mapping[str, Any] | None) -> PostProcessing | None:

@@ -7,6 +7,7 @@ import torch
 
 from bench.postprocess import measure_full, measure_shortlist, settings, unit_vectors
 from helpers.postprocess import PostProcessing, postprocess_ranking
+from models import functional as MF
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +31,7 @@ def test_full_mode_outputs_are_the_library_s_post_processing():
     assert all(t > 0 for t in out["seconds"].values())
     _, ids = res["global search"]
     np.testing.assert_array_equal(ids.numpy(), ranks[:10].T)  # the reference search is the exact top-k
+    np.testing.assert_array_equal(res["global ranking"], ranks)
     # each step alone, ranked by hand, is what postprocess_ranking gives with that step switched on
     np.testing.assert_array_equal(res["ranking: α-QE"], _descending(res["α-QE"] @ xb.T))
     np.testing.assert_array_equal(res["ranking: α-DBA"], _descending(xq @ res["α-DBA"].T))
@@ -38,9 +40,14 @@ def test_full_mode_outputs_are_the_library_s_post_processing():
     for name, post in settings(2, 3, 3.0).items():
         np.testing.assert_array_equal(res[f"ranking: {name}"], postprocess_ranking(xq, xb, ranks, post))
     assert not np.array_equal(res["ranking: α-DBA + α-QE + k-reciprocal"], ranks)  # it did re-order
-    wq, wb = res["whitening"]
+    w = res["whitening: learn"]
+    wq, wb = res["whitening: apply to queries"], res["whitening: apply to database"]
+    torch.testing.assert_close(wq, MF.apply_whitening(xq, w))
+    torch.testing.assert_close(wb, MF.apply_whitening(xb, w))
     assert wq.shape == (5, 16) and wb.shape == (120, 16)
     torch.testing.assert_close(wb.norm(dim=1), torch.ones(120))
+    pool = torch.cat([xq, xb])
+    torch.testing.assert_close(res["k-reciprocal's pool distances"], torch.cdist(pool, pool) ** 2, atol=1e-5, rtol=0)
 
 
 def test_shortlist_mode_reorders_each_query_s_exact_shortlist_like_the_library():

@@ -376,5 +376,10 @@ def test_weights_table_and_sources():
     share = "https://drive.google.com/file/d/1AbCdEfGhIjKlMnOpQrStUvWxYz012345/view?usp=sharing"
     assert weights_url(r50, share) == "https://drive.google.com/uc?export=download&id=1AbCdEfGhIjKlMnOpQrStUvWxYz012345"
     assert weights_url(r50, "https://example.org/w.pyth") == "https://example.org/w.pyth"
-    with pytest.raises(WeightsError, match="not recorded"):
+    with pytest.raises(WeightsError, match="not recorded") as err:
         weights_url(r50, None)
+    assert "drive.google.com/drive/folders/1VE2uG0bynk6-XfokjE13VFNVQRb-rQM8" in str(err.value)  # where to look
+    assert "CVPR2022_CVNet_R50.pyth" in str(err.value)
+    folder = "https://drive.google.com/drive/folders/1VE2uG0bynk6-XfokjE13VFNVQRb-rQM8?usp=sharing"
+    with pytest.raises(WeightsError, match="is a Google Drive folder.*CVPR2022_CVNet_R50.pyth"):
+        weights_url(r50, folder)

@@ -14,6 +14,7 @@ from models.functional import (
     k_reciprocal_distance,
     k_reciprocal_shortlist,
     learn_pca_whitening,
+    pairwise_squared_distances,
 )
 
 
@@ -136,7 +137,8 @@ def _cdist(a, b):
     return torch.cdist(a, b).numpy()
 
 
-@pytest.mark.parametrize("nq,n,k1,k2,lam", [(3, 25, 5, 3, 0.3), (2, 40, 20, 6, 0.3), (4, 18, 4, 1, 0.5)])
+@pytest.mark.parametrize("nq,n,k1,k2,lam", [(3, 25, 5, 3, 0.3), (2, 40, 20, 6, 0.3), (4, 18, 4, 1, 0.5),
+                                             (2, 9, 20, 6, 0.3), (5, 60, 7, 2, 0.1)])
 def test_k_reciprocal_equals_the_authors_function(nq, n, k1, k2, lam):
     # clustered data, so that reciprocal sets and their expansions are non-trivial
     g = torch.Generator().manual_seed(8)
@@ -149,6 +151,15 @@ def test_k_reciprocal_equals_the_authors_function(nq, n, k1, k2, lam):
     want = authors_re_ranking(_cdist(Q, X), _cdist(Q, Q), _cdist(X, X), k1=k1, k2=k2, lambda_value=lam)
     assert got.shape == (nq, n)
     assert np.allclose(got.numpy(), want, atol=1e-10)
+
+
+def test_pool_distances_are_exactly_symmetric_squared_distances_across_blocks():
+    pts = _unit(11, 6, 13) * torch.linspace(0.5, 2.0, 11, dtype=torch.float64)[:, None]  # not unit: sq terms matter
+    got = pairwise_squared_distances(pts, block=4)  # blocks 4, 4, 3: every mirrored case
+    assert torch.equal(got, got.T)
+    assert torch.allclose(got, torch.cdist(pts, pts) ** 2, atol=1e-12)
+    single = pairwise_squared_distances(pts.float(), block=4)
+    assert torch.equal(single, single.T)
 
 
 def test_k_reciprocal_shortlist_is_the_full_function_on_each_querys_candidates():
