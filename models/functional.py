@@ -510,6 +510,13 @@ def _reciprocal_lists(order: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return forward, (backward == me).any(dim=-1)
 
 
+def _expand_ranges(starts: Tensor, lengths: Tensor) -> Tensor:
+    """The positions ``starts[0] .. starts[0] + lengths[0] - 1, starts[1] ..`` concatenated: the entries of
+    several rows (or columns) of a compressed sparse matrix, in one gather."""
+    first = (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
+    return starts.repeat_interleave(lengths) + torch.arange(first.numel(), device=starts.device) - first
+
+
 def _coalesce_by_column(rows: Tensor, cols: Tensor, values: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     """Entries (rows, cols, values) of an (n, n) sparse matrix with duplicates summed, sorted by column then
     row: the column-major (CSC) order in which the Jaccard overlaps read V."""
@@ -576,24 +583,30 @@ def _k_reciprocal_pool(feats: Tensor, num_queries: int, k1: int, k2: int, lambda
     members = torch.where(valid, members, n).sort(dim=1).values  # n: padding, sorted last
     keep = members < n
     keep[:, 1:] &= members[:, 1:] != members[:, :-1]  # each member once
-    members = members.clamp(max=n - 1)
-    weights = torch.exp(-dist.gather(1, members)) * keep
+    weights = torch.exp(-dist.gather(1, members.clamp(max=n - 1))) * keep
     weights = weights / weights.sum(dim=1, keepdim=True)
 
-    if k2 != 1:  # local query expansion: V(i) <- mean of V over i's k2 nearest
+    # V row by row (CSR): each row's members in increasing order
+    per_row = keep.sum(dim=1)
+    row_start = torch.cumsum(per_row, 0) - per_row
+    v_cols, v_vals = members[keep], weights[keep]
+    rows = torch.arange(n, device=feats.device)
+    if k2 != 1:  # local query expansion: V(i) <- mean of V over i's k2 nearest, gathered row range by row range
         nearest = order[:, : min(k2, n)]
-        members, weights = members[nearest].flatten(1), weights[nearest].flatten(1) / nearest.shape[1]
-    entries = (weights > 0).flatten().nonzero().squeeze(1)  # the padding weighs 0, every member more
-    rows = torch.arange(n, device=feats.device).repeat_interleave(members.shape[1])[entries]
-    vrows, cols, vals = _coalesce_by_column(rows, members.flatten()[entries], weights.flatten()[entries], n)
+        taken = per_row[nearest].flatten()
+        pos = _expand_ranges(row_start[nearest].flatten(), taken)
+        rows = rows.repeat_interleave(nearest.shape[1]).repeat_interleave(taken)
+        v_cols, v_vals = v_cols[pos], v_vals[pos] / nearest.shape[1]
+    else:
+        rows = rows.repeat_interleave(per_row)
+    vrows, cols, vals = _coalesce_by_column(rows, v_cols, v_vals, n)
     counts = torch.bincount(cols, minlength=n)
     starts = torch.cumsum(counts, 0) - counts
 
     q = vrows < num_queries  # the queries' entries: (query, column, value)
     q_rows, q_cols, q_vals = vrows[q], cols[q], vals[q]
     span = counts[q_cols]
-    first = (torch.cumsum(span, 0) - span).repeat_interleave(span)
-    pos = starts[q_cols].repeat_interleave(span) + torch.arange(first.numel(), device=feats.device) - first
+    pos = _expand_ranges(starts[q_cols], span)  # every pool vector sharing a column with the query's entry
     overlap = torch.zeros(num_queries * n, dtype=dist.dtype, device=dist.device)
     overlap.index_add_(0, q_rows.repeat_interleave(span) * n + vrows[pos],
                        torch.minimum(q_vals.repeat_interleave(span), vals[pos]))
