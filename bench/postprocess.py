@@ -116,11 +116,11 @@ def measure_full(*, n: int, d: int, nq: int, k: int, aqe_k: int, dba_k: int, alp
 
     Returns ``{"xq", "xb", "ranks" (n, nq) global ranking, "seconds", "peak_mb", "results"}`` where ``results``
     holds each timed function's output: ``"global search"`` (scores, ids) (nq, k), ``"global ranking"`` (n, nq)
-    the whole database ordered, ``"α-QE"`` (nq, d) expanded
-    queries, ``"α-DBA"`` (n, d) augmented database, ``"k-reciprocal"`` (nq, n) distances, ``"k-reciprocal's pool
-    distances"`` the (nq + n, nq + n) squared distances every k-reciprocal call needs (its floor), ``"whitening:
-    learn"`` the learned whitening, ``"whitening: apply to queries"`` / ``"... database"`` the whitened vectors,
-    and ``"ranking: <setting>"`` (n, nq) post-processed ranks.
+    the whole database ordered, ``"α-QE"`` (nq, d) expanded queries, ``"α-DBA"`` (n, d) augmented database,
+    ``"k-reciprocal"`` (nq, n) distances, ``"k-reciprocal's pool distances"`` the (nq + n, nq + n) squared
+    distances every k-reciprocal call needs (its floor), ``"whitening: learn"`` the learned whitening,
+    ``"whitening: apply to queries"`` / ``"... database"`` the whitened vectors, and ``"ranking: <setting>"``
+    (n, nq) post-processed ranks.
     """
     xb = unit_vectors(n, d, seed=seed)
     xq = unit_vectors(nq, d, seed=seed + 1)

@@ -83,7 +83,6 @@ def _path_of(image: Any) -> str | None:
     return getattr(image, "name", None)
 
 
-
 def _gallery(hits: list[Any]) -> list[tuple[Any, str]]:
     """(RGB thumbnail, caption ``#rank  score  file name``) of each hit whose image can still be read."""
     from helpers.visualize import format_scores
