@@ -85,7 +85,7 @@ def postprocess_full(xq: Tensor, xb: Tensor, post: PostProcessing, *, chunk: int
     """Full mode: (n_db, nq) int64 ranks of the whole database after DBA, alpha-QE and k-reciprocal."""
     xq, xb = _as_float_tensor(xq), _as_float_tensor(xb)
     if post.dba_k:
-        xb = MF.database_side_augmentation(xb, k=post.dba_k, alpha=post.dba_alpha, chunk=chunk)
+        xb = MF.database_side_augmentation(xb, k=post.dba_k, alpha=post.dba_alpha)
     if post.aqe_k:
         xq = MF.alpha_query_expansion(xq, xb, k=post.aqe_k, alpha=post.aqe_alpha, chunk=chunk)
     if post.kreciprocal:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models.functional import (
+    _self_top_neighbours,
     alpha_query_expansion,
     apply_whitening,
     database_side_augmentation,
@@ -55,6 +56,18 @@ def test_database_side_augmentation_against_loop_excludes_itself(k, alpha):
     got = database_side_augmentation(X, k=k, alpha=alpha, chunk=4)
     want = torch.stack([_expand_loop(X[i], X, k, alpha, skip=i) for i in range(15)])
     assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 4, 7, 64])
+def test_self_neighbours_read_each_pair_once_and_equal_a_full_search(block):
+    X = _unit(30, 6, 14)
+    sims = X @ X.T
+    sims.fill_diagonal_(float("-inf"))
+    for k in (1, 3, 29, 40):  # 40: more than the 29 other rows
+        v, i = _self_top_neighbours(X, k, block=block)
+        want_v, want_i = sims.topk(min(k, 29), dim=1)
+        assert torch.equal(i, want_i) and torch.allclose(v, want_v, atol=1e-14)
+    assert _self_top_neighbours(X[:1], 2)[1].shape == (1, 0)
 
 
 def test_dba_shortlist_form_equals_the_full_form():
