@@ -12,10 +12,11 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -237,6 +238,28 @@ def _fmt(x: Any) -> str:
             return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
         return f"{x:.3g}"
     return str(x)
+
+
+#: Rows drawn at a time by :func:`unit_vector_blocks`: a 1M-vector database is never held twice in float32.
+UNIT_ROWS = 32768
+
+
+def unit_vector_blocks(n: int, d: int, generator: torch.Generator, *, rows: int = UNIT_ROWS) -> Iterator[Tensor]:
+    """``n`` random unit vectors drawn from ``generator``, yielded as float32 blocks (<= ``rows``, d): the same
+    vectors for the same generator state, whatever the caller does with each block."""
+    for start in range(0, n, rows):
+        yield F.normalize(torch.randn(min(rows, n - start), d, generator=generator), dim=1)
+
+
+def unit_vectors(n: int, d: int, *, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``n`` seeded random unit vectors (n, d) stored in ``dtype``, filled block by block (no float32 copy of a
+    float16 database)."""
+    out = torch.empty(n, d, dtype=dtype)
+    start = 0
+    for block in unit_vector_blocks(n, d, torch.Generator().manual_seed(seed)):
+        out[start : start + block.shape[0]] = block
+        start += block.shape[0]
+    return out
 
 
 def ratio(baseline_seconds: float, fast_seconds: float) -> str:

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import (
     PeakRSS,
@@ -39,12 +38,12 @@ from bench.common import (
     meminfo_bytes,
     print_header,
     setup_process,
+    unit_vector_blocks,
+    unit_vectors,
 )
 from helpers.postprocess import PostProcessing, postprocess_ranking
 from helpers.vector_db.tensor import TensorVectorDB
 from models import functional as MF
-
-_GEN_ROWS = 32768
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,18 +60,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="database size of the shortlist-mode measurement (0: skip it); lowered to what fits")
     p.add_argument("--shortlist", type=int, default=1000, help="candidates per query in shortlist mode")
     return p
-
-
-def unit_vectors(n: int, d: int, *, seed: int, dtype: torch.dtype = torch.float32,
-                 rows: int = _GEN_ROWS) -> torch.Tensor:
-    """``n`` seeded random unit vectors (n, d) in ``dtype``, generated ``rows`` at a time (no float32 copy of a
-    float16 database)."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.empty(n, d, dtype=dtype)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        out[start:stop] = F.normalize(torch.randn(stop - start, d, generator=g), dim=1).to(dtype)
-    return out
 
 
 def settings(aqe_k: int, dba_k: int, alpha: float, shortlist: int = 1000) -> dict[str, PostProcessing]:
@@ -170,10 +157,10 @@ def measure_shortlist(*, n: int, d: int, nq: int, shortlist: int, aqe_k: int, db
     """
     db = TensorVectorDB(d, dtype=torch.float16, progress=False)
     db.reserve(n)
-    g = torch.Generator().manual_seed(seed)
-    for start in range(0, n, _GEN_ROWS):
-        rows = min(_GEN_ROWS, n - start)
-        db.add(F.normalize(torch.randn(rows, d, generator=g), dim=1), ids=torch.arange(start, start + rows))
+    offset = 0
+    for block in unit_vector_blocks(n, d, torch.Generator().manual_seed(seed)):
+        db.add(block, ids=torch.arange(offset, offset + block.shape[0]))
+        offset += block.shape[0]
     xq = unit_vectors(nq, d, seed=seed + 1)
     _, top = db.search(xq, shortlist)
     ranks = top.T.numpy()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.common import (
+    UNIT_ROWS,
     add_common_args,
     format_table,
     interleaved,
@@ -34,11 +35,10 @@ from bench.common import (
     print_header,
     ratio,
     setup_process,
+    unit_vector_blocks,
 )
 from helpers.builders import build_superglobal_reranker, make_database
 from models.superglobal import SuperGlobalRerank
-
-_GEN_ROWS = 32768
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,11 +60,10 @@ def make_data(n: int, d: int, nq: int, *, seed: int, fp16_values: bool = False) 
     values (float32 storage), so that a float16 index and the float32 baseline see the same vectors."""
     g = torch.Generator().manual_seed(seed)
     xb = torch.empty(n, d)
-    for start in range(0, n, _GEN_ROWS):
-        block = xb[start : start + _GEN_ROWS]
-        block.copy_(F.normalize(torch.randn(block.shape, generator=g), dim=1))
-        if fp16_values:
-            block.copy_(block.half())
+    start = 0
+    for block in unit_vector_blocks(n, d, g):
+        xb[start : start + block.shape[0]] = block.half() if fp16_values else block
+        start += block.shape[0]
     anchors = torch.randint(0, n, (nq,), generator=g)
     xq = F.normalize(xb[anchors] + 0.8 * torch.randn(nq, d, generator=g) / d**0.5, dim=1)
     return xb, xq
@@ -173,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ---- end to end from the database
         db = make_database("tensor", args.dim, dtype=dtype, progress=False, norm_tolerance=1e-2)
         db.reserve(n)
-        for start in range(0, n, _GEN_ROWS):
-            db.add(xb[start : start + _GEN_ROWS], ids=torch.arange(start, min(start + _GEN_ROWS, n)))
+        for start in range(0, n, UNIT_ROWS):
+            db.add(xb[start : start + UNIT_ROWS], ids=torch.arange(start, min(start + UNIT_ROWS, n)))
         fast = reranker.rerank(xq, db)  # untimed warm-up; also the result checked below
         times = interleaved({
             "loop": lambda xb=xb, xq=xq, m=m: release_pipeline(xq, xb, M=m, K=args.K, beta=args.beta),

@@ -22,7 +22,7 @@ import argparse
 import gc
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,10 +39,10 @@ from bench.common import (
     print_header,
     setup_process,
     time_once,
+    unit_vector_blocks,
 )
 from helpers.builders import make_database
 
-_GEN_ROWS = 32768
 _BYTES_PER_VALUE = {"faiss": 4, "tensor32": 4, "tensor16": 2, "hnsw": 4}
 
 
@@ -62,13 +62,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--hnsw-ef-search", default="128,512", help="HNSW search candidate lists, comma-separated")
     p.add_argument("--hnsw-max-n", type=int, default=100000, help="skip HNSW on larger databases (build time)")
     return p
-
-
-def unit_vectors(n: int, d: int, *, seed: int, rows: int = _GEN_ROWS) -> Iterator[torch.Tensor]:
-    """The same ``n`` random unit vectors (d,) for a given seed, yielded in blocks of ``rows``."""
-    g = torch.Generator().manual_seed(seed)
-    for start in range(0, n, rows):
-        yield F.normalize(torch.randn(min(rows, n - start), d, generator=g), dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,7 +118,7 @@ def build(kind: str, *, n: int, d: int, seed: int, chunk_size: int | None,
         db = make_database("tensor", d, dtype=dtype, progress=False, **kwargs)
         db.reserve(n)
     offset = 0
-    for block in unit_vectors(n, d, seed=seed):
+    for block in unit_vector_blocks(n, d, torch.Generator().manual_seed(seed)):
         db.add(block, ids=torch.arange(offset, offset + block.shape[0]))
         offset += block.shape[0]
     return db, time.perf_counter() - start, index_mb

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.postprocess import measure_full, measure_shortlist, settings, unit_vectors
+from bench.common import unit_vectors
+from bench.postprocess import measure_full, measure_shortlist, settings
 from helpers.postprocess import PostProcessing, postprocess_ranking
 from models import functional as MF
 
