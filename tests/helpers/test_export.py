@@ -6,18 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.export import export_shortlists, read_raw_descriptors, top_m
-
-
-def _ames_style_read(folder, desc_name, gnd):
-    """As AMES's test loader and re-ranking read a shortlist: plain pickle.load, then junk moved to the end per
-    query, then similarities [0] and indices [1].long()."""
-    with open(folder / f"nn_{desc_name}.pkl", "rb") as f:
-        cache_nn = pickle.load(f)
-    nn = cache_nn.clone()
-    for i in range(cache_nn.shape[1]):
-        is_junk = np.isin(cache_nn[1, i].numpy(), gnd[i]["junk"])
-        nn[:, i] = torch.cat((cache_nn[:, i, ~is_junk], cache_nn[:, i, is_junk]), dim=1)
-    return cache_nn, nn[0], nn[1].long()
+from tests.helpers.ames_loader import read_ames_shortlist
 
 
 def test_shortlist_and_descriptors_read_back_as_the_loaders_read_them(tmp_path):
@@ -32,7 +21,7 @@ def test_shortlist_and_descriptors_read_back_as_the_loaders_read_them(tmp_path):
                                 query_names=[f"jpg/q{i}.jpg" for i in range(4)],
                                 database_names=[f"jpg/d{i}.jpg" for i in range(30)], gnd_path=gnd_file, m=10)
     folder = tmp_path / "out" / "toy"
-    cache_nn, sims, ids = _ames_style_read(folder, "superglobal", gnd)
+    cache_nn, sims, ids = read_ames_shortlist(folder, gnd)
     assert isinstance(cache_nn, torch.Tensor) and cache_nn.shape == (2, 4, 10) and cache_nn.dtype == torch.float64
     ranking = (xq @ xb.T).argsort(dim=1, descending=True)[:, :10]
     assert torch.equal(cache_nn[1].long(), ranking)  # the project's own ranking, best first

@@ -19,6 +19,7 @@ import torch
 from helpers.config import load_config
 from helpers.report import load_paper_results, paper_figure
 from helpers.schemas import EVAL
+from tests.helpers.ames_loader import read_ames_shortlist
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,18 +172,6 @@ def test_builtin_run_end_to_end(tmp_path, capsys, caplog):
     assert text.count(" queries changed, ") == len(res["methods"]) * 3 and " 1 queries changed" not in text
 
 
-def _ames_read(folder, gnd):
-    """The shortlist as AMES's loader reads it (restated): pickle.load, then per query the ground truth's junk
-    moved to the end, similarities [0] and indices [1].long()."""
-    with open(folder / "nn_superglobal.pkl", "rb") as f:
-        cache_nn = pickle.load(f)
-    nn = cache_nn.clone()
-    for i in range(cache_nn.shape[1]):
-        is_junk = np.isin(cache_nn[1, i].numpy(), gnd[i]["junk"])
-        nn[:, i] = torch.cat((cache_nn[:, i, ~is_junk], cache_nn[:, i, is_junk]), dim=1)
-    return cache_nn, nn[0], nn[1].long()
-
-
 @pytest.mark.slow
 def test_post_rows_ames_export_and_weights_hash_end_to_end(tmp_path, capsys, caplog):
     from models import CVNetGlobal
@@ -220,7 +209,7 @@ def test_post_rows_ames_export_and_weights_hash_end_to_end(tmp_path, capsys, cap
     # the export, read as AMES reads it, holds the run's own SuperGlobal ranking and similarities
     folder = tmp_path / "ames" / "synth"
     gnd = pickle.loads((folder / "gnd_synth.pkl").read_bytes())["gnd"]
-    cache_nn, sims, ids = _ames_read(folder, gnd)
+    cache_nn, sims, ids = read_ames_shortlist(folder, gnd)
     sg = pq["methods"]["superglobal"]
     nq = len(pq["queries"])
     assert cache_nn.shape == (2, nq, 8) and cache_nn.dtype == torch.float64
@@ -246,7 +235,7 @@ def test_post_rows_ames_export_and_weights_hash_end_to_end(tmp_path, capsys, cap
     assert any("reusing" in r.getMessage() and "whiten-superglobal.pt" in r.getMessage() for r in caplog.records)
     again = json.loads((tmp_path / "runs" / "again" / "results.json").read_text())
     assert again["results"] == res["results"]
-    cache_nn, _, _ = _ames_read(tmp_path / "ames2" / "synth", gnd)
+    cache_nn, _, _ = read_ames_shortlist(tmp_path / "ames2" / "synth", gnd)
     rr = pq["methods"]["superglobal_rerank"]
     assert cache_nn.shape == (2, nq, 6) and again["exports"]["synth"]["m"] == 6
     assert cache_nn[1].long().tolist() == [row[:6] for row in rr["top_ids"]]
