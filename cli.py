@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from helpers.config import ConfigError, Schema, dump_config, load_config
+from common.errors import ProjectError
+from helpers.config import Schema, dump_config, load_config
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def config_from_args(args: argparse.Namespace, schema: Schema, default_config: s
     stderr as one line, no traceback)."""
     try:
         cfg = load_config(args.config or default_config, args.overrides, schema=schema)
-    except (ConfigError, FileNotFoundError) as exc:
+    except ProjectError as exc:
         print(f"{schema.name}: config error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -56,11 +57,12 @@ def setup_logging(main: bool = True) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def run_reporting_errors(fn: Callable[[], int], *, errors: Sequence[type[BaseException]], name: str) -> int:
-    """``fn()``, with the listed exception types printed as one ``name: error: ...`` line (exit code 2)."""
+def run_reporting_errors(fn: Callable[[], int], *, name: str) -> int:
+    """``fn()``, with the project's errors (:class:`common.errors.ProjectError`, every error it raises on purpose)
+    printed as one ``name: error: ...`` line (exit code 2); anything else is a bug and keeps its traceback."""
     try:
         return fn()
-    except tuple(errors) as exc:  # noqa: B030  (a tuple built from the caller's list)
+    except ProjectError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -92,17 +94,9 @@ def training_main(train: Callable[..., Any], parser: argparse.ArgumentParser, *,
     if isinstance(cfg, int):
         return cfg
     setup_logging()
-    from helpers.config import ConfigError
-    from helpers.distributed import DeviceError
-    from helpers.extraction import ExtractionError
-    from helpers.training.data import TooManyCorruptImages
-    from helpers.training.loop import RunConflict
-    from models.checkpoint import CheckpointError
 
     def run() -> int:
         train(cfg=cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         return 0
 
-    return run_reporting_errors(run, name=schema.name, errors=[TooManyCorruptImages, FileNotFoundError, DeviceError,
-                                                               RunConflict, ConfigError, CheckpointError,
-                                                               ExtractionError])
+    return run_reporting_errors(run, name=schema.name)

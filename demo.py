@@ -5,8 +5,8 @@ post-processing, see the top-k with scores and the time each stage took.
     python demo.py --index indexes/photos            # an index written by `python retrieve.py build`
     python demo.py --index indexes/photos --port 7861 --host 0.0.0.0    # listen beyond this machine (careful)
 
-It listens on 127.0.0.1 by default. The app is ``helpers/demo_app.py``; torch and gradio are imported after the
-arguments are parsed.
+It listens on 127.0.0.1 by default. The app is ``helpers/retrieval/demo_app.py``; torch and gradio are imported
+after the arguments are parsed.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from helpers.demo_app import DemoState, build_app, builtin_index, index_examples
     from helpers.distributed import resolve_device
-    from helpers.retrieval import Retriever
+    from helpers.retrieval.demo_app import DemoState, build_app, builtin_index, index_examples
+    from helpers.retrieval.retriever import Retriever
 
     if args.index:
         index_dir, examples = args.index, None
@@ -56,11 +56,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup_logging()
-    from helpers.distributed import DeviceError
-    from models import CheckpointError
-
-    return run_reporting_errors(lambda: run(args), name=NAME,
-                                errors=[FileNotFoundError, ValueError, CheckpointError, DeviceError, OSError])
+    return run_reporting_errors(lambda: run(args), name=NAME)
 
 
 if __name__ == "__main__":

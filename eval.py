@@ -21,8 +21,8 @@ whitening), titled by what it applied; ``export.ames=DIR`` writes the SuperGloba
 AMES and LoCoRe read; ``model.weights_sha256=HEX`` checks the weights file before use (``results.json`` records
 the sha256 of every weights file either way).
 
-The keys and their defaults live in ``helpers/schemas.py`` (``EVAL``); the run is ``helpers/eval_pipeline.py``,
-the report ``helpers/report.py``. Torch is imported only once the config has been checked.
+The keys and their defaults live in ``helpers/schemas.py`` (``EVAL``); the run is ``helpers/evaluation/run.py``,
+the report ``helpers/report/write.py``. Torch is imported only once the config has been checked.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def compare(run_a: str, run_b: str) -> int:
     """Print the per-query comparison of two runs; a run that cannot be compared is a one-line error."""
-    from helpers.compare import CompareError, compare_runs
+    from helpers.report.compare import CompareError, compare_runs
 
     try:
         print(compare_runs(run_a, run_b), flush=True)
@@ -64,9 +64,9 @@ def evaluate(cfg: dict[str, Any], *, start: float) -> int:
     """Run the evaluation of a checked config and print its report (rank 0)."""
     from helpers.config import ConfigError, save_resolved
     from helpers.distributed import cleanup_distributed, init_distributed
-    from helpers.eval_gldv2 import GLDV2_TEST, run_gldv2_evaluation, write_gldv2_report
-    from helpers.eval_pipeline import run_evaluation
-    from helpers.report import new_run_dir, write_report
+    from helpers.evaluation.gldv2 import GLDV2_TEST, run_gldv2_evaluation, write_gldv2_report
+    from helpers.evaluation.run import run_evaluation
+    from helpers.report.write import new_run_dir, write_report
 
     env = init_distributed(cfg["device"])
     try:
@@ -95,17 +95,10 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, EVAL, DEFAULT_CONFIG)
     if isinstance(cfg, int):
         return cfg
-    from datasets.revisited import GroundTruthError
-    from datasets.transforms import CorruptImageError
-    from helpers.config import ConfigError
-    from helpers.distributed import DeviceError, launcher_ranks
-    from helpers.extraction import ExtractionError
-    from models import CheckpointError
+    from helpers.distributed import launcher_ranks
 
     setup_logging(launcher_ranks()[0] == 0)
-    return run_reporting_errors(lambda: evaluate(cfg, start=start), name=EVAL.name,
-                                errors=[FileNotFoundError, CheckpointError, ConfigError, DeviceError, ExtractionError,
-                                        GroundTruthError, CorruptImageError])
+    return run_reporting_errors(lambda: evaluate(cfg, start=start), name=EVAL.name)
 
 
 if __name__ == "__main__":

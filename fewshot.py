@@ -70,11 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup_logging()
-    from helpers.distributed import DeviceError
-    from models import CheckpointError
-
-    return run_reporting_errors(lambda: run(args), name=NAME,
-                                errors=[FileNotFoundError, ValueError, CheckpointError, DeviceError])
+    return run_reporting_errors(lambda: run(args), name=NAME)
 
 
 if __name__ == "__main__":

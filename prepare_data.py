@@ -22,9 +22,10 @@ import sys
 from collections.abc import Sequence
 
 from cli import run_reporting_errors
+from datasets.download import DOWNLOADS
 
 # torch-free: the tables of names are what --datasets and weights accept
-from datasets.download import CVNET_REPO_URL, DOWNLOADS, OFFICIAL_WEIGHTS, WeightsError
+from models.weights import CVNET_REPO_URL, OFFICIAL_WEIGHTS
 
 log = logging.getLogger("prepare_data")
 
@@ -116,7 +117,7 @@ def verify_official_weights(path: str, depth: int) -> None:
 
 
 def weights(args: argparse.Namespace) -> int:
-    from datasets.download import fetch_official_weights
+    from models.weights import fetch_official_weights
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sums = fetch_official_weights(args.names, root=args.root, url=args.url, verify=verify_official_weights,
@@ -128,10 +129,7 @@ def weights(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     command = {"synthetic": synthetic, "download": download, "weights": weights}[args.command]
-    # OSError covers FileExistsError (a folder holding another build) and failed transfers; ValueError a bad
-    # config value, an md5 mismatch or an unknown dataset; WeightsError a weights file not fetched or not loadable
-    return run_reporting_errors(lambda: command(args), errors=[OSError, ValueError, WeightsError],
-                                name=f"prepare_data.py {args.command}")
+    return run_reporting_errors(lambda: command(args), name=f"prepare_data.py {args.command}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ the descriptors, with each image's path, in ``--index``
 ``--backend pinecone``. ``query`` prints the ranked list (rank, score, path), optionally post-processed (α-QE,
 α-DBA, k-reciprocal over the global shortlist) and re-ranked (SuperGlobal or CVNet, over the post-processed
 order), the time of each stage, and can write a PNG grid of the query and its top-k
-(:func:`helpers.visualize.save_ranking_grid`). The work is done by :func:`helpers.retrieval.build_index` and
-:func:`helpers.retrieval.query_index`; torch is imported only once the arguments are parsed.
+(:func:`helpers.visualize.save_ranking_grid`). The work is done by :func:`helpers.retrieval.commands.build_index` and
+:func:`helpers.retrieval.commands.query_index`; torch is imported only once the arguments are parsed.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cli import run_reporting_errors
+from common.errors import InvalidValueError
 
 NAME = "retrieve.py"
 
@@ -124,7 +125,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
-    """``"x1,y1,x2,y2"`` -> four floats (None stays None); a malformed or empty box is a ValueError."""
+    """``"x1,y1,x2,y2"`` -> four floats (None stays None); a malformed or empty box is an InvalidValueError."""
     if text is None:
         return None
     parts = [p.strip() for p in text.split(",")]
@@ -133,9 +134,9 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
     except ValueError:
         box = ()
     if len(box) != 4 or not all(math.isfinite(v) for v in box):
-        raise ValueError(f"--bbox must be four numbers x1,y1,x2,y2, got {text!r}")
+        raise InvalidValueError(f"--bbox must be four numbers x1,y1,x2,y2, got {text!r}")
     if box[2] <= box[0] or box[3] <= box[1]:
-        raise ValueError(f"--bbox {text!r} is empty: need x2 > x1 and y2 > y1")
+        raise InvalidValueError(f"--bbox {text!r} is empty: need x2 > x1 and y2 > y1")
     return box  # type: ignore[return-value]
 
 
@@ -156,8 +157,9 @@ def _sides(args: argparse.Namespace) -> dict[str, int | None]:
 
 
 def build(args: argparse.Namespace) -> int:
-    from helpers.builders import OFFICIAL_WEIGHTS_HINT
-    from helpers.retrieval import build_index, model_name
+    from helpers.builders import model_name
+    from helpers.retrieval.commands import build_index
+    from models.weights import OFFICIAL_WEIGHTS_HINT
 
     retriever = build_index(
         images=args.images, index_dir=args.index, model=args.model, weights=args.weights, backend=args.backend,
@@ -174,9 +176,10 @@ def build(args: argparse.Namespace) -> int:
 
 def query(args: argparse.Namespace) -> int:
     bbox = parse_bbox(args.bbox)
-    from helpers.grid import write_grid
+    from helpers.builders import model_name
     from helpers.postprocess import PostProcessing
-    from helpers.retrieval import model_name, query_index
+    from helpers.retrieval.commands import query_index
+    from helpers.retrieval.tiles import write_grid
 
     post = PostProcessing(aqe_k=args.aqe, aqe_alpha=args.aqe_alpha, dba_k=args.dba, dba_alpha=args.dba_alpha,
                           kreciprocal=args.kreciprocal, k1=args.k1, k2=args.k2,
@@ -206,13 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    # the error types come with the heavy modules, so they are imported only now that the arguments parsed
-    from helpers.vector_db.pinecone import PineconeWriteError
-    from models.checkpoint import CheckpointError
-
-    errors = [OSError, ValueError, KeyError, ImportError, CheckpointError, PineconeWriteError]
-    return run_reporting_errors(lambda: build(args) if args.command == "build" else query(args), errors=errors,
-                                name=NAME)
+    return run_reporting_errors(lambda: build(args) if args.command == "build" else query(args), name=NAME)
 
 
 if __name__ == "__main__":

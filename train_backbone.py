@@ -12,7 +12,7 @@ or any timm backbone with the same losses (``model.arch=timm:<name>``).
 Writes into ``run.out_dir``: ``last.pyth``, ``train_state.pth`` (everything needed to resume), ``metrics.jsonl``,
 ``config.yaml`` (resolved) and ``summary.json``. ``last.pyth`` of ``model.arch=resnet`` is in the official CVNet
 layout (``load_official_checkpoint`` and ``eval.py`` read it); of a timm arch it is
-``helpers.builders.timm_global_checkpoint`` (``load_timm_global`` reads it). A directory that holds a run is only
+``models.timm_global.timm_global_checkpoint`` (``load_timm_global`` reads it). A directory that holds a run is only
 continued with ``--resume`` or replaced with ``--overwrite``.
 """
 from __future__ import annotations
@@ -40,8 +40,9 @@ def train_backbone(*, cfg: dict[str, Any], resume: bool = False, overwrite: bool
     from common.io import atomic_torch_save
     from datasets.augment import AugmentedPairs, TrainAugment
     from datasets.paired import PairedDataset
-    from helpers.builders import build_training_backbone, global_dim, timm_global_checkpoint
+    from helpers.builders import global_dim
     from helpers.distributed import all_gather_cat
+    from helpers.training.build import build_training_backbone
     from helpers.training.data import build_labelled_dataset
     from helpers.training.loop import (
         WEIGHTS_NAME,
@@ -58,6 +59,7 @@ def train_backbone(*, cfg: dict[str, Any], resume: bool = False, overwrite: bool
     from models.checkpoint import save_official_checkpoint
     from models.cvnet import CVNetGlobal
     from models.losses import CurricularFace, MomentumContrastiveLoss
+    from models.timm_global import timm_global_checkpoint
 
     tcfg, lcfg, dcfg, mcfg = cfg["train"], cfg["loss"], cfg["data"], cfg["model"]
     seed, arch = int(cfg["run"]["seed"]), str(mcfg.get("arch", "resnet"))

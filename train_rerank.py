@@ -44,9 +44,10 @@ def train_rerank(*, cfg: dict[str, Any], resume: bool = False, overwrite: bool =
     from torch import nn
 
     from common.convention import OFFICIAL_CONVENTION, InputConvention
+    from common.errors import InvalidValueError
     from common.io import atomic_torch_save, file_sha256
     from datasets.augment import TrainAugment
-    from helpers.builders import (
+    from helpers.training.build import (
         RERANK_HEAD_PREFIXES,
         build_training_rerank,
         checkpoint_geometry,
@@ -152,7 +153,7 @@ def train_rerank(*, cfg: dict[str, Any], resume: bool = False, overwrite: bool =
         def set_state(state: dict[str, Any]) -> None:
             missing, unexpected = rerank.load_state_dict(state["head"], strict=False)
             if unexpected or any(k.startswith(RERANK_HEAD_PREFIXES) for k in missing):
-                raise ValueError(f"train state does not fit the re-ranking head: {unexpected or missing}")
+                raise InvalidValueError(f"train state does not fit the re-ranking head: {unexpected or missing}")
             opt.load_state_dict(state)
 
         def on_checkpoint(step: int) -> None:

@@ -42,7 +42,7 @@ from common.convention import OFFICIAL_CONVENTION
 from datasets.transforms import min_size_guard, multiscale_tensors
 from helpers.builders import build_model
 from helpers.extraction import extract_global_descriptors
-from helpers.retrieval import DEFAULT_MIN_SIDE
+from helpers.retrieval.images import DEFAULT_MIN_SIDE
 from models.functional import aggregate_scales
 
 #: (H, W) of the images, cycled: revisited Oxford/Paris are mostly 1024x768 either way, some 3:2.

@@ -45,10 +45,11 @@ from bench.common import (
 )
 from common.constants import CVNET_RERANK_TOP_K
 from helpers.builders import build_model
-from helpers.extraction import ReducedMapStore, inference_copy
+from helpers.extraction import ReducedMapStore
 from helpers.reranking import CVNetPairScorer
 from models import functional as MF
 from models.cvnet import CVNetRerank
+from models.inference import inference_copy
 
 #: (H, W) of the candidates, cycled: landscape, portrait and a 3:2 image, as in revisited Oxford/Paris.
 CANDIDATE_SIZES = ((768, 1024), (1024, 768), (768, 1024), (683, 1024))

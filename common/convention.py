@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import InvalidValueError
+
 
 @dataclass(frozen=True)
 class InputConvention:
@@ -21,15 +23,16 @@ class InputConvention:
 
     def __post_init__(self) -> None:
         if self.channel_order not in ("BGR", "RGB"):
-            raise ValueError(f"channel_order must be 'BGR' or 'RGB', got {self.channel_order!r}")
+            raise InvalidValueError(f"channel_order must be 'BGR' or 'RGB', got {self.channel_order!r}")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if (not isinstance(values, (tuple, list)) or len(values) != 3
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                                for v in values)):
-                raise ValueError(f"input convention {name} must be 3 finite numbers (one per channel), got {values!r}")
+                raise InvalidValueError(f"input convention {name} must be 3 finite numbers (one per channel), got "
+                                        f"{values!r}")
         if min(self.std) <= 0:
-            raise ValueError(f"input convention std must be positive, got {self.std!r}")
+            raise InvalidValueError(f"input convention std must be positive, got {self.std!r}")
 
     def to_dict(self) -> dict:
         return {"channel_order": self.channel_order, "mean": list(self.mean), "std": list(self.std)}
@@ -38,11 +41,11 @@ class InputConvention:
     def from_dict(cls, d: Mapping[str, Any]) -> InputConvention:
         """The inverse of :meth:`to_dict`; a malformed dict is a ValueError that says what is wrong."""
         if not isinstance(d, Mapping) or set(d) != {"channel_order", "mean", "std"}:
-            raise ValueError("an input convention is a mapping with exactly channel_order, mean and std, got "
-                             f"{dict(d) if isinstance(d, Mapping) else d!r}")
+            raise InvalidValueError("an input convention is a mapping with exactly channel_order, mean and std, got "
+                                    f"{dict(d) if isinstance(d, Mapping) else d!r}")
         mean, std = d["mean"], d["std"]
         if not isinstance(mean, (list, tuple)) or not isinstance(std, (list, tuple)):
-            raise ValueError(f"input convention mean and std must be lists, got {mean!r} and {std!r}")
+            raise InvalidValueError(f"input convention mean and std must be lists, got {mean!r} and {std!r}")
         return cls(channel_order=d["channel_order"], mean=tuple(mean), std=tuple(std))
 
     def as_rgb(self) -> InputConvention:

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from common.convention import InputConvention
+from common.errors import InvalidValueError
 from datasets.transforms import read_image, to_tensor
 
 #: salts that keep the streams of one (seed, epoch, index) apart
@@ -115,9 +116,9 @@ def hide_and_seek_mask(h: int, w: int, rng: np.random.Generator, *, grid: int, p
     Hide-and-Seek (Singh & Lee, ICCV 2017); CVNet (Sec. 3.4) uses it so the re-ranker learns from partial views.
     """
     if grid < 1:
-        raise ValueError(f"grid must be >= 1, got {grid}")
+        raise InvalidValueError(f"grid must be >= 1, got {grid}")
     if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob must be in [0, 1], got {prob}")
+        raise InvalidValueError(f"prob must be in [0, 1], got {prob}")
     hidden = rng.random((grid, grid)) < prob
     rows = np.minimum(np.arange(h) * grid // max(h, 1), grid - 1)
     cols = np.minimum(np.arange(w) * grid // max(w, 1), grid - 1)
@@ -178,7 +179,7 @@ class LabelledImageList(Dataset):
 
     def __init__(self, paths: Sequence[str | os.PathLike], labels: Sequence[int]) -> None:
         if len(paths) != len(labels):
-            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+            raise InvalidValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = [os.fspath(p) for p in paths]
         self.targets = [int(v) for v in labels]
 

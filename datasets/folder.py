@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from common.errors import MissingFileError
 from datasets.transforms import CorruptImageError, read_image
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class ImageFolderDataset(Dataset):
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist (expected root/<class>/<images>)")
+            raise MissingFileError(f"image folder {self.root} does not exist (expected root/<class>/<images>)")
         self.transform = transform
         exts = tuple(e.lower() for e in extensions)
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
@@ -57,7 +58,7 @@ class ImageFolderDataset(Dataset):
             files = sorted(p for p in (self.root / name).rglob("*") if p.is_file() and p.suffix.lower() in exts)
             self.samples.extend((str(p), self.class_to_idx[name]) for p in files)
         if not self.samples:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no images with extensions {exts} found in class sub-folders of {self.root} "
                 "(expected root/<class>/<images>)"
             )
@@ -113,7 +114,7 @@ def cifar10(
     try:
         base = CIFAR10(os.fspath(root), train=train, download=False, transform=None if bgr else transform)
     except RuntimeError as err:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"CIFAR-10 not found under {os.fspath(root)}: download {CIFAR10_URL} and extract it there, so that "
             f"{os.path.join(os.fspath(root), 'cifar-10-batches-py')}/data_batch_1 exists ({err})"
         ) from err

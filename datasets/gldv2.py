@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common.convention import OFFICIAL_CONVENTION, InputConvention
+from common.errors import InvalidValueError, MissingFileError
 from datasets.download import (
     GLDV2_BASE_URL,
     GLDV2_NUM_TARS,
@@ -104,11 +105,11 @@ def read_exclusion_file(path: str | os.PathLike) -> set[int]:
             try:
                 ids.add(int(line))
             except ValueError:
-                raise ValueError(
+                raise InvalidValueError(
                     f"{path}:{lineno}: expected one integer landmark id per line, got {raw.strip()!r}"
                 ) from None
     if not ids:
-        raise ValueError(f"exclusion file {path} lists no landmark ids")
+        raise InvalidValueError(f"exclusion file {path} lists no landmark ids")
     return ids
 
 
@@ -117,7 +118,7 @@ def _read_gldv2_csv(csv_path: Path) -> tuple[list[int], list[list[str]]]:
     with csv_path.open("r", newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"landmark_id", "images"} <= set(reader.fieldnames):
-            raise ValueError(f"{csv_path}: expected the columns landmark_id,images, got {reader.fieldnames}")
+            raise InvalidValueError(f"{csv_path}: expected the columns landmark_id,images, got {reader.fieldnames}")
         for row in reader:
             ids = row["images"].split()
             if not ids:
@@ -153,10 +154,10 @@ class GoogleLandmarksV2(Dataset):
         self.split = split
         self.transform = transform
         if min_class_size < 1:
-            raise ValueError(f"min_class_size must be >= 1, got {min_class_size}")
+            raise InvalidValueError(f"min_class_size must be >= 1, got {min_class_size}")
         csv_path = self.root / f"{split}.csv"
         if not csv_path.is_file():
-            raise FileNotFoundError(_missing_data_message(self.root, split))
+            raise MissingFileError(_missing_data_message(self.root, split))
         excluded = self._excluded_ids(exclude_revisited, exclude_landmarks_file)
 
         landmark_ids, images = _read_gldv2_csv(csv_path)
@@ -181,7 +182,7 @@ class GoogleLandmarksV2(Dataset):
         if small:
             logger.info("dropped %d landmarks with fewer than %d images", len(small), min_class_size)
         if not per_landmark:
-            raise ValueError(f"no landmarks left in {csv_path} after exclusions")
+            raise InvalidValueError(f"no landmarks left in {csv_path} after exclusions")
 
         self.landmark_ids = np.array(sorted(per_landmark), dtype=np.int64)
         self.class_to_idx = {int(lid): i for i, lid in enumerate(self.landmark_ids)}
@@ -203,11 +204,11 @@ class GoogleLandmarksV2(Dataset):
     def _excluded_ids(exclude_revisited: bool, path: str | os.PathLike | None) -> set[int]:
         if not exclude_revisited:
             if path is not None:
-                raise ValueError("exclude_landmarks_file is only read with exclude_revisited=True")
+                raise InvalidValueError("exclude_landmarks_file is only read with exclude_revisited=True")
             return set()
         if path is None or not Path(path).is_file():
             where = f" ({path} does not exist)" if path is not None else ""
-            raise FileNotFoundError(
+            raise MissingFileError(
                 "exclude_revisited=True (RGLDv2-clean) needs exclude_landmarks_file: a text file with one GLDv2 "
                 f"landmark id per line, the landmarks overlapping ROxford/RParis{where}. The list is published "
                 f"with RGLDv2-clean (Song et al., CVPR 2024, {RGLDV2_URL}: the cleaned index table linked from its "
@@ -232,7 +233,7 @@ class GoogleLandmarksV2(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path = self.image_path(index)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"GLDv2 image {path} is missing: its shard is not downloaded or not extracted into "
                 f"{self.root / 'train'} (plan_gldv2_download(root) lists the shards still to fetch)"
             )
@@ -325,11 +326,12 @@ def _csv_rows(path: Path, columns: Sequence[str]) -> Iterable[tuple[int, dict[st
     with path.open("r", newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
-            raise ValueError(f"{path} is empty: expected a header with the columns {','.join(columns)}")
+            raise InvalidValueError(f"{path} is empty: expected a header with the columns {','.join(columns)}")
         lacking = [c for c in columns if c not in reader.fieldnames]
         if lacking:
-            raise ValueError(f"{path}: expected the columns {','.join(columns)}, got {','.join(reader.fieldnames)} "
-                             f"(missing {', '.join(repr(c) for c in lacking)})")
+            raise InvalidValueError(f"{path}: expected the columns {','.join(columns)}, got "
+                                    f"{','.join(reader.fieldnames)} "
+                                    f"(missing {', '.join(repr(c) for c in lacking)})")
         for row in reader:
             yield reader.line_num, row
 
@@ -343,7 +345,7 @@ def _read_solution(path: str | os.PathLike, ids_column: str, parse: Callable[[st
     for line, row in _csv_rows(path, ("id", ids_column, "Usage")):
         test_id, usage = row["id"], row["Usage"]
         if test_id in seen:
-            raise ValueError(f"{path}:{line}: test id {test_id} is listed twice")
+            raise InvalidValueError(f"{path}:{line}: test id {test_id} is listed twice")
         seen.add(test_id)
         if usage == "Ignored":
             ignored.append(test_id)
@@ -351,10 +353,10 @@ def _read_solution(path: str | os.PathLike, ids_column: str, parse: Callable[[st
             try:
                 ids = parse(row[ids_column] or "")
             except ValueError as exc:
-                raise ValueError(f"{path}:{line}: bad {ids_column} for test id {test_id}: {exc}") from None
+                raise InvalidValueError(f"{path}:{line}: bad {ids_column} for test id {test_id}: {exc}") from None
             (public if usage == "Public" else private)[test_id] = ids
         else:
-            raise ValueError(f"{path}:{line}: test id {test_id} has Usage {usage!r}; expected one of {_USAGES}")
+            raise InvalidValueError(f"{path}:{line}: test id {test_id} has Usage {usage!r}; expected one of {_USAGES}")
     return Solution(public, private, ignored)
 
 
@@ -392,9 +394,9 @@ def _read_ids(path: Path) -> list[str]:
     for line, row in _csv_rows(path, ("id",)):
         image_id = row["id"]
         if not _IMAGE_ID.fullmatch(image_id or ""):
-            raise ValueError(f"{path}:{line}: {image_id!r} is not a GLDv2 image id (16 hex digits)")
+            raise InvalidValueError(f"{path}:{line}: {image_id!r} is not a GLDv2 image id (16 hex digits)")
         if image_id in seen:
-            raise ValueError(f"{path}:{line}: image id {image_id} is listed twice")
+            raise InvalidValueError(f"{path}:{line}: image id {image_id} is listed twice")
         seen.add(image_id)
         ids.append(image_id)
     return ids
@@ -425,9 +427,9 @@ class GLDv2RetrievalTest(ScaledImages):
         min_side: int | None = None,
     ) -> None:
         if split not in ("index", "test"):
-            raise ValueError(f"split must be 'index' or 'test', got {split!r}")
+            raise InvalidValueError(f"split must be 'index' or 'test', got {split!r}")
         if queries not in ("scored", "public", "private", "all"):
-            raise ValueError(f"queries must be 'scored', 'public', 'private' or 'all', got {queries!r}")
+            raise InvalidValueError(f"queries must be 'scored', 'public', 'private' or 'all', got {queries!r}")
         self.root = Path(root)
         self.split, self.queries = split, queries
         self.convention, self.scales, self.min_side = convention, tuple(float(s) for s in scales), min_side
@@ -436,7 +438,7 @@ class GLDv2RetrievalTest(ScaledImages):
         if split == "index" or queries == "all":
             ids_csv = _find_csv(self.root, f"{split}.csv", split)
             if ids_csv is None:
-                raise FileNotFoundError(_retrieval_download_hint(self.root, f"{split}.csv"))
+                raise MissingFileError(_retrieval_download_hint(self.root, f"{split}.csv"))
             self.ids: list[str] = _read_ids(ids_csv)
         if split == "test":
             self.solution = self.read_solution()
@@ -445,7 +447,7 @@ class GLDv2RetrievalTest(ScaledImages):
                 self.ids = {"scored": public + private, "public": public, "private": private}[queries]
                 bad = next((i for i in self.ids if not _IMAGE_ID.fullmatch(i)), None)
                 if bad is not None:
-                    raise ValueError(f"{self.solution_path}: {bad!r} is not a GLDv2 image id (16 hex digits)")
+                    raise InvalidValueError(f"{self.solution_path}: {bad!r} is not a GLDv2 image id (16 hex digits)")
         self.image_paths: list[str] = [str(self.image_dir / i[0] / i[1] / i[2] / f"{i}.jpg") for i in self.ids]
         logger.info("GLDv2 retrieval %s: %d images (root %s)", split, len(self.ids), self.root)
 
@@ -453,7 +455,7 @@ class GLDv2RetrievalTest(ScaledImages):
     def solution_path(self) -> Path:
         path = _find_csv(self.root, GLDV2_RETRIEVAL_SOLUTION, "test")
         if path is None:
-            raise FileNotFoundError(_retrieval_download_hint(self.root, GLDV2_RETRIEVAL_SOLUTION))
+            raise MissingFileError(_retrieval_download_hint(self.root, GLDV2_RETRIEVAL_SOLUTION))
         return path
 
     def read_solution(self) -> Solution:
@@ -464,7 +466,7 @@ class GLDv2RetrievalTest(ScaledImages):
         """The recognition solution of this root, for GAP (see :func:`read_recognition_solution`)."""
         path = _find_csv(self.root, GLDV2_RECOGNITION_SOLUTION, "test")
         if path is None:
-            raise FileNotFoundError(_retrieval_download_hint(self.root, GLDV2_RECOGNITION_SOLUTION))
+            raise MissingFileError(_retrieval_download_hint(self.root, GLDV2_RECOGNITION_SOLUTION))
         return read_recognition_solution(path)
 
     def __len__(self) -> int:
@@ -474,7 +476,7 @@ class GLDv2RetrievalTest(ScaledImages):
         """The uint8 BGR (H, W, 3) image of item ``index``, enlarged to ``min_side`` when smaller."""
         path = self.image_paths[index]
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"GLDv2 {self.split} image {path} is missing: its tar is not downloaded or not extracted into "
                 f"{self.image_dir} (python prepare_data.py download --root DATA --datasets gldv2-retrieval-test)")
         return min_size_guard(read_image(path, dataset=f"gldv2 {self.split}"), self.min_side)

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from common.errors import InvalidValueError
 from common.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _as_label_array(labels: Any) -> np.ndarray:
         labels = labels.detach().cpu().numpy()
     arr = np.asarray(labels)
     if arr.ndim != 1:
-        raise ValueError(f"labels must be one-dimensional, got shape {arr.shape}")
+        raise InvalidValueError(f"labels must be one-dimensional, got shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers, got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=False)
@@ -184,7 +185,7 @@ class PairedDataset(Dataset):
         single_view_transform: Callable[[Any, np.random.Generator], Any] | None = None,
     ) -> None:
         if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise InvalidValueError(f"seed must be >= 0, got {seed}")
         self.dataset = dataset
         self.seed = int(seed)
         self.epoch = 0
@@ -206,7 +207,7 @@ class PairedDataset(Dataset):
         if labels is not None:
             arr = _as_label_array(labels)
             if len(arr) != n:
-                raise ValueError(f"labels has {len(arr)} entries but the dataset has {n} items")
+                raise InvalidValueError(f"labels has {len(arr)} entries but the dataset has {n} items")
             return arr
         for name in ("targets", "labels"):
             value = getattr(self.dataset, name, None)
@@ -264,7 +265,7 @@ class PairedDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's pairs (call on the main process before iterating)."""
         if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+            raise InvalidValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
 
     @property

@@ -25,6 +25,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from tqdm import tqdm
 
 from common.convention import OFFICIAL_CONVENTION, InputConvention
+from common.errors import InvalidValueError, MissingFileError
 from datasets.download import GND_URL, IMAGE_URLS, R1M_LIST_URL, R1M_TAR_URL
 from datasets.transforms import ScaledImages, crop_query, min_size_guard, read_image
 
@@ -38,7 +39,7 @@ REVISITED_NAMES = ("roxford5k", "rparis6k")
 # ----------------------------------------------------------------------------------------------------
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(InvalidValueError):
     """A ground-truth file that is empty, damaged, malformed or hostile; the message names the file and field."""
 
 
@@ -310,9 +311,9 @@ class RevisitedDataset(ScaledImages):
     ) -> None:
         # roxford5k / rparis6k, or any dataset written in the same layout (the built-in synthetic benchmark)
         if not name or os.sep in name or name in (".", ".."):
-            raise ValueError(f"invalid dataset name {name!r}")
+            raise InvalidValueError(f"invalid dataset name {name!r}")
         if split not in ("db", "query"):
-            raise ValueError(f"split must be 'db' or 'query', got {split!r}")
+            raise InvalidValueError(f"split must be 'db' or 'query', got {split!r}")
         self.root = os.fspath(root)
         self.name, self.split = name, split
         self.convention, self.scales, self.min_side = convention, tuple(float(s) for s in scales), min_side
@@ -320,14 +321,14 @@ class RevisitedDataset(ScaledImages):
         self.image_dir = os.path.join(self.data_dir, "jpg")
         self.gnd_path = os.path.join(self.data_dir, f"gnd_{name}.pkl")
         if not os.path.isdir(self.data_dir):
-            raise FileNotFoundError(f"dataset {name} not found: no folder {self.data_dir}.\n"
-                                    + _download_hint(self.root, name))
+            raise MissingFileError(f"dataset {name} not found: no folder {self.data_dir}.\n"
+                                   + _download_hint(self.root, name))
         if not os.path.isfile(self.gnd_path):
-            raise FileNotFoundError(f"dataset {name}: ground-truth file {self.gnd_path} is missing.\n"
-                                    + _download_hint(self.root, name))
+            raise MissingFileError(f"dataset {name}: ground-truth file {self.gnd_path} is missing.\n"
+                                   + _download_hint(self.root, name))
         if not os.path.isdir(self.image_dir):
-            raise FileNotFoundError(f"dataset {name}: image folder {self.image_dir} is missing.\n"
-                                    + _download_hint(self.root, name))
+            raise MissingFileError(f"dataset {name}: image folder {self.image_dir} is missing.\n"
+                                   + _download_hint(self.root, name))
         cfg = load_ground_truth(self.gnd_path)
         self.imlist: list[str] = cfg["imlist"]
         self.qimlist: list[str] = cfg["qimlist"]
@@ -379,7 +380,7 @@ class CompletenessReport:
 def shard_range(i: int, n: int, total: int) -> range:
     """Indices of shard ``i`` of ``n`` contiguous shards of ``range(total)`` (sizes differ by at most 1)."""
     if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {i} of {n} is not valid (need 0 <= i < n, n >= 1)")
+        raise InvalidValueError(f"shard {i} of {n} is not valid (need 0 <= i < n, n >= 1)")
     return range(i * total // n, (i + 1) * total // n)
 
 
@@ -401,7 +402,7 @@ class Revisitop1M(ScaledImages):
         self.image_dir = os.path.join(self.data_dir, "jpg")
         self.list_path = os.path.join(self.data_dir, "revisitop1m.txt")
         if not os.path.isfile(self.list_path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"dataset revisitop1m: image list {self.list_path} is missing.\n"
                 f"Fetch it with `python prepare_data.py download --root {self.root} --datasets revisitop1m`, "
                 f"or by hand:\n  {R1M_LIST_URL} -> {self.list_path}\n"

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common.convention import InputConvention
+from common.errors import InvalidValueError, MissingFileError
 
 #: The least short side (pixels) SuperGlobal accepts: int(92 * 0.7071) = 65 gives a 3 x 3 stage-4 map, the least
 #: that Regional-GeM's reflection padding of 2 allows; 91 px gives 2 x 2 and a padding RuntimeError.
@@ -35,7 +36,7 @@ def _cv2():
     return cv2
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(InvalidValueError):
     """An image file that exists but cannot be decoded, or only in part (a truncated download or copy);
     ``.path`` names it so that a training loop can skip and count it."""
 
@@ -96,7 +97,7 @@ def read_image(path: str | os.PathLike, *, dataset: str | None = None) -> np.nda
     where = f" (dataset {dataset})" if dataset else ""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}{where}")
+        raise MissingFileError(f"image file not found: {path}{where}")
     with open(path, "rb") as f:
         data = f.read()
     if data.startswith(_JPEG_SOI):
@@ -114,9 +115,9 @@ def read_image(path: str | os.PathLike, *, dataset: str | None = None) -> np.nda
 def _check_image(img: np.ndarray) -> None:
     if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3:
         shape = getattr(img, "shape", None)
-        raise ValueError(f"expected an (H, W, 3) image array, got shape {shape}")
+        raise InvalidValueError(f"expected an (H, W, 3) image array, got shape {shape}")
     if img.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {img.dtype}")
+        raise InvalidValueError(f"expected a uint8 image, got dtype {img.dtype}")
 
 
 def crop_query(img: np.ndarray, bbx: Sequence[float]) -> np.ndarray:
@@ -128,13 +129,13 @@ def crop_query(img: np.ndarray, bbx: Sequence[float]) -> np.ndarray:
     """
     coords = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
     if len(coords) != 4 or not all(math.isfinite(v) for v in coords):
-        raise ValueError(f"bbx must be 4 finite numbers (x1, y1, x2, y2), got {bbx!r}")
+        raise InvalidValueError(f"bbx must be 4 finite numbers (x1, y1, x2, y2), got {bbx!r}")
     x1, y1, x2, y2 = (int(v) for v in coords)
     if x1 < 0 or y1 < 0:
-        raise ValueError(f"bbx {tuple(coords)} has a negative start ({x1}, {y1})")
+        raise InvalidValueError(f"bbx {tuple(coords)} has a negative start ({x1}, {y1})")
     crop = img[y1:y2, x1:x2]
     if crop.shape[0] == 0 or crop.shape[1] == 0:
-        raise ValueError(
+        raise InvalidValueError(
             f"bbx {tuple(coords)} gives an empty crop of an image of size "
             f"(H={img.shape[0]}, W={img.shape[1]})"
         )
@@ -148,12 +149,12 @@ def resize_scale(img: np.ndarray, scale: float) -> np.ndarray:
     """
     scale = float(scale)
     if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive number, got {scale}")
+        raise InvalidValueError(f"scale must be a positive number, got {scale}")
     if scale == 1.0:
         return img
     h, w = img.shape[:2]
     if min(h, w) * scale < 0.5:
-        raise ValueError(f"scale {scale} shrinks an image of size (H={h}, W={w}) to nothing")
+        raise InvalidValueError(f"scale {scale} shrinks an image of size (H={h}, W={w}) to nothing")
     cv2 = _cv2()
     interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
     return cv2.resize(img, dsize=(0, 0), fx=scale, fy=scale, interpolation=interpolation)
@@ -171,15 +172,15 @@ def min_size_guard(img: np.ndarray, min_side: int | None, *, max_side: int | Non
     if min_side is None:
         return img
     if min_side < 1:
-        raise ValueError(f"min_side must be >= 1, got {min_side}")
+        raise InvalidValueError(f"min_side must be >= 1, got {min_side}")
     if max_side is not None and max_side < min_side:
-        raise ValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
+        raise InvalidValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
     h, w = img.shape[:2]
     short = min(h, w)
     if short >= min_side:
         return img
     if short == 0:
-        raise ValueError(f"cannot enlarge an empty image of size (H={h}, W={w})")
+        raise InvalidValueError(f"cannot enlarge an empty image of size (H={h}, W={w})")
     if h <= w:
         new_h, new_w = min_side, max(min_side, round(w * min_side / h))
     else:
@@ -202,7 +203,7 @@ def downscale_to_max_side(img: np.ndarray, max_side: int | None) -> tuple[np.nda
     if max_side is None or max(h, w) <= max_side:
         return img, 1.0
     if max_side < 1:
-        raise ValueError(f"max_side must be >= 1, got {max_side}")
+        raise InvalidValueError(f"max_side must be >= 1, got {max_side}")
     cv2 = _cv2()
     factor = max_side / max(h, w)
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
@@ -224,7 +225,7 @@ def enlarge_within(img: np.ndarray, *, min_side: int | None, max_side: int | Non
     if min_side is None:
         return img
     if max_side is not None and max_side < min_side:
-        raise ValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
+        raise InvalidValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
     h, w = img.shape[:2]
     short, long = min(h, w), max(h, w)
     if short >= min_side:

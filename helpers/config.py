@@ -26,8 +26,10 @@ from typing import Any
 
 import yaml
 
+from common.errors import InvalidValueError, MissingFileError
 
-class ConfigError(ValueError):
+
+class ConfigError(InvalidValueError):
     """A malformed config file or override, an unknown key or a value of the wrong type."""
 
 
@@ -51,7 +53,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML config, following its optional ``base:`` chain."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingFileError(f"config file not found: {path}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from common.errors import InvalidValueError
+
 log = logging.getLogger(__name__)
 
 #: What every ``device`` setting accepts.
@@ -23,7 +25,7 @@ DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-class DeviceError(ValueError):
+class DeviceError(InvalidValueError):
     """A device setting that is malformed or names hardware this machine lacks."""
 
 

@@ -28,16 +28,13 @@
 from __future__ import annotations
 
 import bisect
-import copy
 import hashlib
 import json
 import logging
 import os
 import shutil
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +45,27 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from common.convention import OFFICIAL_CONVENTION, InputConvention
-from common.io import atomic_torch_save, atomic_write, file_sha256
+from common.errors import InvalidValueError
+from common.io import atomic_torch_save
 from datasets.transforms import multiscale_tensors
+from helpers.cache_keys import (
+    CACHE_FORMAT,
+    HASH_MEMO_DIR,
+    ContentHashes,
+    _image_entries,
+    _image_names,
+    _leaf_datasets,
+    dataset_signature,
+    feature_cache_key,
+    model_signature,
+    state_dict_hash,
+)
 from helpers.distributed import barrier
-from models.backbone import ResNetBackbone
 from models.functional import aggregate_scales
+from models.inference import fast_runner
 
 logger = logging.getLogger(__name__)
 
-#: Bumped when the cached tensors' meaning changes, so older cache files are not taken for current ones.
-CACHE_FORMAT = 1
-_MODEL_OPTIONS = ("gemp", "rgem", "sgem", "relup", "scales", "antialias")
 #: Short side below which an image is too small for SuperGlobal at its test scales: at scale 0.7071 a 92 px side
 #: is the least that leaves a 3 x 3 stage-4 map, which Regional-GeM's reflection padding of 2 needs; 96 keeps a
 #: margin. What ``data.min_side`` (eval.py) and ``--min-side`` (retrieve.py) should be for such images.
@@ -66,7 +73,7 @@ MIN_SIDE = 96
 _NAMED = 5  # images an error message names before eliding the rest
 
 
-class ExtractionError(ValueError):
+class ExtractionError(InvalidValueError):
     """An image set the engine cannot describe faithfully; the message names the images and what to do."""
 
 
@@ -101,7 +108,7 @@ class ImageArrays(Dataset):
     def __init__(self, images: Sequence[np.ndarray], *, scales: Sequence[float] = (1.0,),
                  convention: InputConvention = OFFICIAL_CONVENTION, names: Sequence[str] | None = None) -> None:
         if names is not None and len(names) != len(images):
-            raise ValueError(f"got {len(names)} names for {len(images)} images")
+            raise InvalidValueError(f"got {len(names)} names for {len(images)} images")
         self.images, self.scales, self.convention = images, tuple(float(s) for s in scales), convention
         self.names = None if names is None else [str(n) for n in names]
 
@@ -169,272 +176,10 @@ def _too_small(exc: RuntimeError, *, dataset: Any, indices: Sequence[int], per_s
 # Cache keys
 # --------------------------------------------------------------------------------------------------------------
 
-#: ctime / mtime closer to now than this: the file may still be changing within the file system's timestamp
-#: granularity, so its hash is not memoised (git's "racily clean" entries).
-_RACY_NS = 2_000_000_000
-#: Sub-folder of a cache directory holding the memoised content hashes of the images.
-HASH_MEMO_DIR = "content-sha256"
-_HASH_THREADS = 8
-
-
-class ContentHashes:
-    """sha256 of files' content, memoised in ``memo_dir`` (one TSV per image set) under
-    (path, size, mtime_ns, ctime_ns, inode).
-
-    A file is read again only when one of those changed. ctime changes with every write or metadata change and
-    cannot be set back (``os.utime`` sets mtime only), so a file replaced by one of the same size, even with its
-    mtime restored, is hashed again. Without ``memo_dir`` every file is hashed on every call. ``hashed`` counts
-    the files read.
-    """
-
-    def __init__(self, memo_dir: str | os.PathLike | None = None) -> None:
-        self.memo_dir = None if memo_dir is None else Path(memo_dir)
-        self.hashed = 0
-        self._tables: dict[str, dict[str, tuple[int, int, int, int, str]]] = {}
-
-    def _memo_path(self, group: str) -> Path | None:
-        if self.memo_dir is None:
-            return None
-        return self.memo_dir / f"{hashlib.sha256(group.encode()).hexdigest()[:16]}.tsv"
-
-    def _table(self, group: str) -> dict[str, tuple[int, int, int, int, str]]:
-        if group in self._tables:
-            return self._tables[group]
-        table: dict[str, tuple[int, int, int, int, str]] = {}
-        path = self._memo_path(group)
-        if path is not None and path.is_file():
-            try:
-                with open(path, encoding="utf-8") as f:
-                    for line in f:
-                        parts = line.rstrip("\n").split("\t", 5)
-                        if len(parts) == 6 and len(parts[4]) == 64:
-                            table[parts[5]] = (int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3]), parts[4])
-            except (OSError, ValueError, UnicodeDecodeError) as exc:  # a damaged memo only costs re-hashing
-                logger.warning("ignoring unreadable hash memo %s (%s)", path, exc)
-                table = {}
-        self._tables[group] = table
-        return table
-
-    def _save(self, group: str) -> None:
-        path = self._memo_path(group)
-        if path is None:
-            return
-        table = self._tables[group]
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for name, (size, mtime, ctime, ino, digest) in table.items():
-                    f.write(f"{size}\t{mtime}\t{ctime}\t{ino}\t{digest}\t{name}\n")
-
-        atomic_write(path, write)
-
-    def digests(self, paths: Sequence[str], *, group: str, stats: Sequence[os.stat_result] | None = None,
-                progress: bool = False, desc: str = "hashing") -> list[str]:
-        """sha256 (hex) of each file's content; ``stats`` are their ``os.stat`` results when already taken.
-        ``group`` names the memo (e.g. the data root and the set's name)."""
-        stats = list(stats) if stats is not None else [os.stat(p) for p in paths]
-        table = self._table(group)
-        keys = [os.path.abspath(p) for p in paths]
-        out: list[str | None] = []
-        todo = []
-        for k, (key, st) in enumerate(zip(keys, stats)):
-            entry = table.get(key)
-            if entry is not None and entry[:4] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
-                out.append(entry[4])
-            else:
-                out.append(None)
-                todo.append(k)
-        if not todo:
-            return out  # type: ignore[return-value]
-        bar = tqdm(total=len(todo), desc=desc, unit="file", leave=False, disable=not progress or len(todo) < 2000)
-        with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:  # hashlib releases the GIL while hashing
-            for k, digest in zip(todo, pool.map(lambda j: file_sha256(paths[j]), todo)):
-                out[k] = digest
-                bar.update(1)
-        bar.close()
-        self.hashed += len(todo)
-        settled = time.time_ns() - _RACY_NS
-        changed = False
-        for k in todo:
-            st = stats[k]
-            if "\n" in keys[k] or max(st.st_ctime_ns, st.st_mtime_ns) > settled:
-                continue
-            table[keys[k]] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, out[k])  # type: ignore[assignment]
-            changed = True
-        if changed:
-            self._save(group)
-        return out  # type: ignore[return-value]
-
-
-def state_dict_hash(model: nn.Module) -> str:
-    """sha256 of a model's weights: every state-dict tensor (name, dtype, shape, bytes) in name order.
-
-    Parts the model declares as derived (``derived_prefixes``, e.g. CVNet's momentum encoder, unused at test
-    time) are left out.
-    """
-    derived = tuple(getattr(model, "derived_prefixes", ()))
-    h = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        if derived and name.startswith(derived):
-            continue
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_signature(model: nn.Module) -> dict[str, Any]:
-    """The extraction options of a model that change its output: class, depth, SuperGlobal's switches, scales,
-    and the input convention it expects."""
-    sig: dict[str, Any] = {"class": type(model).__name__, "depth": getattr(model, "depth", None)}
-    for name in _MODEL_OPTIONS:
-        if hasattr(model, name):
-            value = getattr(model, name)
-            sig[name] = list(value) if isinstance(value, tuple) else value
-    convention = getattr(model, "input_convention", None)
-    sig["input_convention"] = convention.to_dict() if convention is not None else None
-    return sig
-
-
-def _leaf_datasets(dataset: Dataset) -> list[Dataset]:
-    if isinstance(dataset, ConcatDataset):
-        return [leaf for d in dataset.datasets for leaf in _leaf_datasets(d)]
-    return [dataset]
-
-
-def _image_names(dataset: Dataset) -> list[tuple[str, str]]:
-    """(path on disk, name used in the key) of every image of a dataset; names are relative to its root."""
-    paths = getattr(dataset, "image_paths", None)
-    if paths is None:
-        raise TypeError(f"{type(dataset).__name__} has no image_paths: the feature cache keys on the image list")
-    root = getattr(dataset, "root", None)
-    return [(p, os.path.relpath(p, root) if root else os.path.basename(p)) for p in paths]
-
-
-def dataset_signature(dataset: Dataset, *, progress: bool = False, hashes: ContentHashes | None = None,
-                      contents: bool = True) -> dict[str, Any]:
-    """What decides the images a dataset yields: for each part its class, name, split, scales, input
-    convention and minimum side, and a sha256 over its image list (relative names, file sizes, sha256 of each
-    file's content from ``hashes`` (memoised there; default: hashed now), query boxes).
-
-    ``contents=False`` leaves the image list out (no file is read). A missing image is a ``FileNotFoundError``
-    naming the file and the dataset.
-    """
-    hashes = hashes if hashes is not None else ContentHashes()
-    parts = []
-    for d in _leaf_datasets(dataset):
-        names = _image_names(d)
-        convention = getattr(d, "convention", None)
-        part = {
-            "class": type(d).__name__,
-            "name": getattr(d, "name", None),
-            "split": getattr(d, "split", None),
-            "scales": [float(s) for s in getattr(d, "scales", ())],
-            "convention": convention.to_dict() if convention is not None else None,
-            "min_side": getattr(d, "min_side", None),
-            "n_images": len(names),
-        }
-        if contents:
-            h = hashlib.sha256()
-            for name, size, digest, box in _image_entries(d, names, hashes, progress=progress):
-                h.update(f"{name}\t{size}\t{digest}\t{box}\n".encode())
-            part["images_sha256"] = h.hexdigest()
-        parts.append(part)
-    return {"parts": parts}
-
-
-def _image_entries(d: Dataset, names: list[tuple[str, str]], hashes: ContentHashes, *,
-                   progress: bool = False) -> list[tuple[str, int, str, str]]:
-    """(name, file size, content sha256, query box) of each image of a leaf dataset."""
-    label = f"{getattr(d, 'name', type(d).__name__)} ({getattr(d, 'split', 'images')})"
-    stats = []
-    for path, _ in tqdm(names, desc=f"listing {label}", unit="img", leave=False,
-                        disable=not progress or len(names) < 20000):
-        try:
-            stats.append(os.stat(path))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {path} (dataset {label})") from None
-    paths = [p for p, _ in names]
-    root = getattr(d, "root", None) or (os.path.dirname(paths[0]) if paths else ".")
-    group = f"{os.path.abspath(root)}|{getattr(d, 'name', '')}"  # one memo per set: roxford5k's need not read R1M's
-    try:
-        digests = hashes.digests(paths, group=group, stats=stats, progress=progress, desc=f"hashing {label}")
-    except FileNotFoundError as exc:  # removed since the listing
-        raise FileNotFoundError(f"image file not found: {exc.filename} (dataset {label})") from None
-    bbxs = getattr(d, "bbxs", None)
-    return [(name, st.st_size, digest, "" if bbxs is None else ",".join(repr(float(v)) for v in bbxs[i]))
-            for i, ((_, name), st, digest) in enumerate(zip(names, stats, digests))]
-
-
-def feature_cache_key(*, model: nn.Module, dataset: Dataset, kind: str = "global",
-                      weights_hash: str | None = None, progress: bool = False,
-                      hashes: ContentHashes | None = None, flip: bool = False) -> str:
-    """sha256 of (weights hash, extraction config, image list with each file's content hash): equal keys mean
-    equal descriptors. ``hashes`` memoises the files' hashes (default: every file is read). ``flip`` (flip
-    test-time augmentation) enters the key only when on, so the keys of caches written without it stay valid."""
-    payload: dict[str, Any] = {
-        "format": CACHE_FORMAT,
-        "kind": kind,
-        "weights": weights_hash or state_dict_hash(model),
-        "model": model_signature(model),
-        "data": dataset_signature(dataset, progress=progress, hashes=hashes),
-    }
-    if flip:
-        payload["flip"] = True
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Inference copy of a model: BatchNorm folded, channels-last
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """conv <- bn(conv), with bn's running statistics: w' = w * s, b' = (b - mean) * s + beta,
-    s = gamma / sqrt(var + eps)."""
-    s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.weight = nn.Parameter(conv.weight.detach() * s.view(-1, 1, 1, 1), requires_grad=False)
-    conv.bias = nn.Parameter((bias - bn.running_mean) * s + bn.bias.detach(), requires_grad=False)
-
-
-def fold_batchnorm_(backbone: nn.Module) -> nn.Module:
-    """Fold every BatchNorm of a :class:`models.backbone.ResNetBackbone` (stem, bottlenecks, shortcuts) into the
-    conv before it, in place; the BNs become ``nn.Identity``. Evaluation-mode maths only: one memory-bound pass
-    less per conv, the same outputs up to float rounding."""
-    _fold_pair(backbone.conv1, backbone.bn1)
-    backbone.bn1 = nn.Identity()
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        for block in getattr(backbone, name, ()):
-            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
-                _fold_pair(getattr(block, conv), getattr(block, bn))
-                setattr(block, bn, nn.Identity())
-            if block.downsample is not None:
-                _fold_pair(block.downsample[0], block.downsample[1])
-                block.downsample[1] = nn.Identity()
-    return backbone
-
-
-def inference_copy(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
-    """An evaluation-only copy of ``model`` for fast inference: no gradients, BatchNorm folded into the convs of its
-    ResNet ``backbone`` (when it has one), weights channels-last (feed it channels-last images: oneDNN's fast
-    layout on CPUs, cuDNN's on tensor cores). The original model is untouched."""
-    fast = copy.deepcopy(model).eval()
-    for p in fast.parameters():
-        p.requires_grad_(False)
-    backbone = getattr(fast, "backbone", None)
-    if fold_bn and backbone is not None and isinstance(getattr(backbone, "bn1", None), nn.BatchNorm2d):
-        fold_batchnorm_(backbone)
-    if channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
-    return fast
-
-
-def fast_runner(model: nn.Module) -> nn.Module:
-    """What the fast path runs: an :func:`inference_copy` of the project's ResNet-based models; any other model
-    as it is (its inputs still go channels-last)."""
-    return inference_copy(model) if isinstance(getattr(model, "backbone", None), ResNetBackbone) else model
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -442,7 +187,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return torch.autocast(device.type, enabled=False)
     if device.type != "cuda":
-        raise ValueError(f"dtype {dtype} is a CUDA option (autocast); extract in float32 on {device}")
+        raise InvalidValueError(f"dtype {dtype} is a CUDA option (autocast); extract in float32 on {device}")
     return torch.autocast("cuda", dtype=dtype)
 
 
@@ -491,7 +236,7 @@ def bucket_batches(items: Iterable[tuple[int, list[Tensor]]], *, batch_size: int
     has its own size.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
     max_pending = max(max_pending or 4 * batch_size, batch_size)
     buckets: dict[tuple, list[tuple[int, list[Tensor]]]] = {}
     pending = 0
@@ -562,7 +307,7 @@ def extract_global_descriptors(
     """
     indices = list(range(len(dataset))) if indices is None else list(indices)
     if not indices:
-        raise ValueError(f"nothing to extract for {desc}: no images")
+        raise InvalidValueError(f"nothing to extract for {desc}: no images")
     model.eval()
     device = torch.device(device)
     autocast = _autocast(device, dtype)
@@ -630,14 +375,14 @@ def _save_features(path: Path, key: str, features: Tensor, **meta: Any) -> None:
 def shard_ranges(n: int, shard_size: int) -> list[range]:
     """Contiguous ranges of ``shard_size`` images covering ``range(n)`` (the last one shorter)."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise InvalidValueError(f"shard_size must be >= 1, got {shard_size}")
     return [range(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
 
 
 def shards_of_rank(n_shards: int, *, rank: int, world_size: int) -> list[int]:
     """The shards rank ``rank`` of ``world_size`` extracts: i % world_size == rank."""
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} of world size {world_size} is not valid")
+        raise InvalidValueError(f"rank {rank} of world size {world_size} is not valid")
     return [i for i in range(n_shards) if i % world_size == rank]
 
 
@@ -730,7 +475,7 @@ def cached_global_descriptors(
     """
     if cache_dir is None:
         if world_size > 1:
-            raise ValueError("extraction over several ranks needs a cache_dir shared by all of them")
+            raise InvalidValueError("extraction over several ranks needs a cache_dir shared by all of them")
         return extract_global_descriptors(model=model, dataset=dataset, device=device, batch_size=batch_size,
                                           num_workers=num_workers, progress=progress, desc=label, fast=fast,
                                           weights_source=weights_source, flip=flip)
@@ -807,7 +552,7 @@ class ReducedMapStore:
         weights_source: str | None = None,
     ) -> None:
         if max_items is not None and max_items < 1:
-            raise ValueError(f"max_items must be >= 1 or None, got {max_items}")
+            raise InvalidValueError(f"max_items must be >= 1 or None, got {max_items}")
         self.fast = fast
         self.weights_source = weights_source
         self._runner: nn.Module | None = None
@@ -882,8 +627,8 @@ class ReducedMapStore:
         bar = tqdm(total=len(todo), desc="re-ranking maps", unit="img", disable=not progress, leave=False)
         for batch_indices, per_scale in bucket_batches(items, batch_size=self.batch_size):
             if len(per_scale) != 1:
-                raise ValueError(f"CVNet re-ranking maps come from scale 1.0 only; the dataset yields "
-                                 f"{len(per_scale)} scales")
+                raise InvalidValueError(f"CVNet re-ranking maps come from scale 1.0 only; the dataset yields "
+                                        f"{len(per_scale)} scales")
             images = per_scale[0].to(self.device).contiguous(memory_format=layout)
             reduced = self._runner.reduce_featuremap(self._runner.extract_featuremap(images))
             check_finite(reduced, dataset=self.dataset, indices=batch_indices, model=self.model,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from common.constants import CVNET_TEST_SCALES
+from common.errors import InvalidValueError, MissingFileError
 from datasets.transforms import read_image
 from helpers.extraction import ImageArrays, extract_global_descriptors
 from models.classification import ClassificationByRetrieval
@@ -33,13 +34,13 @@ def landmark_views(root: str | os.PathLike, name: str = "synth") -> tuple[list[P
     folder = Path(root) / name
     table = folder / "views.csv"
     if not table.is_file():
-        raise FileNotFoundError(f"{table} not found: build the built-in benchmark first "
-                                f"(python prepare_data.py synthetic --root {root} --name {name})")
+        raise MissingFileError(f"{table} not found: build the built-in benchmark first "
+                               f"(python prepare_data.py synthetic --root {root} --name {name})")
     with open(table, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["landmark"]) >= 0
                 and (r["role"] == "query" or (r["role"] == "database" and r["label"] in ("easy", "hard")))]
     if not rows:
-        raise ValueError(f"{table} lists no easy or hard database view of a landmark")
+        raise InvalidValueError(f"{table} lists no easy or hard database view of a landmark")
     return [folder / "jpg" / f"{r['image']}.jpg" for r in rows], np.asarray([int(r["landmark"]) for r in rows])
 
 
@@ -75,8 +76,8 @@ def few_shot_accuracy(embeddings: Tensor, labels: Sequence[int] | np.ndarray, sh
     counts = {c: int((labels == c).sum()) for c in classes}
     short = [c for c, n in counts.items() if n <= shots]
     if short:
-        raise ValueError(f"{shots} shots need more than {shots} examples per class; classes {short[:5]} have "
-                         f"{[counts[c] for c in short[:5]]}")
+        raise InvalidValueError(f"{shots} shots need more than {shots} examples per class; classes {short[:5]} have "
+                                f"{[counts[c] for c in short[:5]]}")
     rng = np.random.default_rng(seed)
     accs, n_queries = [], []
     for _ in range(trials):

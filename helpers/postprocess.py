@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from common.errors import InvalidValueError
 from models import functional as MF
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class PostProcessing:
 
     def __post_init__(self) -> None:
         if min(self.aqe_k, self.dba_k) < 0 or self.shortlist < 1 or self.full_limit < 0 or min(self.k1, self.k2) < 1:
-            raise ValueError(f"invalid post-processing settings: {self}")
+            raise InvalidValueError(f"invalid post-processing settings: {self}")
 
     @property
     def active(self) -> bool:

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT
-from helpers.evaluation import PROTOCOLS
+from common.errors import InvalidValueError
+from helpers.evaluation.metrics import PROTOCOLS
 from models.functional import cvnet_score_mix
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,11 @@ def global_ranking(query_vectors: Tensor | np.ndarray, db_vectors: DbVectors, *,
     parts = [p.to(device) for p in _db_parts(db_vectors)]
     d = xq.shape[1] if xq.dim() == 2 else -1
     if xq.dim() != 2 or any(p.dim() != 2 or p.shape[1] != d for p in parts):
-        raise ValueError(f"need (nq, d) queries and (n_db, d) database, got {tuple(xq.shape)}, "
-                         f"{[tuple(p.shape) for p in parts]}")
+        raise InvalidValueError(f"need (nq, d) queries and (n_db, d) database, got {tuple(xq.shape)}, "
+                                f"{[tuple(p.shape) for p in parts]}")
     n_db, nq = sum(p.shape[0] for p in parts), xq.shape[0]
     if n_db > np.iinfo(rank_dtype).max:
-        raise ValueError(f"rank_dtype {np.dtype(rank_dtype)} cannot index {n_db} database items")
+        raise InvalidValueError(f"rank_dtype {np.dtype(rank_dtype)} cannot index {n_db} database items")
     sims = np.empty((n_db, nq), dtype=np.float32) if with_similarities else None
     ranks = np.empty((n_db, nq), dtype=rank_dtype)
     for start in range(0, nq, query_chunk):
@@ -138,14 +139,14 @@ def rerank_candidates(ranking: np.ndarray, *, mode: str, top_k: int,
                       gnd_entry: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Positions re-scored in one query's ``ranking`` (n_db,) per protocol: {'easy','medium','hard'} -> (k,)."""
     if mode not in RERANK_MODES:
-        raise ValueError(f"unknown re-ranking mode {mode!r}; expected one of {RERANK_MODES}")
+        raise InvalidValueError(f"unknown re-ranking mode {mode!r}; expected one of {RERANK_MODES}")
     if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise InvalidValueError(f"top_k must be >= 1, got {top_k}")
     if mode == "clean":
         first = np.arange(min(top_k, len(ranking)))
         return {p: first for p in PROTOCOLS}
     if gnd_entry is None:
-        raise ValueError("re-ranking mode 'paper' needs the ground truth (easy/hard/junk per query)")
+        raise InvalidValueError("re-ranking mode 'paper' needs the ground truth (easy/hard/junk per query)")
     lists = {key: np.asarray(gnd_entry.get(key, []), dtype=np.int64).reshape(-1) for key in ("easy", "hard", "junk")}
     return paper_mode_positions(ranking, top_k=top_k, **lists)
 
@@ -180,10 +181,10 @@ def cvnet_rerank(
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 2:
-        raise ValueError(f"ranks must be (n_db, n_queries), got shape {ranks.shape}")
+        raise InvalidValueError(f"ranks must be (n_db, n_queries), got shape {ranks.shape}")
     nq = ranks.shape[1]
     if mode == "paper" and (gnd is None or len(gnd) != nq):
-        raise ValueError(f"re-ranking mode 'paper' needs one ground-truth entry per query ({nq})")
+        raise InvalidValueError(f"re-ranking mode 'paper' needs one ground-truth entry per query ({nq})")
     positions = [rerank_candidates(ranks[:, i], mode=mode, top_k=top_k, gnd_entry=gnd[i] if gnd else None)
                  for i in range(nq)]
     pairs = np.array(sorted({(i, int(ranks[p, i])) for i in range(nq) for pos in positions[i].values()
@@ -193,7 +194,7 @@ def cvnet_rerank(
     global_sim = (xq[qi] * db_rows(db_vectors, di)).sum(dim=1).double().numpy()
     local = np.asarray(score_pairs(pairs), dtype=np.float64).reshape(-1)
     if local.shape[0] != pairs.shape[0]:
-        raise ValueError(f"score_pairs returned {local.shape[0]} scores for {pairs.shape[0]} pairs")
+        raise InvalidValueError(f"score_pairs returned {local.shape[0]} scores for {pairs.shape[0]} pairs")
     mixed_scores = cvnet_score_mix(torch.from_numpy(global_sim), torch.from_numpy(local), weight).tolist()
     mixed = {(int(q), int(d)): m for (q, d), m in zip(pairs, mixed_scores)}
     logger.info("CVNet re-ranking (%s mode, top %d): %d distinct pairs scored", mode, top_k, len(pairs))
@@ -218,7 +219,7 @@ def apply_cvnet_rerank(scores: Tensor, ids: Tensor, pair_scores: Tensor, *, weig
     positions (ties keep their order); positions t.. keep their place and score. Returns (scores, ids)."""
     t = pair_scores.numel()
     if t > scores.numel():
-        raise ValueError(f"{t} pair scores for a ranking of {scores.numel()}")
+        raise InvalidValueError(f"{t} pair scores for a ranking of {scores.numel()}")
     head, order = cvnet_score_mix(scores[:t], pair_scores, weight).sort(descending=True, stable=True)
     return torch.cat([head, scores[t:]]), torch.cat([ids[:t][order], ids[t:]])
 
@@ -251,7 +252,7 @@ class CVNetPairScorer:
                  chunk_images: int = 256, progress: bool = True, fast: bool = True,
                  correlation_budget: int = CORRELATION_BUDGET) -> None:
         if batch_size < 1 or chunk_images < 1:
-            raise ValueError(f"batch_size and chunk_images must be >= 1, got {batch_size}, {chunk_images}")
+            raise InvalidValueError(f"batch_size and chunk_images must be >= 1, got {batch_size}, {chunk_images}")
         bound = getattr(db_maps, "max_items", None)
         self.model, self.query_maps, self.db_maps = model, query_maps, db_maps
         self.batch_size = batch_size
@@ -315,7 +316,8 @@ def merge_reranked(ranks: np.ndarray, reranked_ids: np.ndarray) -> np.ndarray:
         rest = ranks[:, i][~np.isin(ranks[:, i], top)]
         col = np.concatenate([top, rest])
         if col.shape[0] != ranks.shape[0]:
-            raise ValueError(f"query {i}: re-ranked ids are not a subset of its ranking (duplicates or unknown ids)")
+            raise InvalidValueError(f"query {i}: re-ranked ids are not a subset of its ranking (duplicates or "
+                                    "unknown ids)")
         out[:, i] = col
     return out
 

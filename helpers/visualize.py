@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import InvalidValueError, ProjectIOError
+
 logger = logging.getLogger(__name__)
 
 #: Frame colours, BGR (OpenCV's order).
@@ -151,7 +153,7 @@ def _framed_box(image: np.ndarray | None, lay: _Layout, label: str) -> np.ndarra
         _put(box, "no image", 4, lay.box_h // 2, lay.font, (120, 120, 120))
     else:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+            raise InvalidValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
         h, w = image.shape[:2]
         scale = min(lay.box_w / w, lay.box_h / h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
@@ -164,7 +166,7 @@ def _framed_box(image: np.ndarray | None, lay: _Layout, label: str) -> np.ndarra
 
 def _draw_tile(canvas: np.ndarray, y: int, x: int, tile: Tile, score_text: str, lay: _Layout) -> None:
     if tile.label not in FRAME_COLORS:
-        raise ValueError(f"unknown label {tile.label!r}; expected one of {sorted(FRAME_COLORS)}")
+        raise InvalidValueError(f"unknown label {tile.label!r}; expected one of {sorted(FRAME_COLORS)}")
     framed = _framed_box(tile.image, lay, tile.label)
     canvas[y : y + framed.shape[0], x : x + framed.shape[1]] = framed
     base = y + framed.shape[0] + lay.line - 4
@@ -233,5 +235,5 @@ def save_ranking_grid(path: str | os.PathLike, *, query: np.ndarray | None, hits
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not _cv2().imwrite(os.fspath(path), ranking_grid(query=query, hits=hits, **kw)):
-        raise OSError(f"could not write the grid image {path} (use a .png or .jpg name)")
+        raise ProjectIOError(f"could not write the grid image {path} (use a .png or .jpg name)")
     return path

@@ -13,6 +13,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from common.errors import InvalidValueError, ProjectRuntimeError
+
 from .functional import relu_up
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,9 @@ class ResNetBackbone(nn.Module):
     def __init__(self, depth: int = 50, num_stages: int = 4, imagenet_weights: bool = False) -> None:
         super().__init__()
         if depth not in STAGE_DEPTHS:
-            raise ValueError(f"ResNet depth must be one of {sorted(STAGE_DEPTHS)}, got {depth}")
+            raise InvalidValueError(f"ResNet depth must be one of {sorted(STAGE_DEPTHS)}, got {depth}")
         if num_stages not in (3, 4):
-            raise ValueError(f"num_stages must be 3 or 4, got {num_stages}")
+            raise InvalidValueError(f"num_stages must be 3 or 4, got {num_stages}")
         self.depth = depth
         self.num_stages = num_stages
         net = _torchvision_resnet(depth, imagenet_weights)
@@ -106,7 +108,7 @@ def _torchvision_resnet(depth: int, imagenet_weights: bool) -> nn.Module:
         return builder(weights=weights)
     except Exception as exc:  # offline: torchvision cannot fetch the file
         cache = torch.hub.get_dir()
-        raise RuntimeError(
+        raise ProjectRuntimeError(
             f"Could not load torchvision's ImageNet weights for ResNet-{depth} ({exc}). Download them on a machine "
             f"with internet (torchvision.models.resnet{depth}(weights='{weights}')) and copy the .pth file into "
             f"{cache}/checkpoints/, or train from random initialisation (imagenet_weights=False)."

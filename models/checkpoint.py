@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 # re-exported: the input convention travels with the weights, and checkpoints are written atomically
 from common.convention import OFFICIAL_CONVENTION, TORCHVISION_CONVENTION, InputConvention  # noqa: F401
+from common.errors import MissingFileError, ProjectRuntimeError
 from common.io import atomic_torch_save, atomic_write  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def model_to_official_key(key: str, prefix: str = "encoder_q.") -> str | None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ProjectRuntimeError):
     """A checkpoint that does not fit the model: the message names the offending keys."""
 
 
@@ -105,7 +106,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     or holding Python objects that need unsafe unpickling. Each is an error that names the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"checkpoint not found: {path}. The official weights are CVPR2022_CVNet_R50.pyth / "
             "CVPR2022_CVNet_R101.pyth from the CVNet release (https://github.com/sungonce/CVNet, Google Drive "
             "links in its README); put them under weights/ (see README, 'Official weights')."

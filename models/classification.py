@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.errors import InvalidValueError
+
 AGGREGATIONS = ("max", "mean", "sum")
 
 
@@ -29,7 +31,7 @@ def class_logits(similarities: Tensor, neighbour_classes: Tensor, num_classes: i
     ``empty`` for a class with none (the lowest cosine, so that any present class beats it).
     """
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        raise InvalidValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     b, k = similarities.shape
     valid = neighbour_classes >= 0
     one_hot = F.one_hot(neighbour_classes.clamp(min=0), num_classes).to(similarities.dtype)
@@ -64,9 +66,9 @@ class ClassificationByRetrieval(nn.Module):
                  aggregation: str = "max", database: Any = None) -> None:
         super().__init__()
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+            raise InvalidValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise InvalidValueError(f"k must be >= 1, got {k}")
         self.backbone = backbone
         self.embedding_dim = int(embedding_dim)
         self.k = int(k)
@@ -91,12 +93,12 @@ class ClassificationByRetrieval(nn.Module):
         """Index (n, d) L2-normalised embeddings with their n labels (any hashable); new labels become classes."""
         embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
-            raise ValueError(f"embeddings must be (n, {self.embedding_dim}), got {tuple(embeddings.shape)}")
+            raise InvalidValueError(f"embeddings must be (n, {self.embedding_dim}), got {tuple(embeddings.shape)}")
         labels = list(labels.tolist() if isinstance(labels, Tensor) else labels)
         if len(labels) != embeddings.shape[0]:
-            raise ValueError(f"{len(labels)} labels for {embeddings.shape[0]} embeddings")
+            raise InvalidValueError(f"{len(labels)} labels for {embeddings.shape[0]} embeddings")
         if not torch.isfinite(embeddings).all():
-            raise ValueError("embeddings contain NaN or Inf")
+            raise InvalidValueError("embeddings contain NaN or Inf")
         columns = torch.tensor([self._column(label) for label in labels], dtype=torch.long)
         if self.database is not None:
             ids = torch.arange(self._next_id, self._next_id + len(labels))
@@ -133,14 +135,14 @@ class ClassificationByRetrieval(nn.Module):
         """Images through the backbone (or embeddings as they are when there is no backbone): (B, d)."""
         out = self.backbone(x) if self.backbone is not None else x
         if out.ndim != 2 or out.shape[1] != self.embedding_dim:
-            raise ValueError(f"expected (B, {self.embedding_dim}) embeddings, got {tuple(out.shape)}")
+            raise InvalidValueError(f"expected (B, {self.embedding_dim}) embeddings, got {tuple(out.shape)}")
         return out
 
     def _neighbours(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """(similarities (B, k), class columns (B, k)) of each query's nearest indexed embeddings, the
         similarities recomputed from the vectors so that they carry gradients."""
         if len(self) == 0:
-            raise ValueError("the index is empty: add_index_data(embeddings, labels) first")
+            raise InvalidValueError("the index is empty: add_index_data(embeddings, labels) first")
         if self.database is None:
             k = min(self.k, self.index_vectors.shape[0])
             with torch.no_grad():

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from common.errors import InvalidValueError
+
 from . import functional as MF
 from .backbone import ResNetBackbone
 from .checkpoint import OFFICIAL_CONVENTION, InputConvention
@@ -103,7 +105,7 @@ class CVNetRerank(nn.Module):
         self.depth = depth
         self.scales = tuple(scales)
         if self.scales[-1] != 1.0:
-            raise ValueError(f"the last correlation scale must be 1.0 (it sets the 4D size), got {self.scales}")
+            raise InvalidValueError(f"the last correlation scale must be 1.0 (it sets the 4D size), got {self.scales}")
         self.input_convention = input_convention
         self.backbone = ResNetBackbone(depth, num_stages=3)
         self.conv2ds = nn.ModuleList(nn.Conv2d(1024, 256, 3, padding=1, bias=False) for _ in self.scales)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.errors import InvalidValueError
+
 # --------------------------------------------------------------------------------------------------------------
 # Global pooling (CVNet Sec. 3.1; SuperGlobal Sec. 3.1-3.3)
 # --------------------------------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def scale_gem(descriptors: Sequence[Tensor] | Tensor, mode: str = "max") -> Tens
         return F.normalize(stacked, p=2, dim=-1).amax(dim=0)
     if mode == "mean":
         return stacked.mean(dim=0)
-    raise ValueError(f"scale_gem mode must be 'max' or 'mean', got {mode!r}")
+    raise InvalidValueError(f"scale_gem mode must be 'max' or 'mean', got {mode!r}")
 
 
 def aggregate_scales(descriptors: Sequence[Tensor]) -> Tensor:
@@ -60,7 +62,7 @@ def aggregate_scales(descriptors: Sequence[Tensor]) -> Tensor:
     One scale passes through as its L2-normalised self.
     """
     if not descriptors:
-        raise ValueError("need at least one scale's descriptors")
+        raise InvalidValueError("need at least one scale's descriptors")
     stacked = torch.stack([F.normalize(d, dim=-1) for d in descriptors])
     return F.normalize(stacked.mean(dim=0), dim=-1)
 
@@ -221,7 +223,7 @@ def pivot_correlations(query: Tensor, key: Tensor, stride: tuple[int, int]) -> t
     bq, s, hq, wq, c = query.shape
     b, _, hk, wk, _ = key.shape
     if bq not in (1, b):
-        raise ValueError(f"query batch must be 1 or the key batch {b}, got {bq}")
+        raise InvalidValueError(f"query batch must be 1 or the key batch {b}, got {bq}")
     ks = key[:, :, ::sk, ::sk]
     hk2, wk2 = ks.shape[2:4]
     rows_k = ks.permute(0, 2, 3, 1, 4)  # (B, hk', wk', S_j, C)
@@ -315,7 +317,7 @@ def group_norm_channels_last_(
     """
     b, c = x.shape[0], x.shape[-1]
     if c % num_groups:
-        raise ValueError(f"{c} channels do not split into {num_groups} groups")
+        raise InvalidValueError(f"{c} channels do not split into {num_groups} groups")
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()  # squares of half values overflow; the result is then a new tensor
     if not x.is_contiguous():
@@ -503,10 +505,10 @@ def learn_pca_whitening(X: Tensor, dim: int | None = None) -> dict[str, Tensor]:
     n, d = X.shape
     rank = min(d, n - 1)
     if rank < 1:
-        raise ValueError(f"PCA whitening needs at least 2 descriptors, got {n}")
+        raise InvalidValueError(f"PCA whitening needs at least 2 descriptors, got {n}")
     dim = rank if dim is None else int(dim)
     if not 1 <= dim <= rank:
-        raise ValueError(f"whitening dim must be in [1, {rank}] for {n} descriptors of dimension {d}, got {dim}")
+        raise InvalidValueError(f"whitening dim must be in [1, {rank}] for {n} descriptors of dimension {d}, got {dim}")
     x = X.double()
     m = x.mean(dim=0)
     xc = x - m
@@ -648,7 +650,7 @@ def k_reciprocal_distance(Q: Tensor, X: Tensor, k1: int = 20, k2: int = 6, lambd
     to some ten thousand vectors; on larger databases use :func:`k_reciprocal_shortlist`.
     """
     if k1 < 1 or k2 < 1:
-        raise ValueError(f"k1 and k2 must be >= 1, got {k1}, {k2}")
+        raise InvalidValueError(f"k1 and k2 must be >= 1, got {k1}, {k2}")
     return _k_reciprocal_pool(torch.cat([Q, X]), Q.shape[0], k1, k2, lambda_value)
 
 
@@ -662,7 +664,8 @@ def k_reciprocal_shortlist(Q: Tensor, candidates: Tensor, k1: int = 20, k2: int 
     database of those N vectors and one query.
     """
     if candidates.ndim != 3 or candidates.shape[0] != Q.shape[0]:
-        raise ValueError(f"candidates must be (nq, N, d) for {Q.shape[0]} queries, got {tuple(candidates.shape)}")
+        raise InvalidValueError(f"candidates must be (nq, N, d) for {Q.shape[0]} queries, got "
+                                f"{tuple(candidates.shape)}")
     return torch.cat([k_reciprocal_distance(Q[i : i + 1], candidates[i], k1, k2, lambda_value)
                       for i in range(Q.shape[0])]) if Q.shape[0] else candidates.new_zeros(0, candidates.shape[1])
 

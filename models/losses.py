@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.errors import InvalidValueError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MARGIN = 0.15  # CVNet's CurricularFace margin m (project brief; unconfirmed against the paper text)
@@ -39,7 +41,7 @@ CONTRASTIVE_FORMS = ("supcon", "per_positive")
 
 def _check_labels(labels: Tensor, batch: int, name: str = "labels") -> None:
     if labels.dim() != 1 or labels.shape[0] != batch:
-        raise ValueError(f"{name} must have shape ({batch},), got {tuple(labels.shape)}")
+        raise InvalidValueError(f"{name} must have shape ({batch},), got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
 
@@ -68,13 +70,13 @@ def curricular_face_logits(
     Returns ``(scale * logits (B, C), t_new ())``; ``t_new`` has ``t``'s dtype and device.
     """
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
-        raise ValueError(
+        raise InvalidValueError(
             f"embeddings (B, d) and weight (C, d) must share d, got {tuple(embeddings.shape)} and "
             f"{tuple(weight.shape)}"
         )
     _check_labels(labels, embeddings.shape[0])
     if not 0.0 <= margin < math.pi:
-        raise ValueError(f"margin must be in [0, pi), got {margin}")
+        raise InvalidValueError(f"margin must be in [0, pi), got {margin}")
     cos = (F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=1).T).clamp(-1.0, 1.0)
     target = cos.gather(1, labels.view(-1, 1))  # (B, 1) cos(theta_y)
     # the floor keeps d/dcos finite at |cos| = 1 (sqrt'(0) is infinite); it changes nothing elsewhere
@@ -110,7 +112,7 @@ class CurricularFace(nn.Module):
     ) -> None:
         super().__init__()
         if in_features < 1 or num_classes < 1:
-            raise ValueError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
+            raise InvalidValueError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
         self.in_features = in_features
         self.num_classes = num_classes
         self.margin = margin
@@ -123,7 +125,7 @@ class CurricularFace(nn.Module):
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """(B, num_classes) scaled margined logits; updates ``t`` in training mode."""
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
+            raise InvalidValueError(
                 f"labels must lie in [0, {self.num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
             )
         # margins on half-precision cosines are too coarse (cos(0.15) rounds away in fp16)
@@ -179,17 +181,17 @@ def momentum_contrastive_loss(
     (not updated by this term); that margin is not applied here. Returns the mean of ``loss_i`` over the batch.
     """
     if form not in CONTRASTIVE_FORMS:
-        raise ValueError(f"form must be one of {CONTRASTIVE_FORMS}, got {form!r}")
+        raise InvalidValueError(f"form must be one of {CONTRASTIVE_FORMS}, got {form!r}")
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise InvalidValueError(f"temperature must be > 0, got {temperature}")
     if q.dim() != 2 or q.shape != k.shape:
-        raise ValueError(f"q and k must both be (B, d), got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise InvalidValueError(f"q and k must both be (B, d), got {tuple(q.shape)} and {tuple(k.shape)}")
     if queue.dim() != 2 or queue.shape[1] != q.shape[1]:
-        raise ValueError(f"queue must be (N, {q.shape[1]}), got {tuple(queue.shape)}")
+        raise InvalidValueError(f"queue must be (N, {q.shape[1]}), got {tuple(queue.shape)}")
     _check_labels(labels, q.shape[0])
     _check_labels(queue_labels, queue.shape[0], "queue_labels")
     if labels.numel() and int(labels.min()) < 0:
-        raise ValueError("query labels must be >= 0 (-1 is reserved for empty queue slots)")
+        raise InvalidValueError("query labels must be >= 0 (-1 is reserved for empty queue slots)")
 
     keys = torch.cat([k, queue.to(k.dtype)], dim=0)  # (B + N, d); a new tensor, so the queue may change later
     key_labels = torch.cat([labels, queue_labels.to(labels.dtype)], dim=0)
@@ -220,7 +222,7 @@ class LabelledQueue(nn.Module):
     def __init__(self, dim: int, size: int = DEFAULT_QUEUE_SIZE) -> None:
         super().__init__()
         if dim < 1 or size < 1:
-            raise ValueError(f"dim and size must be >= 1, got dim={dim}, size={size}")
+            raise InvalidValueError(f"dim and size must be >= 1, got dim={dim}, size={size}")
         self.dim = dim
         self.size = size
         self.register_buffer("queue", torch.zeros(size, dim))
@@ -235,10 +237,10 @@ class LabelledQueue(nn.Module):
         ranks first so that every rank holds the same queue.
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
-            raise ValueError(f"keys must be (B, {self.dim}), got {tuple(keys.shape)}")
+            raise InvalidValueError(f"keys must be (B, {self.dim}), got {tuple(keys.shape)}")
         _check_labels(labels, keys.shape[0])
         if labels.numel() and int(labels.min()) < 0:
-            raise ValueError("labels must be >= 0 (-1 marks empty slots)")
+            raise InvalidValueError("labels must be >= 0 (-1 marks empty slots)")
         keys, labels = keys.detach(), labels.detach()
         if keys.shape[0] > self.size:
             keys, labels = keys[-self.size :], labels[-self.size :]
@@ -279,9 +281,9 @@ class MomentumContrastiveLoss(nn.Module):
     ) -> None:
         super().__init__()
         if form not in CONTRASTIVE_FORMS:
-            raise ValueError(f"form must be one of {CONTRASTIVE_FORMS}, got {form!r}")
+            raise InvalidValueError(f"form must be one of {CONTRASTIVE_FORMS}, got {form!r}")
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise InvalidValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.form = form
         self.gather = gather
@@ -333,7 +335,7 @@ def training_pairs(labels: Tensor, key_labels: Tensor, mode: str = "mined") -> t
         qi = torch.arange(b, device=labels.device).repeat_interleave(2 * b)
         kj = torch.arange(2 * b, device=labels.device).repeat(b)
     else:
-        raise ValueError(f"pairs must be one of {RERANK_PAIR_MODES}, got {mode!r}")
+        raise InvalidValueError(f"pairs must be one of {RERANK_PAIR_MODES}, got {mode!r}")
     return qi, kj, (labels[qi] == key_labels[kj]).long()
 
 

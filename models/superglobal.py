@@ -10,6 +10,7 @@ import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
 from common.constants import SUPERGLOBAL_SCALES
+from common.errors import InvalidValueError
 
 from . import functional as MF
 from .backbone import ResNetBackbone
@@ -105,7 +106,7 @@ class SuperGlobalRerank(nn.Module):
     def __init__(self, M: int = 400, K: int = 9, beta: float = 0.15, query_chunk: int = 64) -> None:
         super().__init__()
         if M < 1 or K < 0:
-            raise ValueError(f"need M >= 1 and K >= 0, got M={M}, K={K}")
+            raise InvalidValueError(f"need M >= 1 and K >= 0, got M={M}, K={K}")
         self.M, self.K, self.beta, self.query_chunk = M, K, beta, query_chunk
 
     def candidates(self, queries: Tensor, database: Any, m: int) -> tuple[Tensor, Tensor]:
@@ -122,10 +123,10 @@ class SuperGlobalRerank(nn.Module):
     def rerank(self, queries: Tensor, database: Any) -> tuple[Tensor, Tensor]:
         queries = torch.as_tensor(queries)
         if queries.dim() != 2:
-            raise ValueError(f"queries must be (q, d), got shape {tuple(queries.shape)}")
+            raise InvalidValueError(f"queries must be (q, d), got shape {tuple(queries.shape)}")
         m = min(self.M, len(database))
         if m == 0:
-            raise ValueError("the database is empty")
+            raise InvalidValueError("the database is empty")
         scores, ids = [], []
         for start in range(0, queries.shape[0], self.query_chunk):
             chunk = queries[start : start + self.query_chunk]
@@ -139,8 +140,8 @@ class SuperGlobalRerank(nn.Module):
         """Re-rank given candidates: ``queries`` (q, d), their top-M ``vectors`` (q, M, d) and ``ids`` (q, M), e.g.
         read off an existing global ranking instead of searched again -> (scores (q, M), ids (q, M)) best first."""
         if vectors.dim() != 3 or vectors.shape[:2] != ids.shape or vectors.shape[0] != queries.shape[0]:
-            raise ValueError(f"need vectors (q, M, d) and ids (q, M) for {queries.shape[0]} queries, got "
-                             f"{tuple(vectors.shape)} and {tuple(ids.shape)}")
+            raise InvalidValueError(f"need vectors (q, M, d) and ids (q, M) for {queries.shape[0]} queries, got "
+                                    f"{tuple(vectors.shape)} and {tuple(ids.shape)}")
         return MF.superglobal_rerank(queries, vectors.to(queries.device, queries.dtype), ids, k=self.K,
                                      beta=self.beta)
 

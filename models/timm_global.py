@@ -12,12 +12,16 @@ timm is imported when a :class:`TimmGlobal` is built, not before.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.convention import TORCHVISION_CONVENTION, InputConvention
+from common.errors import InvalidValueError, MissingFileError
+from models.checkpoint import CheckpointError, read_checkpoint
 
 from . import functional as MF
 from .layers import GeM
@@ -38,7 +42,7 @@ class FeatureMapGlobal(nn.Module):
                  input_convention: InputConvention = TORCHVISION_CONVENTION) -> None:
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise InvalidValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.body = body
         self.pooling = pooling
         self.channels = channels
@@ -54,7 +58,8 @@ class FeatureMapGlobal(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         maps = self.feature_maps(images)
         if maps.ndim != 4 or maps.shape[1] != self.channels:
-            raise ValueError(f"the backbone must return (B, {self.channels}, H, W) maps, got {tuple(maps.shape)}")
+            raise InvalidValueError(f"the backbone must return (B, {self.channels}, H, W) maps, got "
+                                    f"{tuple(maps.shape)}")
         if self.pooling == "gem":
             pooled = self.pool(maps)
         elif self.pooling == "gem+":
@@ -79,13 +84,13 @@ class _TimmMaps(nn.Module):
         if feats.ndim == 4:
             return feats
         if feats.ndim != 3:
-            raise ValueError(f"unsupported feature shape {tuple(feats.shape)} from {type(self.model).__name__}")
+            raise InvalidValueError(f"unsupported feature shape {tuple(feats.shape)} from {type(self.model).__name__}")
         prefix = int(getattr(self.model, "num_prefix_tokens", 0))
         tokens = feats[:, prefix:]
         patch = self.model.patch_embed.patch_size
         h, w = images.shape[-2] // patch[0], images.shape[-1] // patch[1]
         if h * w != tokens.shape[1]:
-            raise ValueError(f"{tokens.shape[1]} patch tokens do not fit a {h} x {w} grid")
+            raise InvalidValueError(f"{tokens.shape[1]} patch tokens do not fit a {h} x {w} grid")
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
 
@@ -105,7 +110,7 @@ class TimmGlobal(FeatureMapGlobal):
         kwargs: dict[str, Any] = {"num_classes": 0, **timm_kwargs}
         if pretrained_file is not None:
             if not os.path.isfile(pretrained_file):
-                raise FileNotFoundError(f"pretrained_file {pretrained_file} not found")
+                raise MissingFileError(f"pretrained_file {pretrained_file} not found")
             kwargs["pretrained_cfg_overlay"] = {"file": os.fspath(pretrained_file)}
             pretrained = True
         if "vit" in model_name or "deit" in model_name or "eva" in model_name:
@@ -121,3 +126,41 @@ class TimmGlobal(FeatureMapGlobal):
 
     def extra_repr(self) -> str:
         return f"model_name={self.model_name!r}, pooling={self.pooling!r}, dim={self.dim}"
+
+
+#: The ``format`` of a trained TimmGlobal's weights file (the official CVNet key layout only fits the ResNet).
+#: How a timm model is named wherever a model is chosen by name: ``timm:<timm model name>``.
+TIMM_ARCH_PREFIX = "timm:"
+TIMM_CHECKPOINT_FORMAT = "timm-global-v1"
+
+
+def timm_global_checkpoint(model: TimmGlobal, **extra: Any) -> dict[str, Any]:
+    """A trained TimmGlobal's weights file as a dict (tensors and builtins only: weights_only loads it):
+    ``format`` (:data:`TIMM_CHECKPOINT_FORMAT`), ``arch`` (``"timm:<name>"``), ``model_name``, ``pooling``,
+    ``dim`` (the projection's, None without one), ``reduction_dim`` (the descriptor's D), ``model_state``
+    (``model.state_dict()``), ``input_convention``, then ``extra``."""
+    return {"format": TIMM_CHECKPOINT_FORMAT, "arch": TIMM_ARCH_PREFIX + model.model_name,
+            "model_name": model.model_name, "pooling": model.pooling,
+            "dim": None if model.projection is None else int(model.dim), "reduction_dim": int(model.dim),
+            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "input_convention": model.input_convention.to_dict(), **extra}
+
+
+def is_timm_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether a loaded weights file is a :func:`timm_global_checkpoint`."""
+    return isinstance(checkpoint, Mapping) and checkpoint.get("format") == TIMM_CHECKPOINT_FORMAT
+
+
+def load_timm_global(checkpoint: str | os.PathLike | Mapping[str, Any]) -> TimmGlobal:
+    """The TimmGlobal of a :func:`timm_global_checkpoint` (path or dict), loaded strictly, in eval mode (the
+    architecture's random initialisation is drawn on a forked RNG: the global one is left untouched)."""
+    source = "checkpoint" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = read_checkpoint(checkpoint)
+    if not is_timm_checkpoint(checkpoint):
+        raise CheckpointError(f"{source} is not a trained timm global model (format {TIMM_CHECKPOINT_FORMAT})")
+    with torch.random.fork_rng(devices=[]):
+        model = TimmGlobal(checkpoint["model_name"], pooling=checkpoint["pooling"], dim=checkpoint["dim"])
+    model.load_state_dict(checkpoint["model_state"], strict=True)
+    model.input_convention = InputConvention.from_dict(checkpoint["input_convention"])
+    return model.eval()

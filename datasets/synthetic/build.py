@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from common.errors import InvalidValueError, MissingFileError, OutputExistsError, ProjectRuntimeError
 from datasets.synthetic.config import SyntheticConfig
 from datasets.synthetic.draw import draw_landmark_scene, draw_unrelated_scene
 from datasets.synthetic.views import (
@@ -56,7 +57,7 @@ def _canvas_size(config: SyntheticConfig) -> tuple[int, int]:
 def _write_jpeg(path: Path, img: np.ndarray, quality: int) -> None:
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
-        raise RuntimeError(f"OpenCV could not encode {path}")
+        raise ProjectRuntimeError(f"OpenCV could not encode {path}")
     path.write_bytes(buf.tobytes())
 
 
@@ -73,8 +74,8 @@ def _make_db_view(scene_mask: np.ndarray, box: tuple[int, int, int, int], rng: n
         label = label_view(view, visible, config=config)
         if require is None or label in require:
             return view, hom, occ, visible, label
-    raise RuntimeError(f"could not draw a {sorted(require or [])} view in {max_tries} tries; "
-                       "the labelling thresholds in SyntheticConfig are probably inconsistent")
+    raise ProjectRuntimeError(f"could not draw a {sorted(require or [])} view in {max_tries} tries; "
+                              "the labelling thresholds in SyntheticConfig are probably inconsistent")
 
 
 def _view_row(image: str, role: str, landmark: int, view: ViewParams, visible: float, label: str) -> list:
@@ -128,7 +129,7 @@ def _build_test_split(out: Path, name: str, config: SyntheticConfig, progress: b
                 if visible >= 0.999:
                     break
             else:
-                raise RuntimeError(f"could not frame the whole landmark {lm} in a query view")
+                raise ProjectRuntimeError(f"could not frame the whole landmark {lm} in a query view")
             img = render_view(scene, hom, out_size=size, rng=rng, strength=view.strength)
             image = f"lm{lm:03d}_q{q}"
             _write_jpeg(jpg / f"{image}.jpg", img, config.jpeg_quality)
@@ -241,7 +242,7 @@ def build_synthetic(root: str | os.PathLike, name: str = "synth", config: Synthe
     """
     config = config or SyntheticConfig()
     if not name or name != Path(name).name or name.startswith("."):
-        raise ValueError(f"name must be a plain folder name, got {name!r}")
+        raise InvalidValueError(f"name must be a plain folder name, got {name!r}")
     root = Path(root)
     test_dir, train_dir = root / name, root / f"{name}_train"
     metas = {d: _read_meta(d) for d in (test_dir, train_dir)}
@@ -253,11 +254,11 @@ def build_synthetic(root: str | os.PathLike, name: str = "synth", config: Synthe
             if not d.exists() or _matches(m, config):
                 continue  # absent, or ours with this config but its sibling missing (build interrupted)
             if m is None:
-                raise FileExistsError(f"{d} exists and is not a synthetic dataset built by {_GENERATOR}; "
-                                      "move it away or pass overwrite=True to replace it")
+                raise OutputExistsError(f"{d} exists and is not a synthetic dataset built by {_GENERATOR}; "
+                                        "move it away or pass overwrite=True to replace it")
             differs = sorted(k for k, v in config.to_dict().items() if m.get("config", {}).get(k) != v)
-            raise FileExistsError(f"{d} was built with a different config (differs in {differs or ['format']});"
-                                  " pass overwrite=True (prepare_data.py synthetic --overwrite) to rebuild it")
+            raise OutputExistsError(f"{d} was built with a different config (differs in {differs or ['format']});"
+                                    " pass overwrite=True (prepare_data.py synthetic --overwrite) to rebuild it")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=root))
     try:
@@ -283,17 +284,17 @@ def load_train_split(root: str | os.PathLike, name: str = "synth") -> tuple[list
     folder = Path(root) / f"{name}_train"
     csv_path = folder / "train.csv"
     if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path} not found: build it with build_synthetic(root={str(root)!r}, "
-                                f"name={name!r}) or `python prepare_data.py synthetic --root {root} --name {name}`")
+        raise MissingFileError(f"{csv_path} not found: build it with build_synthetic(root={str(root)!r}, "
+                               f"name={name!r}) or `python prepare_data.py synthetic --root {root} --name {name}`")
     with open(csv_path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header != ["image", "label"]:
-            raise ValueError(f"{csv_path}: expected the header 'image,label', got {header}")
+            raise InvalidValueError(f"{csv_path}: expected the header 'image,label', got {header}")
         rows = [(r[0], int(r[1])) for r in reader if r]
     paths = [folder / "jpg" / f"{image}.jpg" for image, _ in rows]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} training images listed in {csv_path} are missing, e.g. "
-                                f"{missing[0]}; rebuild with build_synthetic(..., overwrite=True)")
+        raise MissingFileError(f"{len(missing)} training images listed in {csv_path} are missing, e.g. "
+                               f"{missing[0]}; rebuild with build_synthetic(..., overwrite=True)")
     return paths, [label for _, label in rows]

@@ -5,6 +5,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from common.errors import InvalidValueError
+
 
 @dataclass(frozen=True)
 class SyntheticConfig:
@@ -38,26 +40,27 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         if len(self.image_size) != 2 or self.image_size[1] < 32 or self.image_size[0] < self.image_size[1]:
-            raise ValueError(f"image_size must be (long, short) with long >= short >= 32, got {self.image_size}")
+            raise InvalidValueError(f"image_size must be (long, short) with long >= short >= 32, got {self.image_size}")
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+            raise InvalidValueError(f"seed must be a non-negative int, got {self.seed!r}")
         for field in ("n_landmarks", "views_per_landmark", "queries_per_landmark", "train_landmarks",
                       "train_views_per_landmark"):
             if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+                raise InvalidValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.n_distractors < 0:
-            raise ValueError(f"n_distractors must be >= 0, got {self.n_distractors}")
+            raise InvalidValueError(f"n_distractors must be >= 0, got {self.n_distractors}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+            raise InvalidValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.canvas_scale < 1.5:
-            raise ValueError(f"canvas_scale must be >= 1.5 (views must fit in the scene), got {self.canvas_scale}")
+            raise InvalidValueError("canvas_scale must be >= 1.5 (views must fit in the scene), got "
+                                    f"{self.canvas_scale}")
         for field in ("portrait_fraction", "easy_fraction", "junk_fraction"):
             if not 0.0 <= getattr(self, field) <= 1.0:
-                raise ValueError(f"{field} must be in [0, 1], got {getattr(self, field)}")
+                raise InvalidValueError(f"{field} must be in [0, 1], got {getattr(self, field)}")
         if self.easy_fraction + self.junk_fraction > 1.0:
-            raise ValueError("easy_fraction + junk_fraction must be <= 1")
+            raise InvalidValueError("easy_fraction + junk_fraction must be <= 1")
         if not 0.0 < self.junk_max_visible < self.easy_min_visible <= 1.0:
-            raise ValueError("need 0 < junk_max_visible < easy_min_visible <= 1")
+            raise InvalidValueError("need 0 < junk_max_visible < easy_min_visible <= 1")
 
     def to_dict(self) -> dict:
         """The config as JSON-ready builtins (tuples as lists), the form stored in ``meta.json``."""

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from common.errors import InvalidValueError
+
 # ----------------------------------------------------------------------------------------------------------------
 # Colours and textures
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,7 +51,7 @@ def _texture(rng: np.random.Generator, kind: str, h: int, w: int, color: tuple[i
     elif kind == "noise":
         shade = 1.0 + 0.12 * smooth_noise(rng, h, w, rng.uniform(2, 6))
     else:
-        raise ValueError(f"unknown texture kind {kind!r}")
+        raise InvalidValueError(f"unknown texture kind {kind!r}")
     weathering = 1.0 - 0.12 * yy / max(h, 1) * rng.uniform(-1, 1)
     return np.clip(base * (shade * weathering)[..., None], 0, 255).astype(np.uint8)
 

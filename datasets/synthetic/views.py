@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from common.errors import InvalidValueError
 from datasets.synthetic.config import SyntheticConfig
 from datasets.synthetic.draw import bgr, smooth_noise
 
@@ -79,7 +80,7 @@ def visible_fraction(landmark_mask: np.ndarray, homography: np.ndarray, *, out_s
                                borderValue=0)
     total = np.count_nonzero(landmark_mask)
     if total == 0:
-        raise ValueError("the landmark mask is empty")
+        raise InvalidValueError("the landmark mask is empty")
     return float(np.count_nonzero((landmark_mask > 0) & (back > 0)) / total)
 
 
@@ -133,7 +134,7 @@ def sample_view(rng: np.random.Generator, *, kind: str, portrait_fraction: float
             off_x, off_y = float(rng.uniform(-0.3, 0.3)), float(-rng.uniform(0.75, 1.0))
         return ViewParams(**dict(easy, scale=float(rng.uniform(1.3, 2.0)), offset_x=off_x, offset_y=off_y,
                                  strength=float(rng.uniform(0.2, 0.8))))
-    raise ValueError(f"unknown view kind {kind!r}; expected 'easy', 'hard', 'junk' or 'query'")
+    raise InvalidValueError(f"unknown view kind {kind!r}; expected 'easy', 'hard', 'junk' or 'query'")
 
 
 def draw_occluders(rng: np.random.Generator, *, out_size: tuple[int, int], count: int, area: float

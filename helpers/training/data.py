@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
+from common.errors import InvalidValueError, ProjectRuntimeError
 from datasets.folder import CorruptImageError
 from helpers.distributed import DistEnv, barrier
 
@@ -40,7 +41,7 @@ class ResumableDistributedSampler(DistributedSampler):
     def set_start(self, start: int) -> None:
         """Skip the first ``start`` indices of this rank's share of the current epoch."""
         if not 0 <= start <= self.num_samples:
-            raise ValueError(f"start must be in [0, {self.num_samples}], got {start}")
+            raise InvalidValueError(f"start must be in [0, {self.num_samples}], got {start}")
         self.start = int(start)
 
     def __iter__(self) -> Iterator[int]:
@@ -105,7 +106,7 @@ def collate_skip_corrupt(items: list[Any]) -> Batch:
     return Batch(default_collate(good) if good else None, bad, len(good))
 
 
-class TooManyCorruptImages(RuntimeError):
+class TooManyCorruptImages(ProjectRuntimeError):
     """More distinct corrupt images than ``data.max_corrupt``: the run stops."""
 
 
@@ -224,4 +225,4 @@ def build_labelled_dataset(data_cfg: Mapping[str, Any], *, env: DistEnv | None =
 
         ds = cifar10(root, train=True)
         return _contiguous(ds, ds.targets, f"CIFAR-10 train under {root}")
-    raise ValueError(f"data.name must be synthetic, gldv2, folder or cifar10, got {name!r}")
+    raise InvalidValueError(f"data.name must be synthetic, gldv2, folder or cifar10, got {name!r}")

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from common.errors import InvalidValueError, ProjectRuntimeError
 from common.io import atomic_write
 from helpers.config import save_resolved
 from helpers.distributed import (
@@ -81,7 +82,7 @@ def training_session(train_cfg: Mapping[str, Any]) -> Iterator[DistEnv]:
         cleanup_distributed(env)
 
 
-class RunConflict(RuntimeError):
+class RunConflict(ProjectRuntimeError):
     """A run cannot start as asked: ``run.out_dir`` holds another run (``--resume`` or ``--overwrite`` needed),
     there is nothing to resume, or the run to resume was made from other inputs."""
 
@@ -262,12 +263,12 @@ def resolve_total_steps(cfg: LoopConfig, n_items: int, world_size: int) -> int:
     """``train.steps``, or ``train.epochs`` times the steps of an epoch; an error when no batch fits."""
     spe = steps_per_epoch(n_items, cfg.batch_size, world_size)
     if spe < 1:
-        raise ValueError(f"{n_items} training items give no complete batch of {cfg.batch_size} "
-                         f"over {world_size} rank(s): lower train.batch_size")
+        raise InvalidValueError(f"{n_items} training items give no complete batch of {cfg.batch_size} "
+                                f"over {world_size} rank(s): lower train.batch_size")
     if cfg.total_steps:
         return int(cfg.total_steps)
     if not cfg.epochs:
-        raise ValueError("set train.steps or train.epochs")
+        raise InvalidValueError("set train.steps or train.epochs")
     return int(cfg.epochs) * spe
 
 
@@ -293,8 +294,8 @@ def run_loop(
     ``run_info``: what the run was made from (builtins), saved in every checkpoint for :func:`read_run_info`.
     """
     if cfg.batch_size % env.world_size:
-        raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the number of ranks "
-                         f"({env.world_size})")
+        raise InvalidValueError(f"train.batch_size={cfg.batch_size} must be divisible by the number of ranks "
+                                f"({env.world_size})")
     per_rank = cfg.batch_size // env.world_size
     data = SkipCorrupt(dataset)
     sampler = ResumableDistributedSampler(data, num_replicas=env.world_size, rank=env.rank, shuffle=True,

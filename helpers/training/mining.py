@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common.convention import InputConvention
+from common.errors import InvalidValueError
 from common.io import atomic_torch_save
 from datasets.augment import (
     _SALT_HIDE,
@@ -146,7 +147,7 @@ def mine_neighbours(
     """
     n = descriptors.shape[0]
     if labels.shape != (n,):
-        raise ValueError(f"labels must be ({n},), got {tuple(labels.shape)}")
+        raise InvalidValueError(f"labels must be ({n},), got {tuple(labels.shape)}")
     device = torch.device(device)
     valid = (torch.ones(n, dtype=torch.bool) if valid is None else valid.bool()).to(device)
     x = descriptors.float().to(device)
@@ -250,7 +251,7 @@ def curriculum_progress(epoch: int, total_epochs: int) -> float:
 def negative_pool_size(progress: float, *, start: int, end: int) -> int:
     """How many top-ranked negatives a query draws from: geometric from ``start`` (progress 0) to ``end`` (1)."""
     if start < 1 or end < 1:
-        raise ValueError(f"pool sizes must be >= 1, got start={start}, end={end}")
+        raise InvalidValueError(f"pool sizes must be >= 1, got start={start}, end={end}")
     return max(1, int(round(start * (end / start) ** min(max(progress, 0.0), 1.0))))
 
 
@@ -291,7 +292,7 @@ class MinedTriplets(Dataset):
         seed: int = 0,
     ) -> None:
         if positives.shape[0] != len(dataset) or negatives.shape[0] != len(dataset):
-            raise ValueError("positives / negatives must have one row per dataset item")
+            raise InvalidValueError("positives / negatives must have one row per dataset item")
         self.dataset = dataset
         self.positives = positives.numpy() if isinstance(positives, Tensor) else np.asarray(positives)
         self.negatives = negatives.numpy() if isinstance(negatives, Tensor) else np.asarray(negatives)
@@ -329,7 +330,7 @@ class MinedTriplets(Dataset):
         pos = int(cands[rng.integers(len(cands))]) if len(cands) else int(index)
         negs = self.negatives[index][self.negatives[index] >= 0][: self.pool]
         if not len(negs):
-            raise ValueError(f"item {index} has no mined negative (is there a single landmark?)")
+            raise InvalidValueError(f"item {index} has no mined negative (is there a single landmark?)")
         return pos, int(negs[rng.integers(len(negs))])
 
     def _view(self, image, index: int, salt: int) -> Tensor:

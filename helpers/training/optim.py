@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from common.errors import InvalidValueError
+
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
               final_ratio: float = 0.0) -> float:
@@ -18,7 +20,7 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int = 0, schedule: s
     ``"linear"`` decay to ``final_ratio``, or ``"constant"``.
     """
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        raise InvalidValueError(f"total_steps must be >= 1, got {total_steps}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -29,7 +31,7 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int = 0, schedule: s
         return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
     if schedule == "linear":
         return final_ratio + (1.0 - final_ratio) * (1.0 - t)
-    raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
+    raise InvalidValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
 
 
 class _StepSchedule:
@@ -55,7 +57,7 @@ def build_optimizer(params: Sequence[nn.Parameter] | Sequence[dict], cfg: Mappin
         return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
-    raise ValueError(f"optim.name must be sgd, adam or adamw, got {name!r}")
+    raise InvalidValueError(f"optim.name must be sgd, adam or adamw, got {name!r}")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any],

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import InvalidValueError, MissingFileError
 from common.io import atomic_torch_save
 
 TRAIN_STATE_NAME = "train_state.pth"
@@ -77,8 +78,8 @@ def load_train_state(path: str | os.PathLike, map_location: str | torch.device =
     """A checkpoint written by :func:`save_train_state`; a clear error when it is absent or of another kind."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no training checkpoint to resume from at {path} (start without --resume)")
+        raise MissingFileError(f"no training checkpoint to resume from at {path} (start without --resume)")
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
-        raise ValueError(f"{path} is not a training checkpoint of this project (format {TRAIN_STATE_FORMAT})")
+        raise InvalidValueError(f"{path} is not a training checkpoint of this project (format {TRAIN_STATE_FORMAT})")
     return state

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from common.errors import InvalidValueError
+
 logger = logging.getLogger(__name__)
 
 ArrayLike = Tensor | np.ndarray | Sequence[Sequence[float]]
@@ -47,7 +49,7 @@ DEFAULT_NORM_TOLERANCE = 1e-3
 _MAX_NAMED = 10  # how many offending rows / ids an error message lists before eliding the rest
 
 
-class CorruptIndexError(ValueError):
+class CorruptIndexError(InvalidValueError):
     """A saved database that is truncated, corrupted, or not in the expected format."""
 
 
@@ -67,16 +69,16 @@ def as_float_matrix(x: ArrayLike, *, dim: int, name: str = "vectors") -> Tensor:
     """Any (n, d) array or tensor -> float32 tensor (on the input's device), checking shape and finiteness."""
     t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
     if t.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D (n, {dim}) array, got shape {tuple(t.shape)}")
+        raise InvalidValueError(f"{name} must be a 2-D (n, {dim}) array, got shape {tuple(t.shape)}")
     if t.shape[1] != dim:
-        raise ValueError(f"{name} must have dimension {dim}, got {t.shape[1]} (shape {tuple(t.shape)})")
+        raise InvalidValueError(f"{name} must have dimension {dim}, got {t.shape[1]} (shape {tuple(t.shape)})")
     if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
-        raise ValueError(f"{name} must hold real numbers, got dtype {t.dtype}")
+        raise InvalidValueError(f"{name} must hold real numbers, got dtype {t.dtype}")
     t = t.detach().to(torch.float32)
     bad = ~torch.isfinite(t).all(dim=1)
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten().cpu().numpy()
-        raise ValueError(f"{name} contain NaN or Inf in row(s) {_describe(rows)}")
+        raise InvalidValueError(f"{name} contain NaN or Inf in row(s) {_describe(rows)}")
     return t
 
 
@@ -90,7 +92,7 @@ def check_unit_norm(x: Tensor, *, tolerance: float, name: str = "vectors") -> No
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten().cpu().numpy()
         worst = float(deviation.max())
-        raise ValueError(
+        raise InvalidValueError(
             f"{name} must be L2-normalised (|norm - 1| <= {tolerance}); row(s) {_describe(rows)} are not "
             f"(largest deviation {worst:.3g}). Normalise them first, e.g. torch.nn.functional.normalize(x, dim=1)."
         )
@@ -103,22 +105,22 @@ def as_id_vector(ids: IdsLike, *, name: str = "ids") -> Tensor:
     else:
         arr = np.asarray(ids)
         if arr.dtype == object:
-            raise ValueError(f"{name} must be integers, got {arr.dtype}")
+            raise InvalidValueError(f"{name} must be integers, got {arr.dtype}")
         if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-            raise ValueError(f"{name} do not fit in int64")
+            raise InvalidValueError(f"{name} do not fit in int64")
         t = torch.as_tensor(arr.astype(np.int64) if arr.dtype.kind == "u" else arr)
     if t.dim() == 0:
         t = t.reshape(1)
     if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        raise InvalidValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         if t.numel() == 0:
             return torch.empty(0, dtype=torch.int64)
-        raise ValueError(f"{name} must be integers, got dtype {t.dtype}")
+        raise InvalidValueError(f"{name} must be integers, got dtype {t.dtype}")
     t = t.to(torch.int64)
     negative = t < 0
     if bool(negative.any()):
-        raise ValueError(f"{name} must be non-negative, got {_describe(t[negative].numpy())}")
+        raise InvalidValueError(f"{name} must be non-negative, got {_describe(t[negative].numpy())}")
     return t.contiguous()
 
 
@@ -127,7 +129,7 @@ def check_unique(ids: Tensor, *, name: str = "ids") -> None:
     uniq, counts = torch.unique(ids, return_counts=True)
     dup = uniq[counts > 1]
     if dup.numel():
-        raise ValueError(f"{name} repeat within one call: {_describe(dup.numpy())}")
+        raise InvalidValueError(f"{name} repeat within one call: {_describe(dup.numpy())}")
 
 
 def check_metadata(metadata: Sequence[Metadata | None] | None, n: int) -> list[Metadata | None] | None:
@@ -135,19 +137,19 @@ def check_metadata(metadata: Sequence[Metadata | None] | None, n: int) -> list[M
     if metadata is None:
         return None
     if isinstance(metadata, dict) or not isinstance(metadata, Sequence):
-        raise ValueError("metadata must be a sequence with one dict (or None) per vector")
+        raise InvalidValueError("metadata must be a sequence with one dict (or None) per vector")
     metadata = list(metadata)
     if len(metadata) != n:
-        raise ValueError(f"metadata has {len(metadata)} entries for {n} vectors")
+        raise InvalidValueError(f"metadata has {len(metadata)} entries for {n} vectors")
     for row, entry in enumerate(metadata):
         if entry is None:
             continue
         if not isinstance(entry, dict):
-            raise ValueError(f"metadata[{row}] must be a dict or None, got {type(entry).__name__}")
+            raise InvalidValueError(f"metadata[{row}] must be a dict or None, got {type(entry).__name__}")
         try:
             json.dumps(entry, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"metadata[{row}] is not JSON-serialisable: {exc}") from exc
+            raise InvalidValueError(f"metadata[{row}] is not JSON-serialisable: {exc}") from exc
     return metadata
 
 
@@ -201,9 +203,9 @@ class AbstractVectorDB(abc.ABC):
 
     def __init__(self, dim: int, *, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> None:
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+            raise InvalidValueError(f"dim must be a positive integer, got {dim!r}")
         if not norm_tolerance >= 0:
-            raise ValueError(f"norm_tolerance must be >= 0, got {norm_tolerance!r}")
+            raise InvalidValueError(f"norm_tolerance must be >= 0, got {norm_tolerance!r}")
         self._dim = int(dim)
         self.norm_tolerance = float(norm_tolerance)
 
@@ -243,7 +245,7 @@ class AbstractVectorDB(abc.ABC):
         if ids is None:
             start = self._next_free_id() if n else 0
             if start + n - 1 > MAX_ID:
-                raise ValueError(
+                raise InvalidValueError(
                     f"no automatic ids left: the next free id is {start} and {n} are needed, but ids stop at "
                     f"2**63 - 1 = {MAX_ID} (int64). Pass explicit ids to add(), e.g. the free ones below the "
                     "largest stored id.")
@@ -251,7 +253,7 @@ class AbstractVectorDB(abc.ABC):
         else:
             id_t = as_id_vector(ids)
             if id_t.numel() != n:
-                raise ValueError(f"got {id_t.numel()} ids for {n} vectors")
+                raise InvalidValueError(f"got {id_t.numel()} ids for {n} vectors")
             check_unique(id_t)
         meta = check_metadata(metadata, n)
         if n:
@@ -347,7 +349,7 @@ class AbstractVectorDB(abc.ABC):
     @staticmethod
     def _check_k(k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise InvalidValueError(f"k must be a positive integer, got {k!r}")
         return int(k)
 
     def _gather_vectors(self, ids: Tensor) -> Tensor:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from common.errors import InvalidValueError, MissingDependencyError, MissingFileError, ProjectRuntimeError
 from common.io import atomic_write, file_sha256
 from helpers.vector_db.base import (
     AbstractVectorDB,
@@ -71,11 +72,11 @@ def import_faiss() -> Any:
     try:
         import faiss
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             "FaissVectorDB needs faiss: `pip install faiss-cpu` (or a faiss-gpu build for GPU search)"
         ) from exc
     if not hasattr(faiss, "IndexFlatIP"):  # something named faiss shadows the real package
-        raise ImportError(f"`import faiss` found {getattr(faiss, '__file__', faiss)!r}, which is not faiss")
+        raise MissingDependencyError(f"`import faiss` found {getattr(faiss, '__file__', faiss)!r}, which is not faiss")
     return faiss
 
 
@@ -121,22 +122,23 @@ class FaissVectorDB(AbstractVectorDB):
         super().__init__(dim, norm_tolerance=norm_tolerance)
         faiss = import_faiss()
         if index not in _KINDS:
-            raise ValueError(f"index must be 'flat', 'hnsw' or 'ivfpq', got {index!r}")
+            raise InvalidValueError(f"index must be 'flat', 'hnsw' or 'ivfpq', got {index!r}")
         if use_gpu not in ("auto", True, False):
-            raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
+            raise InvalidValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
         self.kind = index
         self.nlist, self.m, self.nbits = int(nlist), int(m), int(nbits)
         self.hnsw_m, self.ef_construction = int(hnsw_m), int(ef_construction)
         if index == "ivfpq":
             if self.nlist < 1 or self.m < 1 or not 1 <= self.nbits <= 16:
-                raise ValueError(f"need nlist >= 1, m >= 1, 1 <= nbits <= 16; got {nlist}, {m}, {nbits}")
+                raise InvalidValueError(f"need nlist >= 1, m >= 1, 1 <= nbits <= 16; got {nlist}, {m}, {nbits}")
             if dim % self.m:
-                raise ValueError(f"m={m} sub-quantisers must divide dim={dim}")
+                raise InvalidValueError(f"m={m} sub-quantisers must divide dim={dim}")
         if index == "hnsw":
             if self.hnsw_m < 2 or self.ef_construction < 1:
-                raise ValueError(f"need hnsw_m >= 2 and ef_construction >= 1; got {hnsw_m}, {ef_construction}")
+                raise InvalidValueError(f"need hnsw_m >= 2 and ef_construction >= 1; got {hnsw_m}, {ef_construction}")
             if use_gpu is True:
-                raise ValueError("faiss has no GPU HNSW index: use index='flat' or 'ivfpq' on a GPU, or use_gpu=False")
+                raise InvalidValueError("faiss has no GPU HNSW index: use index='flat' or 'ivfpq' on a GPU, or "
+                                        "use_gpu=False")
             use_gpu = False
         self._index = self._build_index(faiss)
         self._known: set[int] = set()
@@ -175,7 +177,7 @@ class FaissVectorDB(AbstractVectorDB):
     def _resolve_gpu(self, faiss: Any, use_gpu: bool | str) -> bool:
         n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         if use_gpu is True and n_gpus == 0:
-            raise RuntimeError("use_gpu=True but this faiss build sees no GPU (faiss-cpu?); use use_gpu='auto'")
+            raise ProjectRuntimeError("use_gpu=True but this faiss build sees no GPU (faiss-cpu?); use use_gpu='auto'")
         return bool(use_gpu) and n_gpus > 0
 
     @property
@@ -186,7 +188,7 @@ class FaissVectorDB(AbstractVectorDB):
     @nprobe.setter
     def nprobe(self, value: int) -> None:
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"nprobe must be a positive integer, got {value!r}")
+            raise InvalidValueError(f"nprobe must be a positive integer, got {value!r}")
         self._nprobe = value
         if self.kind == "ivfpq":
             self._index.nprobe = value
@@ -200,7 +202,7 @@ class FaissVectorDB(AbstractVectorDB):
     @ef_search.setter
     def ef_search(self, value: int) -> None:
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"ef_search must be a positive integer, got {value!r}")
+            raise InvalidValueError(f"ef_search must be a positive integer, got {value!r}")
         self._ef_search = value
 
     def _graph(self) -> Any:
@@ -237,9 +239,10 @@ class FaissVectorDB(AbstractVectorDB):
             logger.info("the %s index needs no training; ignoring %d vectors", self.kind, x.shape[0])
             return
         if self._index.ntotal:
-            raise RuntimeError("cannot retrain an IVF-PQ index that holds vectors; delete them or build a new one")
+            raise ProjectRuntimeError("cannot retrain an IVF-PQ index that holds vectors; delete them or build a new "
+                                      "one")
         if x.shape[0] < self.min_train_size:
-            raise ValueError(
+            raise InvalidValueError(
                 f"IVF-PQ training needs at least {self.min_train_size} vectors (max(nlist={self.nlist}, "
                 f"2**nbits={2**self.nbits})), got {x.shape[0]}")
         if x.shape[0] < _WELL_TRAINED * self.min_train_size:
@@ -264,7 +267,7 @@ class FaissVectorDB(AbstractVectorDB):
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         removed = self._index.remove_ids(self._selector(ids))
         if removed != ids.shape[0]:
-            raise RuntimeError(f"faiss removed {removed} vectors where {ids.shape[0]} were expected")
+            raise ProjectRuntimeError(f"faiss removed {removed} vectors where {ids.shape[0]} were expected")
 
     def _count(self) -> int:
         return len(self._known) if self.kind == "hnsw" else int(self._index.ntotal)
@@ -304,7 +307,7 @@ class FaissVectorDB(AbstractVectorDB):
         id_np = ids.numpy().astype(np.int64)
         if not self._index.is_trained:
             if x.shape[0] < self.min_train_size:
-                raise RuntimeError(
+                raise ProjectRuntimeError(
                     f"the IVF-PQ index is not trained: call train(vectors) with at least {self.min_train_size} "
                     f"representative vectors first, or add at least that many in the first call "
                     f"(got {x.shape[0]})")
@@ -468,7 +471,7 @@ class FaissVectorDB(AbstractVectorDB):
         faiss = import_faiss()
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no saved FaissVectorDB at {path} (write one with FaissVectorDB.save)")
+            raise MissingFileError(f"no saved FaissVectorDB at {path} (write one with FaissVectorDB.save)")
         with open(path, "rb") as f:  # one open file: a save replacing it meanwhile cannot mix into this read
             size = os.fstat(f.fileno()).st_size
             tail = b""

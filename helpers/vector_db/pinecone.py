@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from common.errors import InvalidValueError, MissingDependencyError, ProjectRuntimeError
 from helpers.vector_db.base import AbstractVectorDB, Metadata, unknown_ids_error
 from helpers.vector_db.tensor import TensorVectorDB
 
@@ -61,7 +62,7 @@ _BYTES_PER_FETCHED_VALUE = 20  # a returned float32 printed as a float: up to ~2
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-class PineconeWriteError(RuntimeError):
+class PineconeWriteError(ProjectRuntimeError):
     """A write (upsert or delete) that failed for good; ``failed_ids`` (int64 tensor) lists every id it
     did not apply. Everything else in the call was applied."""
 
@@ -93,8 +94,8 @@ def id_to_str(i: int) -> str:
 def str_to_id(s: str) -> int:
     """Pinecone record id -> int64; only the canonical decimal form that :func:`id_to_str` writes."""
     if not (s.isascii() and s.isdigit()) or (len(s) > 1 and s[0] == "0") or int(s) > np.iinfo(np.int64).max:
-        raise ValueError(f"record id {s!r} is not an int64 id written by PineconeVectorDB "
-                         "(use a namespace of its own)")
+        raise InvalidValueError(f"record id {s!r} is not an int64 id written by PineconeVectorDB "
+                                "(use a namespace of its own)")
     return int(s)
 
 
@@ -171,9 +172,9 @@ class PineconeVectorDB(AbstractVectorDB):
     ) -> None:
         super().__init__(dim, norm_tolerance=norm_tolerance)
         if batch_size is not None and not 1 <= batch_size <= MAX_RECORDS_PER_UPSERT:
-            raise ValueError(f"batch_size must be in [1, {MAX_RECORDS_PER_UPSERT}], got {batch_size}")
+            raise InvalidValueError(f"batch_size must be in [1, {MAX_RECORDS_PER_UPSERT}], got {batch_size}")
         if max_retries < 0 or backoff < 0 or max_workers < 1:
-            raise ValueError("need max_retries >= 0, backoff >= 0 and max_workers >= 1")
+            raise InvalidValueError("need max_retries >= 0, backoff >= 0 and max_workers >= 1")
         self.namespace = namespace
         self.batch_size = batch_size
         self.max_retries = max_retries
@@ -187,7 +188,7 @@ class PineconeVectorDB(AbstractVectorDB):
         self._index = index if index is not None else self._connect(index_name, host, api_key, timeout)
         stats_dim = getattr(self._call(self._index.describe_index_stats, "describe_index_stats"), "dimension", None)
         if stats_dim and stats_dim != dim:
-            raise ValueError(f"the Pinecone index has dimension {stats_dim}, this database was built for {dim}")
+            raise InvalidValueError(f"the Pinecone index has dimension {stats_dim}, this database was built for {dim}")
 
     @staticmethod
     def _connect(index_name: str | None, host: str | None, api_key: str | None, timeout: float) -> Any:
@@ -195,15 +196,15 @@ class PineconeVectorDB(AbstractVectorDB):
         host = host or os.environ.get("PINECONE_HOST")
         index_name = index_name or os.environ.get("PINECONE_INDEX")
         if not api_key:
-            raise ValueError("no Pinecone API key: pass api_key=... or set PINECONE_API_KEY")
+            raise InvalidValueError("no Pinecone API key: pass api_key=... or set PINECONE_API_KEY")
         if not (host or index_name):
-            raise ValueError("no Pinecone index: pass host=... (or set PINECONE_HOST), or index_name=... "
-                             "(or set PINECONE_INDEX)")
+            raise InvalidValueError("no Pinecone index: pass host=... (or set PINECONE_HOST), or index_name=... "
+                                    "(or set PINECONE_INDEX)")
         try:
             from pinecone import Pinecone
         except ImportError as exc:
-            raise ImportError("PineconeVectorDB needs the Pinecone SDK: `pip install pinecone` "
-                              "(not the deprecated pinecone-client)") from exc
+            raise MissingDependencyError("PineconeVectorDB needs the Pinecone SDK: `pip install pinecone` "
+                                         "(not the deprecated pinecone-client)") from exc
         client = Pinecone(api_key=api_key, timeout=timeout)
         open_index = getattr(client, "index", None) or client.Index  # v10 name, then the older one
         return open_index(name=index_name or "", host=host or "")
@@ -362,7 +363,7 @@ class PineconeVectorDB(AbstractVectorDB):
 
     def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         if k > MAX_TOP_K:
-            raise ValueError(f"Pinecone returns at most top_k={MAX_TOP_K}, got k={k}")
+            raise InvalidValueError(f"Pinecone returns at most top_k={MAX_TOP_K}, got k={k}")
         xq = np.round(queries.cpu().numpy().astype(np.float64), DECIMALS)
 
         def query(r: int) -> list[tuple[int, float]]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from common.errors import InvalidValueError, MissingFileError
 from common.io import atomic_write
 from helpers.vector_db.base import (
     AbstractVectorDB,
@@ -46,7 +47,7 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = _DTYPES.get(dtype.removeprefix("torch."), dtype)
     if dtype not in _DTYPES.values():
-        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype!r}")
+        raise InvalidValueError(f"dtype must be torch.float32 or torch.float16, got {dtype!r}")
     return dtype
 
 
@@ -149,10 +150,10 @@ class TensorVectorDB(AbstractVectorDB):
         super().__init__(dim, norm_tolerance=norm_tolerance)
         self._device = torch.device(device)
         if self._device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+            raise InvalidValueError(f"device {device!r} requested but CUDA is not available")
         self._dtype = _parse_dtype(dtype)
         if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+            raise InvalidValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.chunk_size = chunk_size
         self.progress = progress
         self._n = 0
@@ -178,7 +179,7 @@ class TensorVectorDB(AbstractVectorDB):
         """Allocate storage for ``capacity`` vectors now, so that a bulk load through many ``add`` calls never
         regrows it (geometric growth briefly holds the old and the new buffer: up to 2.5x the data)."""
         if not isinstance(capacity, int) or capacity < 0:
-            raise ValueError(f"capacity must be a non-negative integer, got {capacity!r}")
+            raise InvalidValueError(f"capacity must be a non-negative integer, got {capacity!r}")
         if capacity > self._vectors.shape[0]:
             vectors = torch.empty(capacity, self.dim, dtype=self._dtype, device=self._device)
             row_ids = torch.empty(capacity, dtype=torch.int64, device=self._device)
@@ -329,11 +330,11 @@ class TensorVectorDB(AbstractVectorDB):
         path = Path(path)
         missing = f"no saved TensorVectorDB at {path} (write one with TensorVectorDB.save)"
         if not path.is_file():
-            raise FileNotFoundError(missing)
+            raise MissingFileError(missing)
         try:
             f = open(path, "rb")  # opened once: a file removed meanwhile is missing, never "corrupted"
         except FileNotFoundError:
-            raise FileNotFoundError(missing) from None
+            raise MissingFileError(missing) from None
         with f:
             try:
                 payload = torch.load(f, map_location="cpu", weights_only=True)

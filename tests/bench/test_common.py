@@ -36,7 +36,7 @@ def test_quick_images_are_large_enough_for_regional_gem():
     """--quick scales the images by 1/8; the retrieval pipeline's min_side guard lifts the 683-pixel side's 85
     back to 96, over the 92 that leave a 3x3 stage-4 map at scale 0.7071."""
     from bench.extract import make_images
-    from helpers.retrieval import DEFAULT_MIN_SIDE
+    from helpers.retrieval.images import DEFAULT_MIN_SIDE
 
     images = make_images(4, seed=0, scale=0.125)
     assert min(min(im.shape[:2]) for im in images) == DEFAULT_MIN_SIDE >= 92

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.extraction import fold_batchnorm_, inference_copy
 from helpers.vector_db.tensor import TensorVectorDB, chunked_topk
 from models import functional as MF
 from models.cvnet import CVNetGlobal, CVNetRerank
+from models.inference import fold_batchnorm_, inference_copy
 from models.superglobal import SuperGlobal
 
 

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.browser.chromium import browser_paths, start_chromium
+from tests.support.chromium import browser_paths, start_chromium
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = Path(os.environ.get("DEMO_SCREENSHOT", "/tmp/demo_screenshot.png"))
@@ -51,7 +51,7 @@ def _wait_for_port(port: int, server: subprocess.Popen, log: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_index(tmp_path_factory) -> Path:
     browser_paths("gradio")
-    from helpers.retrieval import build_index
+    from helpers.retrieval.commands import build_index
 
     root = tmp_path_factory.mktemp("demo")
     (root / "images").mkdir()

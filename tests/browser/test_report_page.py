@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.browser.chromium import browser_paths, start_chromium
+from tests.support.chromium import browser_paths, start_chromium
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = Path(os.environ.get("REPORT_SCREENSHOT_DIR", "/tmp"))

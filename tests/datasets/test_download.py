@@ -13,15 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasets.download import (
-    DOWNLOADS,
-    RemoteFile,
-    download,
-    extract_archive,
-    extraction_marker,
-    fetch,
-    plan_downloads,
-)
+from common.download import fetch
+from datasets.download import DOWNLOADS, RemoteFile, download, extract_archive, extraction_marker, plan_downloads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -293,7 +286,7 @@ def test_cli_dry_run_plans_the_gldv2_retrieval_test(tmp_path):
 
 
 def test_drive_file_id_from_the_links_drive_gives():
-    from datasets.download import drive_file_id
+    from common.download import drive_file_id
 
     fid = "1AbCdEfGhIjKlMnOpQrStUvWxYz012345"
     for url in (f"https://drive.google.com/file/d/{fid}/view?usp=sharing", f"https://drive.google.com/file/d/{fid}",
@@ -309,7 +302,7 @@ def test_drive_file_id_from_the_links_drive_gives():
 def test_drive_confirm_url_reads_the_form_the_link_or_the_cookie():
     import http.cookiejar
 
-    from datasets.download import drive_confirm_url
+    from common.download import drive_confirm_url
 
     page_url = "https://drive.usercontent.google.com/download?id=ABCDEFGHIJKL&export=download"
     form = ('<form id="download-form" action="https://drive.usercontent.google.com/download" method="get">'
@@ -330,7 +323,7 @@ def test_drive_confirm_url_reads_the_form_the_link_or_the_cookie():
 
 
 def test_fetch_follows_a_confirmation_page_and_refuses_other_html(tmp_path, server):
-    from datasets.download import DownloadError, drive_confirm_url
+    from common.download import DownloadError, drive_confirm_url
 
     class HtmlServer(_RangeHandler):
         def do_GET(self):  # noqa: N802
@@ -355,7 +348,7 @@ def test_fetch_follows_a_confirmation_page_and_refuses_other_html(tmp_path, serv
 
 
 def test_sha256sums_are_merged_in_sha256sum_format(tmp_path, caplog):
-    from datasets.download import read_sha256sums, update_sha256sums
+    from models.weights import read_sha256sums, update_sha256sums
 
     path = tmp_path / "SHA256SUMS"
     a, b, c = "a" * 64, "b" * 64, "c" * 64
@@ -368,7 +361,7 @@ def test_sha256sums_are_merged_in_sha256sum_format(tmp_path, caplog):
 
 
 def test_weights_table_and_sources():
-    from datasets.download import OFFICIAL_WEIGHTS, WeightsError, weights_url
+    from models.weights import OFFICIAL_WEIGHTS, WeightsError, weights_url
 
     assert {k: (w.depth, w.filename) for k, w in OFFICIAL_WEIGHTS.items()} == {
         "R50": (50, "CVPR2022_CVNet_R50.pyth"), "R101": (101, "CVPR2022_CVNet_R101.pyth")}

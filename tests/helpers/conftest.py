@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.eval_detail import MethodDetail, global_detail, global_scores, lookup_scores, ranking_detail
-from helpers.eval_pipeline import EvalOutcome, Timer, WeightsPlan
-from helpers.evaluation import evaluate_revisited, metrics_percent
+from helpers.evaluation.detail import MethodDetail, global_detail, global_scores, lookup_scores, ranking_detail
+from helpers.evaluation.metrics import evaluate_revisited, metrics_percent
+from helpers.evaluation.models import WeightsPlan
+from helpers.evaluation.run import EvalOutcome, Timer
 from helpers.reranking import global_ranking
 
 GND = [{"easy": [0, 1], "hard": [2], "junk": [3], "bbx": None},
@@ -79,7 +80,7 @@ def toy_run():
 def toy_post_run(toy_run):
     """``toy_run`` with the row ``cvnet_global+dba`` (alpha-DBA k=2 over the toy database), reported right after
     CVNet-Global, and a weights file's sha256."""
-    from helpers.eval_post import post_rows, row_order
+    from helpers.evaluation.post import post_rows, row_order
     from helpers.postprocess import postprocess_ranking
 
     outcome = toy_run.outcome

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers.builders import (
+    GLOBAL_KINDS,
     backend_name,
     build_model,
     build_superglobal_reranker,
@@ -27,8 +28,20 @@ def test_kinds_and_aliases(kind, cls):
 
 
 def test_unknown_kind():
-    with pytest.raises(ValueError, match="model kind must be one of"):
+    with pytest.raises(ValueError, match="model must be one of"):
         build_model("resnet")
+    with pytest.raises(ValueError, match="model must be one of"):
+        model_kind("timm_global")  # a timm model is built by its name, timm:<name>
+
+
+def test_one_kind_name_per_model():
+    """timm:<name> names a timm model when it is built; its kind is timm_global, as everywhere else."""
+    assert model_kind("timm:resnet18") == "timm_global"
+    assert set(GLOBAL_KINDS) == {"cvnet_global", "superglobal", "timm_global"}
+    rerank = build_model("cvnet_rerank", warn_random=False)
+    assert kind_of(rerank) == "cvnet_rerank"
+    with pytest.raises(TypeError, match="CVNetGlobal, SuperGlobal, TimmGlobal"):
+        kind_of(rerank, among=GLOBAL_KINDS)
 
 
 def test_seeded_weights_are_reproducible_and_leave_the_global_rng_alone():
@@ -95,8 +108,8 @@ def test_database_factory_round_trip(tmp_path):
 
 def test_timm_kinds_build_random_or_load_a_trained_run(tmp_path, caplog):
     pytest.importorskip("timm")
-    from helpers.builders import timm_global_checkpoint
     from models import TimmGlobal
+    from models.timm_global import timm_global_checkpoint
 
     model = build_model("timm:resnet18", seed=4, options={"pooling": "gem+"})
     assert isinstance(model, TimmGlobal) and model.pooling == "gem+" and "RANDOM weights" in caplog.text

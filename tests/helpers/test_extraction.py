@@ -14,22 +14,20 @@ from torch.utils.data import Dataset
 
 from common.constants import CVNET_TEST_SCALES
 from datasets.revisited import RevisitedDataset
+from helpers.cache_keys import dataset_signature, feature_cache_key, state_dict_hash
 from helpers.extraction import (
     ImageArrays,
     ReducedMapStore,
     bucket_batches,
     cached_global_descriptors,
-    dataset_signature,
     extract_global_descriptors,
     extract_sharded,
-    fast_runner,
-    feature_cache_key,
     shard_ranges,
     shards_of_rank,
-    state_dict_hash,
 )
 from models import OFFICIAL_CONVENTION, CVNetGlobal, CVNetRerank, SuperGlobal
 from models.functional import aggregate_scales
+from models.inference import fast_runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -396,17 +394,17 @@ def test_replaced_image_of_the_same_size_invalidates_the_cache(layout, tmp_path)
 def test_content_hashes_read_each_file_once_until_it_changes(layout, tmp_path, monkeypatch):
     """The memo: unchanged files are not read again (key: path, size, mtime_ns, ctime_ns, inode), a rewritten one
     is, even with its size and mtime restored; maps on disk follow the content too."""
-    import helpers.extraction as extraction
+    import helpers.cache_keys as cache_keys
 
-    monkeypatch.setattr(extraction, "_RACY_NS", 0)  # the test's files are seconds old, not minutes
+    monkeypatch.setattr(cache_keys, "_RACY_NS", 0)  # the test's files are seconds old, not minutes
     ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,))
-    memo = tmp_path / "cache" / extraction.HASH_MEMO_DIR
+    memo = tmp_path / "cache" / cache_keys.HASH_MEMO_DIR
     model = TinyNet()
-    key = feature_cache_key(model=model, dataset=ds, hashes=extraction.ContentHashes(memo))
-    again = extraction.ContentHashes(memo)  # a later run: a new process reads the memo
+    key = feature_cache_key(model=model, dataset=ds, hashes=cache_keys.ContentHashes(memo))
+    again = cache_keys.ContentHashes(memo)  # a later run: a new process reads the memo
     assert feature_cache_key(model=model, dataset=ds, hashes=again) == key and again.hashed == 0
     _replace_keeping_size_and_mtime(ds.image_paths[5], seed=3)
-    third = extraction.ContentHashes(memo)
+    third = cache_keys.ContentHashes(memo)
     assert feature_cache_key(model=model, dataset=ds, hashes=third) != key and third.hashed == 1
     assert feature_cache_key(model=model, dataset=ds) == feature_cache_key(model=model, dataset=ds, hashes=third)
 

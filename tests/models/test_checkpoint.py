@@ -12,7 +12,7 @@ from models import (
     save_official_checkpoint,
 )
 from models.checkpoint import model_to_official_key, official_state_dict, official_to_model_key
-from tests.models import release_reference as ref
+from tests.support import release_reference as ref
 
 
 @pytest.fixture(scope="module")

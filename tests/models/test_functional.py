@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models import functional as MF
-from tests.models import release_reference as ref
+from tests.support import release_reference as ref
 
 
 def test_gem_matches_definition():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from models import CVNetGlobal, CVNetRerank, SuperGlobal, SuperGlobalRerank, load_official_checkpoint
 from models import functional as MF
-from tests.models import release_reference as ref
+from tests.support import release_reference as ref
 
 RTOL = 1e-4
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from helpers.config import load_config
-from helpers.report import load_paper_results, paper_figure
+from helpers.report.titles import load_paper_results, paper_figure
 from helpers.schemas import EVAL
-from tests.helpers.ames_loader import read_ames_shortlist
+from tests.support.ames_loader import read_ames_shortlist
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import urllib.parse
 import pytest
 import torch
 
-import datasets.download as download_module
+import models.weights as download_module
 from helpers.builders import build_model
 from models.checkpoint import official_state_dict
 from prepare_data import main

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.grid import query_tiles
-from helpers.retrieval import Retriever
+from helpers.retrieval.retriever import Retriever
+from helpers.retrieval.tiles import query_tiles
 from helpers.visualize import ranking_grid, score_decimals
 from retrieve import main, parse_bbox
-from tests.helpers.pinecone_server import FakePinecone
+from tests.support.pinecone_server import FakePinecone
 
 REPO = Path(__file__).resolve().parents[2]
 

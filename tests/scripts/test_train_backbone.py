@@ -18,13 +18,13 @@ import yaml
 
 import train_backbone
 from datasets.synthetic import SyntheticConfig, build_synthetic, load_train_split
-from helpers.builders import TIMM_CHECKPOINT_FORMAT, load_timm_global
 from helpers.training.data import ResumableDistributedSampler
 from helpers.training.loop import METRICS_NAME, read_jsonl
 from helpers.training.state import TRAIN_STATE_NAME
 from models.checkpoint import OFFICIAL_CONVENTION, load_official_checkpoint
 from models.cvnet import CVNetGlobal
-from tests.scripts.launch import run_recording_imports, run_two_cpu_ranks
+from models.timm_global import TIMM_CHECKPOINT_FORMAT, load_timm_global
+from tests.support.launch import run_recording_imports, run_two_cpu_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_backbone.py"

@@ -23,7 +23,7 @@ from helpers.training.loop import METRICS_NAME, read_jsonl
 from helpers.training.state import TRAIN_STATE_NAME
 from models.checkpoint import load_official_checkpoint, save_official_checkpoint
 from models.cvnet import CVNetGlobal, CVNetRerank
-from tests.scripts.launch import run_recording_imports, run_two_cpu_ranks
+from tests.support.launch import run_recording_imports, run_two_cpu_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_rerank.py"

@@ -1,0 +1,135 @@
+"""The GLDv2 retrieval test (Weyand et al., CVPR 2020) as eval.py runs it: ``data.datasets=[gldv2-retrieval-test]``.
+
+Test images (the Public and Private queries of ``retrieval_solution_v2.1.csv``) are ranked against the index
+images by the global descriptors (CVNet-Global, SuperGlobal), optionally re-ranked by SuperGlobal, and scored with
+the challenge's mAP@100 (:func:`helpers.evaluation.gldv2_mean_average_precision`) on the Public and Private
+subsets separately, as the challenge and the SuperGlobal paper report them. CVNet re-ranking of 100 candidates per
+query over ~1,100 x 100 pairs is not run here (a config asking for it is refused).
+
+Layout under ``<data.root>/gldv2``: see :class:`datasets.gldv2.GLDv2RetrievalTest`
+(``python prepare_data.py download --datasets gldv2-retrieval-test``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from helpers.builders import GLOBAL_KINDS, build_superglobal_reranker
+from helpers.cache_keys import state_dict_hash
+from helpers.config import ConfigError
+from helpers.evaluation.metrics import gldv2_mean_average_precision
+from helpers.evaluation.models import SEED_OFFSETS, build_models, plan_weights, scales_for, verify_weights
+from helpers.extraction import cached_global_descriptors
+from helpers.reranking import global_ranking, superglobal_rerank_ranking
+
+log = logging.getLogger(__name__)
+
+GLDV2_TEST = "gldv2-retrieval-test"
+MAX_PREDICTIONS = 100
+SUPPORTED_METHODS = ("cvnet_global", "superglobal", "superglobal_rerank")
+
+
+def predictions_from_ranks(ranks: np.ndarray, query_ids: list[str], index_ids: list[str],
+                           k: int = MAX_PREDICTIONS) -> dict[str, list[str]]:
+    """{test id: its top-``k`` index ids} from a ranking matrix (n_index, n_queries)."""
+    top = ranks[:k]
+    return {q: [index_ids[j] for j in top[:, i].tolist()] for i, q in enumerate(query_ids)}
+
+
+def score_predictions(predictions: Mapping[str, list[str]], solution: Any) -> dict[str, float]:
+    """mAP@100 (percent) on the Public and Private queries of a retrieval solution."""
+    out = {}
+    for subset in ("public", "private"):
+        truth = getattr(solution, subset)
+        if truth:
+            mine = {q: predictions[q] for q in truth if q in predictions}
+            out[subset] = 100 * gldv2_mean_average_precision(mine, truth, max_predictions=MAX_PREDICTIONS)
+    return out
+
+
+def run_gldv2_evaluation(cfg: Mapping[str, Any], *, env: Any) -> dict[str, Any]:
+    """Evaluate the configured methods on the GLDv2 retrieval test; returns {"results": {method: {"public",
+    "private"}}, "weights", "weights_sha256", "n_queries", "n_index"}."""
+    from datasets.gldv2 import GLDv2RetrievalTest
+
+    methods = list(cfg["methods"])
+    unsupported = [m for m in methods if m not in SUPPORTED_METHODS]
+    if unsupported:
+        raise ConfigError(f"methods {unsupported} are not run on {GLDV2_TEST}; use some of {list(SUPPORTED_METHODS)}")
+    data_cfg, model_cfg, ext_cfg = cfg["data"], cfg["model"], cfg["extraction"]
+    root = os.path.join(os.fspath(data_cfg["root"]), "gldv2")
+    needed = {"cvnet_global" if m.startswith("cvnet") else "superglobal" for m in methods}
+    plan = plan_weights(model_cfg)
+    sha = verify_weights(plan, model_cfg.get("weights_sha256"))
+    seed = int(cfg.get("seed", 0))
+    models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=seed, device=env.device)
+    extract_kw = {"device": env.device, "batch_size": int(ext_cfg["batch_size"]),
+                  "num_workers": int(ext_cfg["num_workers"]), "shard_size": ext_cfg.get("shard_size"),
+                  "rank": env.rank, "world_size": env.world_size, "progress": bool(cfg.get("progress", True)),
+                  "cache_dir": ext_cfg.get("cache_dir")}
+    results: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    for kind in sorted(needed & set(GLOBAL_KINDS)):
+        model = models[kind]
+        sets = {split: GLDv2RetrievalTest(root, split, convention=model.input_convention,
+                                          scales=scales_for(kind, model_cfg), min_side=data_cfg.get("min_side"))
+                for split in ("test", "index")}
+        source = plan.global_path or f"random (seed {seed * 1000 + SEED_OFFSETS[kind]})"
+        vectors = {split: cached_global_descriptors(model=model, dataset=ds, label=f"{GLDV2_TEST}-{split}-{kind}",
+                                                    weights_hash=state_dict_hash(model), weights_source=source,
+                                                    **extract_kw)
+                   for split, ds in sets.items()}
+        if not env.is_main:
+            continue
+        xq, xb = vectors["test"], vectors["index"]
+        _, ranks = global_ranking(xq, xb, device=env.device, with_similarities=False, rank_dtype=np.int32)
+        test, index = sets["test"], sets["index"]
+        counts = {"n_queries": len(test), "n_index": len(index)}
+        if kind in methods:
+            results[kind] = score_predictions(predictions_from_ranks(ranks, test.ids, index.ids), test.solution)
+        if kind == "superglobal" and "superglobal_rerank" in methods:
+            sgr = cfg["rerank"]["superglobal"]
+            reranked = superglobal_rerank_ranking(query_vectors=xq.to(env.device), database=xb, ranks=ranks,
+                                                  reranker=build_superglobal_reranker(M=sgr["M"], K=sgr["K"],
+                                                                                      beta=sgr["beta"]))
+            results["superglobal_rerank"] = score_predictions(predictions_from_ranks(reranked, test.ids, index.ids),
+                                                              test.solution)
+    return {"dataset": GLDV2_TEST, "results": results, "weights": plan.description, "weights_sha256": sha,
+            "warnings": list(plan.warnings), **counts}
+
+
+def gldv2_table(outcome: Mapping[str, Any], *, depth: int) -> str:
+    """The Markdown table of a GLDv2 run: mAP@100 on the Public and Private queries."""
+    titles = {"cvnet_global": "CVNet-Global", "superglobal": "SuperGlobal", "superglobal_rerank":
+              "SuperGlobal + re-ranking"}
+    lines = [f"### {GLDV2_TEST}: mAP@100 (%) — {outcome.get('n_queries', '?')} queries, "
+             f"{outcome.get('n_index', '?')} index images", "", "| Method | Public | Private |", "|---|---|---|"]
+    for method, r in outcome["results"].items():
+        cells = [f"{r[s]:.2f}" if s in r else "n/a" for s in ("public", "private")]
+        lines.append(f"| {titles[method]} R{depth} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def write_gldv2_report(*, cfg: Mapping[str, Any], outcome: Mapping[str, Any], run_dir: Any,
+                       start: float | None = None) -> str:
+    """Write results.json and results.md of a GLDv2 run into ``run_dir``; returns the printable text."""
+    import json
+    import time
+    from pathlib import Path
+
+    from common.io import atomic_write
+
+    table = gldv2_table(outcome, depth=int(cfg["model"]["depth"]))
+    text = "\n".join([*(f"WARNING: {w}" for w in outcome.get("warnings", [])), f"weights: {outcome['weights']}",
+                      "", table])
+    elapsed = None if start is None else round(time.perf_counter() - start, 1)
+    payload = {**outcome, "total_s": elapsed, "unit": "percent", "metric": "mAP@100", "table_markdown": table,
+               "config": dict(cfg)}
+    run_dir = Path(run_dir)
+    atomic_write(run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
+    atomic_write(run_dir / "results.md", lambda tmp: Path(tmp).write_text(text + "\n"))
+    return text + f"\n\nresults: {run_dir / 'results.json'}"

@@ -1,0 +1,384 @@
+"""The post-processed rows of an evaluation (``post.rows``) and the learned whitening they may use.
+
+    rows = post_rows(cfg["post"], kinds=["superglobal"])        # e.g. post.rows: [dba+aqe, whitening]
+    rows[0].key, rows[0].steps                                   # 'superglobal+dba+aqe', ('dba', 'aqe')
+
+A row is a global ranking (``cvnet_global`` or ``superglobal``) with some of the field's standard post-processing
+applied (helpers.postprocess), reported beside the main rows: learned PCA whitening of the descriptors first, then
+alpha-DBA, alpha-QE and k-reciprocal re-ranking. The whitening is learned on the built-in benchmark's training
+split (``<data.root>/<synthetic name>_train``) with the evaluated model and saved beside the weights file
+(``<weights>.whiten-<kind>.pt``, with the weights' sha256 inside), or, with no weights file, in the feature cache
+folder; a later run with the same model reuses it. ``post.whitening.source: <file>`` loads one saved earlier.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from common.errors import MissingFileError
+from common.io import atomic_torch_save
+from datasets.transforms import min_size_guard, multiscale_tensors, read_image
+from helpers.cache_keys import dataset_signature, model_signature
+from helpers.config import ConfigError
+from helpers.extraction import cached_global_descriptors
+from helpers.postprocess import PostProcessing, postprocess_ranking, whiten_parts
+from helpers.reranking import (
+    db_rows,
+    global_ranking,
+)
+from helpers.schemas import POST_STEPS
+from models import functional as MF
+
+logger = logging.getLogger(__name__)
+
+#: Format of the saved whitening files (bumped when their contents change meaning).
+WHITENING_FORMAT = 1
+LEARN = "learn"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostRow:
+    """One extra row: the global ranking ``base`` with ``steps`` (in POST_STEPS order) applied; ``post`` holds
+    the alpha-DBA / alpha-QE / k-reciprocal settings (whitening is ``whitening``)."""
+
+    base: str
+    steps: tuple[str, ...]
+    post: PostProcessing
+
+    @property
+    def key(self) -> str:
+        """The row's name in results.json: ``<base>+<step>+...``, e.g. ``superglobal+dba+aqe``."""
+        return "+".join((self.base, *self.steps))
+
+    @property
+    def whitening(self) -> bool:
+        return "whitening" in self.steps
+
+    @property
+    def flip(self) -> bool:
+        """Descriptors with flip test-time augmentation (original and mirrored image, averaged, L2)."""
+        return "flip" in self.steps
+
+    def applied(self, whitening_dim: int | None = None) -> str:
+        """What was applied, for titles: e.g. ``learned whitening (d=239) + α-QE k=2 α=3``."""
+        parts = ["flip TTA"] if self.flip else []
+        if self.whitening:
+            parts.append("learned whitening" + (f" (d={whitening_dim})" if whitening_dim else ""))
+        if self.post.active:
+            parts.append(self.post.describe())
+        return " + ".join(parts)
+
+    def settings(self, whitening: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The settings of each step, JSON-ready (``whitening``: the whitening's :func:`whitening_info`)."""
+        out: dict[str, Any] = {"flip": True} if self.flip else {}
+        if self.whitening:
+            out["whitening"] = dict(whitening or {})
+        if self.post.dba_k:
+            out["dba"] = {"k": self.post.dba_k, "alpha": self.post.dba_alpha}
+        if self.post.aqe_k:
+            out["aqe"] = {"k": self.post.aqe_k, "alpha": self.post.aqe_alpha}
+        if self.post.kreciprocal:
+            out["kreciprocal"] = {"k1": self.post.k1, "k2": self.post.k2, "lambda": self.post.lambda_value}
+        if self.post.active:
+            out["shortlist"], out["full_limit"] = self.post.shortlist, self.post.full_limit
+        return out
+
+
+def post_processing(steps: Sequence[str], post_cfg: Mapping[str, Any]) -> PostProcessing:
+    """The :class:`PostProcessing` of a row's steps, with the settings of the ``post`` config section."""
+    kr = post_cfg["kreciprocal"]
+    return PostProcessing(
+        aqe_k=int(post_cfg["aqe"]["k"]) if "aqe" in steps else 0, aqe_alpha=float(post_cfg["aqe"]["alpha"]),
+        dba_k=int(post_cfg["dba"]["k"]) if "dba" in steps else 0, dba_alpha=float(post_cfg["dba"]["alpha"]),
+        kreciprocal="kreciprocal" in steps, k1=int(kr["k1"]), k2=int(kr["k2"]), lambda_value=float(kr["lambda"]),
+        shortlist=int(post_cfg["shortlist"]), full_limit=int(post_cfg["full_limit"]))
+
+
+def post_rows(post_cfg: Mapping[str, Any], *, kinds: Sequence[str]) -> list[PostRow]:
+    """The rows of ``post.rows`` (names checked by the schema: helpers.schemas.POST_ROWS) for each global
+    ranking in ``kinds``, grouped by kind, in the config's order."""
+    rows = []
+    for kind in kinds:
+        for name in dict.fromkeys(post_cfg.get("rows") or ()):
+            steps = tuple(name.split("+"))
+            unknown = [s for s in steps if s not in POST_STEPS]
+            if unknown:  # the schema already refuses these; a caller passing its own dict gets the same words
+                raise ConfigError(f"post.rows: unknown step {unknown[0]!r} in {name!r} (steps: {POST_STEPS})")
+            rows.append(PostRow(base=kind, steps=steps, post=post_processing(steps, post_cfg)))
+    return rows
+
+
+def row_order(methods: Sequence[str], rows: Sequence[PostRow]) -> list[str]:
+    """The report's row order: each method, and each post row right after its global ranking's row (or, when
+    that ranking is not itself a reported method, after the first method that starts from it)."""
+    order: list[str] = []
+    pending = list(rows)
+    for method in methods:
+        order.append(method)
+        base = "timm_global" if method == "timm_global" else ("cvnet_global" if method.startswith("cvnet")
+                                                              else "superglobal")
+        order += [r.key for r in pending if r.base == base]
+        pending = [r for r in pending if r.base != base]
+    return order + [r.key for r in pending]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learned whitening
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TrainImages(Dataset):
+    """The built-in benchmark's training split (``<root>/<name>_train``), or ``max_images`` of its images evenly
+    spaced over its list, as engine items: item i is one normalised (3, H_s, W_s) tensor per scale, as the
+    evaluation datasets give them."""
+
+    def __init__(self, root: str | os.PathLike, name: str, *, convention: Any, scales: Sequence[float],
+                 min_side: int | None, max_images: int | None = None) -> None:
+        from datasets.synthetic import load_train_split
+
+        paths, _ = load_train_split(root, name)
+        if max_images is not None and len(paths) > max_images:
+            paths = [paths[i] for i in np.linspace(0, len(paths) - 1, num=max_images).round().astype(int)]
+        self.root = os.fspath(root)
+        self.name, self.split = f"{name}_train", "train"
+        self.convention, self.scales, self.min_side = convention, tuple(float(s) for s in scales), min_side
+        self.image_paths = [os.fspath(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def read(self, index: int) -> np.ndarray:
+        return min_size_guard(read_image(self.image_paths[index], dataset=self.name), self.min_side)
+
+    def __getitem__(self, index: int) -> list[Tensor]:
+        return multiscale_tensors(self.read(index), self.scales, self.convention)
+
+
+@dataclass
+class WhiteningContext:
+    """What deciding, learning and saving a model's whitening needs: the ``post.whitening`` settings, the weights
+    file and its sha256 (None for random weights), the model's state hash, where the training split is (None for
+    a run on real datasets), the extraction keywords and the feature cache folder."""
+
+    source: str | None
+    dim: int | None
+    max_images: int | None
+    weights_file: str | None
+    weights_sha256: str | None
+    root: str
+    train_name: str | None
+    min_side: int | None
+    cache_dir: str | None
+    depth: int
+    extract_kw: Mapping[str, Any]
+
+
+def whitening_path(ctx: WhiteningContext, kind: str, state_hash: str) -> Path | None:
+    """Where the whitening of ``kind`` is saved and looked for: beside the weights file, else in the feature
+    cache folder under the model's state hash, else nowhere (learned again each run)."""
+    if ctx.weights_file:
+        return Path(f"{ctx.weights_file}.whiten-{kind}.pt")
+    if ctx.cache_dir:
+        return Path(ctx.cache_dir) / "whitening" / f"{kind}-{state_hash[:24]}.pt"
+    return None
+
+
+def whitening_info(saved: Mapping[str, Any], path: str | os.PathLike | None) -> dict[str, Any]:
+    """The JSON-ready description of a whitening (for results.json): file, dimension, what it was learned on."""
+    return {"file": os.fspath(path) if path else None, "dim": int(saved["projection"].shape[1]),
+            "learned_on": saved.get("learned_on"), "n_images": saved.get("n_images"),
+            "weights_sha256": saved.get("weights_sha256")}
+
+
+def _signature_hash(signature: Any) -> str:
+    return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any way a file can be damaged: name it
+        raise ConfigError(f"whitening file {path} cannot be read ({type(exc).__name__}: {exc}); delete it to "
+                          "learn it again, or give another post.whitening.source") from None
+    if not isinstance(saved, Mapping) or not {"mean", "projection"} <= set(saved):
+        raise ConfigError(f"whitening file {path} is not a whitening (expected a dict with 'mean' and "
+                          "'projection', as models.functional.learn_pca_whitening returns)")
+    mean, proj = saved["mean"], saved["projection"]
+    if mean.ndim != 1 or proj.ndim != 2 or proj.shape[0] != mean.shape[0]:
+        raise ConfigError(f"whitening file {path}: mean {tuple(mean.shape)} and projection {tuple(proj.shape)} "
+                          "do not fit together ((d,) and (d, dim))")
+    if not (torch.isfinite(mean).all() and torch.isfinite(proj).all()):
+        raise ConfigError(f"whitening file {path} holds non-finite values")
+    return dict(saved)
+
+
+def _mismatch(saved: Mapping[str, Any], *, kind: str, state_hash: str, signature: str, dim: int | None,
+              train: str | None) -> str | None:
+    """Why a saved whitening does not belong to this model (None when it does)."""
+    if saved.get("format") != WHITENING_FORMAT:
+        return f"format {saved.get('format')} (this version writes {WHITENING_FORMAT})"
+    if saved.get("kind") != kind:
+        return f"it was learned for {saved.get('kind')}, not {kind}"
+    if saved.get("state_hash") != state_hash:
+        return "it was learned with other weights"
+    if saved.get("model_signature") != signature:
+        return "it was learned with other model settings (model.superglobal / model.cvnet_scales)"
+    if saved.get("dim_requested") != dim:
+        return f"it was learned with post.whitening.dim={saved.get('dim_requested')}, not {dim}"
+    if train is not None and saved.get("train_signature") != train:
+        return "its training images differ from this run's"
+    return None
+
+
+def _check_given(saved: Mapping[str, Any], path: Path, *, kind: str, d: int, state_hash: str) -> None:
+    if saved["mean"].shape[0] != d:
+        raise ConfigError(f"whitening file {path} is for {saved['mean'].shape[0]}-d descriptors; {kind}'s are {d}-d")
+    if "kind" not in saved:
+        logger.warning("whitening file %s records neither its model nor its weights: it cannot be checked against "
+                       "%s", path, kind)
+        return
+    if saved["kind"] != kind:
+        raise ConfigError(f"whitening file {path} was learned for {saved['kind']}, not {kind}: give one file per "
+                          "model with a '{kind}' placeholder, e.g. post.whitening.source=w/whiten-{kind}.pt")
+    if saved.get("state_hash") != state_hash:
+        raise ConfigError(f"whitening file {path} was learned with other weights (sha256 "
+                          f"{saved.get('weights_sha256') or 'unknown'}) than this run's {kind}")
+
+
+def check_whitening_source(source: str | None) -> None:
+    """A whitening row needs ``post.whitening.source``: refused before anything runs when it is null."""
+    if not source:
+        raise ConfigError("post.rows asks for whitening but post.whitening.source is null: set it to 'learn' "
+                          "(learned on the built-in training split, saved beside the weights) or to a file saved "
+                          "by an earlier run")
+
+
+def obtain_whitening(ctx: WhiteningContext, *, kind: str, model: nn.Module, state_hash: str, d: int,
+                     scales: Sequence[float], is_main: bool = True) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The whitening {'mean', 'projection', ...} of global model ``kind`` (descriptors of dimension ``d``, images
+    at ``scales`` as the evaluation extracts them) and its :func:`whitening_info`:
+    loaded from ``post.whitening.source``, reused from where a run saves it, or learned on the training split and
+    saved there. Every rank extracts its share of the training descriptors; only the main rank learns (the
+    others get None)."""
+    if ctx.source and ctx.source != LEARN:
+        path = Path(ctx.source.replace("{kind}", kind))
+        if not path.is_file():
+            raise MissingFileError(f"post.whitening.source: whitening file {path} not found")
+        saved = _load(path)
+        _check_given(saved, path, kind=kind, d=d, state_hash=state_hash)
+        logger.info("whitening of %s: %s (d=%d)", kind, path, saved["projection"].shape[1])
+        return saved, whitening_info(saved, path)
+    check_whitening_source(ctx.source)
+
+    path = whitening_path(ctx, kind, state_hash)
+    signature = _signature_hash(model_signature(model))
+    train_set = None
+    if ctx.train_name:
+        train_set = TrainImages(ctx.root, ctx.train_name, convention=model.input_convention, scales=scales,
+                                min_side=ctx.min_side, max_images=ctx.max_images)
+    train = _signature_hash(dataset_signature(train_set)) if train_set is not None else None
+    check = {"kind": kind, "state_hash": state_hash, "signature": signature, "dim": ctx.dim, "train": train}
+    if path is not None and path.is_file():
+        saved = _load(path)
+        why = _mismatch(saved, **check)
+        if why is None:
+            logger.info("whitening of %s: reusing %s (d=%d)", kind, path, saved["projection"].shape[1])
+            return saved, whitening_info(saved, path)
+        logger.info("whitening of %s: %s does not fit (%s)", kind, path, why)
+        if train_set is None:
+            raise ConfigError(f"post.whitening.source=learn: the whitening file {path} does not fit this run's "
+                              f"{kind} ({why}). {_learn_hint(kind)}")
+    if train_set is None:
+        where = f"no whitening file at {path}" if path else "no weights file or cache folder to find it in"
+        raise ConfigError(f"post.whitening.source=learn learns on the built-in benchmark's training split, and this "
+                          f"run is not on the built-in benchmark ({where}). {_learn_hint(kind)}")
+
+    vectors = cached_global_descriptors(model=model, dataset=train_set, label=f"{train_set.name}-{kind}-r{ctx.depth}",
+                                        weights_hash=state_hash, **ctx.extract_kw)
+    if not is_main or vectors is None:
+        return None, {}
+    try:
+        learned = MF.learn_pca_whitening(vectors.double(), ctx.dim)
+    except ValueError as exc:  # too few training images for the dimension asked
+        raise ConfigError(f"post.whitening: learning on {train_set.name} ({len(train_set)} images): {exc} "
+                          "(a larger training split: data.synthetic.config.train_landmarks / "
+                          "train_views_per_landmark; or a smaller post.whitening.dim)") from None
+    saved = {"mean": learned["mean"].float(), "projection": learned["projection"].float(),
+             "format": WHITENING_FORMAT, "kind": kind, "state_hash": state_hash,
+             "weights_sha256": ctx.weights_sha256, "weights_file": ctx.weights_file,
+             "model_signature": signature, "dim_requested": ctx.dim, "train_signature": train,
+             "learned_on": os.path.join(ctx.root, train_set.name), "n_images": len(train_set)}
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(saved, path)
+            logger.info("whitening of %s learned on %d images of %s (d=%d), saved to %s", kind, len(train_set),
+                        train_set.name, saved["projection"].shape[1], path)
+        except OSError as exc:
+            logger.warning("whitening of %s: could not save %s (%s); it will be learned again next run",
+                           kind, path, exc)
+            path = None
+    return saved, whitening_info(saved, path)
+
+
+def _learn_hint(kind: str) -> str:
+    return (f"Learn it first with the same model settings on the built-in benchmark (`python eval.py "
+            f"model.weights=<the same file> post.rows=[whitening] post.whitening.source=learn`, which saves it "
+            f"beside the weights as <weights>.whiten-{kind}.pt), or give post.whitening.source=<file.pt>.")
+
+
+def whiten(vectors: Tensor, whitening: Mapping[str, Tensor], *, chunk: int = 65536) -> Tensor:
+    """``L2((x - m) P)`` of (n, d) descriptors, ``chunk`` rows at a time, in their own dtype (a float16 store of
+    the +1M distractors stays float16)."""
+    w = {"mean": whitening["mean"], "projection": whitening["projection"]}
+    out = [whiten_parts(vectors[s : s + chunk], w).to(vectors.dtype) for s in range(0, vectors.shape[0], chunk)]
+    return torch.cat(out) if out else vectors.new_zeros((0, w["projection"].shape[1]))
+
+
+def post_score_source(row: PostRow) -> str:
+    """What the scores shown for a post-processed row are."""
+    what = f"cosine similarity of the {'whitened ' if row.whitening else ''}{row.base} descriptors"
+    return what + (f", before {row.post.describe()} re-ordered the ranking" if row.post.active else "")
+
+
+def whitened_ranking(kind: str, *, vectors: Mapping[tuple[str, str], Any], whitening: Mapping[str, torch.Tensor],
+                     with_distractors: bool, cache: dict[tuple[str, str], torch.Tensor], device: torch.device
+                     ) -> tuple[np.ndarray, torch.Tensor, Any]:
+    """(ranks, whitened queries, whitened database or its parts) of global model ``kind`` over its whitened
+    descriptors ``vectors[(kind, split)]``; ``cache`` keeps the whitened descriptors of a dataset, so that its
+    +1M ranking whitens only the distractors."""
+    splits = ("query", "db", "distractors") if with_distractors else ("query", "db")
+    for split in splits:
+        if (kind, split) not in cache:
+            cache[(kind, split)] = whiten(vectors[(kind, split)], whitening)
+    wq, wb = cache[(kind, "query")], cache[(kind, "db")]
+    if with_distractors:
+        wb = [wb, cache[(kind, "distractors")]]
+    _, ranks = global_ranking(wq, wb, device=device, with_similarities=False, rank_dtype=np.int32)
+    return ranks, wq, wb
+
+
+def rank_post_row(row: PostRow, start: tuple[np.ndarray, Any, Any]) -> np.ndarray:
+    """The ranking (n_db, nq) of a post-processed row from ``start`` = (ranks, xq, xb) of its (whitened) global
+    ranking; a +1M database (a list of parts) goes through the shortlist mode, reading rows part by part."""
+    ranks, xq, xb = start
+    if not row.post.active:
+        return ranks
+    gather = (lambda rows: db_rows(xb, rows)) if isinstance(xb, (list, tuple)) else None
+    return postprocess_ranking(xq, xb, ranks, row.post, gather=gather)

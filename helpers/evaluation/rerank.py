@@ -1,0 +1,72 @@
+"""The re-ranking stage of an evaluation: CVNet-Rerank over one dataset's global ranking (maps of the cropped
+queries and the database images, pairs scored once), and the database SuperGlobal re-ranks over."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT
+from helpers.builders import (
+    make_database,
+)
+from helpers.evaluation.data import open_distractors, open_revisited
+from helpers.evaluation.detail import (
+    RecordingScorer,
+)
+from helpers.extraction import ReducedMapStore
+from helpers.reranking import (
+    CVNetPairScorer,
+    cvnet_rerank,
+)
+
+
+def superglobal_database(xb: Any, *, kind: str, device: torch.device) -> Any:
+    """What SuperGlobal re-ranks over: ``tensor`` passes the descriptors (or their parts) through, and the
+    candidates are read off the global ranking; ``tensor_db`` / ``faiss`` index them and search again."""
+    if kind == "tensor":
+        return xb
+    parts = list(xb) if isinstance(xb, (list, tuple)) else [xb]
+    d = parts[0].shape[1]
+    if kind == "tensor_db":
+        db = make_database("tensor", d, device=device, progress=False)
+        db.reserve(sum(p.shape[0] for p in parts))
+    else:
+        db = make_database(kind, d, index="flat")
+    offset = 0
+    for part in parts:
+        db.add(part, ids=np.arange(offset, offset + part.shape[0]))
+        offset += part.shape[0]
+    return db
+
+
+def run_cvnet_rerank(*, model: nn.Module, root: str, name: str, extra: str | None, min_side: int | None,
+                     rr: Mapping[str, Any], ext_cfg: Mapping[str, Any], ranks: np.ndarray, xq: torch.Tensor,
+                     xb: Any, gnd: Sequence[Mapping], device: torch.device, weights_hash: str,
+                     progress: bool) -> tuple[dict[str, np.ndarray], list[dict[int, float]]]:
+    """CVNet re-ranking of one dataset's global ranking (maps at scale 1.0: cropped queries, full images).
+    Returns the rankings per protocol and, per query, {database id: the mixed score it was re-sorted by}."""
+    kw = {"convention": model.input_convention, "scales": (1.0,), "min_side": min_side}
+    queries = open_revisited(root=root, name=name, split="query", **kw)
+    db: Dataset = open_revisited(root=root, name=name, split="db", **kw)
+    if extra:
+        db = ConcatDataset([db, open_distractors(root=root, **kw)])
+    map_cache = (os.path.join(ext_cfg["cache_dir"], "rerank_maps")
+                 if rr.get("cache_maps") and ext_cfg.get("cache_dir") else None)
+    store_kw = {"model": model, "device": device, "cache_dir": map_cache, "batch_size": int(ext_cfg["batch_size"]),
+                "num_workers": int(ext_cfg["num_workers"]), "weights_hash": weights_hash}
+    scorer = CVNetPairScorer(
+        model=model,
+        query_maps=ReducedMapStore(dataset=queries, **store_kw),
+        db_maps=ReducedMapStore(dataset=db, max_items=int(rr["chunk_images"]), **store_kw),
+        batch_size=int(rr["batch_size"]), chunk_images=int(rr["chunk_images"]), progress=progress)
+    recorder = RecordingScorer(scorer)
+    weight = float(rr.get("weight", CVNET_SCORE_WEIGHT))
+    final = cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=recorder, mode=rr["mode"],
+                         gnd=gnd, top_k=int(rr.get("top_k", CVNET_RERANK_TOP_K)), weight=weight)
+    return final, recorder.mixed_scores(xq, xb, weight=weight, nq=ranks.shape[1])

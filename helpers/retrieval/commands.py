@@ -1,0 +1,185 @@
+"""What ``python retrieve.py build`` and ``query`` run: index a folder of images into a saved Retriever, build
+the re-ranker a saved index asks for, and query it with one image."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from common.errors import InvalidValueError, MissingFileError, OutputExistsError
+from helpers.builders import (
+    GLOBAL_KINDS,
+    TIMM_ARCH_PREFIX,
+    build_model,
+    build_superglobal_reranker,
+    global_dim,
+    make_database,
+    model_kind,
+    model_name,
+)
+from helpers.distributed import resolve_device
+from helpers.postprocess import PostProcessing
+from helpers.retrieval.images import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, list_images
+from helpers.retrieval.retriever import Hit, Retriever
+from helpers.retrieval.saved import CONFIG_FILE
+from models.timm_global import TimmGlobal
+from models.weights import OFFICIAL_WEIGHTS_HINT
+
+logger = logging.getLogger(__name__)
+
+RERANKERS = ("none", "superglobal", "cvnet")
+
+
+def build_index(
+    *,
+    images: str | os.PathLike,
+    index_dir: str | os.PathLike,
+    model: str = "superglobal",
+    weights: str | os.PathLike | None = None,
+    depth: int = 50,
+    backend: str = "tensor",
+    max_side: int | None = DEFAULT_MAX_SIDE,
+    min_side: int | None = DEFAULT_MIN_SIDE,
+    device: str = "cpu",
+    batch_size: int = 4,
+    seed: int = 0,
+    scales: Sequence[float] | None = None,
+    overwrite: bool = False,
+    skip_unreadable: bool = False,
+    host: str | None = None,
+    index_name: str | None = None,
+    namespace: str = "",
+    progress: bool = True,
+    flip: bool = False,
+) -> Retriever:
+    """Index every image under ``images`` into ``index_dir`` (ids 0..n-1 in sorted path order); returns the
+    :class:`Retriever`. ``model``: ``"superglobal"``, ``"cvnet"`` (CVNet-Global) or ``"timm:<timm model name>"``
+    (a :class:`models.TimmGlobal`; ``weights`` a trained ``timm-global-v1`` file of train_backbone.py). Without
+    ``weights`` the model is random (seeded, loudly warned: results meaningless). ``device``: auto, cpu, cuda or
+    cuda:N. ``flip``: flip test-time augmentation of every descriptor (recorded: queries get it too).
+
+    ``scales``: the multi-scale factors (default: the model's, 0.7071, 1, 1.4142; ``[1.0]`` is single scale,
+    about 3.5 times faster). An unreadable image is an error naming it, unless ``skip_unreadable``. An existing
+    index is replaced only with ``overwrite`` (for Pinecone: a namespace that already holds vectors).
+    """
+    index_dir = Path(index_dir)
+    if (index_dir / CONFIG_FILE).exists() and not overwrite:
+        raise OutputExistsError(f"{index_dir} already holds an index: pass --overwrite to replace it")
+    files = list_images(images, exclude=index_dir)
+    if weights is not None and not Path(weights).is_file():
+        raise MissingFileError(f"weights file not found: {weights}. {OFFICIAL_WEIGHTS_HINT}")
+    torch_device = resolve_device(device)
+    kind = model_kind(model)
+    if kind not in GLOBAL_KINDS:
+        raise InvalidValueError(f"a global model is one of {GLOBAL_KINDS[:2]}, 'cvnet' or "
+                                f"{TIMM_ARCH_PREFIX}<timm model name>, got {model!r}")
+    options = {"scales": list(scales)} if scales is not None and kind == "superglobal" else None
+    net = build_model(model, depth=depth, weights=weights, seed=seed, options=options)
+    extra = {"scales": tuple(scales)} if scales is not None and kind != "superglobal" else {}
+    database = make_database(backend, global_dim(net), host=host, index_name=index_name, namespace=namespace)
+    if len(database):
+        if not overwrite:
+            raise OutputExistsError(f"the {backend} database already holds {len(database)} vectors: pass --overwrite "
+                                    "to delete them first, or use another --namespace")
+        database.delete(database.ids())
+    retriever = Retriever(net, database, device=torch_device, batch_size=batch_size, max_side=max_side,
+                          min_side=min_side, weights=weights, seed=None if weights is not None else seed, flip=flip,
+                          **extra)
+    logger.info("indexing %d images from %s with %s%s", len(files), images, model_name(net),
+                " (flip test-time augmentation)" if flip else "")
+    ids = retriever.index(files, ids=range(len(files)), on_error="skip" if skip_unreadable else "raise",
+                          progress=progress)
+    if int((ids >= 0).sum()) == 0:
+        raise InvalidValueError(f"none of the {len(files)} images under {images} could be read")
+    retriever.save(index_dir, remote={"host": host, "index_name": index_name} if backend == "pinecone" else None)
+    return retriever
+
+
+
+def rerank_source(index_dir: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+                  rerank_weights: str | os.PathLike | None = None) -> tuple[str | None, int | None]:
+    """Where the CVNet re-ranker of a saved index takes its weights: (checkpoint path, None) from
+    ``rerank_weights``, else ``weights`` (the index's checkpoint, moved), else the checkpoint the index was built
+    with (an official CVNet checkpoint holds both parts); (None, seed) for an index of random weights (the same
+    seed). An index of a timm model has no CVNet part: ``rerank_weights`` is needed (ValueError)."""
+    recorded = Retriever.read_config(index_dir)["model"]
+    if rerank_weights is not None:
+        return os.fspath(rerank_weights), None
+    if recorded.get("class") == TimmGlobal.__name__:
+        raise InvalidValueError(f"{index_dir} was built with a timm model ({TIMM_ARCH_PREFIX}"
+                                f"{(recorded.get('options') or {}).get('model_name')}), whose weights hold no CVNet "
+                                "re-ranking head: pass the CVNet checkpoint (rerank_weights=, --rerank-weights)")
+    source = weights if weights is not None else recorded.get("weights")
+    if source is not None:
+        return os.fspath(source), None
+    return None, recorded.get("seed") or 0
+
+
+def reranker_for_index(
+    index_dir: str | os.PathLike,
+    kind: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    rerank_weights: str | os.PathLike | None = None,
+    M: int | None = None,
+    K: int | None = None,
+    beta: float | None = None,
+) -> nn.Module | None:
+    """The re-ranker ``kind`` (``"none"`` -> None, ``"superglobal"``, ``"cvnet"``) for the index saved in
+    ``index_dir``. SuperGlobal: ``M``, ``K``, ``beta`` (None: SuperGlobal's 400, 9, 0.15). CVNet: its weights
+    from :func:`rerank_source` (``rerank_weights``, else the index's own checkpoint, ``weights`` if it moved,
+    else random weights of the index's seed) at the index's ResNet depth."""
+    if kind not in RERANKERS:
+        raise InvalidValueError(f"rerank must be one of {RERANKERS}, got {kind!r}")
+    if kind == "none":
+        return None
+    if kind == "superglobal":
+        return build_superglobal_reranker(**_given(M=M, K=K, beta=beta))
+    source, seed = rerank_source(index_dir, weights=weights, rerank_weights=rerank_weights)
+    depth = Retriever.read_config(index_dir)["model"].get("depth") or 50
+    return build_model("cvnet_rerank", depth=depth, weights=source, seed=seed if seed is not None else 0)
+
+
+def query_index(
+    *,
+    index_dir: str | os.PathLike,
+    image: str | os.PathLike,
+    k: int = 10,
+    rerank: str = "none",
+    bbox: Sequence[float] | None = None,
+    weights: str | os.PathLike | None = None,
+    rerank_weights: str | os.PathLike | None = None,
+    device: str = "cpu",
+    rerank_top_k: int | None = None,
+    mix: float | None = None,
+    M: int | None = None,
+    K: int | None = None,
+    beta: float | None = None,
+    post: PostProcessing | None = None,
+    timings: dict[str, float] | None = None,
+) -> tuple[list[Hit], Retriever]:
+    """Query a saved index with one image: (hits best first, the retriever).
+
+    ``rerank``: ``"none"``, ``"superglobal"`` or ``"cvnet"``, built by :func:`reranker_for_index` (``M``, ``K``,
+    ``beta``; ``rerank_weights``); ``rerank_top_k`` and ``mix`` (None: the index's settings). ``post``: the
+    post-processing (None: the index's recorded one, if any). ``weights`` points at the index's checkpoint if it
+    moved since the build. ``timings``: filled with each stage's seconds (see :meth:`Retriever.query_batch`).
+    """
+    reranker = reranker_for_index(index_dir, rerank, weights=weights, rerank_weights=rerank_weights, M=M, K=K,
+                                  beta=beta)
+    retriever = Retriever.load(index_dir, weights=weights, reranker=None, device=resolve_device(device),
+                               **_given(rerank_top_k=rerank_top_k, mix=mix))
+    source: tuple[str | None, int | None] = (None, None)
+    if rerank == "cvnet":
+        source = rerank_source(index_dir, weights=weights, rerank_weights=rerank_weights)
+    retriever.set_reranker(reranker, weights=source[0], seed=source[1])  # what errors name its weights by
+    return retriever.query(image, k, bbox=bbox, post=post, timings=timings), retriever
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments that were given (not None), so that the callee's defaults apply to the rest."""
+    return {name: value for name, value in values.items() if value is not None}
