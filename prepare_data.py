@@ -4,14 +4,14 @@ official CVNet weights.
     python prepare_data.py synthetic --root data [--name synth] [--seed N] [--n-landmarks N] [--overwrite] ...
     python prepare_data.py download --root data --datasets roxford5k rparis6k [revisitop1m] [gldv2-retrieval-test]
                                     [--dry-run]
-    python prepare_data.py weights R50 R101 [--root weights] [--url GOOGLE_DRIVE_LINK]
+    python prepare_data.py weights R50 R101 [--root weights] [--url LINK]
 
 The first two write the revisitop layout that eval.py reads (``<root>/<name>/jpg/``,
 ``<root>/<name>/gnd_<name>.pkl``; GLDv2's retrieval test goes to ``<root>/gldv2``). ``weights`` downloads
-CVPR2022_CVNet_R50/R101.pyth (resumable, through Google Drive's confirmation page), checks each by a strict load
-into CVNet-Rerank and CVNet-Global, and records its sha256 in ``<root>/SHA256SUMS``. The work is done by
-``datasets.synthetic.build_synthetic`` and ``datasets.download``; errors are one line on stderr and a non-zero
-exit.
+CVPR2022_CVNet_R50/R101.pyth from the authors' Google Drive folder (or R50's mirror), resumable; checks each by a
+strict load into CVNet-Rerank and CVNet-Global of its depth; and records its sha256 in ``<root>/SHA256SUMS``,
+which every later load checks. The work is done by ``datasets.synthetic.build_synthetic``,
+``datasets.download`` and ``models.weights``; errors are one line on stderr and a non-zero exit.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from cli import run_reporting_errors
 from datasets.download import DOWNLOADS
 
 # torch-free: the tables of names are what --datasets and weights accept
-from models.weights import CVNET_REPO_URL, OFFICIAL_WEIGHTS
+from models.weights import CVNET_DRIVE_FOLDER_ID, CVNET_DRIVE_FOLDER_URL, CVNET_REPO_URL, OFFICIAL_WEIGHTS
 
 log = logging.getLogger("prepare_data")
 
@@ -63,15 +63,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     w = commands.add_parser("weights", help="fetch and check the official CVNet weights (R50, R101)",
                             description="Download the official CVNet checkpoints (SuperGlobal uses the same files) "
-                                        f"from the Google Drive links of {CVNET_REPO_URL}, resuming an interrupted "
-                                        "download; check each by a strict load into CVNet-Rerank and CVNet-Global; "
-                                        "record its sha256 in ROOT/SHA256SUMS. A file already in ROOT is only "
-                                        "checked.")
+                                        f"from the Google Drive folder {CVNET_DRIVE_FOLDER_URL} that {CVNET_REPO_URL} "
+                                        "links (R50 also from the AMES authors' mirror), resuming an interrupted "
+                                        "download; check each by a strict load into CVNet-Rerank and CVNet-Global of "
+                                        "its depth; record its sha256 in ROOT/SHA256SUMS, which every later load "
+                                        "checks. A file already in ROOT is only checked.")
     w.add_argument("names", nargs="+", type=str.upper, choices=sorted(OFFICIAL_WEIGHTS), metavar="NAME",
                    help=f"which checkpoints: {' '.join(sorted(OFFICIAL_WEIGHTS))}")
     w.add_argument("--root", default="weights", help="folder for the .pyth files (default: weights)")
-    w.add_argument("--url", help="where to fetch the one named file: its Google Drive link (from the CVNet README) "
-                                 "or any http(s) URL")
+    w.add_argument("--url", help="fetch the one named file only from here: a Google Drive file or folder link, or "
+                                 "any http(s) URL (default: the sources recorded in models/weights.py)")
     w.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a try gives up")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -109,19 +110,27 @@ def download(args: argparse.Namespace) -> int:
 
 def verify_official_weights(path: str, depth: int) -> None:
     """Raise unless ``path`` loads strictly into CVNet-Rerank and CVNet-Global of ResNet-``depth`` (between them,
-    every tensor of an official file)."""
-    from helpers.builders import build_model
+    every tensor of an official file). The file is read once (its recorded sha256 checked); the models are laid out
+    on the meta device and given memory without initialising it, since the load overwrites every tensor."""
+    import torch
 
-    for kind in ("cvnet_rerank", "cvnet_global"):
-        build_model(kind, depth=depth, weights=path, warn_random=False)
+    from models import CVNetGlobal, CVNetRerank, load_official_checkpoint
+    from models.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    for cls in (CVNetRerank, CVNetGlobal):
+        with torch.device("meta"):
+            model = cls(depth=depth)
+        load_official_checkpoint(model.to_empty(device="cpu"), checkpoint)
 
 
 def weights(args: argparse.Namespace) -> int:
     from models.weights import fetch_official_weights
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sums = fetch_official_weights(args.names, root=args.root, url=args.url, verify=verify_official_weights,
-                                  timeout=args.timeout, progress=not args.no_progress)
+    sums = fetch_official_weights(args.names, root=args.root, url=args.url, folder_id=CVNET_DRIVE_FOLDER_ID,
+                                  table=OFFICIAL_WEIGHTS, verify=verify_official_weights, timeout=args.timeout,
+                                  progress=not args.no_progress)
     log.info("checked %s; sha256 recorded in %s/SHA256SUMS", ", ".join(sums), args.root)
     return 0
 

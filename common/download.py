@@ -1,10 +1,9 @@
-"""Fetching a file over HTTP(S): resumable through a ``.part`` file (HTTP Range), one clear error per failure kind,
-and Google Drive's share links and large-file confirmation page."""
+"""Fetching a file: over plain HTTP(S), resumable through a ``.part`` file (HTTP Range), with one clear error per
+failure kind; and from a public Google Drive folder through gdown (the folder's listing, a file by id through
+Drive's large-file confirmation page, resumed)."""
 from __future__ import annotations
 
-import html
 import http.client
-import http.cookiejar
 import logging
 import os
 import re
@@ -12,10 +11,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 from tqdm import tqdm
 
-from common.errors import ProjectIOError
+from common.errors import MissingDependencyError, ProjectIOError
 
 logger = logging.getLogger(__name__)
 
@@ -26,22 +26,33 @@ def _total_from_content_range(value: str | None) -> int | None:
 
 
 class DownloadError(ProjectIOError):
-    """A transfer that failed; the message names the URL."""
+    """A transfer that failed; the message names what was fetched."""
 
 
 class UnreachableError(DownloadError):
-    """The server could not be reached at all (offline, DNS failure, connection refused)."""
+    """The server could not be reached at all (offline, DNS failure, connection refused); ``host`` names it."""
+
+    def __init__(self, message: str, *, host: str) -> None:
+        super().__init__(message)
+        self.host = host
 
 
 class InterruptedDownloadError(DownloadError):
-    """The connection dropped or timed out before the whole file came; the ``.part`` file keeps what arrived,
-    and a new call resumes from it."""
-#: Bytes of an HTML answer read to look for a way on (Google Drive's confirmation page is a few kB).
-_HTML_LIMIT = 2 << 20
+    """The connection dropped or timed out before the whole file came; what arrived is kept, and a new call
+    resumes from it."""
 
 
-def _is_html(response) -> bool:
-    return (response.headers.get("Content-Type") or "").split(";")[0].strip().lower() == "text/html"
+def _with_attempts(fetch_once: Callable[[], None], attempts: int) -> None:
+    """``fetch_once()``, called again (to resume) after an :class:`InterruptedDownloadError`, ``attempts`` calls
+    at most."""
+    for attempt in range(1, attempts + 1):
+        try:
+            fetch_once()
+            return
+        except InterruptedDownloadError as exc:
+            if attempt >= attempts:
+                raise
+            logger.warning("%s; resuming (attempt %d of %d)", exc, attempt + 1, attempts)
 
 
 def fetch(
@@ -51,53 +62,39 @@ def fetch(
     timeout: float = 60.0,
     chunk_size: int = 1 << 20,
     progress: bool = True,
-    opener: urllib.request.OpenerDirector | None = None,
-    follow_html: Callable[[str, str], str | None] | None = None,
+    attempts: int = 1,
 ) -> None:
     """Download ``url`` to ``path`` through ``path + '.part'``, resuming a partial ``.part`` by HTTP Range.
 
     A server that ignores Range (answers 200) restarts the file from zero; a 416 with the .part already at the
-    full length counts as complete. ``opener`` (e.g. one with a cookie jar) makes the requests. With
-    ``follow_html``, an HTML answer is not the file: ``follow_html(page, page_url)`` returns the URL to request
-    instead (Google Drive's large-file confirmation page, see :func:`drive_confirm_url`), or None, which is an
-    error. Raises :class:`UnreachableError` when the server cannot be reached,
-    :class:`InterruptedDownloadError` when the transfer stops early (run again to resume), :class:`DownloadError`
-    on an HTTP error.
+    full length counts as complete. A transfer that breaks off is resumed, ``attempts`` tries in all. Raises
+    :class:`UnreachableError` when the server cannot be reached, :class:`InterruptedDownloadError` when the
+    transfer stops early every time (run again to resume), :class:`DownloadError` on an HTTP error.
     """
+    _with_attempts(lambda: _fetch_once(url, path, timeout=timeout, chunk_size=chunk_size, progress=progress),
+                   attempts)
+
+
+def _fetch_once(url: str, path: str, *, timeout: float, chunk_size: int, progress: bool) -> None:
     part = path + ".part"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     offset = os.path.getsize(part) if os.path.isfile(part) else 0
-    open_url = opener.open if opener is not None else urllib.request.urlopen
-    for _hop in range(5):
-        request = urllib.request.Request(url, headers={"User-Agent": "cvnet-superglobal-downloader"})
-        if offset:
-            request.add_header("Range", f"bytes={offset}-")
-        try:
-            response = open_url(request, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and offset and _total_from_content_range(e.headers.get("Content-Range")) == offset:
-                os.replace(part, path)
-                return
-            raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
-        except urllib.error.URLError as e:
-            raise UnreachableError(f"download of {url} failed: {e.reason} (offline? fetch it by hand to {path})"
-                                   ) from e
-        except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
-            raise InterruptedDownloadError(f"download of {url} was interrupted ({type(e).__name__}: {e}); run "
-                                           "again to resume") from e
-        if follow_html is None or not _is_html(response):
-            break
-        with response:
-            page = response.read(_HTML_LIMIT).decode("utf-8", errors="replace")
-            page_url = response.geturl()
-        next_url = follow_html(page, page_url)
-        if next_url is None:
-            raise DownloadError(f"download of {url} failed: the server answered with an HTML page, not the file "
-                                "(a sign-in, quota or error page)")
-        logger.info("%s answered with a confirmation page; following it", url)
-        url = next_url
-    else:
-        raise DownloadError(f"download of {url} failed: too many HTML pages before the file")
+    request = urllib.request.Request(url, headers={"User-Agent": "cvnet-superglobal-downloader"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset and _total_from_content_range(e.headers.get("Content-Range")) == offset:
+            os.replace(part, path)
+            return
+        raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise UnreachableError(f"download of {url} failed: {e.reason} (offline? fetch it by hand to {path})",
+                               host=urllib.parse.urlsplit(url).netloc) from e
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
+        raise InterruptedDownloadError(f"download of {url} was interrupted ({type(e).__name__}: {e}); run "
+                                       "again to resume") from e
     with response:
         if offset and response.status != 206:
             logger.warning("%s: server ignored the Range request; restarting from zero", url)
@@ -124,61 +121,119 @@ def fetch(
         raise InterruptedDownloadError(f"download of {url} stopped at {got} of {total} bytes; run again to resume "
                                       f"from {part}")
     os.replace(part, path)
-#: Drive's direct-download endpoint; a large file answers it with a confirmation page (see drive_confirm_url).
-DRIVE_DOWNLOAD_URL = "https://drive.google.com/uc?export=download&id={id}"
-_DRIVE_HOSTS = ("drive.google.com", "docs.google.com", "drive.usercontent.google.com")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Google Drive (public folders and files, through gdown)
+# --------------------------------------------------------------------------------------------------------------
+
+DRIVE_HOST = "drive.google.com"
+DRIVE_HOSTS = (DRIVE_HOST, "docs.google.com", "drive.usercontent.google.com")
 _DRIVE_ID = re.compile(r"[0-9A-Za-z_-]{10,}")
+
+
+def _valid_id(candidate: str | None) -> str | None:
+    return candidate if candidate is not None and _DRIVE_ID.fullmatch(candidate) else None
 
 
 def drive_file_id(url: str) -> str | None:
     """The file id of a Google Drive link (``.../file/d/<id>/view``, ``open?id=<id>``, ``uc?id=<id>``,
-    ``drive.usercontent.google.com/download?id=<id>``); None for any other URL."""
+    ``drive.usercontent.google.com/download?id=<id>``); None for any other URL, a folder's link included."""
     parts = urllib.parse.urlsplit(url)
-    if parts.hostname not in _DRIVE_HOSTS:
+    if parts.hostname not in DRIVE_HOSTS or drive_folder_id(url) is not None:
         return None
-    m = re.search(r"/file/d/([^/?#]+)", parts.path)
-    candidate = m.group(1) if m else (urllib.parse.parse_qs(parts.query).get("id") or [None])[0]
-    return candidate if candidate is not None and _DRIVE_ID.fullmatch(candidate) else None
+    m = re.search(r"/file/(?:u/\d+/)?d/([^/?#]+)", parts.path)
+    return _valid_id(m.group(1) if m else (urllib.parse.parse_qs(parts.query).get("id") or [None])[0])
 
 
-def is_drive_folder(url: str) -> bool:
-    """Whether ``url`` is a Google Drive folder link (``.../drive/folders/<id>``, ``.../folderview?id=<id>``)."""
+def drive_folder_id(url: str) -> str | None:
+    """The folder id of a Google Drive folder link (``.../drive/folders/<id>``, ``.../drive/u/0/folders/<id>``,
+    ``folderview?id=<id>``); None for any other URL."""
     parts = urllib.parse.urlsplit(url)
-    return parts.hostname in _DRIVE_HOSTS and ("/folders/" in parts.path or parts.path.endswith("/folderview"))
-
-
-def _attributes(tag: str) -> dict[str, str]:
-    return {k.lower(): html.unescape(v) for k, v in re.findall(r'([\w-]+)\s*=\s*"([^"]*)"', tag)}
-
-
-def drive_confirm_url(page: str, page_url: str, cookies: http.cookiejar.CookieJar | None = None) -> str | None:
-    """Where Google Drive's "can't scan this file for viruses" page says to download the file; None when the
-    page offers no way on (not shared, quota exceeded, a sign-in page).
-
-    Drive answers a large file's download URL with an HTML page instead of the file. Its current form is a
-    ``<form action=".../download">`` whose hidden inputs (id, export, confirm, uuid) make the real download URL;
-    older pages carry a link with ``confirm=<token>``, or set a ``download_warning_*`` cookie whose value is the
-    confirm token.
-    """
-    for form in re.finditer(r"<form\b([^>]*)>(.*?)</form>", page, flags=re.S | re.I):
-        action = _attributes(form.group(1)).get("action")
-        if not action:
-            continue
-        fields = []
-        for tag in re.findall(r"<input\b[^>]*>", form.group(2), flags=re.I):
-            attrs = _attributes(tag)
-            if attrs.get("type", "").lower() == "hidden" and "name" in attrs:
-                fields.append((attrs["name"], attrs.get("value", "")))
-        if any(name == "confirm" for name, _ in fields):
-            target = urllib.parse.urljoin(page_url, action)
-            return target + ("&" if "?" in target else "?") + urllib.parse.urlencode(fields)
-    m = re.search(r'href="([^"]*[?&](?:amp;)?confirm=[^"]*)"', page)
+    if parts.hostname not in DRIVE_HOSTS:
+        return None
+    m = re.search(r"/folders/([^/?#]+)", parts.path)
     if m:
-        return urllib.parse.urljoin(page_url, html.unescape(m.group(1)))
-    for cookie in cookies or ():
-        if cookie.name.startswith("download_warning"):
-            parts = urllib.parse.urlsplit(page_url)
-            query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "confirm"]
-            query.append(("confirm", cookie.value))
-            return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+        return _valid_id(m.group(1))
+    if parts.path.endswith("/folderview"):
+        return _valid_id((urllib.parse.parse_qs(parts.query).get("id") or [None])[0])
     return None
+
+
+def _gdown() -> Any:
+    try:
+        import gdown
+    except ImportError:
+        raise MissingDependencyError("Google Drive downloads need gdown: pip install gdown (it is in "
+                                     "requirements.txt)") from None
+    return gdown
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _drive_error(exc: Exception, what: str) -> DownloadError:
+    """A failure of gdown (or of the ``requests`` under it) as this module's error kinds."""
+    import gdown.exceptions
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    cause = exc.__cause__ if isinstance(exc, gdown.exceptions.DownloadError) else exc
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or isinstance(reason, NewConnectionError):
+        return UnreachableError(f"{what} failed: cannot reach {DRIVE_HOST} ({_one_line(reason or exc)})",
+                                host=DRIVE_HOST)
+    if isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:
+        return DownloadError(f"{what} failed: HTTP {exc.response.status_code} {exc.response.reason}")
+    if isinstance(exc, gdown.exceptions.FileURLRetrievalError):
+        # gdown's message is a paragraph; what it means fits in one line
+        return DownloadError(f"{what} failed: Drive gave no download link (no such file, not shared publicly, "
+                             "or its download quota is used up for now: try again later)")
+    if isinstance(cause, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                          requests.exceptions.ChunkedEncodingError)):
+        return InterruptedDownloadError(f"{what} was interrupted ({_one_line(exc)}); run again to resume")
+    return DownloadError(f"{what} failed: {_one_line(exc)}")
+
+
+def list_drive_folder(folder_id: str, *, timeout: float = 60.0) -> dict[str, str]:
+    """The files of the public Google Drive folder ``folder_id`` (sub-folders included): path inside the folder
+    ('a/b.pyth') -> file id. One request per folder, nothing downloaded; gdown reads Drive's folder view.
+    Raises :class:`UnreachableError` offline, :class:`DownloadError` when the folder cannot be listed."""
+    gdown = _gdown()
+    import requests
+
+    try:
+        files = gdown.download_folder(id=folder_id, skip_download=True, quiet=True, use_cookies=False,
+                                      timeout=timeout)
+    except (requests.exceptions.RequestException, gdown.exceptions.DownloadError) as exc:
+        raise _drive_error(exc, f"listing the Google Drive folder {folder_id}") from exc
+    return {f.path.replace(os.sep, "/"): f.id for f in files}
+
+
+def fetch_drive_file(file_id: str, path: str, *, timeout: float = 60.0, attempts: int = 1,
+                     progress: bool = True) -> None:
+    """Download the public Google Drive file ``file_id`` to ``path`` with gdown, through Drive's large-file
+    confirmation page; a transfer that breaks off is resumed from gdown's partial file, ``attempts`` tries in all,
+    and a later call for the same id resumes it too (the partial file, ``<name>.drive-<id>XXXXXXXX.part`` beside
+    ``path``, is named after the id, so that another id for the same name never continues it).
+
+    No cookies are read or written (the confirmation page needs none). Raises :class:`UnreachableError` offline,
+    :class:`InterruptedDownloadError` when every try broke off, :class:`DownloadError` otherwise (not shared, quota
+    used up, HTTP error).
+    """
+    gdown = _gdown()
+    import requests
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    staged = f"{path}.drive-{file_id}"
+
+    def once() -> None:
+        try:
+            gdown.download(id=file_id, output=staged, quiet=not progress, use_cookies=False, resume=True,
+                           timeout=timeout)
+        except (requests.exceptions.RequestException, gdown.exceptions.DownloadError) as exc:
+            raise _drive_error(exc, f"download of Google Drive file {file_id}") from exc
+
+    _with_attempts(once, attempts)
+    os.replace(staged, path)

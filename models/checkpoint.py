@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from common.convention import OFFICIAL_CONVENTION, TORCHVISION_CONVENTION, InputConvention  # noqa: F401
 from common.errors import MissingFileError, ProjectRuntimeError
 from common.io import atomic_torch_save, atomic_write  # noqa: F401
+from models.weights import FETCH_COMMAND, check_recorded_sha256
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +104,16 @@ class CheckpointError(ProjectRuntimeError):
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load(weights_only=True)`` of a checkpoint file, with every way a file can be damaged named:
     missing, empty, truncated, a byte changed in a stored record (the zip format's CRC32), not a checkpoint,
-    or holding Python objects that need unsafe unpickling. Each is an error that names the file."""
+    holding Python objects that need unsafe unpickling, or not the file whose sha256 a ``SHA256SUMS`` beside it
+    records (``prepare_data.py weights`` writes one). Each is an error that names the file."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(
-            f"checkpoint not found: {path}. The official weights are CVPR2022_CVNet_R50.pyth / "
-            "CVPR2022_CVNet_R101.pyth from the CVNet release (https://github.com/sungonce/CVNet, Google Drive "
-            "links in its README); put them under weights/ (see README, 'Official weights')."
+            f"checkpoint not found: {path}. The official weights CVPR2022_CVNet_R50.pyth / CVPR2022_CVNet_R101.pyth "
+            f"are fetched into weights/ and checked by `{FETCH_COMMAND}` (see README, 'Official weights')."
         )
-    refetch = "fetch or copy it again (python prepare_data.py weights R50 R101 for the official files)"
+    check_recorded_sha256(path)  # a file prepare_data.py recorded must still be that file
+    refetch = f"fetch or copy it again ({FETCH_COMMAND} for the official files)"
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or copy; {refetch}")
     if zipfile.is_zipfile(path):

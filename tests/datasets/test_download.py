@@ -1,19 +1,15 @@
-"""Download planning offline, and resume / md5 / extraction against a local HTTP server on 127.0.0.1."""
+"""Download planning offline, and md5 / extraction / the CLI against a local HTTP server on 127.0.0.1 (the fetch
+itself, resume included, is tested in tests/common/test_download.py)."""
 import hashlib
-import http.server
 import io
-import re
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from common.download import fetch
 from datasets.download import DOWNLOADS, RemoteFile, download, extract_archive, extraction_marker, plan_downloads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,54 +19,6 @@ def prepare_data(*args: str, timeout: float = 120) -> subprocess.CompletedProces
     """``python prepare_data.py ARGS`` from the repository root."""
     return subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
-
-
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files`` (path -> bytes) with optional Range support; records each Range header."""
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        data = self.server.files.get(self.path)
-        self.server.ranges.append(self.headers.get("Range"))
-        if data is None:
-            self.send_error(404)
-            return
-        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if m and self.server.honour_range:
-            start = int(m.group(1))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            body = data[start:]
-        else:
-            self.send_response(200)
-            body = data
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    httpd.files, httpd.ranges, httpd.honour_range = {}, [], True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _payload(n=200_000, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
 
 
 def test_table_holds_the_documented_urls():
@@ -123,35 +71,6 @@ def test_plan_for_an_empty_root_lists_everything(tmp_path):
     assert len(plan) == 2 + 3 + 101 and all(p.action == "download" for p in plan)
 
 
-def test_fetch_resumes_part_with_a_range_request(tmp_path, server):
-    data = _payload()
-    server.files["/big.bin"] = data
-    dest = tmp_path / "big.bin"
-    (tmp_path / "big.bin.part").write_bytes(data[:70_001])
-    fetch(f"{server.url}/big.bin", str(dest), progress=False)
-    assert server.ranges == ["bytes=70001-"]
-    assert dest.read_bytes() == data and not (tmp_path / "big.bin.part").exists()
-
-
-def test_fetch_restarts_when_range_is_ignored(tmp_path, server):
-    data = _payload(seed=1)
-    server.files["/f.bin"] = data
-    server.honour_range = False
-    (tmp_path / "f.bin.part").write_bytes(b"stale bytes from some other file")
-    fetch(f"{server.url}/f.bin", str(tmp_path / "f.bin"), progress=False)
-    assert (tmp_path / "f.bin").read_bytes() == data
-
-
-def test_fetch_part_already_complete_and_http_errors(tmp_path, server):
-    data = _payload(1000)
-    server.files["/done.bin"] = data
-    (tmp_path / "done.bin.part").write_bytes(data)
-    fetch(f"{server.url}/done.bin", str(tmp_path / "done.bin"), progress=False)  # 416 with full length
-    assert (tmp_path / "done.bin").read_bytes() == data
-    with pytest.raises(OSError, match="HTTP 404"):
-        fetch(f"{server.url}/missing.bin", str(tmp_path / "missing.bin"), progress=False)
-
-
 def _tgz(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -162,12 +81,12 @@ def _tgz(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def test_download_verifies_md5_extracts_flat_and_is_idempotent(tmp_path, server):
+def test_download_verifies_md5_extracts_flat_and_is_idempotent(tmp_path, http_server):
     gnd, archive = b"ground truth bytes", _tgz({"paris/defense/a.jpg": b"A", "paris/eiffel/b.jpg": b"BB"})
-    server.files.update({"/gnd.pkl": gnd, "/imgs.tgz": archive})
+    http_server.files.update({"/gnd.pkl": gnd, "/imgs.tgz": archive})
     table = {"toy": (
-        RemoteFile("toy", f"{server.url}/gnd.pkl", "toy/gnd.pkl", md5=hashlib.md5(gnd).hexdigest()),
-        RemoteFile("toy", f"{server.url}/imgs.tgz", "toy/imgs.tgz", extract_to="toy/jpg", flatten=True),
+        RemoteFile("toy", f"{http_server.url}/gnd.pkl", "toy/gnd.pkl", md5=hashlib.md5(gnd).hexdigest()),
+        RemoteFile("toy", f"{http_server.url}/imgs.tgz", "toy/imgs.tgz", extract_to="toy/jpg", flatten=True),
     )}
     plan = plan_downloads(tmp_path, ["toy"], table=table)
     download(plan, root=tmp_path, progress=False)
@@ -178,9 +97,9 @@ def test_download_verifies_md5_extracts_flat_and_is_idempotent(tmp_path, server)
     assert plan_downloads(tmp_path, ["toy"], table=table) == []
 
 
-def test_download_md5_mismatch_raises_and_removes(tmp_path, server):
-    server.files["/x.bin"] = b"what the server has"
-    table = {"toy": (RemoteFile("toy", f"{server.url}/x.bin", "toy/x.bin", md5="0" * 32),)}
+def test_download_md5_mismatch_raises_and_removes(tmp_path, http_server):
+    http_server.files["/x.bin"] = b"what the server has"
+    table = {"toy": (RemoteFile("toy", f"{http_server.url}/x.bin", "toy/x.bin", md5="0" * 32),)}
     with pytest.raises(ValueError, match="md5 mismatch"):
         download(plan_downloads(tmp_path, ["toy"], table=table), root=tmp_path, progress=False)
     assert not (tmp_path / "toy" / "x.bin").exists()
@@ -208,20 +127,20 @@ def test_cli_dry_run_prints_the_plan(tmp_path):
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
 
 
-def test_cli_downloads_and_reports_errors_in_one_line(tmp_path, server, monkeypatch, capsys):
+def test_cli_downloads_and_reports_errors_in_one_line(tmp_path, http_server, monkeypatch, capsys):
     """A real run against the local server (through the table), then a failed transfer: one line, exit != 0."""
     import datasets.download as download_module
 
     gnd = b"ground truth"
-    server.files["/gnd.pkl"] = gnd
+    http_server.files["/gnd.pkl"] = gnd
     monkeypatch.setitem(download_module.DOWNLOADS, "roxford5k",
-                        (RemoteFile("roxford5k", f"{server.url}/gnd.pkl", "roxford5k/gnd_roxford5k.pkl"),))
+                        (RemoteFile("roxford5k", f"{http_server.url}/gnd.pkl", "roxford5k/gnd_roxford5k.pkl"),))
     from prepare_data import main
 
     assert main(["download", "--root", str(tmp_path), "--datasets", "roxford5k"]) == 0
     assert (tmp_path / "roxford5k" / "gnd_roxford5k.pkl").read_bytes() == gnd
     monkeypatch.setitem(download_module.DOWNLOADS, "rparis6k",
-                        (RemoteFile("rparis6k", f"{server.url}/missing.pkl", "rparis6k/gnd_rparis6k.pkl"),))
+                        (RemoteFile("rparis6k", f"{http_server.url}/missing.pkl", "rparis6k/gnd_rparis6k.pkl"),))
     capsys.readouterr()
     assert main(["download", "--root", str(tmp_path), "--datasets", "rparis6k"]) == 2
     err = capsys.readouterr().err
@@ -251,17 +170,17 @@ def test_cli_errors_are_one_line(tmp_path):
     assert run.returncode != 0 and "invalid choice" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_md5_from_a_published_md5_file(tmp_path, server):
+def test_md5_from_a_published_md5_file(tmp_path, http_server):
     """GLDv2 publishes one md5sum file per tar: fetched beside the tar, checked before extraction."""
     archive = _tgz({"0/1/2/0123456789abcdef.jpg": b"jpeg bytes"})
-    server.files.update({"/index/images_000.tar": archive,
+    http_server.files.update({"/index/images_000.tar": archive,
                          "/md5sum/index/md5.images_000.txt": f"{hashlib.md5(archive).hexdigest()}  images_000.tar\n"
                          .encode(),
                          "/index/images_001.tar": archive,
                          "/md5sum/index/md5.images_001.txt": b"0123456789abcdef0123456789abcdef  images_001.tar\n"})
     table = {"toy": tuple(
-        RemoteFile("toy", f"{server.url}/index/images_00{i}.tar", f"toy/tars/images_00{i}.tar",
-                   extract_to="toy/index", md5_url=f"{server.url}/md5sum/index/md5.images_00{i}.txt")
+        RemoteFile("toy", f"{http_server.url}/index/images_00{i}.tar", f"toy/tars/images_00{i}.tar",
+                   extract_to="toy/index", md5_url=f"{http_server.url}/md5sum/index/md5.images_00{i}.txt")
         for i in (0, 1))}
     with pytest.raises(ValueError, match=r"md5 mismatch .*images_001\.tar"):
         download(plan_downloads(tmp_path, ["toy"], table=table), root=tmp_path, progress=False)
@@ -280,99 +199,3 @@ def test_cli_dry_run_plans_the_gldv2_retrieval_test(tmp_path):
     assert "https://s3.amazonaws.com/google-landmark/index/images_099.tar" in run.stdout
     assert "https://s3.amazonaws.com/google-landmark/ground_truth/retrieval_solution_v2.1.csv" in run.stdout
     assert not any(tmp_path.iterdir())
-
-
-# ---------------------------------------------------------------------------------------------- Google Drive, weights
-
-
-def test_drive_file_id_from_the_links_drive_gives():
-    from common.download import drive_file_id
-
-    fid = "1AbCdEfGhIjKlMnOpQrStUvWxYz012345"
-    for url in (f"https://drive.google.com/file/d/{fid}/view?usp=sharing", f"https://drive.google.com/file/d/{fid}",
-                f"https://drive.google.com/open?id={fid}", f"https://drive.google.com/uc?export=download&id={fid}",
-                f"https://docs.google.com/uc?id={fid}&export=download",
-                f"https://drive.usercontent.google.com/download?id={fid}&export=download&confirm=t"):
-        assert drive_file_id(url) == fid, url
-    for url in ("https://example.org/file/d/1AbCdEfGhIjKlMnOp/view", "https://drive.google.com/drive/folders",
-                "https://drive.google.com/file/d/../view", "http://127.0.0.1:8000/w.pyth"):
-        assert drive_file_id(url) is None, url
-
-
-def test_drive_confirm_url_reads_the_form_the_link_or_the_cookie():
-    import http.cookiejar
-
-    from common.download import drive_confirm_url
-
-    page_url = "https://drive.usercontent.google.com/download?id=ABCDEFGHIJKL&export=download"
-    form = ('<form id="download-form" action="https://drive.usercontent.google.com/download" method="get">'
-            '<input type="submit" value="Download anyway"/><input type="hidden" name="id" value="ABCDEFGHIJKL">'
-            '<input type="hidden" name="export" value="download"><input type="hidden" name="confirm" value="t">'
-            '<input type="hidden" name="uuid" value="u-1&amp;2"></form>')
-    assert drive_confirm_url(f"<html><body>{form}</body></html>", page_url) == (
-        "https://drive.usercontent.google.com/download?id=ABCDEFGHIJKL&export=download&confirm=t&uuid=u-1%262")
-    legacy = '<a id="uc-download-link" href="/uc?export=download&amp;confirm=Xy_9&amp;id=ABCDEFGHIJKL">Download</a>'
-    assert drive_confirm_url(legacy, "https://drive.google.com/uc?export=download&id=ABCDEFGHIJKL") == (
-        "https://drive.google.com/uc?export=download&confirm=Xy_9&id=ABCDEFGHIJKL")
-    jar = http.cookiejar.CookieJar()
-    jar.set_cookie(http.cookiejar.Cookie(0, "download_warning_123", "tok", None, False, ".drive.google.com", True,
-                                         True, "/", True, False, None, False, None, None, {}))
-    assert drive_confirm_url("<html>large file</html>", "https://drive.google.com/uc?export=download&id=ABCDEFGHIJKL",
-                             jar) == "https://drive.google.com/uc?export=download&id=ABCDEFGHIJKL&confirm=tok"
-    assert drive_confirm_url("<html><form action='/x'><input name='q'></form>Sign in</html>", page_url) is None
-
-
-def test_fetch_follows_a_confirmation_page_and_refuses_other_html(tmp_path, server):
-    from common.download import DownloadError, drive_confirm_url
-
-    class HtmlServer(_RangeHandler):
-        def do_GET(self):  # noqa: N802
-            if self.path.startswith("/page"):
-                body = b'<html><a href="/real.bin?confirm=1">go</a></html>'
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            else:
-                super().do_GET()
-
-    server.RequestHandlerClass = HtmlServer
-    data = _payload(5000)
-    server.files["/real.bin?confirm=1"] = data
-    fetch(f"{server.url}/page", str(tmp_path / "a.bin"), progress=False, follow_html=drive_confirm_url)
-    assert (tmp_path / "a.bin").read_bytes() == data
-    with pytest.raises(DownloadError, match="HTML page"):
-        fetch(f"{server.url}/page", str(tmp_path / "b.bin"), progress=False, follow_html=lambda page, url: None)
-    assert not (tmp_path / "b.bin").exists()
-
-
-def test_sha256sums_are_merged_in_sha256sum_format(tmp_path, caplog):
-    from models.weights import read_sha256sums, update_sha256sums
-
-    path = tmp_path / "SHA256SUMS"
-    a, b, c = "a" * 64, "b" * 64, "c" * 64
-    path.write_text(f"{a}  CVPR2022_CVNet_R50.pyth\n{b} *other.bin\nnot a line\n")
-    assert read_sha256sums(path) == {"CVPR2022_CVNet_R50.pyth": a, "other.bin": b}
-    update_sha256sums(path, {"CVPR2022_CVNet_R101.pyth": c, "CVPR2022_CVNet_R50.pyth": c})
-    assert path.read_text() == (f"{c}  CVPR2022_CVNet_R101.pyth\n{c}  CVPR2022_CVNet_R50.pyth\n{b}  other.bin\n")
-    assert "changed since it was recorded" in caplog.text
-    assert [p.name for p in tmp_path.iterdir()] == ["SHA256SUMS"]  # written through a temporary file, renamed
-
-
-def test_weights_table_and_sources():
-    from models.weights import OFFICIAL_WEIGHTS, WeightsError, weights_url
-
-    assert {k: (w.depth, w.filename) for k, w in OFFICIAL_WEIGHTS.items()} == {
-        "R50": (50, "CVPR2022_CVNet_R50.pyth"), "R101": (101, "CVPR2022_CVNet_R101.pyth")}
-    r50 = OFFICIAL_WEIGHTS["R50"]
-    share = "https://drive.google.com/file/d/1AbCdEfGhIjKlMnOpQrStUvWxYz012345/view?usp=sharing"
-    assert weights_url(r50, share) == "https://drive.google.com/uc?export=download&id=1AbCdEfGhIjKlMnOpQrStUvWxYz012345"
-    assert weights_url(r50, "https://example.org/w.pyth") == "https://example.org/w.pyth"
-    with pytest.raises(WeightsError, match="not recorded") as err:
-        weights_url(r50, None)
-    assert "drive.google.com/drive/folders/1VE2uG0bynk6-XfokjE13VFNVQRb-rQM8" in str(err.value)  # where to look
-    assert "CVPR2022_CVNet_R50.pyth" in str(err.value)
-    folder = "https://drive.google.com/drive/folders/1VE2uG0bynk6-XfokjE13VFNVQRb-rQM8?usp=sharing"
-    with pytest.raises(WeightsError, match="is a Google Drive folder.*CVPR2022_CVNet_R50.pyth"):
-        weights_url(r50, folder)
