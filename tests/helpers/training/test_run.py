@@ -7,24 +7,11 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from helpers.schemas import TRAIN_BACKBONE
 from helpers.training.loop import METRICS_NAME, read_jsonl
 from helpers.training.run import TrainingRun, open_run
-
-
-class _Toy(Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(20, 3, generator=g)
-        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(20, generator=g)
-
-    def __len__(self):
-        return 20
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
+from tests.support.toy_regression import ToyRegression
 
 
 class _Killed(RuntimeError):
@@ -67,7 +54,7 @@ def _train(out_dir, *, resume=False, kill_at=None):
         model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
         model[0].requires_grad_(False)
         task = _ToyTask(run, model, kill_at)
-        result = run.train(_Toy(), task, extra_log={"stage": "toy"})
+        result = run.train(ToyRegression(), task, extra_log={"stage": "toy"})
         summary = run.finish(stage="toy", result=result, trained=model)
     return run, task, summary
 
