@@ -1,5 +1,9 @@
-"""The training library both training scripts share, one module per concern:
+"""The training library behind both training scripts, one module per concern:
 
+- :mod:`~helpers.training.backbone` / :mod:`~helpers.training.rerank`: the two runs (``train_backbone.py``,
+  ``train_rerank.py``) as named phases, each with its task (one step, its state, its weights);
+- :mod:`~helpers.training.run`: the set-up both share (session, run directory, AMP, DDP wrapping, optimisation);
+- :mod:`~helpers.training.build`: the models training starts from;
 - :mod:`~helpers.training.loop`: the step loop (resumable data order, corrupt items, progress, JSONL metrics,
   checkpoints), the run's start (an existing run only with --resume / --overwrite; orphaned temporaries of killed
   writes removed) and summary;

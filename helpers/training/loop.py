@@ -296,125 +296,220 @@ def run_loop(
     if cfg.batch_size % env.world_size:
         raise InvalidValueError(f"train.batch_size={cfg.batch_size} must be divisible by the number of ranks "
                                 f"({env.world_size})")
-    per_rank = cfg.batch_size // env.world_size
     data = SkipCorrupt(dataset)
-    sampler = ResumableDistributedSampler(data, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                          seed=cfg.seed)
-    spe = steps_per_epoch(len(data), cfg.batch_size, env.world_size)
-    total = resolve_total_steps(cfg, len(data), env.world_size)
-    state_path = cfg.out_dir / TRAIN_STATE_NAME
-    tally = CorruptTally(cfg.max_corrupt)
+    plan = _LoopPlan(env=env, cfg=cfg, steps_per_epoch=steps_per_epoch(len(data), cfg.batch_size, env.world_size),
+                     total=resolve_total_steps(cfg, len(data), env.world_size), tally=CorruptTally(cfg.max_corrupt))
+    step = _restore_train_state(plan, set_state) if resume else 0
+    metrics = _open_metrics(plan, resumed_at=step if resume else None, start=extra_log)
+    save = _Checkpoints(plan, metrics=metrics, get_state=get_state, on_checkpoint=on_checkpoint, run_info=run_info)
+    batches = _BatchStream(data, plan, first_step=step)
+    progress = _Progress(plan, first_step=step)
+    t_start = time.time()
+    try:
+        step, last = _take_steps(plan, step, batches=batches, step_fn=step_fn, metrics=metrics, save=save,
+                                 progress=progress)
+    finally:
+        progress.close()
+    return _end_of_loop(plan, steps=step, last=last, seconds=time.time() - t_start, metrics=metrics)
 
-    step = 0
-    if resume:
-        state = load_train_state(state_path)
-        set_state(state["task"])
-        step = int(state["step"])
-        tally.load_state_dict(state.get("corrupt", {}))
-        rngs = state["rng"]
-        if len(rngs) == env.world_size:
-            restore_rng_state(rngs[env.rank])
-        else:
-            log.warning("resuming %d-rank state on %d ranks: RNG states re-seeded", len(rngs), env.world_size)
-            seed_everything(cfg.seed + 1000 * step + env.rank)
-        if int(state.get("total_steps", total)) != total:
-            log.warning("the checkpoint was made for %s steps, this run has %d", state.get("total_steps"), total)
-        if env.is_main:
-            log.info("resumed from %s at step %d of %d", state_path, step, total)
-    logger = JsonlLog(cfg.out_dir / METRICS_NAME, enabled=env.is_main, resume_step=step if resume else None)
-    if resume:
-        logger.write({"event": "resume", "step": step})
+
+@dataclass
+class _LoopPlan:
+    """What the phases of one :func:`run_loop` share: the run's place and settings, the step count, and the
+    corrupt-image tally (the one piece that changes as steps go)."""
+
+    env: DistEnv
+    cfg: LoopConfig
+    steps_per_epoch: int
+    total: int
+    tally: CorruptTally
+
+    @property
+    def state_path(self) -> Path:
+        return self.cfg.out_dir / TRAIN_STATE_NAME
+
+
+def _restore_train_state(plan: _LoopPlan, set_state: Callable[[Mapping[str, Any]], None]) -> int:
+    """Load the run's training checkpoint into the task (``set_state``), the tally and the RNGs; returns the step
+    to go on from."""
+    env, seed = plan.env, plan.cfg.seed
+    state = load_train_state(plan.state_path)
+    set_state(state["task"])
+    step = int(state["step"])
+    plan.tally.load_state_dict(state.get("corrupt", {}))
+    rngs = state["rng"]
+    if len(rngs) == env.world_size:
+        restore_rng_state(rngs[env.rank])
     else:
-        logger.write({"event": "start", "step": 0, "total_steps": total, "steps_per_epoch": spe,
-                      "world_size": env.world_size, "batch_size": cfg.batch_size, **(extra_log or {})})
+        log.warning("resuming %d-rank state on %d ranks: RNG states re-seeded", len(rngs), env.world_size)
+        seed_everything(seed + 1000 * step + env.rank)
+    if int(state.get("total_steps", plan.total)) != plan.total:
+        log.warning("the checkpoint was made for %s steps, this run has %d", state.get("total_steps"), plan.total)
+    if env.is_main:
+        log.info("resumed from %s at step %d of %d", plan.state_path, step, plan.total)
+    return step
 
-    def save(at_step: int) -> None:
+
+def _open_metrics(plan: _LoopPlan, *, resumed_at: int | None, start: Mapping[str, Any] | None) -> JsonlLog:
+    """The metrics file (main rank), opened with a ``start`` record (``start``: the task's own fields) or, when
+    resumed at a step, a ``resume`` record after the lines up to that step."""
+    metrics = JsonlLog(plan.cfg.out_dir / METRICS_NAME, enabled=plan.env.is_main, resume_step=resumed_at)
+    if resumed_at is not None:
+        metrics.write({"event": "resume", "step": resumed_at})
+    else:
+        metrics.write({"event": "start", "step": 0, "total_steps": plan.total, "steps_per_epoch": plan.steps_per_epoch,
+                       "world_size": plan.env.world_size, "batch_size": plan.cfg.batch_size, **(start or {})})
+    return metrics
+
+
+@dataclass
+class _Checkpoints:
+    """``save(step)``: the training checkpoint (every rank's RNG state, the task's state, the tally, the data
+    position) written atomically by the main rank, then the task's ``on_checkpoint``; the ranks meet after."""
+
+    plan: _LoopPlan
+    metrics: JsonlLog
+    get_state: Callable[[], dict[str, Any]]
+    on_checkpoint: Callable[[int], None] | None
+    run_info: Mapping[str, Any] | None
+
+    def __call__(self, at_step: int) -> None:
+        env, cfg, spe = self.plan.env, self.plan.cfg, self.plan.steps_per_epoch
         rngs = all_gather_objects(capture_rng_state(), env)
-        task = get_state()  # every rank: the task may gather inside
+        task = self.get_state()  # every rank: the task may gather inside
         if env.is_main:
-            info = {"run_info": dict(run_info)} if run_info else {}
-            save_train_state(state_path, {"step": at_step, "total_steps": total, "task": task, "rng": rngs,
-                                          "corrupt": tally.state_dict(), "world_size": env.world_size,
-                                          "data_order": {"seed": cfg.seed, "epoch": at_step // spe,
-                                                         "position": (at_step % spe) * cfg.batch_size},
-                                          **info})
-            if on_checkpoint is not None:
-                on_checkpoint(at_step)
-            logger.write({"event": "checkpoint", "step": at_step, "path": str(state_path)})
+            info = {"run_info": dict(self.run_info)} if self.run_info else {}
+            save_train_state(self.plan.state_path, {
+                "step": at_step, "total_steps": self.plan.total, "task": task, "rng": rngs,
+                "corrupt": self.plan.tally.state_dict(), "world_size": env.world_size,
+                "data_order": {"seed": cfg.seed, "epoch": at_step // spe, "position": (at_step % spe) * cfg.batch_size},
+                **info})
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(at_step)
+            self.metrics.write({"event": "checkpoint", "step": at_step, "path": str(self.plan.state_path)})
         if env.distributed:
             barrier()
 
-    def batches_from(epoch: int, start_step_in_epoch: int) -> Iterator[Batch]:
-        data.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        sampler.set_start(start_step_in_epoch * per_rank)
+
+class _BatchStream:
+    """This rank's batches from ``first_step`` on, epoch after epoch in the resumable order (``cfg.fixed_batch``:
+    the first batch over and over)."""
+
+    def __init__(self, data: SkipCorrupt, plan: _LoopPlan, *, first_step: int) -> None:
+        self.data, self.plan = data, plan
+        env = plan.env
+        self.sampler = ResumableDistributedSampler(data, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                                   seed=plan.cfg.seed)
+        self.epoch, self.start = divmod(first_step, plan.steps_per_epoch)
+        self.iterator: Iterator[Batch] | None = None
+        self.fixed: Batch | None = None
+
+    def _epoch(self, epoch: int, start_step_in_epoch: int) -> Iterator[Batch]:
+        cfg, env = self.plan.cfg, self.plan.env
+        per_rank = cfg.batch_size // env.world_size
+        self.data.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(start_step_in_epoch * per_rank)
         # worker seeds from (seed, epoch, rank), not from the global RNG a resume would shift
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + env.rank)
-        loader = DataLoader(data, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
+        loader = DataLoader(self.data, batch_size=per_rank, sampler=self.sampler, num_workers=cfg.num_workers,
                             collate_fn=collate_skip_corrupt, drop_last=True, generator=gen,
                             pin_memory=env.device.type == "cuda", persistent_workers=False)
         yield from loader
 
-    bar = tqdm(total=total, initial=step, desc=cfg.desc, disable=not (cfg.progress and env.is_main),
-               dynamic_ncols=True)
-    t_start = time.time()
-    window_t, window_n = time.time(), 0
+    def next(self) -> Batch:
+        if self.plan.cfg.fixed_batch:
+            if self.fixed is None:
+                self.fixed = next(iter(self._epoch(0, 0)))
+            return self.fixed
+        if self.iterator is None:
+            self.iterator = self._epoch(self.epoch, self.start)
+        while True:
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                self.epoch += 1
+                self.iterator = self._epoch(self.epoch, 0)
+
+
+class _Progress:
+    """The tqdm bar (main rank, ``cfg.progress``) with loss, lr and images/s, and the images/s of the current
+    logging window."""
+
+    def __init__(self, plan: _LoopPlan, *, first_step: int) -> None:
+        self.world_size = plan.env.world_size
+        self.bar = tqdm(total=plan.total, initial=first_step, desc=plan.cfg.desc,
+                        disable=not (plan.cfg.progress and plan.env.is_main), dynamic_ncols=True)
+        self.window_t, self.window_n = time.time(), 0
+
+    def advance(self, images: int, metrics: Mapping[str, float]) -> None:
+        self.window_n += images
+        self.bar.update(1)
+        if metrics:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr")}
+                                 | {"img/s": f"{self._rate(time.time() - self.window_t):.1f}"}, refresh=False)
+
+    def _rate(self, seconds: float) -> float:
+        return self.window_n * self.world_size / max(seconds, 1e-9)
+
+    def end_window(self) -> float:
+        """The images/s of the window that ends here (all ranks); a new window starts."""
+        rate = self._rate(time.time() - self.window_t)
+        self.window_t, self.window_n = time.time(), 0
+        return rate
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _step_or_skip(plan: _LoopPlan, batch: Batch, step: int,
+                  step_fn: Callable[[Any, int], Mapping[str, float]]) -> dict[str, float]:
+    """``step_fn``'s metrics, after the ranks have shared their corrupt items ({}: a rank lost its whole batch,
+    and every rank skips this step together, so that the collectives stay matched)."""
+    shared = all_gather_objects((batch.corrupt, batch.data is None), plan.env)
+    corrupt = [c for lost, _ in shared for c in lost]
+    if corrupt:
+        plan.tally.add(corrupt)
+    if any(empty for _, empty in shared):
+        log.warning("step %d skipped: a whole batch was corrupt", step)
+        return {}
+    return dict(step_fn(batch.data, step))
+
+
+def _take_steps(plan: _LoopPlan, step: int, *, batches: _BatchStream,
+                step_fn: Callable[[Any, int], Mapping[str, float]], metrics: JsonlLog,
+                save: Callable[[int], None], progress: _Progress) -> tuple[int, dict[str, float]]:
+    """The steps from ``step`` to ``plan.total``, logged every ``log_every`` and checkpointed every
+    ``checkpoint_every`` steps and at the end. Returns (the steps done, the last step's metrics)."""
+    cfg, total, spe, tally = plan.cfg, plan.total, plan.steps_per_epoch, plan.tally
     last: dict[str, float] = {}
-    fixed: Batch | None = None
-    iterator: Iterator[Batch] | None = None
-    epoch = step // spe
-    try:
-        while step < total:
-            if cfg.fixed_batch:
-                if fixed is None:
-                    fixed = next(iter(batches_from(0, 0)))
-                batch = fixed
-            else:
-                if iterator is None:
-                    iterator = batches_from(epoch, step % spe)
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    epoch += 1
-                    iterator = batches_from(epoch, 0)
-                    continue
-            shared = all_gather_objects((batch.corrupt, batch.data is None), env)
-            corrupt = [c for lost, _ in shared for c in lost]
-            if corrupt:
-                tally.add(corrupt)
-            if any(empty for _, empty in shared):
-                # a rank lost its whole batch: every rank skips this step together (collectives stay matched)
-                log.warning("step %d skipped: a whole batch was corrupt", step)
-                metrics = {}
-            else:
-                metrics = dict(step_fn(batch.data, step))
-            step += 1
-            window_n += batch.size
-            bar.update(1)
-            if metrics:
-                last = metrics
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr")}
-                                | {"img/s": f"{window_n * env.world_size / max(time.time() - window_t, 1e-9):.1f}"},
-                                refresh=False)
-            if step % cfg.log_every == 0 or step == total:
-                logged = all_reduce_mean(metrics, env)
-                elapsed = time.time() - window_t
-                logger.write({"step": step, "epoch": (step - 1) // spe, **logged,
-                              "images_per_s": window_n * env.world_size / max(elapsed, 1e-9),
-                              "corrupt_images": len(tally.paths), "corrupt_skipped": tally.skipped})
-                window_t, window_n = time.time(), 0
-            if step % cfg.checkpoint_every == 0 or step == total:
-                save(step)
-    finally:
-        bar.close()
-    seconds = time.time() - t_start
-    logger.write({"event": "end", "step": step, "seconds": round(seconds, 2), "corrupt_images": len(tally.paths),
-                  "corrupt_skipped": tally.skipped})
-    if tally.paths and env.is_main:
+    while step < total:
+        batch = batches.next()
+        step_metrics = _step_or_skip(plan, batch, step, step_fn)
+        step += 1
+        progress.advance(batch.size, step_metrics)
+        if step_metrics:
+            last = step_metrics
+        if step % cfg.log_every == 0 or step == total:
+            logged = all_reduce_mean(step_metrics, plan.env)
+            metrics.write({"step": step, "epoch": (step - 1) // spe, **logged, "images_per_s": progress.end_window(),
+                           "corrupt_images": len(tally.paths), "corrupt_skipped": tally.skipped})
+        if step % cfg.checkpoint_every == 0 or step == total:
+            save(step)
+    return step, last
+
+
+def _end_of_loop(plan: _LoopPlan, *, steps: int, last: dict[str, float], seconds: float,
+                 metrics: JsonlLog) -> LoopResult:
+    """The ``end`` record, a warning naming the corrupt images skipped, and the loop's result."""
+    tally = plan.tally
+    metrics.write({"event": "end", "step": steps, "seconds": round(seconds, 2), "corrupt_images": len(tally.paths),
+                   "corrupt_skipped": tally.skipped})
+    if tally.paths and plan.env.is_main:
         log.warning("%d corrupt training images were skipped (%d items): %s", len(tally.paths), tally.skipped,
                     ", ".join(sorted(tally.paths)[:10]))
-    return LoopResult(steps=step, corrupt_images=len(tally.paths), corrupt_skipped=tally.skipped,
-                      last_metrics=last, seconds=seconds)
+    return LoopResult(steps=steps, corrupt_images=len(tally.paths), corrupt_skipped=tally.skipped, last_metrics=last,
+                      seconds=seconds)
 
 
 def read_run_info(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -445,4 +540,5 @@ def finish_run(
                  result.steps, result.seconds, result.last_metrics.get("loss", float("nan")),
                  result.corrupt_images, out_dir / WEIGHTS_NAME)
     return summary
+
 

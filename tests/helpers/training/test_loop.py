@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from helpers.distributed import DistEnv
 from helpers.schemas import TRAIN_BACKBONE
@@ -28,6 +27,7 @@ from helpers.training.loop import (
     start_run,
 )
 from helpers.training.state import TRAIN_STATE_NAME, load_train_state
+from tests.support.toy_regression import ToyRegression
 
 
 def test_jsonl_log_drops_records_past_the_resumed_step(tmp_path):
@@ -41,19 +41,6 @@ def test_jsonl_log_drops_records_past_the_resumed_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-
-
-class _Toy(Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(20, 3, generator=g)
-        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(20, generator=g)
-
-    def __len__(self):
-        return 20
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 class _Crash(RuntimeError):
@@ -87,7 +74,7 @@ def _toy_run(out_dir, *, resume=False, crash_at=None, total=9):
 
     cfg = LoopConfig(out_dir=out_dir, batch_size=6, total_steps=total, checkpoint_every=4, log_every=1,
                      num_workers=0, seed=3, progress=False)
-    result = run_loop(dataset=_Toy(), env=DistEnv(), cfg=cfg,
+    result = run_loop(dataset=ToyRegression(), env=DistEnv(), cfg=cfg,
                       step_fn=step_fn, get_state=get_state, set_state=set_state, resume=resume)
     return model, result, noise_draws
 
@@ -197,6 +184,6 @@ def test_run_info_is_saved_with_every_checkpoint(tmp_path):
     model = nn.Linear(3, 1)
     cfg = LoopConfig(out_dir=tmp_path, batch_size=6, total_steps=2, checkpoint_every=1, log_every=1,
                      num_workers=0, seed=0, progress=False)
-    run_loop(dataset=_Toy(), env=DistEnv(), cfg=cfg, step_fn=lambda batch, step: {},
+    run_loop(dataset=ToyRegression(), env=DistEnv(), cfg=cfg, step_fn=lambda batch, step: {},
              get_state=model.state_dict, set_state=model.load_state_dict, run_info={"backbone_sha256": "ab12"})
     assert read_run_info(tmp_path) == {"backbone_sha256": "ab12"}
