@@ -70,7 +70,7 @@ def evaluate(cfg: dict[str, Any], *, start: float) -> int:
 
     env = init_distributed(cfg["device"])
     try:
-        gldv2 = GLDV2_TEST in cfg["data"]["datasets"] and not (cfg["data"].get("synthetic") or {}).get("name")
+        gldv2 = GLDV2_TEST in cfg["data"]["datasets"]  # a named dataset, whatever data.synthetic says
         if gldv2 and cfg["data"]["datasets"] != [GLDV2_TEST]:
             raise ConfigError(f"{GLDV2_TEST} is evaluated on its own: data.datasets=[{GLDV2_TEST}]")
         outcome = run_gldv2_evaluation(cfg, env=env) if gldv2 else run_evaluation(cfg, env=env)

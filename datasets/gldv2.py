@@ -381,7 +381,7 @@ def _find_csv(root: Path, name: str, split_dir: str) -> Path | None:
 
 
 def _retrieval_download_hint(root: Path, missing: str) -> str:
-    return (f"GLDv2 retrieval test: {missing} not found under {root} (nor in its index/ or test/ folder).\n"
+    return (f"GLDv2 retrieval test: {missing} not found under {root} (nor in its index/ or test/ folder); "
             f"Fetch the split with `python prepare_data.py download --root {root.parent} --datasets "
             f"gldv2-retrieval-test` (it lands in {root.parent / 'gldv2'}), or by hand from {GLDV2_BASE_URL}: "
             f"metadata/index.csv, metadata/test.csv, ground_truth/{GLDV2_RETRIEVAL_SOLUTION}, and the tars "

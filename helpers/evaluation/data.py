@@ -1,21 +1,66 @@
-"""The datasets of an evaluation: revisited Oxford / Paris (or the built-in benchmark in their layout), the R1M
-distractors, and the reader of ranked images that a report draws its thumbnails from."""
+"""The datasets of an evaluation and what is held for them: which datasets a run evaluates (the named ones, or the
+built-in benchmark), revisited Oxford / Paris (or any dataset in their layout), the R1M distractors, the global
+descriptors of each (:class:`Descriptors`) and the global ranking over them (:class:`GlobalRanking`), and the reader
+of ranked images that a report draws its thumbnails from."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from common.errors import MissingFileError
-from datasets.revisited import RevisitedDataset, Revisitop1M
+from common.errors import InvalidValueError, MissingFileError
+from datasets.revisited import REVISITED_NAMES, RevisitedDataset, Revisitop1M
+from helpers.config import ConfigError
+from helpers.reranking import global_ranking
+
+logger = logging.getLogger(__name__)
 
 
 def dataset_label(name: str, distractors: str | None) -> str:
     """``roxford5k`` or, with the R1M distractors, ``roxford5k+1m``."""
     return f"{name}+1m" if distractors else name
+
+
+def resolve_datasets(data_cfg: Mapping[str, Any]) -> tuple[list[str], bool]:
+    """The datasets a run evaluates and whether the built-in benchmark is one of them: the named ones
+    (``data.datasets``), or, when none is named, the built-in benchmark (``data.synthetic.name``) alone. A named
+    dataset is never replaced by the built-in one, which is drawn only when no dataset is named or when it is named
+    itself."""
+    names = list(data_cfg["datasets"])
+    synthetic = (data_cfg.get("synthetic") or {}).get("name")
+    if not names:
+        if not synthetic:
+            raise ConfigError("data.datasets is empty: name the datasets to evaluate (e.g. data.datasets=[roxford5k]), "
+                              "or set data.synthetic.name for the built-in benchmark")
+        return [synthetic], True
+    if synthetic and synthetic not in names:
+        logger.info("data.datasets names %s: the built-in benchmark (data.synthetic.name=%s) is not evaluated",
+                    ", ".join(names), synthetic)
+    return names, bool(synthetic) and synthetic in names
+
+
+def check_named_dataset(root: str, name: str) -> None:
+    """A dataset named in ``data.datasets`` must be on disk in the revisitop layout (``<root>/<name>/gnd_<name>.pkl``
+    and ``jpg/``); else a :class:`MissingFileError` of one line naming it, the missing path and how to get it."""
+    folder = os.path.join(root, name)
+    wanted = ((folder, "folder"), (os.path.join(folder, f"gnd_{name}.pkl"), "ground-truth file"),
+              (os.path.join(folder, "jpg"), "image folder"))
+    missing = next(((path, what) for path, what in wanted if not os.path.exists(path)), None)
+    if missing is None:
+        return
+    if name in REVISITED_NAMES:
+        how = f"fetch it with `python prepare_data.py download --root {root} --datasets {name}`"
+    else:
+        how = (f"the revisited datasets are {', '.join(REVISITED_NAMES)} (`python prepare_data.py download --root "
+               f"{root} --datasets <name>`); any other dataset must be in their layout (<root>/<name>/gnd_<name>.pkl "
+               "and jpg/); the built-in benchmark runs when data.datasets is empty")
+    raise MissingFileError(f"data.datasets names {name}, but its {missing[1]} {missing[0]} is missing: {how}")
 
 
 def open_revisited(*, root: str, name: str, split: str, convention: Any, scales: Sequence[float],
@@ -48,6 +93,15 @@ def open_distractors(*, root: str, convention: Any, scales: Sequence[float], min
     return r1m
 
 
+@dataclass
+class EvalSets:
+    """One evaluated dataset: its query side (the cropped queries and the ground truth ``query.gnd``) and its
+    database side."""
+
+    query: RevisitedDataset
+    db: RevisitedDataset
+
+
 class CombinedReader:
     """``read(j)`` and ``name(j)`` (the file name) over the database followed by the distractors (indices
     continue after the database)."""
@@ -68,3 +122,52 @@ def stored_distractors(vectors: torch.Tensor | None, dtype: str) -> torch.Tensor
     """The distractors' descriptors as kept for ranking: float32 (faithful) or float16 (half the memory, 4 GB
     instead of 8 GB per model for R1M; scores then carry float16 rounding, so the +1M figures can move slightly)."""
     return vectors.half() if vectors is not None and dtype == "float16" else vectors
+
+
+@dataclass(frozen=True)
+class DescriptorKey:
+    """Which descriptors: those of dataset ``dataset`` by global model ``kind``, with flip test-time augmentation
+    (original and mirrored image averaged) or without."""
+
+    dataset: str
+    kind: str
+    flip: bool = False
+
+
+@dataclass
+class Descriptors:
+    """The global descriptors of one :class:`DescriptorKey`: ``query`` (nq, d), ``db`` (n_db, d) and, for a +1M run,
+    ``distractors`` (n_1m, d) (float16 with ``data.distractors_dtype=float16``; shared by every dataset). A part is
+    None on the ranks of a sharded extraction other than 0."""
+
+    query: Tensor | None
+    db: Tensor | None
+    distractors: Tensor | None = None
+
+    def database(self, with_distractors: bool = False) -> Tensor | list[Tensor]:
+        """What is ranked: the database, or the list [database, distractors], never concatenated (+1M: 8 GB per
+        copy)."""
+        if not with_distractors:
+            return self.db
+        if self.distractors is None:
+            raise InvalidValueError("these descriptors hold no distractors (data.distractors is unset)")
+        return [self.db, self.distractors]
+
+
+class GlobalRanking(NamedTuple):
+    """A global ranking and what it ranked: ``ranks`` (n_db, nq) int32, best first, the ``query`` descriptors
+    (nq, d) and the ``database`` (n_db, d) or its parts [database, distractors]."""
+
+    ranks: np.ndarray
+    query: Tensor
+    database: Tensor | list[Tensor]
+
+
+def rank_descriptors(descriptors: Descriptors, *, with_distractors: bool = False,
+                     device: torch.device | str = "cpu") -> GlobalRanking:
+    """The global ranking (inner product, ties in database order) of the queries against the database, followed by
+    the distractors when ``with_distractors``."""
+    database = descriptors.database(with_distractors)
+    _, ranks = global_ranking(descriptors.query, database, device=device, with_similarities=False,
+                              rank_dtype=np.int32)
+    return GlobalRanking(ranks, descriptors.query, database)

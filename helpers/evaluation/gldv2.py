@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from helpers.builders import GLOBAL_KINDS, build_superglobal_reranker
-from helpers.cache_keys import state_dict_hash
+from helpers.builders import GLOBAL_KINDS
 from helpers.config import ConfigError
+from helpers.evaluation.data import Descriptors, rank_descriptors
 from helpers.evaluation.metrics import gldv2_mean_average_precision
-from helpers.evaluation.models import SEED_OFFSETS, build_models, plan_weights, scales_for, verify_weights
-from helpers.extraction import cached_global_descriptors
-from helpers.reranking import global_ranking, superglobal_rerank_ranking
+from helpers.evaluation.models import load_models, needed_models, scales_for
+from helpers.evaluation.rerank import run_superglobal_rerank
+from helpers.evaluation.run import extract_descriptors, extraction_settings
 
 log = logging.getLogger(__name__)
 
@@ -53,53 +53,42 @@ def score_predictions(predictions: Mapping[str, list[str]], solution: Any) -> di
 
 def run_gldv2_evaluation(cfg: Mapping[str, Any], *, env: Any) -> dict[str, Any]:
     """Evaluate the configured methods on the GLDv2 retrieval test; returns {"results": {method: {"public",
-    "private"}}, "weights", "weights_sha256", "n_queries", "n_index"}."""
+    "private"}}, "weights", "weights_sha256", "n_queries", "n_index"}. The stages are the revisited run's
+    (helpers.evaluation.run): models, one extraction per (split, model), the global ranking, SuperGlobal
+    re-ranking."""
     from datasets.gldv2 import GLDv2RetrievalTest
 
     methods = list(cfg["methods"])
     unsupported = [m for m in methods if m not in SUPPORTED_METHODS]
     if unsupported:
         raise ConfigError(f"methods {unsupported} are not run on {GLDV2_TEST}; use some of {list(SUPPORTED_METHODS)}")
-    data_cfg, model_cfg, ext_cfg = cfg["data"], cfg["model"], cfg["extraction"]
+    data_cfg, model_cfg = cfg["data"], cfg["model"]
     root = os.path.join(os.fspath(data_cfg["root"]), "gldv2")
-    needed = {"cvnet_global" if m.startswith("cvnet") else "superglobal" for m in methods}
-    plan = plan_weights(model_cfg)
-    sha = verify_weights(plan, model_cfg.get("weights_sha256"))
-    seed = int(cfg.get("seed", 0))
-    models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=seed, device=env.device)
-    extract_kw = {"device": env.device, "batch_size": int(ext_cfg["batch_size"]),
-                  "num_workers": int(ext_cfg["num_workers"]), "shard_size": ext_cfg.get("shard_size"),
-                  "rank": env.rank, "world_size": env.world_size, "progress": bool(cfg.get("progress", True)),
-                  "cache_dir": ext_cfg.get("cache_dir")}
+    needed = needed_models(methods)
+    models = load_models(needed=needed, model_cfg=model_cfg, seed=int(cfg.get("seed", 0)), device=env.device)
+    extract_kw = extraction_settings(cfg, env)
     results: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
     for kind in sorted(needed & set(GLOBAL_KINDS)):
-        model = models[kind]
-        sets = {split: GLDv2RetrievalTest(root, split, convention=model.input_convention,
+        sets = {split: GLDv2RetrievalTest(root, split, convention=models.models[kind].input_convention,
                                           scales=scales_for(kind, model_cfg), min_side=data_cfg.get("min_side"))
                 for split in ("test", "index")}
-        source = plan.global_path or f"random (seed {seed * 1000 + SEED_OFFSETS[kind]})"
-        vectors = {split: cached_global_descriptors(model=model, dataset=ds, label=f"{GLDV2_TEST}-{split}-{kind}",
-                                                    weights_hash=state_dict_hash(model), weights_source=source,
-                                                    **extract_kw)
-                   for split, ds in sets.items()}
+        vectors = {split: extract_descriptors(models, kind, ds, label=f"{GLDV2_TEST}-{split}-{kind}",
+                                              extract_kw=extract_kw) for split, ds in sets.items()}
         if not env.is_main:
             continue
-        xq, xb = vectors["test"], vectors["index"]
-        _, ranks = global_ranking(xq, xb, device=env.device, with_similarities=False, rank_dtype=np.int32)
+        ranked = rank_descriptors(Descriptors(query=vectors["test"], db=vectors["index"]), device=env.device)
         test, index = sets["test"], sets["index"]
         counts = {"n_queries": len(test), "n_index": len(index)}
         if kind in methods:
-            results[kind] = score_predictions(predictions_from_ranks(ranks, test.ids, index.ids), test.solution)
+            results[kind] = score_predictions(predictions_from_ranks(ranked.ranks, test.ids, index.ids),
+                                              test.solution)
         if kind == "superglobal" and "superglobal_rerank" in methods:
-            sgr = cfg["rerank"]["superglobal"]
-            reranked = superglobal_rerank_ranking(query_vectors=xq.to(env.device), database=xb, ranks=ranks,
-                                                  reranker=build_superglobal_reranker(M=sgr["M"], K=sgr["K"],
-                                                                                      beta=sgr["beta"]))
+            reranked, _ = run_superglobal_rerank(ranked, cfg["rerank"]["superglobal"], device=env.device)
             results["superglobal_rerank"] = score_predictions(predictions_from_ranks(reranked, test.ids, index.ids),
                                                               test.solution)
-    return {"dataset": GLDV2_TEST, "results": results, "weights": plan.description, "weights_sha256": sha,
-            "warnings": list(plan.warnings), **counts}
+    return {"dataset": GLDV2_TEST, "results": results, "weights": models.plan.description,
+            "weights_sha256": models.sha256, "warnings": list(models.plan.warnings), **counts}
 
 
 def gldv2_table(outcome: Mapping[str, Any], *, depth: int) -> str:

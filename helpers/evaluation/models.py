@@ -1,7 +1,9 @@
 """The models of an evaluation: which weights file feeds which model (:class:`WeightsPlan`), their sha256 checks,
-the models a list of methods needs, built once, and each global model's extraction scales."""
+the models a list of methods needs, built once (:func:`load_models`: all of it, as a :class:`ModelSet`), and each
+global model's extraction scales."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -18,6 +20,7 @@ from helpers.builders import (
     build_model,
     copy_backbone,
 )
+from helpers.cache_keys import state_dict_hash
 from helpers.config import ConfigError
 from models import CheckpointError
 
@@ -136,3 +139,33 @@ def scales_for(kind: str, model_cfg: Mapping[str, Any]) -> tuple[float, ...]:
     if kind != "cvnet_global":
         return (1.0,)
     return tuple(float(s) for s in model_cfg.get("cvnet_scales", CVNET_TEST_SCALES))
+
+
+@dataclass
+class ModelSet:
+    """The models of a run and where their weights came from: the weights ``plan``, the sha256 of each weights file
+    (``sha256``), and per kind the model (eval mode), its state hash (``hashes``, the feature cache's key) and what
+    its weights are (``sources``, named in the engine's errors: NaN descriptors, too-small images)."""
+
+    plan: WeightsPlan
+    sha256: dict[str, str]
+    models: dict[str, nn.Module]
+    hashes: dict[str, str]
+    sources: dict[str, str]
+
+
+def load_models(*, needed: set[str], model_cfg: Mapping[str, Any], seed: int, device: torch.device,
+                building: contextlib.AbstractContextManager[Any] | None = None) -> ModelSet:
+    """Plan the weights (:func:`plan_weights`), check their files' sha256 (:func:`verify_weights`), then build the
+    models in ``needed`` (:func:`build_models`) inside ``building`` (e.g. a timer's stage: a refused weights file
+    builds nothing)."""
+    plan = plan_weights(model_cfg)
+    sha256 = verify_weights(plan, model_cfg.get("weights_sha256"))
+    with building or contextlib.nullcontext():
+        models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=seed, device=device)
+        hashes = {k: state_dict_hash(m) for k, m in models.items()}
+    sources = {k: plan.global_path or f"random (seed {seed * 1000 + SEED_OFFSETS[k]})" for k in models}
+    if "timm_global" in models:
+        sources["timm_global"] = (model_cfg.get("timm") or {}).get("weights") or \
+            f"random (seed {seed * 1000 + SEED_OFFSETS['timm_global']})"
+    return ModelSet(plan=plan, sha256=sha256, models=models, hashes=hashes, sources=sources)

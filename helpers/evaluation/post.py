@@ -31,12 +31,10 @@ from common.io import atomic_torch_save
 from datasets.transforms import min_size_guard, multiscale_tensors, read_image
 from helpers.cache_keys import dataset_signature, model_signature
 from helpers.config import ConfigError
+from helpers.evaluation.data import Descriptors
 from helpers.extraction import cached_global_descriptors
 from helpers.postprocess import PostProcessing, postprocess_ranking, whiten_parts
-from helpers.reranking import (
-    db_rows,
-    global_ranking,
-)
+from helpers.reranking import db_rows
 from helpers.schemas import POST_STEPS
 from models import functional as MF
 
@@ -357,21 +355,32 @@ def post_score_source(row: PostRow) -> str:
     return what + (f", before {row.post.describe()} re-ordered the ranking" if row.post.active else "")
 
 
-def whitened_ranking(kind: str, *, vectors: Mapping[tuple[str, str], Any], whitening: Mapping[str, torch.Tensor],
-                     with_distractors: bool, cache: dict[tuple[str, str], torch.Tensor], device: torch.device
-                     ) -> tuple[np.ndarray, torch.Tensor, Any]:
-    """(ranks, whitened queries, whitened database or its parts) of global model ``kind`` over its whitened
-    descriptors ``vectors[(kind, split)]``; ``cache`` keeps the whitened descriptors of a dataset, so that its
-    +1M ranking whitens only the distractors."""
-    splits = ("query", "db", "distractors") if with_distractors else ("query", "db")
-    for split in splits:
-        if (kind, split) not in cache:
-            cache[(kind, split)] = whiten(vectors[(kind, split)], whitening)
-    wq, wb = cache[(kind, "query")], cache[(kind, "db")]
-    if with_distractors:
-        wb = [wb, cache[(kind, "distractors")]]
-    _, ranks = global_ranking(wq, wb, device=device, with_similarities=False, rank_dtype=np.int32)
-    return ranks, wq, wb
+def whiten_descriptors(descriptors: Descriptors, whitening: Mapping[str, Tensor], *, with_distractors: bool,
+                       done: Descriptors | None = None) -> Descriptors:
+    """The whitened (:func:`whiten`) queries, database and, ``with_distractors``, distractors of ``descriptors``;
+    the parts already whitened in ``done`` are reused, so that a dataset's +1M ranking whitens only the
+    distractors."""
+    done = done or Descriptors(query=None, db=None)
+
+    def part(split: str, wanted: bool = True) -> Tensor | None:
+        if getattr(done, split) is not None:
+            return getattr(done, split)
+        return whiten(getattr(descriptors, split), whitening) if wanted else None
+
+    return Descriptors(query=part("query"), db=part("db"), distractors=part("distractors", with_distractors))
+
+
+def post_summary(rows: Sequence[PostRow], whitenings: Mapping[str, tuple[Mapping[str, Any] | None, Mapping[str, Any]]]
+                 ) -> dict[str, dict[str, Any]]:
+    """What each row applied, for results.json: {row key: base, steps, applied (a title), settings}; ``whitenings``
+    {kind: (whitening or None, its :func:`whitening_info`)} as :func:`obtain_whitening` gave them."""
+    out = {}
+    for row in rows:
+        saved, info = whitenings.get(row.base, (None, {})) if row.whitening else (None, {})
+        out[row.key] = {"base": row.base, "steps": list(row.steps),
+                        "applied": row.applied(info.get("dim") if saved is not None else None),
+                        "settings": row.settings(info)}
+    return out
 
 
 def rank_post_row(row: PostRow, start: tuple[np.ndarray, Any, Any]) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The re-ranking stage of an evaluation: CVNet-Rerank over one dataset's global ranking (maps of the cropped
-queries and the database images, pairs scored once), and the database SuperGlobal re-ranks over."""
+queries and the database images, pairs scored once), and SuperGlobal re-ranking over the database it names."""
 from __future__ import annotations
 
 import os
@@ -12,18 +12,11 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT
-from helpers.builders import (
-    make_database,
-)
-from helpers.evaluation.data import open_distractors, open_revisited
-from helpers.evaluation.detail import (
-    RecordingScorer,
-)
+from helpers.builders import build_superglobal_reranker, make_database
+from helpers.evaluation.data import GlobalRanking, open_distractors, open_revisited
+from helpers.evaluation.detail import RecordingReranker, RecordingScorer
 from helpers.extraction import ReducedMapStore
-from helpers.reranking import (
-    CVNetPairScorer,
-    cvnet_rerank,
-)
+from helpers.reranking import CVNetPairScorer, cvnet_rerank, superglobal_rerank_ranking
 
 
 def superglobal_database(xb: Any, *, kind: str, device: torch.device) -> Any:
@@ -46,11 +39,13 @@ def superglobal_database(xb: Any, *, kind: str, device: torch.device) -> Any:
 
 
 def run_cvnet_rerank(*, model: nn.Module, root: str, name: str, extra: str | None, min_side: int | None,
-                     rr: Mapping[str, Any], ext_cfg: Mapping[str, Any], ranks: np.ndarray, xq: torch.Tensor,
-                     xb: Any, gnd: Sequence[Mapping], device: torch.device, weights_hash: str,
+                     rr: Mapping[str, Any], ext_cfg: Mapping[str, Any], ranked: GlobalRanking,
+                     gnd: Sequence[Mapping], device: torch.device, weights_hash: str,
                      progress: bool) -> tuple[dict[str, np.ndarray], list[dict[int, float]]]:
-    """CVNet re-ranking of one dataset's global ranking (maps at scale 1.0: cropped queries, full images).
-    Returns the rankings per protocol and, per query, {database id: the mixed score it was re-sorted by}."""
+    """CVNet re-ranking (``rerank.cvnet`` settings ``rr``) of one dataset's CVNet-Global ranking, over its database
+    and, with ``extra``, the distractors (maps at scale 1.0: cropped queries, full images). Returns the rankings per
+    protocol and, per query, {database id: the mixed score it was re-sorted by}."""
+    ranks, xq, xb = ranked
     kw = {"convention": model.input_convention, "scales": (1.0,), "min_side": min_side}
     queries = open_revisited(root=root, name=name, split="query", **kw)
     db: Dataset = open_revisited(root=root, name=name, split="db", **kw)
@@ -70,3 +65,15 @@ def run_cvnet_rerank(*, model: nn.Module, root: str, name: str, extra: str | Non
     final = cvnet_rerank(ranks=ranks, query_vectors=xq, db_vectors=xb, score_pairs=recorder, mode=rr["mode"],
                          gnd=gnd, top_k=int(rr.get("top_k", CVNET_RERANK_TOP_K)), weight=weight)
     return final, recorder.mixed_scores(xq, xb, weight=weight, nq=ranks.shape[1])
+
+
+def run_superglobal_rerank(ranked: GlobalRanking, sgr: Mapping[str, Any], *, device: torch.device
+                           ) -> tuple[np.ndarray, list[dict[int, float]]]:
+    """SuperGlobal re-ranking (``rerank.superglobal`` settings ``sgr``: M, K, beta, and the database it searches,
+    :func:`superglobal_database`) of a SuperGlobal ranking. Returns the ranking (n_db, nq) and, per query,
+    {database id: the re-ranking score it was sorted by}."""
+    reranker = RecordingReranker(build_superglobal_reranker(M=sgr["M"], K=sgr["K"], beta=sgr["beta"]))
+    database = superglobal_database(ranked.database, kind=sgr.get("database", "tensor"), device=device)
+    final = superglobal_rerank_ranking(query_vectors=ranked.query.to(device), database=database, ranks=ranked.ranks,
+                                       reranker=reranker)
+    return final, reranker.scores(ranked.query.shape[0])

@@ -1,54 +1,63 @@
-"""The evaluation run behind ``eval.py``: datasets, weights, models, global descriptors, rankings, re-ranking and
-the revisited metrics, for every (dataset, method) of a checked config.
+"""The evaluation run behind ``eval.py``: a short sequence of named stages, each with explicit inputs and outputs.
 
-    cfg = load_config("configs/eval_builtin.yaml", schema=EVAL)
-    outcome = run_evaluation(cfg, env=init_distributed(cfg["device"]))
-    outcome.results["synth"]["cvnet_rerank"]["mAP"]["hard"]  # percent
+    run = prepare(cfg, env=env, timer=timer)            # settings, datasets, post rows, weights, models: EvalRun
+    whitenings = learn_whitenings(run, timer=timer)      # {kind: whitening} of the models whitened rows start from
+    descriptors = describe(run, timer=timer)             # {DescriptorKey: Descriptors}; its units of work are
+                                                         #   the DescribeJobs, one per (dataset, split, kind, flip)
+    for label in run.labels:                             # rank 0: each dataset, then it with the distractors
+        ranked = rank(run, descriptors, label)           # {kind: GlobalRanking}
+        rows = rerank(run, label, ranked)                # the methods' rows (CVNet-Rerank, SuperGlobal re-ranking)
+        rows += post_process(run, descriptors, ...)      # the post-processed rows (post.rows)
+        scores = score(run, label, rows, ranked)         # metrics and per-query detail of every row
+        export(run, label, ranked, rows)                 # AMES / LoCoRe files (export.ames)
+
+    outcome = run_evaluation(cfg, env=init_distributed(cfg["device"]))   # all of it
+    outcome.results["synth"]["cvnet_rerank"]["mAP"]["hard"]              # percent
 
 Methods: ``cvnet_global``, ``cvnet_rerank`` (CVNet-Global ranking re-ranked by CVNet-Rerank), ``superglobal``,
-``superglobal_rerank``. The models the methods need are built once and their descriptors shared. Under torchrun
-every rank extracts its shards of the descriptors; rank 0 alone ranks and scores.
-
-Beside the methods' rows: ``post.rows`` adds post-processed copies of each global ranking (helpers.evaluation.post),
-and ``export.ames`` writes the SuperGlobal shortlists and descriptors that AMES and LoCoRe read
-(helpers.evaluation.export).
+``superglobal_rerank``, ``timm_global``. The models the methods need are built once and their descriptors shared.
+Under torchrun every rank runs prepare, learn_whitenings and describe (each extracts its shards of every
+extraction); rank 0 alone ranks and scores.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from common.constants import CVNET_SCORE_WEIGHT
 from common.timing import timed
 from datasets.revisited import RevisitedDataset
-from helpers.builders import (
-    GLOBAL_KINDS,
-    build_superglobal_reranker,
-    global_dim,
-)
-from helpers.cache_keys import state_dict_hash
+from helpers.builders import GLOBAL_KINDS, global_dim
 from helpers.config import ConfigError
 from helpers.distributed import DistEnv
 from helpers.evaluation.data import (
     CombinedReader,
+    DescriptorKey,
+    Descriptors,
+    EvalSets,
+    GlobalRanking,
     build_builtin_dataset,
+    check_named_dataset,
     dataset_label,
     open_distractors,
     open_revisited,
+    rank_descriptors,
+    resolve_datasets,
     stored_distractors,
 )
 from helpers.evaluation.detail import (
     SCORE_SOURCES,
     MethodDetail,
     RankingDetail,
-    RecordingReranker,
     ScoreFn,
     global_detail,
     global_scores,
@@ -57,34 +66,26 @@ from helpers.evaluation.detail import (
 )
 from helpers.evaluation.export import check_exports, export_ames
 from helpers.evaluation.metrics import PROTOCOLS, evaluate_revisited, format_percent, metrics_percent
-from helpers.evaluation.models import (
-    METHOD_BASE,
-    SEED_OFFSETS,
-    WeightsPlan,
-    build_models,
-    needed_models,
-    plan_weights,
-    scales_for,
-    verify_weights,
-)
+from helpers.evaluation.models import METHOD_BASE, ModelSet, WeightsPlan, load_models, needed_models, scales_for
 from helpers.evaluation.post import (
+    PostRow,
     WhiteningContext,
     check_whitening_source,
     obtain_whitening,
     post_rows,
     post_score_source,
+    post_summary,
     rank_post_row,
     row_order,
-    whitened_ranking,
+    whiten_descriptors,
 )
-from helpers.evaluation.rerank import run_cvnet_rerank, superglobal_database
+from helpers.evaluation.rerank import run_cvnet_rerank, run_superglobal_rerank
 from helpers.extraction import cached_global_descriptors
-from helpers.reranking import (
-    global_ranking,
-    superglobal_rerank_ranking,
-)
 
 logger = logging.getLogger(__name__)
+
+#: {kind: (whitening {'mean', 'projection', ...} or None off rank 0, its whitening_info)}
+Whitenings = dict[str, tuple[dict[str, Any] | None, dict[str, Any]]]
 
 
 class Timer:
@@ -99,43 +100,115 @@ class Timer:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Datasets
+# What the stages pass on
 # --------------------------------------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Weights and models
-# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Label:
+    """A block of the report: dataset ``name``'s queries against its database, followed by the distractors
+    ``extra`` when given (``key``: ``roxford5k`` or ``roxford5k+1m``)."""
+
+    name: str
+    extra: str | None = None
+
+    @property
+    def key(self) -> str:
+        return dataset_label(self.name, self.extra)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Re-ranking
-# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class EvalRun:
+    """What the prepare stage settles for the later ones: the checked config ``cfg`` (each stage reads its own
+    section), the process ``env``, the datasets (``names``, opened as ``sets``; ``builtin`` when the built-in
+    benchmark is one of them), the ``methods``, the global rankings the run computes (``kinds``), the post-processed
+    ``rows``, the models and the extraction engine's keywords (``extract_kw``)."""
+
+    cfg: Mapping[str, Any]
+    env: DistEnv
+    names: list[str]
+    builtin: bool
+    sets: dict[str, EvalSets]
+    methods: list[str]
+    kinds: list[str]
+    rows: list[PostRow]
+    models: ModelSet
+    extract_kw: dict[str, Any]
+
+    @property
+    def root(self) -> str:
+        return os.fspath(self.cfg["data"]["root"])
+
+    @property
+    def min_side(self) -> int | None:
+        return self.cfg["data"].get("min_side")
+
+    @property
+    def distractors(self) -> str | None:
+        return self.cfg["data"].get("distractors")
+
+    @property
+    def run_flip(self) -> bool:
+        """``extraction.flip``: every ranking of the run from flip-averaged descriptors."""
+        return bool(self.cfg["extraction"].get("flip", False))
+
+    @property
+    def labels(self) -> list[Label]:
+        extras = [None, self.distractors] if self.distractors else [None]
+        return [Label(name, extra) for name in self.names for extra in extras]
+
+    def key(self, name: str, kind: str, *, flip: bool = False) -> DescriptorKey:
+        """The descriptors a ranking of ``kind`` on dataset ``name`` uses: flip-averaged when the run or (``flip``)
+        the row asks."""
+        return DescriptorKey(name, kind, flip or self.run_flip)
+
+    def flips(self, kind: str) -> tuple[bool, ...]:
+        """The descriptor variants of ``kind`` the run needs: the run's own, and flip-averaged ones for a flip row."""
+        extra = (True,) if not self.run_flip and any(r.flip and r.base == kind for r in self.rows) else ()
+        return (self.run_flip, *extra)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Post-processed rows and exports
-# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class RowRanking:
+    """One row of a label: its ranking ``final`` ((n_db, nq), or per protocol for CVNet's paper mode) and, for a row
+    that re-orders global ranking ``base``, the scores it was sorted by (``score_of``) and what they are
+    (``source``). A global method's row has no ``base``: its detail is that of the global ranking itself."""
+
+    key: str
+    final: np.ndarray | dict[str, np.ndarray]
+    base: str | None = None
+    score_of: ScoreFn | None = None
+    source: str = ""
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Scores:
+    """What the score stage finds: ``results[label][row]`` (percent, :func:`metrics_percent`), and per
+    (label, row) the Medium ranking (n_db, nq) and the per-query :class:`MethodDetail`."""
+
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rankings: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    details: dict[tuple[str, str], MethodDetail] = field(default_factory=dict)
+
+    def update(self, other: Scores) -> None:
+        self.results.update(other.results)
+        self.rankings.update(other.rankings)
+        self.details.update(other.details)
 
 
 @dataclass
 class EvalOutcome:
     """What a run found: ``results[label][row]`` (percent, :func:`helpers.evaluation.metrics_percent`) for each
     method and post-processed row, the Medium ranking (n_db, nq) behind each, the weights plan (and the sha256 of
-    each weights file), stage timings, the datasets opened, per (label, row) the per-query :class:`MethodDetail`,
-    the rows in report order (``rows``), what each post-processed row applied (``post``) and the files
-    exported (``exports``)."""
+    each weights file), stage timings, the datasets opened (``sets``), per (label, row) the per-query
+    :class:`MethodDetail`, the rows in report order (``rows``), what each post-processed row applied (``post``) and
+    the files exported (``exports``)."""
 
     results: dict[str, dict[str, Any]]
     rankings: dict[tuple[str, str], np.ndarray]
     plan: WeightsPlan
     timer: Timer
-    data: dict[str, dict[str, Any]]
+    sets: dict[str, EvalSets]
     names: list[str]
     builtin: bool
     distractors: str | None
@@ -149,13 +222,13 @@ class EvalOutcome:
     _readers: dict[str, CombinedReader] = field(default_factory=dict, repr=False)
 
     def query_set(self, label: str) -> RevisitedDataset:
-        return self.data[label.removesuffix("+1m")]["query_set"]
+        return self.sets[label.removesuffix("+1m")].query
 
     def db_reader(self, label: str) -> CombinedReader:
         """Images of the ranked items of ``label``: the database, then the distractors for a ``+1m`` label (their
         list of a million names is read once)."""
         if label not in self._readers:
-            db = self.data[label.removesuffix("+1m")]["db_set"]
+            db = self.sets[label.removesuffix("+1m")].db
             extra = None
             if label.endswith("+1m"):
                 extra = open_distractors(root=self.root, convention=db.convention, scales=(1.0,),
@@ -164,237 +237,332 @@ class EvalOutcome:
         return self._readers[label]
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
 def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> EvalOutcome | None:
     """Evaluate every (dataset, method) and post-processed row of the checked config ``cfg`` (see
     helpers.schemas.EVAL) on ``env.device``; returns the outcome on rank 0, None on the other ranks."""
     env = env or DistEnv()
     timer = Timer()
+    run = prepare(cfg, env=env, timer=timer)
+    whitenings = learn_whitenings(run, timer=timer)
+    descriptors = describe(run, timer=timer)
+    if not env.is_main:
+        logger.info("rank %d: extraction done; rank 0 evaluates", env.rank)
+        return None
+    scores, exports = Scores(), {}
+    whitened: dict[DescriptorKey, Descriptors] = {}  # a dataset's whitened descriptors, for its +1M label too
+    for label in run.labels:
+        if label.extra is None:
+            whitened = {}  # the previous dataset's are no longer needed (+1M: gigabytes)
+        ranked = rank(run, descriptors, label, timer=timer)
+        rows = rerank(run, label, ranked, timer=timer)
+        rows += post_process(run, descriptors, whitenings, label, ranked, whitened=whitened, timer=timer)
+        scores.update(score(run, label, rows, ranked, timer=timer))
+        exported = export(run, label, ranked, rows, timer=timer)
+        if exported is not None:
+            exports[label.name] = exported
+    return EvalOutcome(results=scores.results, rankings=scores.rankings, plan=run.models.plan, timer=timer,
+                       sets=run.sets, names=run.names, builtin=run.builtin, distractors=run.distractors,
+                       root=run.root, min_side=run.min_side, details=scores.details,
+                       rows=row_order(run.methods, run.rows), post=post_summary(run.rows, whitenings),
+                       weights_sha256=run.models.sha256, exports=exports)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prepare: settings, datasets, weights and models
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prepare(cfg: Mapping[str, Any], *, env: DistEnv, timer: Timer) -> EvalRun:
+    """Check the settings, settle the datasets (drawing the built-in benchmark when it is one of them, checking that
+    every named one is on disk), the post-processed rows, the weights and the models, and open each dataset."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-    data_cfg, model_cfg, ext_cfg = cfg["data"], cfg["model"], cfg["extraction"]
     methods = list(cfg["methods"])
     if not methods:
         raise ConfigError("methods is empty")
     needed = needed_models(methods)
     check_exports(cfg, needed)
-    progress = bool(cfg.get("progress", True)) and env.is_main
-    device = env.device
-    depth = int(model_cfg["depth"])
+    kinds = sorted(needed & set(GLOBAL_KINDS))
+    rows = configured_rows(cfg.get("post"), kinds=kinds)
+    names, builtin = settle_datasets(cfg["data"], progress=show_progress(cfg, env), timer=timer)
+    models = load_models(needed=needed, model_cfg=cfg["model"], seed=int(cfg.get("seed", 0)), device=env.device,
+                         building=timer.stage("build models"))
+    # the sets a report reads (images, names, ground truth): opened as the first global model reads them
+    first = models.models[kinds[0]]
+    kw = {"root": os.fspath(cfg["data"]["root"]), "convention": first.input_convention,
+          "scales": scales_for(kinds[0], cfg["model"]), "min_side": cfg["data"].get("min_side")}
+    sets = {name: EvalSets(query=open_revisited(name=name, split="query", **kw),
+                           db=open_revisited(name=name, split="db", **kw)) for name in names}
+    return EvalRun(cfg=cfg, env=env, names=names, builtin=builtin, sets=sets, methods=methods, kinds=kinds, rows=rows,
+                   models=models, extract_kw=extraction_settings(cfg, env))
+
+
+def configured_rows(post_cfg: Mapping[str, Any] | None, *, kinds: Sequence[str]) -> list[PostRow]:
+    """The post-processed rows of ``post.rows`` for each global ranking in ``kinds``; a whitened row needs a
+    whitening source (refused before anything runs)."""
+    post_cfg = post_cfg or {"rows": []}
+    rows = post_rows(post_cfg, kinds=kinds) if post_cfg.get("rows") else []
+    if any(r.whitening for r in rows):
+        check_whitening_source((post_cfg.get("whitening") or {}).get("source"))
+    return rows
+
+
+def settle_datasets(data_cfg: Mapping[str, Any], *, progress: bool, timer: Timer) -> tuple[list[str], bool]:
+    """The datasets of the run (:func:`helpers.evaluation.data.resolve_datasets`) and whether the built-in benchmark
+    is one of them; draws it (idempotently), and checks that each named one is on disk, naming it if not."""
     root = os.fspath(data_cfg["root"])
-    min_side = data_cfg.get("min_side")
-    distractors = data_cfg.get("distractors")
-    names = list(data_cfg["datasets"])
-    builtin = bool((data_cfg.get("synthetic") or {}).get("name"))
-    # the global rankings the run computes; the post-processed rows are copies of each
-    global_kinds = sorted(needed & set(GLOBAL_KINDS))
-    post_cfg = cfg.get("post") or {"rows": []}
-    rows = post_rows(post_cfg, kinds=global_kinds) if post_cfg.get("rows") else []
-    white_cfg = post_cfg.get("whitening") or {}
-    if any(r.whitening for r in rows):
-        check_whitening_source(white_cfg.get("source"))
-    if builtin:
-        with timer.stage("build synthetic dataset"):
-            names = [build_builtin_dataset(root=root, synthetic=data_cfg["synthetic"], progress=progress)]
-    if not names:
-        raise ConfigError("data.datasets is empty")
-
-    plan = plan_weights(model_cfg)
-    weights_sha256 = verify_weights(plan, model_cfg.get("weights_sha256"))
-    with timer.stage("build models"):
-        models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=int(cfg.get("seed", 0)),
-                              device=device)
-        hashes = {k: state_dict_hash(m) for k, m in models.items()}
-    run_flip = bool(ext_cfg.get("flip", False))  # every ranking of the run from flip-averaged descriptors
-    # where each model's weights came from, for the engine's errors (NaN descriptors, too-small images)
-    sources = {k: plan.global_path or f"random (seed {int(cfg.get('seed', 0)) * 1000 + SEED_OFFSETS[k]})"
-               for k in models}
-    if "timm_global" in models:
-        sources["timm_global"] = (model_cfg.get("timm") or {}).get("weights") or \
-            f"random (seed {int(cfg.get('seed', 0)) * 1000 + SEED_OFFSETS['timm_global']})"
-    extract_kw = {"device": device, "batch_size": int(ext_cfg["batch_size"]),
-                  "num_workers": int(ext_cfg["num_workers"]), "shard_size": ext_cfg.get("shard_size"),
-                  "rank": env.rank, "world_size": env.world_size, "progress": progress,
-                  "cache_dir": ext_cfg.get("cache_dir")}
-
-    # phase 1, every rank: global descriptors (queries, database, distractors) per dataset and model
-    data: dict[str, dict[str, Any]] = {}
-    checked_r1m = False
+    names, builtin = resolve_datasets(data_cfg)
     for name in names:
-        entry: dict[str, Any] = {"vectors": {}}
-        for kind in global_kinds:
-            model = models[kind]
-            conv, scales = model.input_convention, scales_for(kind, model_cfg)
-            sets = {split: open_revisited(root=root, name=name, split=split, convention=conv, scales=scales,
-                                          min_side=min_side) for split in ("query", "db")}
-            entry.setdefault("query_set", sets["query"])
-            entry.setdefault("db_set", sets["db"])
-            for split, ds in sets.items():
-                with timer.stage(f"extract {kind} {name} {split}"):
-                    entry["vectors"][(kind, split)] = cached_global_descriptors(
-                        model=model, dataset=ds, label=f"{name}-{split}-{kind}-r{depth}",
-                        weights_hash=hashes[kind], weights_source=sources[kind], flip=run_flip, **extract_kw)
-            if distractors:
-                with timer.stage(f"extract {kind} revisitop1m"):
-                    # the completeness scan of the 1M files runs once per run, not once per model
-                    r1m = open_distractors(root=root, convention=conv, scales=scales, min_side=min_side,
-                                           progress=progress, check=not checked_r1m)
-                    checked_r1m = True
-                    vectors = cached_global_descriptors(
-                        model=model, dataset=r1m, label=f"revisitop1m-{kind}-r{depth}",
-                        weights_hash=hashes[kind], weights_source=sources[kind], flip=run_flip, **extract_kw)
-                    entry["vectors"][(kind, "distractors")] = stored_distractors(vectors,
-                                                                                 data_cfg["distractors_dtype"])
-            if any(r.flip and r.base == kind for r in rows) and not run_flip:
-                # the flip rows' descriptors: original and mirrored image averaged (a second extraction)
-                for split, ds in sets.items():
-                    with timer.stage(f"extract {kind} {name} {split} (flip)"):
-                        entry["vectors"][(kind, split, "flip")] = cached_global_descriptors(
-                            model=model, dataset=ds, label=f"{name}-{split}-{kind}-r{depth}-flip",
-                            weights_hash=hashes[kind], weights_source=sources[kind], flip=True, **extract_kw)
+        if builtin and name == data_cfg["synthetic"]["name"]:
+            with timer.stage("build synthetic dataset"):
+                build_builtin_dataset(root=root, synthetic=data_cfg["synthetic"], progress=progress)
+        else:
+            check_named_dataset(root, name)
+    return names, builtin
+
+
+def show_progress(cfg: Mapping[str, Any], env: DistEnv) -> bool:
+    """Progress bars: when ``progress`` is on, on rank 0 only."""
+    return bool(cfg.get("progress", True)) and env.is_main
+
+
+def extraction_settings(cfg: Mapping[str, Any], env: DistEnv) -> dict[str, Any]:
+    """The extraction engine's keywords (:func:`helpers.extraction.cached_global_descriptors`) of a run: device,
+    batches, workers and shards (``extraction.*``), this process's rank, progress bars and the feature cache."""
+    ext = cfg["extraction"]
+    return {"device": env.device, "batch_size": int(ext["batch_size"]), "num_workers": int(ext["num_workers"]),
+            "shard_size": ext.get("shard_size"), "rank": env.rank, "world_size": env.world_size,
+            "progress": show_progress(cfg, env), "cache_dir": ext.get("cache_dir")}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learn whitening; describe
+# --------------------------------------------------------------------------------------------------------------
+
+
+def learn_whitenings(run: EvalRun, *, timer: Timer) -> Whitenings:
+    """The whitening of each model a whitened row starts from (:func:`helpers.evaluation.post.obtain_whitening`:
+    loaded, reused, or learned on the built-in training split); {} without whitened rows. It runs before the
+    describe stage, so that a whitening this run cannot have stops the run before the long extractions."""
+    kinds = sorted({r.base for r in run.rows if r.whitening})
+    if not kinds:
+        return {}
+    white_cfg = (run.cfg.get("post") or {}).get("whitening") or {}
+    plan = run.models.plan
+    ctx = WhiteningContext(
+        source=white_cfg.get("source"), dim=white_cfg.get("dim"), max_images=white_cfg.get("images"),
+        weights_file=plan.global_path, weights_sha256=run.models.sha256.get(plan.global_path or ""), root=run.root,
+        train_name=run.cfg["data"]["synthetic"]["name"] if run.builtin else None, min_side=run.min_side,
+        cache_dir=run.cfg["extraction"].get("cache_dir"), depth=int(run.cfg["model"]["depth"]),
+        extract_kw=run.extract_kw)
+    whitenings = {}
+    for kind in kinds:
+        model = run.models.models[kind]
+        with timer.stage(f"whitening {kind}"):
+            whitenings[kind] = obtain_whitening(ctx, kind=kind, model=model, state_hash=run.models.hashes[kind],
+                                                d=global_dim(model), scales=scales_for(kind, run.cfg["model"]),
+                                                is_main=run.env.is_main)
+    return whitenings
+
+
+@dataclass(frozen=True)
+class DescribeJob:
+    """One unit of work of the describe stage: split ``split`` (query, db or distractors) of dataset ``dataset``
+    (for the distractors: their name) through global model ``kind``, flip-averaged or not."""
+
+    dataset: str
+    split: str
+    kind: str
+    flip: bool
+
+
+def describe_jobs(names: Sequence[str], kinds: Sequence[str], *, distractors: str | None,
+                  flips: Mapping[str, Sequence[bool]]) -> list[DescribeJob]:
+    """Every extraction a run needs, in order: per dataset and model, for each of its variants ``flips[kind]``, the
+    queries, the database and the distractors; the distractors once per (model, variant), whatever the datasets."""
+    jobs = []
+    for name in names:
+        for kind in kinds:
+            for flip in flips[kind]:
+                jobs += [DescribeJob(name, split, kind, flip) for split in ("query", "db")]
                 if distractors:
-                    with timer.stage(f"extract {kind} revisitop1m (flip)"):
-                        vectors = cached_global_descriptors(
-                            model=model, dataset=r1m, label=f"revisitop1m-{kind}-r{depth}-flip",
-                            weights_hash=hashes[kind], weights_source=sources[kind], flip=True, **extract_kw)
-                        entry["vectors"][(kind, "distractors", "flip")] = stored_distractors(
-                            vectors, data_cfg["distractors_dtype"])
-        data[name] = entry
-    whitenings: dict[str, tuple[dict[str, Any] | None, dict[str, Any]]] = {}
-    if any(r.whitening for r in rows):
-        ctx = WhiteningContext(
-            source=white_cfg.get("source"), dim=white_cfg.get("dim"), max_images=white_cfg.get("images"),
-            weights_file=plan.global_path,
-            weights_sha256=weights_sha256.get(plan.global_path or ""), root=root,
-            train_name=data_cfg["synthetic"]["name"] if builtin else None, min_side=min_side,
-            cache_dir=ext_cfg.get("cache_dir"), depth=depth, extract_kw=extract_kw)
-        for kind in sorted({r.base for r in rows if r.whitening}):
-            with timer.stage(f"whitening {kind}"):
-                whitenings[kind] = obtain_whitening(
-                    ctx, kind=kind, model=models[kind], state_hash=hashes[kind],
-                    d=global_dim(models[kind]), scales=scales_for(kind, model_cfg),
-                    is_main=env.is_main)
-    if not env.is_main:
-        logger.info("rank %d: extraction done; rank 0 evaluates", env.rank)
-        return None
+                    jobs.append(DescribeJob(distractors, "distractors", kind, flip))
+    return list(dict.fromkeys(jobs))
 
-    # phase 2, rank 0: rankings, re-ranking, metrics
-    kappas = [int(k) for k in cfg["eval"]["kappas"]]
-    rr_cfg = cfg["rerank"]
-    top = int(cfg["viz"]["top"])
-    export_cfg = cfg.get("export") or {}
-    results: dict[str, dict[str, Any]] = {}
-    rankings: dict[tuple[str, str], np.ndarray] = {}
-    details: dict[tuple[str, str], MethodDetail] = {}
-    exports: dict[str, Any] = {}
-    for name in names:
-        entry = data[name]
-        gnd = entry["query_set"].gnd
-        # (kind, split) -> whitened descriptors, shared by the dataset's labels (plain and +1M)
-        whitened: dict[tuple[str, str], torch.Tensor] = {}
-        whitened_flip: dict[tuple[str, str], torch.Tensor] = {}
-        for extra in [None] + ([distractors] if distractors else []):
-            label = dataset_label(name, extra)
-            results[label] = {}
-            ranked: dict[str, tuple[np.ndarray, Any, Any]] = {}
-            global_details: dict[str, RankingDetail] = {}
-            detail_kw = {"ranked": ranked, "gnd": gnd, "kappas": kappas, "top": top, "cache": global_details}
-            sg_rerank: tuple[np.ndarray, ScoreFn, int] | None = None
-            for kind in global_kinds:
-                xq = entry["vectors"][(kind, "query")]
-                xb: Any = entry["vectors"][(kind, "db")]
-                if extra:  # the database then the distractors, never concatenated (+1M: 8 GB per copy)
-                    xb = [xb, entry["vectors"][(kind, "distractors")]]
-                with timer.stage(f"rank {kind} {label}"):
-                    _, ranks = global_ranking(xq, xb, device=device, with_similarities=False, rank_dtype=np.int32)
-                ranked[kind] = (ranks, xq, xb)
-            for method in methods:
-                base = METHOD_BASE[method]
-                ranks, xq, xb = ranked[base]
-                score_of: Any = None
-                if method in GLOBAL_KINDS:
-                    final: Any = ranks
-                elif method == "cvnet_rerank":
-                    with timer.stage(f"cvnet_rerank {label}"):
-                        final, mixed = run_cvnet_rerank(
-                            model=models["cvnet_rerank"], root=root, name=name, extra=extra, min_side=min_side,
-                            rr=rr_cfg["cvnet"], ext_cfg=ext_cfg, ranks=ranks, xq=xq, xb=xb, gnd=gnd,
-                            device=device, weights_hash=hashes["cvnet_rerank"], progress=progress)
-                    score_of = lookup_scores(mixed)
-                else:
-                    with timer.stage(f"superglobal_rerank {label}"):
-                        sgr = rr_cfg["superglobal"]
-                        reranker = RecordingReranker(build_superglobal_reranker(M=sgr["M"], K=sgr["K"],
-                                                                                beta=sgr["beta"]))
-                        database = superglobal_database(xb, kind=sgr.get("database", "tensor"), device=device)
-                        final = superglobal_rerank_ranking(query_vectors=xq.to(device), database=database,
-                                                           ranks=ranks, reranker=reranker)
-                    score_of = lookup_scores(reranker.scores(xq.shape[0]))
-                    sg_rerank = (final, score_of, int(sgr["M"]))
-                with timer.stage("evaluate"):
-                    evaluation = evaluate_revisited(final, gnd, kappas)
-                    results[label][method] = metrics_percent(evaluation)
-                rankings[(label, method)] = final["medium"] if isinstance(final, Mapping) else final
-                with timer.stage("per-query detail"):
-                    if method in GLOBAL_KINDS:
-                        details[(label, method)] = MethodDetail(
-                            after=global_detail(method, evaluation=evaluation, **detail_kw))
-                    else:
-                        source = SCORE_SOURCES[method].format(weight=rr_cfg["cvnet"].get("weight",
-                                                                                         CVNET_SCORE_WEIGHT))
-                        after = ranking_detail(final, evaluation, gnd, top=top, score_of=score_of, source=source)
-                        details[(label, method)] = MethodDetail(after=after, before=global_detail(base, **detail_kw),
-                                                                base=base)
-                logger.info("%s %s: mAP E %s M %s H %s", label, method,
-                            *(format_percent(results[label][method]["mAP"][p]) for p in PROTOCOLS))
 
-            starts: dict[tuple[str, bool, bool], tuple[np.ndarray, Any, Any]] = {
-                (kind, False, False): ranked[kind] for kind in global_kinds}
-            for row in rows:
-                with timer.stage(f"post {row.key} {label}"):
-                    flip = row.flip and not run_flip  # a run-wide flip already is in every ranking
-                    key = (row.base, flip, row.whitening)
-                    if key not in starts:
-                        vectors = {(k[0], k[1]): v for k, v in entry["vectors"].items()
-                                   if len(k) == 3 and k[2] == "flip"} if flip else entry["vectors"]
-                        if row.whitening:
-                            starts[key] = whitened_ranking(
-                                row.base, vectors=vectors, whitening=whitenings[row.base][0],
-                                with_distractors=bool(extra), cache=whitened_flip if flip else whitened,
-                                device=device)
-                        else:
-                            fq, fb = vectors[(row.base, "query")], vectors[(row.base, "db")]
-                            if extra:
-                                fb = [fb, vectors[(row.base, "distractors")]]
-                            _, franks = global_ranking(fq, fb, device=device, with_similarities=False,
-                                                       rank_dtype=np.int32)
-                            starts[key] = (franks, fq, fb)
-                    start = starts[key]
-                    final = rank_post_row(row, start)
-                with timer.stage("evaluate"):
-                    evaluation = evaluate_revisited(final, gnd, kappas)
-                    results[label][row.key] = metrics_percent(evaluation)
-                rankings[(label, row.key)] = final
-                with timer.stage("per-query detail"):
-                    after = ranking_detail(final, evaluation, gnd, top=top, score_of=global_scores(*start[1:]),
-                                           source=post_score_source(row))
-                    details[(label, row.key)] = MethodDetail(after=after, before=global_detail(row.base, **detail_kw),
-                                                             base=row.base)
-                logger.info("%s %s: mAP E %s M %s H %s", label, row.key,
-                            *(format_percent(results[label][row.key]["mAP"][p]) for p in PROTOCOLS))
+def describe(run: EvalRun, *, timer: Timer) -> dict[DescriptorKey, Descriptors]:
+    """Every global descriptor the run needs (:func:`describe_jobs`), each through :func:`extract_descriptors`,
+    held per (dataset, kind, flip). On the ranks other than 0 of a sharded extraction the tensors are None."""
+    jobs = describe_jobs(run.names, run.kinds, distractors=run.distractors, flips={k: run.flips(k) for k in run.kinds})
+    first_distractors = next((j for j in jobs if j.split == "distractors"), None)
+    opened: dict[DescribeJob, Dataset] = {}  # a flip variant reads the dataset its plain job opened
+    vectors: dict[DescribeJob, Tensor | None] = {}
+    for job in jobs:
+        name = job.dataset if job.split == "distractors" else f"{job.dataset} {job.split}"
+        with timer.stage(f"extract {job.kind} {name}" + (" (flip)" if job.flip and not run.run_flip else "")):
+            plain = replace(job, flip=False)
+            if plain not in opened:
+                # the completeness scan of the 1M files runs once per run, not once per model
+                opened[plain] = open_job_dataset(run, job, check=job == first_distractors)
+            vectors[job] = extract_descriptors(run.models, job.kind, opened[plain], label=job_label(run, job),
+                                               flip=job.flip, extract_kw=run.extract_kw)
+            if job.split == "distractors":
+                vectors[job] = stored_distractors(vectors[job], run.cfg["data"]["distractors_dtype"])
+    out = {}
+    for job in jobs:
+        if job.split == "query":
+            extra = DescribeJob(run.distractors, "distractors", job.kind, job.flip) if run.distractors else None
+            out[DescriptorKey(job.dataset, job.kind, job.flip)] = Descriptors(
+                query=vectors[job], db=vectors[replace(job, split="db")], distractors=vectors.get(extra))
+    return out
 
-            if export_cfg.get("ames") and extra is None:
-                with timer.stage(f"export {name}"):
-                    ranks, xq, xb = ranked["superglobal"]
-                    exports[name] = export_ames(
-                        export_cfg["ames"], name=name, query_set=entry["query_set"], db_set=entry["db_set"], xq=xq,
-                        xb=xb, ranks=ranks, m=int(export_cfg["shortlist"]),
-                        reranked=sg_rerank if export_cfg.get("reranked") else None)
-    post = {}
+
+def open_job_dataset(run: EvalRun, job: DescribeJob, *, check: bool = False) -> Dataset:
+    """The dataset of a describe job, as model ``job.kind`` reads it (its input convention and scales); ``check``:
+    every listed distractor must be on disk."""
+    kw = {"convention": run.models.models[job.kind].input_convention, "scales": scales_for(job.kind, run.cfg["model"]),
+          "min_side": run.min_side}
+    if job.split == "distractors":
+        return open_distractors(root=run.root, progress=show_progress(run.cfg, run.env), check=check, **kw)
+    return open_revisited(root=run.root, name=job.dataset, split=job.split, **kw)
+
+
+def job_label(run: EvalRun, job: DescribeJob) -> str:
+    """The feature cache's name of a describe job: ``<dataset>-<split>-<kind>-r<depth>`` (the distractors:
+    ``<name>-<kind>-r<depth>``), ``-flip`` for the flip-averaged variant of a run that is not flipped as a whole."""
+    what = job.dataset if job.split == "distractors" else f"{job.dataset}-{job.split}"
+    return f"{what}-{job.kind}-r{int(run.cfg['model']['depth'])}" + ("-flip" if job.flip and not run.run_flip else "")
+
+
+def extract_descriptors(models: ModelSet, kind: str, dataset: Dataset, *, label: str, flip: bool = False,
+                        extract_kw: Mapping[str, Any]) -> Tensor | None:
+    """The global descriptors (N, d) of ``dataset`` by model ``kind`` of ``models``, through the feature cache
+    (:func:`helpers.extraction.cached_global_descriptors`, under ``label``); None on ranks other than 0 of a
+    sharded extraction."""
+    return cached_global_descriptors(model=models.models[kind], dataset=dataset, label=label,
+                                     weights_hash=models.hashes[kind], weights_source=models.sources[kind], flip=flip,
+                                     **extract_kw)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rank, re-rank, post rows (rank 0, per label)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rank(run: EvalRun, descriptors: Mapping[DescriptorKey, Descriptors], label: Label, *,
+         timer: Timer) -> dict[str, GlobalRanking]:
+    """The global ranking of each model over the run's descriptors of ``label`` (the database, then the
+    distractors for a +1M label)."""
+    ranked = {}
+    for kind in run.kinds:
+        with timer.stage(f"rank {kind} {label.key}"):
+            ranked[kind] = rank_descriptors(descriptors[run.key(label.name, kind)],
+                                            with_distractors=label.extra is not None, device=run.env.device)
+    return ranked
+
+
+def rerank(run: EvalRun, label: Label, ranked: Mapping[str, GlobalRanking], *, timer: Timer) -> list[RowRanking]:
+    """Each method's row: a global method's ranking as it is; a re-ranking method's re-ordering of the global
+    ranking it starts from (CVNet-Rerank, SuperGlobal re-ranking), with the scores it sorted by."""
+    rr = run.cfg["rerank"]
+    rows = []
+    for method in run.methods:
+        base = METHOD_BASE[method]
+        if method in GLOBAL_KINDS:
+            rows.append(RowRanking(method, ranked[method].ranks))
+            continue
+        with timer.stage(f"{method} {label.key}"):
+            if method == "cvnet_rerank":
+                final, scores = run_cvnet_rerank(
+                    model=run.models.models["cvnet_rerank"], root=run.root, name=label.name, extra=label.extra,
+                    min_side=run.min_side, rr=rr["cvnet"], ext_cfg=run.cfg["extraction"], ranked=ranked[base],
+                    gnd=run.sets[label.name].query.gnd, device=run.env.device,
+                    weights_hash=run.models.hashes["cvnet_rerank"], progress=show_progress(run.cfg, run.env))
+            else:
+                final, scores = run_superglobal_rerank(ranked[base], rr["superglobal"], device=run.env.device)
+        source = SCORE_SOURCES[method].format(weight=rr["cvnet"].get("weight", CVNET_SCORE_WEIGHT))
+        rows.append(RowRanking(method, final, base=base, score_of=lookup_scores(scores), source=source))
+    return rows
+
+
+def post_process(run: EvalRun, descriptors: Mapping[DescriptorKey, Descriptors], whitenings: Whitenings,
+                 label: Label, ranked: Mapping[str, GlobalRanking], *, whitened: dict[DescriptorKey, Descriptors],
+                 timer: Timer) -> list[RowRanking]:
+    """Each post-processed row: the global ranking of its model, over flip-averaged and / or whitened descriptors
+    when the row asks, re-ordered by its post-processing steps. ``whitened`` keeps a dataset's whitened descriptors
+    for its +1M label (which then whitens only the distractors)."""
+    with_distractors = label.extra is not None
+    # the global ranking each row starts from, by (descriptors, whitened): the run's own ones are ranked already
+    starts = {(run.key(label.name, kind), False): ranked[kind] for kind in run.kinds}
+    rows = []
+    for row in run.rows:
+        with timer.stage(f"post {row.key} {label.key}"):
+            key = run.key(label.name, row.base, flip=row.flip)
+            if (key, row.whitening) not in starts:
+                chosen = descriptors[key]
+                if row.whitening:
+                    whitened[key] = whiten_descriptors(chosen, whitenings[row.base][0],
+                                                       with_distractors=with_distractors, done=whitened.get(key))
+                    chosen = whitened[key]
+                starts[(key, row.whitening)] = rank_descriptors(chosen, with_distractors=with_distractors,
+                                                                device=run.env.device)
+            start = starts[(key, row.whitening)]
+            final = rank_post_row(row, start)
+        rows.append(RowRanking(row.key, final, base=row.base, score_of=global_scores(start.query, start.database),
+                               source=post_score_source(row)))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Score, export
+# --------------------------------------------------------------------------------------------------------------
+
+
+def score(run: EvalRun, label: Label, rows: Sequence[RowRanking], ranked: Mapping[str, GlobalRanking], *,
+          timer: Timer) -> Scores:
+    """The revisited metrics (:func:`evaluate_revisited`) and the per-query detail of each row of ``label``: a row
+    that re-orders a global ranking shows that ranking beside its own (``before``)."""
+    gnd = run.sets[label.name].query.gnd
+    kappas, top = [int(k) for k in run.cfg["eval"]["kappas"]], int(run.cfg["viz"]["top"])
+    cache: dict[str, RankingDetail] = {}  # each global ranking's detail, shared by the rows that start from it
+    detail_kw = {"ranked": ranked, "gnd": gnd, "kappas": kappas, "top": top, "cache": cache}
+    out = Scores(results={label.key: {}})
     for row in rows:
-        saved, info = whitenings.get(row.base, (None, {})) if row.whitening else (None, {})
-        post[row.key] = {"base": row.base, "steps": list(row.steps),
-                         "applied": row.applied(info.get("dim") if saved is not None else None),
-                         "settings": row.settings(info)}
-    return EvalOutcome(results=results, rankings=rankings, plan=plan, timer=timer, data=data, names=names,
-                       builtin=builtin, distractors=distractors, root=root, min_side=min_side, details=details,
-                       rows=row_order(methods, rows), post=post, weights_sha256=weights_sha256, exports=exports)
+        with timer.stage("evaluate"):
+            evaluation = evaluate_revisited(row.final, gnd, kappas)
+            out.results[label.key][row.key] = metrics_percent(evaluation)
+        out.rankings[(label.key, row.key)] = row.final["medium"] if isinstance(row.final, Mapping) else row.final
+        with timer.stage("per-query detail"):
+            if row.base is None:
+                detail = MethodDetail(after=global_detail(row.key, evaluation=evaluation, **detail_kw))
+            else:
+                after = ranking_detail(row.final, evaluation, gnd, top=top, score_of=row.score_of, source=row.source)
+                detail = MethodDetail(after=after, before=global_detail(row.base, **detail_kw), base=row.base)
+            out.details[(label.key, row.key)] = detail
+        logger.info("%s %s: mAP E %s M %s H %s", label.key, row.key,
+                    *(format_percent(out.results[label.key][row.key]["mAP"][p]) for p in PROTOCOLS))
+    return out
+
+
+def export(run: EvalRun, label: Label, ranked: Mapping[str, GlobalRanking], rows: Sequence[RowRanking], *,
+           timer: Timer) -> dict[str, Any] | None:
+    """``export.ames``: the AMES / LoCoRe files of a dataset (:func:`export_ames`; not of a +1M label), its
+    SuperGlobal descriptors and shortlists from the global ranking or (``export.reranked``) the SuperGlobal
+    re-ranking; None when there is nothing to export."""
+    export_cfg = run.cfg.get("export") or {}
+    if not export_cfg.get("ames") or label.extra is not None:
+        return None
+    reranked = None
+    if export_cfg.get("reranked"):
+        row = next(r for r in rows if r.key == "superglobal_rerank")
+        reranked = (row.final, row.score_of, int(run.cfg["rerank"]["superglobal"]["M"]))
+    sets = run.sets[label.name]
+    with timer.stage(f"export {label.name}"):
+        ranks, xq, xb = ranked["superglobal"]
+        return export_ames(export_cfg["ames"], name=label.name, query_set=sets.query, db_set=sets.db, xq=xq, xb=xb,
+                           ranks=ranks, m=int(export_cfg["shortlist"]), reranked=reranked)

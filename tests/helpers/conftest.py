@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.evaluation.data import EvalSets
 from helpers.evaluation.detail import MethodDetail, global_detail, global_scores, lookup_scores, ranking_detail
 from helpers.evaluation.metrics import evaluate_revisited, metrics_percent
 from helpers.evaluation.models import WeightsPlan
@@ -71,7 +72,7 @@ def toy_run():
     timer = Timer()
     timer.stages["build models"] = 0.5
     outcome = EvalOutcome(results={"toy": results}, rankings={}, plan=WeightsPlan(warnings=["weights: random"]),
-                          timer=timer, data={"toy": {"query_set": ToySet(3, "q"), "db_set": ToySet(9, "db")}},
+                          timer=timer, sets={"toy": EvalSets(query=ToySet(3, "q"), db=ToySet(9, "db"))},
                           names=["toy"], builtin=True, distractors=None, details=details)
     return Toy(outcome=outcome, final={"cvnet_global": ranks, "cvnet_rerank": reranked}, gnd=GND)
 

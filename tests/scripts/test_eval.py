@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers.config import load_config
-from helpers.report.titles import load_paper_results, paper_figure
+from helpers.report.titles import NOT_COMPARABLE, load_paper_results, paper_figure
 from helpers.schemas import EVAL
 from tests.support.ames_loader import read_ames_shortlist
 
@@ -309,6 +309,41 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     assert _run(tmp_path, "data.synthetic.name=null", "data.datasets=[roxford5k]", "methods=[cvnet_global]") == 2
     err = capsys.readouterr().err
     assert err.startswith("eval.py: error: ") and "roxford5k" in err and "Traceback" not in err
+
+
+def test_a_named_dataset_is_evaluated_never_replaced_by_the_builtin_one(tmp_path, capsys, monkeypatch):
+    """With the default config (data.synthetic.name=synth), a dataset the user names is evaluated or the run stops
+    with one line naming it and what to fetch; the built-in benchmark is never drawn in its place (issue 19,
+    row 17)."""
+    import datasets.synthetic
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the built-in benchmark was drawn in place of the named dataset")
+
+    monkeypatch.setattr(datasets.synthetic, "build_synthetic", refuse)
+    root = tmp_path / "data"
+    for name, says in (("roxford5k", f"python prepare_data.py download --root {root} --datasets roxford5k"),
+                       ("roxfrod5k", "roxford5k, rparis6k"),
+                       ("gldv2-retrieval-test", "--datasets gldv2-retrieval-test")):
+        assert _run(tmp_path, f"data.datasets=[{name}]", "methods=[superglobal]") == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("eval.py: error: ") and len(err.strip().splitlines()) == 1, err
+        assert name in err and says in err, err
+        assert not (tmp_path / "runs" / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_named_dataset_in_the_revisited_layout_is_what_is_evaluated(tmp_path):
+    from datasets.synthetic import SyntheticConfig, build_synthetic
+
+    config = SyntheticConfig(n_landmarks=2, views_per_landmark=3, n_distractors=2, image_size=(96, 64),
+                             train_landmarks=2, train_views_per_landmark=2)
+    build_synthetic(tmp_path / "data", name="mine", config=config, progress=False)
+    assert _run(tmp_path, "data.datasets=[mine]", "methods=[superglobal]", "post.rows=[aqe]",
+                "viz.num_queries=0") == 0
+    res = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    assert set(res["results"]) == {"mine"} and set(res["results"]["mine"]) == {"superglobal", "superglobal+aqe"}
+    assert not (tmp_path / "data" / "synth").exists() and NOT_COMPARABLE not in res["warnings"]
 
 
 @pytest.mark.parametrize("name", ["cvnet_global_r50", "cvnet_global_r101", "cvnet_rerank_r50", "cvnet_rerank_r101",

@@ -1,6 +1,7 @@
 """The evaluation run's pieces: the weights plan and its files' sha256, the models it builds (seeded random
-weights independent of one another), the SuperGlobal re-ranking databases, the distractors' storage, the reader
-behind +1M grids, the post-processed rows over +1M parts and the AMES / LoCoRe export."""
+weights independent of one another), the SuperGlobal re-ranking databases, the post-processed rows over +1M parts,
+the AMES / LoCoRe export, and the stages of the run: the describe stage's units of work, which descriptors each
+ranking reads, and the rank, post-process and score stages on toy descriptors."""
 import hashlib
 import pickle
 from types import SimpleNamespace
@@ -12,8 +13,10 @@ import torch.nn.functional as F
 
 from common.io import file_sha256
 from helpers.config import ConfigError
-from helpers.evaluation.data import CombinedReader, dataset_label, stored_distractors
+from helpers.distributed import DistEnv
+from helpers.evaluation.data import DescriptorKey, Descriptors, EvalSets, dataset_label, rank_descriptors
 from helpers.evaluation.export import check_exports, export_ames
+from helpers.evaluation.metrics import evaluate_revisited, metrics_percent
 from helpers.evaluation.models import (
     SEED_OFFSETS,
     WeightsPlan,
@@ -23,8 +26,18 @@ from helpers.evaluation.models import (
     scales_for,
     verify_weights,
 )
-from helpers.evaluation.post import PostRow, post_processing, rank_post_row
+from helpers.evaluation.post import PostRow, post_processing, rank_post_row, whiten
 from helpers.evaluation.rerank import superglobal_database
+from helpers.evaluation.run import (
+    DescribeJob,
+    EvalRun,
+    RowRanking,
+    Timer,
+    describe_jobs,
+    post_process,
+    rank,
+    score,
+)
 from helpers.postprocess import postprocess_ranking
 from helpers.reranking import global_ranking, superglobal_rerank_ranking
 from models import CheckpointError, CVNetGlobal, CVNetRerank, SuperGlobal, SuperGlobalRerank
@@ -139,32 +152,6 @@ def test_superglobal_databases_give_the_ranking_of_the_plain_descriptors(kind):
     assert not np.array_equal(plain[:12], ranks[:12])  # the re-ranking did move something
 
 
-def test_distractors_storage():
-    x = torch.randn(4, 3)
-    assert stored_distractors(x, "float32") is x
-    assert stored_distractors(x, "float16").dtype == torch.float16
-    assert stored_distractors(None, "float16") is None
-
-
-class _Images:
-    def __init__(self, values):
-        self.values = values
-        self.image_paths = [f"/data/jpg/{v}.jpg" for v in values]
-
-    def __len__(self):
-        return len(self.values)
-
-    def read(self, j):
-        return self.values[j]
-
-
-def test_combined_reader_continues_after_the_database():
-    reader = CombinedReader(_Images(["a", "b"]), _Images(["x", "y", "z"]))
-    assert [reader.read(j) for j in range(5)] == ["a", "b", "x", "y", "z"]
-    assert CombinedReader(_Images(["a"]), None).read(0) == "a"
-    assert [reader.name(j) for j in (0, 1, 2, 4)] == ["a.jpg", "b.jpg", "x.jpg", "z.jpg"]
-
-
 def test_weights_files_are_hashed_and_verified(tmp_path):
     path = tmp_path / "w.pyth"
     path.write_bytes(b"weights" * 1000)
@@ -262,3 +249,104 @@ def test_ames_export_holds_the_run_ranking(tmp_path):
     with pytest.raises(RuntimeError, match="no score"):
         export_ames(tmp_path / "re", name="toy", query_set=q, db_set=db, xq=xq, xb=xb, ranks=ranks, m=8,
                     reranked=(final, score_of, 8))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_describe_jobs_are_one_per_dataset_split_model_and_variant_with_the_distractors_once():
+    jobs = describe_jobs(["a", "b"], ["cvnet_global", "superglobal"], distractors="revisitop1m",
+                         flips={"cvnet_global": (False,), "superglobal": (False, True)})
+    assert len(jobs) == len(set(jobs))
+    assert jobs[:4] == [DescribeJob("a", "query", "cvnet_global", False), DescribeJob("a", "db", "cvnet_global", False),
+                        DescribeJob("revisitop1m", "distractors", "cvnet_global", False),
+                        DescribeJob("a", "query", "superglobal", False)]
+    for name in ("a", "b"):
+        for kind, flips in (("cvnet_global", (False,)), ("superglobal", (False, True))):
+            for split in ("query", "db"):
+                assert {j.flip for j in jobs if (j.dataset, j.split, j.kind) == (name, split, kind)} == set(flips)
+    distractors = [j for j in jobs if j.split == "distractors"]
+    assert [(j.kind, j.flip) for j in distractors] == [("cvnet_global", False), ("superglobal", False),
+                                                       ("superglobal", True)]  # shared by both datasets
+    assert len(jobs) == 2 * 2 * 3 + 3
+    plain = describe_jobs(["a"], ["superglobal"], distractors=None, flips={"superglobal": (True,)})
+    assert plain == [DescribeJob("a", "query", "superglobal", True), DescribeJob("a", "db", "superglobal", True)]
+
+
+def _stage_run(rows, *, run_flip=False, distractors="revisitop1m"):
+    cfg = {"data": {"root": "unused", "distractors": distractors, "min_side": None}, "extraction": {"flip": run_flip},
+           "rerank": {"cvnet": {"weight": 0.5}}, "eval": {"kappas": [1, 5]}, "viz": {"top": 5}}
+    gnd = [{"easy": [0, 1], "hard": [2], "junk": [3]}, {"easy": [4], "hard": [], "junk": []}]
+    sets = {"toy": EvalSets(query=SimpleNamespace(gnd=gnd), db=None)}
+    return EvalRun(cfg=cfg, env=DistEnv(), names=["toy"], builtin=False, sets=sets, methods=["superglobal"],
+                   kinds=["superglobal"], rows=rows, models=None, extract_kw={})
+
+
+def _row(steps):
+    cfg = {"aqe": {"k": 2, "alpha": 3.0}, "dba": {"k": 2, "alpha": 3.0},
+           "kreciprocal": {"k1": 6, "k2": 3, "lambda": 0.3}, "shortlist": 30, "full_limit": 10000}
+    return PostRow(base="superglobal", steps=steps, post=post_processing(steps, cfg))
+
+
+def test_the_run_settles_which_descriptors_each_ranking_reads():
+    rows = [_row(("flip",)), _row(("aqe",))]
+    run = _stage_run(rows)
+    assert run.flips("superglobal") == (False, True)
+    assert run.key("toy", "superglobal") == DescriptorKey("toy", "superglobal", False)
+    assert run.key("toy", "superglobal", flip=True) == DescriptorKey("toy", "superglobal", True)
+    assert [label.key for label in run.labels] == ["toy", "toy+1m"]
+    flipped = _stage_run(rows, run_flip=True, distractors=None)  # extraction.flip: one variant, flipped
+    assert flipped.flips("superglobal") == (True,)
+    assert flipped.key("toy", "superglobal") == flipped.key("toy", "superglobal", flip=True)
+    assert [label.key for label in flipped.labels] == ["toy"]
+    assert _stage_run([_row(("aqe",))]).flips("superglobal") == (False,)
+
+
+def test_rank_post_process_and_score_stages():
+    g = torch.Generator().manual_seed(5)
+
+    def unit(n):
+        return F.normalize(torch.randn(n, 8, generator=g), dim=1)
+
+    plain = Descriptors(query=unit(2), db=unit(30), distractors=unit(20))
+    flipped = Descriptors(query=unit(2), db=unit(30), distractors=unit(20))
+    descriptors = {DescriptorKey("toy", "superglobal", False): plain,
+                   DescriptorKey("toy", "superglobal", True): flipped}
+    projection = torch.linalg.qr(torch.randn(8, 6, generator=g))[0]
+    whitening = {"mean": 0.1 * torch.randn(8, generator=g), "projection": projection}
+    rows = [_row(("flip",)), _row(("whitening",)), _row(("flip", "whitening", "aqe")), _row(("aqe",))]
+    run, timer, whitened = _stage_run(rows), Timer(), {}
+    for label in run.labels:
+        extra = label.extra is not None
+        ranked = rank(run, descriptors, label, timer=timer)
+        np.testing.assert_array_equal(ranked["superglobal"].ranks,
+                                      rank_descriptors(plain, with_distractors=extra).ranks)
+        done = {k: (v.query, v.db) for k, v in whitened.items()}
+        post = post_process(run, descriptors, {"superglobal": (whitening, {})}, label, ranked, whitened=whitened,
+                            timer=timer)
+        assert [r.key for r in post] == [r.key for r in rows] and all(r.base == "superglobal" for r in post)
+        by_key = {r.key: r.final for r in post}
+        np.testing.assert_array_equal(by_key["superglobal+flip"],
+                                      rank_descriptors(flipped, with_distractors=extra).ranks)
+        white = Descriptors(*(whiten(x, whitening) for x in (plain.query, plain.db, plain.distractors)))
+        np.testing.assert_array_equal(by_key["superglobal+whitening"],
+                                      rank_descriptors(white, with_distractors=extra).ranks)
+        np.testing.assert_array_equal(by_key["superglobal+aqe"], rank_post_row(rows[3], ranked["superglobal"]))
+        assert set(whitened) == {DescriptorKey("toy", "superglobal", False), DescriptorKey("toy", "superglobal", True)}
+        assert all((whitened[k].distractors is not None) == extra for k in whitened)
+        for key, (q, b) in done.items():  # the +1M label whitens only the distractors
+            assert whitened[key].query is q and whitened[key].db is b
+
+        scores = score(run, label, [RowRanking("superglobal", ranked["superglobal"].ranks), *post], ranked,
+                       timer=timer)
+        gnd = run.sets["toy"].query.gnd
+        for row in post:
+            assert scores.results[label.key][row.key] == metrics_percent(evaluate_revisited(row.final, gnd, [1, 5]))
+            detail = scores.details[(label.key, row.key)]
+            assert detail.base == "superglobal"
+            assert detail.before is scores.details[(label.key, "superglobal")].after  # the global ranking's detail
+            np.testing.assert_array_equal(detail.after.ids, row.final[:5].T)
+            np.testing.assert_array_equal(scores.rankings[(label.key, row.key)], row.final)
+    assert {"rank superglobal toy", "rank superglobal toy+1m", "post superglobal+flip toy+1m"} <= set(timer.stages)

@@ -151,7 +151,7 @@ def test_write_report_without_grids(tmp_path):
     timer = Timer()
     timer.stages["build models"] = 1.25
     outcome = EvalOutcome(results={"synth": {"cvnet_rerank": _fake_results(40.0), "superglobal": _fake_results(60.0)}},
-                          rankings={}, plan=plan, timer=timer, data={}, names=["synth"], builtin=True,
+                          rankings={}, plan=plan, timer=timer, sets={}, names=["synth"], builtin=True,
                           distractors=None)
     cfg = _cfg(**{"viz.num_queries": 0})
     text = write_report(cfg=cfg, outcome=outcome, run_dir=tmp_path, start=time.perf_counter() - 2.0)
