@@ -308,6 +308,15 @@ def test_a_failed_pinecone_rebuild_keeps_the_old_vectors(folder, tmp_path, capsy
         assert all(np.array_equal(v, before[k]) for k, v in fake.stored("photos").items())
         assert (index / "retriever.json").read_text() == saved
         assert _query(capsys, index, files[0], "--k", "3")[0][2] == str(files[0])
+        # a failure after some new vectors were written (id 1 acknowledged, never stored): they are taken back
+        fake.drop_ids = {"1"}
+        upserts = len(fake.requests_to("/vectors/upsert", ok_only=True))
+        assert "does not hold 1 ids" in _fails(capsys, ["build", "--images", str(root), "--index", str(index),
+                                                        "--overwrite", *pine])
+        fake.drop_ids = set()
+        assert len(fake.requests_to("/vectors/upsert", ok_only=True)) > upserts  # vectors 0 and 2 were written
+        assert {ns: len(v) for ns, v in fake.namespaces.items() if v} == {"photos": len(files)}
+        assert (index / "retriever.json").read_text() == saved
         # a rebuild that succeeds moves to a fresh namespace, then clears the old one; the next one moves back
         namespaces = []
         for _ in range(2):
