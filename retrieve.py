@@ -13,7 +13,10 @@ the descriptors, with each image's path, in ``--index``
 ``--backend pinecone``. ``query`` prints the ranked list (rank, score, path), optionally post-processed (α-QE,
 α-DBA, k-reciprocal over the global shortlist) and re-ranked (SuperGlobal or CVNet, over the post-processed
 order), the time of each stage, and can write a PNG grid of the query and its top-k
-(:func:`helpers.visualize.save_ranking_grid`). The work is done by :func:`helpers.retrieval.commands.build_index` and
+(:func:`helpers.visualize.save_ranking_grid`; an existing file is replaced only with ``query --overwrite``).
+Images whose header announces more than ``--max-pixels`` pixels (default 2**27) are refused before decoding
+(skipped and counted with ``--skip-unreadable``); printed paths are escaped (tab, newline, backslash, bytes
+that are not UTF-8). The work is done by :func:`helpers.retrieval.commands.build_index` and
 :func:`helpers.retrieval.commands.query_index`; torch is imported only once the arguments are parsed.
 """
 from __future__ import annotations
