@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.errors import ProjectError
+from common.errors import ProjectError, one_line
 from helpers.config import Schema, dump_config, load_config
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def config_from_args(args: argparse.Namespace, schema: Schema, default_config: s
     try:
         cfg = load_config(args.config or default_config, args.overrides, schema=schema)
     except ProjectError as exc:
-        print(f"{schema.name}: config error: {exc}", file=sys.stderr)
+        print(f"{schema.name}: config error: {one_line(exc)}", file=sys.stderr)
         return 2
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
@@ -59,11 +59,12 @@ def setup_logging(main: bool = True) -> None:
 
 def run_reporting_errors(fn: Callable[[], int], *, name: str) -> int:
     """``fn()``, with the project's errors (:class:`common.errors.ProjectError`, every error it raises on purpose)
-    printed as one ``name: error: ...`` line (exit code 2); anything else is a bug and keeps its traceback."""
+    printed as one ``name: error: ...`` line (exit code 2; :func:`common.errors.one_line`: at most 2,000
+    characters, whatever the message holds); anything else is a bug and keeps its traceback."""
     try:
         return fn()
     except ProjectError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

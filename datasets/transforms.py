@@ -13,6 +13,7 @@ padding ``RuntimeError``. ``min_side`` (:func:`min_size_guard`, :func:`fit_sides
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 
 from common.convention import InputConvention
 from common.errors import InvalidValueError, MissingFileError
+from common.io import io_error, printable_path
 
 #: The least short side (pixels) SuperGlobal accepts: int(92 * 0.7071) = 65 gives a 3 x 3 stage-4 map, the least
 #: that Regional-GeM's reflection padding of 2 allows; 91 px gives 2 x 2 and a padding RuntimeError.
@@ -37,13 +39,20 @@ def _cv2():
 
 
 class CorruptImageError(InvalidValueError):
-    """An image file that exists but cannot be decoded, or only in part (a truncated download or copy);
-    ``.path`` names it so that a training loop can skip and count it."""
+    """An image file that exists but cannot be decoded, or only in part (a truncated download or copy), or
+    whose header announces more pixels than the reader's limit; ``.path`` names it so that a training loop
+    can skip and count it."""
 
     def __init__(self, path: str | os.PathLike, reason: str = "cannot be decoded") -> None:
         self.path = os.fspath(path)
-        super().__init__(f"corrupt image {self.path}: {reason}")
+        super().__init__(f"corrupt image {printable_path(self.path)}: {reason}")
 
+
+#: The most pixels (width x height, from the file's header) an image may have to be decoded: 2**27, about
+#: 134 million (a 16384 x 8192 panorama, a 108-megapixel photo), 384 MiB as uint8 BGR. A decompression bomb
+#: (a few MB of PNG that decode to gigabytes) is refused before any memory is spent on it. ``max_pixels=``
+#: of :func:`read_image` (``retrieve.py --max-pixels``) raises or lowers it.
+DEFAULT_MAX_PIXELS = 1 << 27
 
 _JPEG_SOI, _JPEG_EOI, _JPEG_SOS = b"\xff\xd8", b"\xff\xd9", 0xDA
 # markers that stand alone, without a length field: TEM and the restart markers RST0..7
@@ -86,30 +95,80 @@ def jpeg_truncation(data: bytes) -> str | None:
     return None
 
 
-def read_image(path: str | os.PathLike, *, dataset: str | None = None) -> np.ndarray:
-    """Read an image as uint8 (H, W, 3) in BGR order (``cv2.imread``, IMREAD_COLOR, as the releases do).
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) that the header of the encoded image ``data`` announces, or None when the format is
+    not one whose header can be read (JPEG, PNG, BMP, WebP, TIFF, GIF, PNM, JPEG 2000, ...: :mod:`imagesize`)."""
+    import imagesize
 
-    A missing file raises FileNotFoundError. A file that does not decode, or a JPEG that is truncated (see
-    :func:`jpeg_truncation`; OpenCV would return it with its lost rows grey), raises
-    :class:`CorruptImageError` (a ValueError) naming the file.
-    """
-    cv2 = _cv2()
-    where = f" (dataset {dataset})" if dataset else ""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MissingFileError(f"image file not found: {path}{where}")
-    with open(path, "rb") as f:
-        data = f.read()
+    width, height = imagesize.get(io.BytesIO(data), exif_rotation=False)
+    return (width, height) if width > 0 and height > 0 else None
+
+
+def check_encoded(data: bytes, *, name: str | os.PathLike = "image", max_pixels: int | None = None,
+                  where: str = "") -> tuple[int, int]:
+    """What can be checked of an encoded image before decoding it: a JPEG that is truncated
+    (:func:`jpeg_truncation`), a header that gives no size, or more pixels than ``max_pixels`` (None:
+    :data:`DEFAULT_MAX_PIXELS`), each a :class:`CorruptImageError` naming ``name``. Returns (width, height)."""
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     if data.startswith(_JPEG_SOI):
         reason = jpeg_truncation(data)
         if reason is not None:
-            raise CorruptImageError(path, reason + where)
-    # decoded from the file (not the bytes just read) so that OpenCV's own handling, EXIF orientation included,
-    # stays exactly the release's
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+            raise CorruptImageError(name, reason + where)
+    size = image_size(data)
+    if size is None:
+        raise CorruptImageError(name, f"not an image whose size can be read from its header{where} (JPEG, PNG, "
+                                      "BMP, WebP, TIFF, PPM/PGM, ...), or a damaged one")
+    if size[0] * size[1] > limit:
+        raise CorruptImageError(name, f"{size[0]} x {size[1]} = {size[0] * size[1]:,} pixels is over the limit of "
+                                      f"{limit:,}{where} (a decompression bomb? raise max_pixels, --max-pixels, "
+                                      "if the image is real)")
+    return size
+
+
+def decode_image(data: bytes, *, name: str | os.PathLike = "image", max_pixels: int | None = None,
+                 where: str = "") -> np.ndarray:
+    """Decode the bytes of an image file as uint8 (H, W, 3) BGR (``cv2.imdecode``, IMREAD_COLOR: the pixels and
+    EXIF orientation of the releases' ``cv2.imread``), once :func:`check_encoded` passes. Every refusal and every
+    decoder error is a :class:`CorruptImageError` naming ``name``."""
+    check_encoded(data, name=name, max_pixels=max_pixels, where=where)
+    cv2 = _cv2()
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CorruptImageError(name, f"the decoder failed{where}: {message}") from None
     if img is None:
-        raise CorruptImageError(path, f"could not decode image file{where}: unreadable, truncated or not an image")
+        raise CorruptImageError(name, f"could not decode image file{where}: unreadable, truncated or not an image")
     return img
+
+
+def _read_bytes(path: str | os.PathLike, where: str) -> bytes:
+    if not os.path.isfile(path):
+        raise MissingFileError(f"image file not found: {printable_path(path)}{where}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise io_error(path, exc, action="read") from exc
+
+
+def check_image_file(path: str | os.PathLike, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """:func:`check_encoded` of an image file, without decoding it (a query checked before a model is loaded
+    for it): (width, height), or the error :func:`read_image` would raise on the file's header."""
+    return check_encoded(_read_bytes(path, ""), name=path, max_pixels=max_pixels)
+
+
+def read_image(path: str | os.PathLike, *, dataset: str | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image as uint8 (H, W, 3) in BGR order: the project's one image reader.
+
+    The file's bytes are read here and decoded from memory (:func:`decode_image`), so a path of any bytes
+    works (OpenCV is never handed a path it cannot encode). A missing file raises
+    :class:`common.errors.MissingFileError`, one that cannot be read :class:`common.errors.ProjectIOError`; a
+    file that does not decode, a truncated JPEG, or one over ``max_pixels`` (None: :data:`DEFAULT_MAX_PIXELS`)
+    :class:`CorruptImageError` (a ValueError) naming the file.
+    """
+    where = f" (dataset {dataset})" if dataset else ""
+    return decode_image(_read_bytes(path, where), name=path, max_pixels=max_pixels, where=where)
 
 
 def _check_image(img: np.ndarray) -> None:

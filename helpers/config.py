@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from common.errors import InvalidValueError, MissingFileError
+from common.errors import InvalidValueError, MissingFileError, shorten
 
 
 class ConfigError(InvalidValueError):
@@ -49,16 +50,89 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: The most YAML nodes a config (or one override) may expand to once its aliases are followed: a 300-byte
+#: "billion laughs" file of nested aliases expands to hundreds of millions. Far above any real config.
+MAX_EXPANDED_NODES = 100_000
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping (YAML would keep the last one
+    silently) and alias expansion beyond :data:`MAX_EXPANDED_NODES` nodes."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            size = _expanded_size(node)
+            if size > MAX_EXPANDED_NODES:
+                raise yaml.YAMLError(f"its aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb?)")
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" merges: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.YAMLError(f"the key {shorten(key)} is given twice (lines {seen[key]} and {line}): "
+                                         "keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader says so itself
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """The number of nodes ``root`` stands for once every alias is replaced by what it names (each distinct node
+    is counted once and its size remembered, so a bomb is measured without being expanded)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if children_done:
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_EXPANDED_NODES + 1)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (YAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return where + " ".join(str(problem).split())
+
+
+def safe_load(text: Any) -> Any:
+    """``yaml.safe_load`` with the config loader's limits (:class:`_ConfigLoader`)."""
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config, following its optional ``base:`` chain."""
+    """Read a YAML config, following its optional ``base:`` chain; a malformed file, a key given twice or an
+    alias expansion past :data:`MAX_EXPANDED_NODES` is a :class:`ConfigError` of one line."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"config file not found: {path}")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = safe_load(f) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not valid YAML: it nests too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level of a config must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -70,15 +144,19 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"model.depth=101"`` -> (["model", "depth"], 101)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
+        raise ConfigError(f"override {shorten(text)} must look like key.sub=value")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"override {text!r} has an empty key part")
+        raise ConfigError(f"override {shorten(text)} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        if "expand" in str(exc):  # an alias bomb on the command line is refused, not kept as a string
+            raise ConfigError(f"override {shorten(key)}: {_yaml_problem(exc)}") from None
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {shorten(key)}: the value nests too deeply") from None
     return parts, value
 
 
@@ -90,7 +168,7 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+                raise ConfigError(f"override {shorten(text)}: {shorten(part)} is a value, not a section")
             node = child
         node[parts[-1]] = value
     return out
@@ -173,7 +251,7 @@ class Schema:
         for key, value in cfg.items():
             dotted = f"{prefix}{key}"
             if not isinstance(key, str) or key not in defaults:
-                raise ConfigError(self._unknown(dotted))
+                raise ConfigError(self._unknown(prefix + (key if isinstance(key, str) else shorten(key))))
             default = defaults[key]
             rule = self.rules.get(dotted, Rule())
             if isinstance(default, Mapping) and rule.types is None:
@@ -181,13 +259,13 @@ class Schema:
                     continue
                 if not isinstance(value, Mapping):
                     raise ConfigError(f"{dotted} is a section (keys {', '.join(map(str, default)) or 'free-form'}), "
-                                      f"got the value {value!r}")
+                                      f"got the value {shorten(value)}")
                 if dotted not in self.open_sections:
                     self._check_section(value, default, prefix=f"{dotted}.")
                 continue
             problem = _check_value(value, default, rule)
             if problem:
-                raise ConfigError(f"{dotted}={value!r}: {problem}; {dotted} accepts {rule.describe(default)}")
+                raise ConfigError(f"{dotted}={shorten(value)}: {problem}; {dotted} accepts {rule.describe(default)}")
 
     def _unknown(self, dotted: str) -> str:
         valid = self.keys()
@@ -197,7 +275,8 @@ class Schema:
         guess = (difflib.get_close_matches(dotted.lower(), [k.lower() for k in siblings], n=1, cutoff=0.5)
                  or difflib.get_close_matches(dotted.lower(), list(lowered), n=1, cutoff=0.6))
         hint = f"; did you mean {lowered[guess[0]]!r}?" if guess else ""
-        return (f"unknown config key {dotted!r}{hint} (valid keys: --print-config lists them with their defaults)")
+        return (f"unknown config key {shorten(dotted)}{hint} (valid keys: --print-config lists them with their "
+                "defaults)")
 
 
 def _walk_keys(defaults: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
@@ -256,11 +335,13 @@ def _check_value(value: Any, default: Any, rule: Rule) -> str | None:
                 items = (*items, int)
             bad = [v for v in value if not _is_instance(v, items)]
             if bad:
-                return f"item {bad[0]!r} has the wrong type"
+                return f"item {shorten(bad[0])} has the wrong type"
         numbers = [v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
     else:
         numbers = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
     for v in numbers:
+        if not math.isfinite(v):  # NaN passes every "v < min" test, and inf every open bound
+            return "not a finite number"
         if rule.min is not None and v < rule.min:
             return "below the minimum"
         if rule.max is not None and v > rule.max:

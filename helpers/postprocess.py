@@ -19,6 +19,7 @@ Learned PCA whitening changes the descriptors themselves and is applied before r
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.errors import InvalidValueError
+from common.errors import InvalidValueError, shorten
 from models import functional as MF
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ class PostProcessing:
     full_limit: int = 20000
 
     def __post_init__(self) -> None:
-        if min(self.aqe_k, self.dba_k) < 0 or self.shortlist < 1 or self.full_limit < 0 or min(self.k1, self.k2) < 1:
-            raise InvalidValueError(f"invalid post-processing settings: {self}")
+        problems = [f"{name}={shorten(getattr(self, name))} ({need})" for name, need, ok in _FIELD_RULES
+                    if not ok(getattr(self, name))]
+        if problems:
+            raise InvalidValueError("invalid post-processing settings: " + "; ".join(problems))
 
     @property
     def active(self) -> bool:
@@ -72,6 +75,31 @@ class PostProcessing:
         if self.kreciprocal:
             steps.append(f"k-reciprocal k1={self.k1} k2={self.k2} λ={self.lambda_value:g}")
         return " + ".join(steps) if steps else "none"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (NaN and inf pass every ``v < bound`` test, so they are refused by name)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+#: (field, what it needs, check) for every :class:`PostProcessing` field: an invalid one is named.
+_FIELD_RULES: tuple[tuple[str, str, Any], ...] = (
+    ("aqe_k", "a whole number >= 0", lambda v: _is_int(v) and v >= 0),
+    ("aqe_alpha", "a finite number >= 0", lambda v: _is_number(v) and v >= 0),
+    ("dba_k", "a whole number >= 0", lambda v: _is_int(v) and v >= 0),
+    ("dba_alpha", "a finite number >= 0", lambda v: _is_number(v) and v >= 0),
+    ("kreciprocal", "True or False", lambda v: isinstance(v, (bool, np.bool_)) or (_is_int(v) and v in (0, 1))),
+    ("k1", "a whole number >= 1", lambda v: _is_int(v) and v >= 1),
+    ("k2", "a whole number >= 1", lambda v: _is_int(v) and v >= 1),
+    ("lambda_value", "a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+    ("shortlist", "a whole number >= 1", lambda v: _is_int(v) and v >= 1),
+    ("full_limit", "a whole number >= 0", lambda v: _is_int(v) and v >= 0),
+)
 
 
 def _as_float_tensor(x: Any) -> Tensor:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InvalidValueError, ProjectIOError
+from common.io import atomic_write, check_output_file, printable_path
 
 logger = logging.getLogger(__name__)
 
@@ -229,11 +230,26 @@ def ranking_grid(*, query: np.ndarray | None, hits: Sequence[Tile], tile: int = 
     return np.concatenate([head, body], axis=0)
 
 
+#: The file name endings a grid can be written as (OpenCV's encoders by suffix; PNG keeps the text sharp).
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def check_grid_path(path: str | os.PathLike, *, overwrite: bool = True, flag: str = "--overwrite") -> Path:
+    """Check, before the work that draws it, that a grid can be written at ``path``: a file name ending in one
+    of :data:`GRID_SUFFIXES` (not a folder, not a name without one), in a folder that can be written, and not an
+    existing file unless ``overwrite`` (:func:`common.io.check_output_file`)."""
+    return check_output_file(path, overwrite=overwrite, what="grid image", suffixes=GRID_SUFFIXES, flag=flag)
+
+
 def save_ranking_grid(path: str | os.PathLike, *, query: np.ndarray | None, hits: Sequence[Tile],
-                      **kw: Any) -> Path:
-    """Draw :func:`ranking_grid` (same keywords) and write it at ``path`` (PNG or JPEG by suffix; folders made)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not _cv2().imwrite(os.fspath(path), ranking_grid(query=query, hits=hits, **kw)):
-        raise ProjectIOError(f"could not write the grid image {path} (use a .png or .jpg name)")
+                      overwrite: bool = True, **kw: Any) -> Path:
+    """Draw :func:`ranking_grid` (same keywords) and write it at ``path`` (PNG or JPEG, ... by suffix: see
+    :func:`check_grid_path`, also what ``overwrite=False`` refuses; folders made). Encoded in memory and
+    written atomically (:func:`common.io.atomic_write`), so a path of any bytes works and a failed write leaves
+    no partial file."""
+    path = check_grid_path(path, overwrite=overwrite)
+    ok, encoded = _cv2().imencode(path.suffix.lower(), ranking_grid(query=query, hits=hits, **kw))
+    if not ok:
+        raise ProjectIOError(f"could not encode the grid image {printable_path(path)} as {path.suffix}")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(encoded.tobytes()))
     return path

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,6 +108,8 @@ class SuperGlobalRerank(nn.Module):
         super().__init__()
         if M < 1 or K < 0:
             raise InvalidValueError(f"need M >= 1 and K >= 0, got M={M}, K={K}")
+        if not (math.isfinite(beta) and beta >= 0):  # a NaN beta would make every re-ranked score NaN
+            raise InvalidValueError(f"beta must be a finite number >= 0, got {beta}")
         self.M, self.K, self.beta, self.query_chunk = M, K, beta, query_chunk
 
     def candidates(self, queries: Tensor, database: Any, m: int) -> tuple[Tensor, Tensor]:

@@ -43,3 +43,19 @@ def test_cli_module_loads_without_torch():
     code = "import sys, cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_error_line_stays_one_short_line_whatever_the_message(capsys):
+    """Issue 19.12: a 'one-line' error was 226 MB. The scripts print every ProjectError through one_line: line
+    breaks flattened, at most 2,000 characters, the start and the end kept."""
+    from cli import run_reporting_errors
+    from common.errors import InvalidValueError
+
+    def fails() -> int:
+        raise InvalidValueError("what failed\n" + "x" * 10**6 + "\nwhat to do")
+
+    assert run_reporting_errors(fails, name="toy.py") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) <= 2000 + len("toy.py: error: \n")
+    assert err.startswith("toy.py: error: what failed x") and err.rstrip().endswith("x what to do")
+    assert "characters cut" in err

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import InvalidValueError
+from common.errors import InvalidValueError, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -245,19 +245,23 @@ def gldv2_mean_average_precision(predictions: Mapping[str, Sequence[str]],
     ``predictions``: test id -> ranked index ids; ``retrieval_solution``: test id -> ground-truth index ids.
     Per predicted test image, AP over its first ``max_predictions`` ids, a repeated id counting once (at its first
     position), divided by min(#ground truth, max_predictions); the sum is divided by the number of test images in
-    the solution, so an unpredicted test image counts as AP 0. A predicted id not in the solution is an error.
+    the solution, so an unpredicted test image counts as AP 0. A predicted id not in the solution is an error,
+    and so is a test image whose solution is empty (the challenge's code cannot score it: malformed input).
     """
     unknown = [key for key in predictions if key not in retrieval_solution]
     if unknown:
-        raise InvalidValueError(f"test image {unknown[0]!r} is not part of the retrieval solution "
+        raise InvalidValueError(f"test image {shorten(unknown[0])} is not part of the retrieval solution "
                                 f"({len(unknown)} such predictions)")
     if not retrieval_solution:
         raise InvalidValueError("the retrieval solution is empty")
+    empty = [key for key, truth in retrieval_solution.items() if not len(truth)]
+    if empty:
+        raise InvalidValueError(f"test image {shorten(empty[0])} has an empty retrieval solution (no relevant index "
+                                f"image; {len(empty)} such test images): the metric cannot score it, drop it from the "
+                                "solution (the challenge lists such images as Ignored)")
     total = 0.0
     for key, ranked in predictions.items():
         truth = set(retrieval_solution[key])
-        if not truth:
-            continue
         seen: set[str] = set()
         hits, ap = 0, 0.0
         for position, index_id in enumerate(list(ranked)[:max_predictions]):

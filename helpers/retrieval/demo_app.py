@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import InvalidValueError
+from common.errors import InvalidValueError, shorten
 from common.timing import timed
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,20 @@ class DemoState:
     random_weights: bool = False
     weights: str | None = None
     _rerankers: dict[str, Any] = field(default_factory=dict)
+    _decoded: tuple[tuple[str, int, int], Any] | None = None
+
+    def read_query(self, path: str) -> Any:
+        """The query file as uint8 (H, W, 3) BGR, read by the project's one reader (the header's pixel count
+        checked against the retriever's ``max_pixels`` before decoding). Decoded once per upload: the preview
+        and the search of one file (same path, size and modification time) share one decoding."""
+        from helpers.retrieval.images import load_bgr
+
+        stat = os.stat(path)
+        key = (os.fspath(path), stat.st_mtime_ns, stat.st_size)
+        if self._decoded is None or self._decoded[0] != key:
+            self._decoded = None  # a failed read must not leave the previous upload standing in for this one
+            self._decoded = (key, load_bgr(path, max_pixels=getattr(self.retriever, "max_pixels", None)))
+        return self._decoded[1]
 
     def use_reranker(self, kind: str) -> None:
         """Make the retriever re-rank with ``kind`` (built once per kind; CVNet's from the index's own weights,
@@ -43,7 +57,7 @@ class DemoState:
         from helpers.retrieval.commands import rerank_source, reranker_for_index
 
         if kind not in RERANK_CHOICES:
-            raise InvalidValueError(f"re-ranking must be one of {RERANK_CHOICES}, got {kind!r}")
+            raise InvalidValueError(f"re-ranking must be one of {RERANK_CHOICES}, got {shorten(kind)}")
         if kind not in self._rerankers:
             source = rerank_source(self.index_dir, weights=self.weights) if kind == "cvnet" else (None, None)
             self._rerankers[kind] = (reranker_for_index(self.index_dir, kind, weights=self.weights), source)
@@ -58,9 +72,10 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
     try:
         box = tuple(float(v) for v in text.replace(" ", ",").split(",") if v)
     except ValueError:
-        raise InvalidValueError(f"the box must be four numbers x1,y1,x2,y2, got {text!r}") from None
+        raise InvalidValueError(f"the box must be four numbers x1,y1,x2,y2, got {shorten(text)}") from None
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
-        raise InvalidValueError(f"the box must be four numbers x1,y1,x2,y2 with x2 > x1 and y2 > y1, got {text!r}")
+        raise InvalidValueError("the box must be four numbers x1,y1,x2,y2 with x2 > x1 and y2 > y1, got "
+                                f"{shorten(text)}")
     return box  # type: ignore[return-value]
 
 
@@ -84,7 +99,7 @@ def _path_of(image: Any) -> str | None:
     return getattr(image, "name", None)
 
 
-def _gallery(hits: list[Any]) -> list[tuple[Any, str]]:
+def _gallery(hits: list[Any], max_pixels: int | None = None) -> list[tuple[Any, str]]:
     """(RGB thumbnail, caption ``#rank  score  file name``) of each hit whose image can still be read."""
     from helpers.visualize import format_scores
 
@@ -92,7 +107,7 @@ def _gallery(hits: list[Any]) -> list[tuple[Any, str]]:
     gallery = []
     for rank, (hit, score) in enumerate(zip(hits, scores), 1):
         try:
-            thumb = thumbnail(hit.path)
+            thumb = thumbnail(hit.path, max_pixels=max_pixels)
         except (OSError, ValueError) as exc:  # a file removed since the build: say so, keep the others
             log.warning("cannot show %s: %s", hit.path, exc)
             continue
@@ -105,15 +120,13 @@ def run_query(state: DemoState, image: Any, box_text: str, rerank: str, post: Se
     """(gallery items (RGB thumbnail, caption ``#rank  score  file name``), timings as a Markdown table,
     message). Errors (an unreadable image, a bad box, a re-ranker that cannot be built) come back as the
     message, for the page to show, never as an exception."""
-    from helpers.retrieval.images import load_bgr
-
     path = _path_of(image)
     if not path:
         return [], "", "Pick an example or upload a query image first."
     timings: dict[str, float] = {}
     try:
         with timed(timings, "read image"):
-            img = load_bgr(path)
+            img = state.read_query(path)
         box = parse_box(box_text)
         settings = post_settings(post or [])
         with timed(timings, "load re-ranker"):
@@ -122,15 +135,17 @@ def run_query(state: DemoState, image: Any, box_text: str, rerank: str, post: Se
     except (OSError, ValueError, KeyError) as exc:
         return [], "", f"**Could not run this query:** {exc}"
     with timed(timings, "thumbnails"):
-        gallery = _gallery([hit for hit in hits if hit.path])  # entries indexed from arrays have no image to show
+        # entries indexed from arrays have no image to show
+        gallery = _gallery([hit for hit in hits if hit.path], getattr(state.retriever, "max_pixels", None))
     lines = ["| stage | ms |", "|---|---:|"] + [f"| {name} | {1000 * t:.1f} |" for name, t in timings.items()]
     lines.append(f"| **total** | **{1000 * sum(timings.values()):.1f}** |")
     applied = settings.describe()
     return gallery, "\n".join(lines), (f"{len(gallery)} results; re-ranking {rerank}; post-processing {applied}")
 
 
-def preview(image: Any, box_text: str) -> Any:
-    """The query as the page shows it: an RGB thumbnail with the box drawn, or None (nothing or unreadable)."""
+def preview(image: Any, box_text: str, state: DemoState | None = None) -> Any:
+    """The query as the page shows it: an RGB thumbnail with the box drawn, or None (nothing or unreadable).
+    With ``state``, the decoded upload is kept for the search (:meth:`DemoState.read_query`)."""
     import cv2
 
     from helpers.retrieval.images import load_bgr
@@ -139,7 +154,7 @@ def preview(image: Any, box_text: str) -> Any:
     if not path:
         return None
     try:
-        img = load_bgr(path).copy()
+        img = (state.read_query(path) if state is not None else load_bgr(path)).copy()
         box = parse_box(box_text)
     except (OSError, ValueError):
         return None
@@ -149,12 +164,12 @@ def preview(image: Any, box_text: str) -> Any:
     return _shrink(img)[:, :, ::-1].copy()
 
 
-def thumbnail(path: str, side: int = 256) -> Any:
+def thumbnail(path: str, side: int = 256, *, max_pixels: int | None = None) -> Any:
     """An RGB uint8 thumbnail (longer side ``side``) of an image file, for the gallery (served from memory, so the
     indexed files need not be exposed by the web server)."""
     from datasets.transforms import read_image
 
-    return _shrink(read_image(path), side)[:, :, ::-1].copy()
+    return _shrink(read_image(path, max_pixels=max_pixels), side)[:, :, ::-1].copy()
 
 
 def _shrink(img: Any, side: int = 256) -> Any:
@@ -253,7 +268,7 @@ def build_app(state: DemoState, *, title: str = "CVNet / SuperGlobal retrieval d
                                      elem_id="results")
                 timings = gr.Markdown(elem_id="timings")
         for trigger in (query.change, box.change):
-            trigger(preview, inputs=[query, box], outputs=shown)
+            trigger(lambda image, box_text: preview(image, box_text, state), inputs=[query, box], outputs=shown)
         search.click(lambda *args: run_query(state, *args), inputs=[query, box, rerank, post, k],
                      outputs=[gallery, timings, message])
     return app

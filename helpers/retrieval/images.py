@@ -3,8 +3,9 @@ the query box cropped, enlarged to ``min_side``), listed from a folder, and read
 re-ranking (:class:`StoredImages`)."""
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,14 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from common.errors import InvalidValueError, MissingFileError
+from common.errors import InvalidValueError, MissingFileError, shorten
+from common.io import printable_path
 from datasets.folder import IMAGE_EXTENSIONS
 from datasets.transforms import crop_query, downscale_to_max_side, enlarge_within, read_image, to_tensor
 from helpers.extraction import MIN_SIDE
 from helpers.vector_db.base import AbstractVectorDB
+
+logger = logging.getLogger(__name__)
 
 #: Short side below which an image is enlarged (see :data:`helpers.extraction.MIN_SIDE`: Regional-GeM's padding).
 DEFAULT_MIN_SIDE = MIN_SIDE
@@ -26,12 +30,14 @@ DEFAULT_MAX_SIDE = 1024
 PATH_KEY = "path"
 
 
-def load_bgr(image: str | os.PathLike | np.ndarray, *, channel_order: str = "BGR") -> np.ndarray:
-    """A path (read with OpenCV) or a uint8 (H, W, 3) array in ``channel_order`` -> uint8 (H, W, 3) BGR."""
+def load_bgr(image: str | os.PathLike | np.ndarray, *, channel_order: str = "BGR",
+             max_pixels: int | None = None) -> np.ndarray:
+    """A path (read by :func:`datasets.transforms.read_image`, refusing more than ``max_pixels`` pixels; None:
+    its default) or a uint8 (H, W, 3) array in ``channel_order`` -> uint8 (H, W, 3) BGR."""
     if channel_order not in ("BGR", "RGB"):
-        raise InvalidValueError(f"channel_order must be 'BGR' or 'RGB', got {channel_order!r}")
+        raise InvalidValueError(f"channel_order must be 'BGR' or 'RGB', got {shorten(channel_order)}")
     if isinstance(image, (str, os.PathLike)):
-        return read_image(image)
+        return read_image(image, max_pixels=max_pixels)
     if not isinstance(image, np.ndarray):
         raise TypeError(f"expected an image path or a uint8 (H, W, 3) numpy array, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
@@ -58,7 +64,7 @@ def prepare_image(
     if bbox is not None:
         box = np.asarray(bbox, dtype=np.float64).reshape(-1)
         if box.shape != (4,) or not np.isfinite(box).all():
-            raise InvalidValueError(f"bbox must be 4 finite numbers (x1, y1, x2, y2), got {bbox!r}")
+            raise InvalidValueError(f"bbox must be 4 finite numbers (x1, y1, x2, y2), got {shorten(bbox)}")
         img = crop_query(img, box * factor)
     return enlarge_within(img, min_side=min_side, max_side=max_side)
 
@@ -67,22 +73,48 @@ def list_images(
     root: str | os.PathLike, *, extensions: Sequence[str] = IMAGE_EXTENSIONS, exclude: str | os.PathLike | None = None
 ) -> list[Path]:
     """Image files under ``root`` (recursive, extension case-insensitive, sorted), skipping anything under
-    ``exclude`` (the index folder, when it lies inside the image folder)."""
+    ``exclude`` (the index folder, when it lies inside the image folder; said in a warning, and in the error
+    when nothing else is left). Symlinked folders are followed; one that leads back to a folder already being
+    walked (a loop), or to one already listed, is skipped with a warning."""
     root = Path(root)
     if not root.is_dir():
-        raise MissingFileError(f"image folder not found: {root}")
+        raise MissingFileError(f"image folder not found: {printable_path(root)}")
     exts = tuple(e.lower() for e in extensions)
     skip = Path(exclude).resolve() if exclude is not None else None
-    files = []
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in exts:
+    files, excluded = [], 0
+    for path in _walk_files(root):
+        if path.suffix.lower() not in exts or not path.is_file():
             continue
         if skip is not None and path.resolve().is_relative_to(skip):
+            excluded += 1
             continue
         files.append(path)
+    files.sort()
+    inside = (f"; {excluded} image file(s) there lie inside the index folder {printable_path(exclude)}, which "
+              "is never indexed: give --index a folder outside --images") if excluded else ""
     if not files:
-        raise MissingFileError(f"no images ({', '.join(exts)}) found under {root}")
+        raise MissingFileError(f"no images ({', '.join(exts)}) found under {printable_path(root)}{inside}")
+    if excluded:
+        logger.warning("left out %d image file(s) inside the index folder %s (an index is never indexed)",
+                       excluded, printable_path(exclude))
     return files
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Every file under ``root``, following symlinked folders once each: a folder already visited (by device
+    and inode: a symlink loop, or two links to one folder) is skipped with a warning."""
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, names in os.walk(root, followlinks=True):
+        stat = os.stat(top)
+        if (stat.st_dev, stat.st_ino) in seen:
+            logger.warning("skipping %s: it leads to a folder already listed (a symlink loop, or a second link "
+                           "to one folder)", printable_path(top))
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs.sort()
+        for name in names:
+            yield Path(top) / name
 
 
 class StoredImages(Dataset):
@@ -94,9 +126,9 @@ class StoredImages(Dataset):
     """
 
     def __init__(self, database: AbstractVectorDB, *, convention: Any, max_side: int | None,
-                 min_side: int | None) -> None:
+                 min_side: int | None, max_pixels: int | None = None) -> None:
         self.database, self.convention = database, convention
-        self.max_side, self.min_side = max_side, min_side
+        self.max_side, self.min_side, self.max_pixels = max_side, min_side, max_pixels
         self._paths: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -128,5 +160,6 @@ class StoredImages(Dataset):
         i = int(i)
         if i not in self._paths:
             self._add_paths([i])
-        img = prepare_image(read_image(self._paths[i]), max_side=self.max_side, min_side=self.min_side)
+        img = prepare_image(read_image(self._paths[i], max_pixels=self.max_pixels), max_side=self.max_side,
+                            min_side=self.min_side)
         return [to_tensor(img, self.convention)]

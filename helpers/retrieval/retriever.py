@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT, CVNET_TEST_SCALES
-from common.errors import InvalidValueError
+from common.errors import InvalidValueError, shorten
 from common.timing import timed
 from helpers.builders import (
     GLOBAL_KINDS,
@@ -126,6 +126,9 @@ class Retriever:
             fields as a dict; None: none); :meth:`query` may override it.
         flip: flip test-time augmentation of every descriptor, indexed and queried alike
             (:func:`helpers.extraction.extract_global_descriptors`).
+        max_pixels: the most pixels an image file may have to be read (checked in its header before decoding;
+            None: :data:`datasets.transforms.DEFAULT_MAX_PIXELS`). A limit of this process, not recorded by
+            :meth:`save`.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class Retriever:
         rerank_seed: int | None = None,
         post: PostProcessing | Mapping[str, Any] | None = None,
         flip: bool = False,
+        max_pixels: int | None = None,
     ) -> None:
         self.kind = kind_of(model, among=GLOBAL_KINDS)
         if not isinstance(database, AbstractVectorDB):
@@ -164,6 +168,9 @@ class Retriever:
                                     f"{batch_size}, {map_cache_size}")
         if not math.isfinite(mix):
             raise InvalidValueError(f"mix must be finite, got {mix}")
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer))
+                                       or max_pixels < 1):
+            raise InvalidValueError(f"max_pixels must be a positive integer or None, got {shorten(max_pixels)}")
         if max_side is not None and min_side is not None and max_side < min_side:
             raise InvalidValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
         if isinstance(reranker, CVNetRerank) and reranker.input_convention != model.input_convention:
@@ -186,6 +193,7 @@ class Retriever:
         self.rerank_seed = rerank_seed
         self.post = _post_settings(post)
         self.flip = bool(flip)
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
         self._runner: nn.Module | None = None
         self._db_maps: ReducedMapStore | None = None
 
@@ -216,8 +224,8 @@ class Retriever:
 
     # ------------------------------------------------------------------ descriptors
     def _prepare(self, image: Any, bbox: Sequence[float] | None, channel_order: str) -> np.ndarray:
-        return prepare_image(load_bgr(image, channel_order=channel_order), max_side=self.max_side,
-                             min_side=self.min_side, bbox=bbox)
+        return prepare_image(load_bgr(image, channel_order=channel_order, max_pixels=self.max_pixels),
+                             max_side=self.max_side, min_side=self.min_side, bbox=bbox)
 
     @staticmethod
     def _weights_source(weights: str | None, seed: int | None) -> str:
@@ -272,7 +280,7 @@ class Retriever:
         Returns the ids (n,) int64.
         """
         if on_error not in ("raise", "skip"):
-            raise InvalidValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise InvalidValueError(f"on_error must be 'raise' or 'skip', got {shorten(on_error)}")
         images = list(images)
         n = len(images)
         id_t = None
@@ -341,7 +349,8 @@ class Retriever:
         post: PostProcessing | Mapping[str, Any] | None = None,
         timings: dict[str, float] | None = None,
     ) -> list[Hit]:
-        """The ``k`` best database entries for one image or path, best first (see :class:`Hit`).
+        """The ``k`` best database entries for one image or path, best first (see :class:`Hit`); a ``k`` past the
+        database size gives every entry.
 
         ``bbox`` = (x1, y1, x2, y2) crops the query (original pixels), as for the revisited benchmarks' queries.
         ``post``: post-processing for this query (None: the retriever's ``post``; ``PostProcessing()``: none).
@@ -372,11 +381,12 @@ class Retriever:
         ``describe query``, ``search``, ``post-processing``, ``re-ranking``, ``metadata``, added to what it holds.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InvalidValueError(f"k must be a positive integer, got {k!r}")
-        if len(self.database) == 0:
+            raise InvalidValueError(f"k must be a positive integer, got {shorten(k)}")
+        count = len(self.database)
+        if count == 0:
             raise InvalidValueError("the database is empty: index some images first")
         post = self.post if post is None else _post_settings(post)
-        k = int(k)
+        k = min(int(k), count)  # more than the database holds is all of it (never a result padded to a huge k)
         bboxes = _per_item(bboxes, len(images), "bboxes")
         with timed(timings, "prepare query"):
             prepared = [self._prepare(img, box, channel_order) for img, box in zip(images, bboxes)]
@@ -517,7 +527,7 @@ class Retriever:
             raise InvalidValueError("database maps need a CVNetRerank re-ranker")
         if self._db_maps is None or self._db_maps.model is not self.reranker:
             images = StoredImages(self.database, convention=self.reranker.input_convention,
-                                  max_side=self.max_side, min_side=self.min_side)
+                                  max_side=self.max_side, min_side=self.min_side, max_pixels=self.max_pixels)
             # a cache of 0 still holds one query's candidates while they are scored (then it is cleared)
             self._db_maps = ReducedMapStore(model=self.reranker, dataset=images, device=self.device,
                                             max_items=max(1, self.map_cache_size), batch_size=self.batch_size,

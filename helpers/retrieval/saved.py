@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -20,8 +21,8 @@ from typing import Any
 from torch import nn
 
 from common.convention import InputConvention
-from common.errors import InvalidValueError, MissingFileError
-from common.io import atomic_torch_save, atomic_write, file_sha256
+from common.errors import InvalidValueError, MissingFileError, ProjectRuntimeError, shorten
+from common.io import atomic_torch_save, atomic_write, file_sha256, io_error, printable_path
 from helpers.builders import (
     GLOBAL_KINDS,
     backend_name,
@@ -82,8 +83,7 @@ def save_retriever(retriever: Any, directory: str | os.PathLike, *, remote: Mapp
     if any("key" in name.lower() for name in remote):
         raise InvalidValueError("remote settings must not hold API keys (they are read from the environment)")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with _writer_lock(directory):
+    with writer_lock(directory):
         save_id = f"{time.time_ns():x}-{secrets.token_hex(4)}"
         files: dict[str, str] = {}
 
@@ -193,7 +193,7 @@ def _parts_of(directory: str | os.PathLike, config: Mapping[str, Any], *, model:
             database = make_database("pinecone", config["dim"], index_name=spec.get("index_name"),
                                      host=spec.get("host"), api_key=api_key, namespace=spec.get("namespace", ""))
         else:
-            raise InvalidValueError(f"unknown database backend {backend!r} in {directory / CONFIG_FILE}")
+            raise InvalidValueError(f"unknown database backend {shorten(backend)} in {directory / CONFIG_FILE}")
     if len(database) != config["count"]:
         logger.warning("%s: the database holds %d vectors, %d when saved", directory, len(database),
                        config["count"])
@@ -209,20 +209,48 @@ def _parts_of(directory: str | os.PathLike, config: Mapping[str, Any], *, model:
             "rerank_seed": rerank_source.get("seed"), "settings": dict(config["settings"])}
 
 
+#: The folders whose writer lock this process holds, each with the thread that holds it (a build holds it
+#: for its whole run; its save, in the same thread, takes it again without waiting on itself).
+_HELD: dict[str, int] = {}
+_HELD_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
-def _writer_lock(directory: Path) -> Iterator[None]:
-    """Saves to one folder take turns (an exclusive ``flock`` on ``.retriever.lock``; none where there is no
-    fcntl): a save must not remove the files of another that has not committed yet. Readers take no lock."""
+def writer_lock(directory: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
+    """Writers to one folder take turns: an exclusive ``flock`` on its ``.retriever.lock`` (the folder is made;
+    no lock where there is no fcntl). ``wait=False`` refuses at once, with a
+    :class:`common.errors.ProjectRuntimeError` naming the folder, when another writer holds it (what a build
+    does: the "already holds an index" check and the save must see the same folder). Re-entrant within a
+    thread. Readers take no lock."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise io_error(directory, exc, action="create the folder") from exc
+    key = os.fspath(directory.resolve())
+    with _HELD_GUARD:
+        mine = _HELD.get(key) == threading.get_ident()
     try:
         import fcntl
     except ImportError:  # not POSIX: saves are still atomic, concurrent writers are on their own
+        fcntl = None
+    if mine or fcntl is None:
         yield
         return
     with open(directory / _LOCK_FILE, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise ProjectRuntimeError(f"{printable_path(directory)} is being written by another build or save "
+                                      f"(it holds {_LOCK_FILE}): wait for it to finish, or use another "
+                                      "folder") from None
+        with _HELD_GUARD:
+            _HELD[key] = threading.get_ident()
         try:
             yield
         finally:
+            with _HELD_GUARD:
+                _HELD.pop(key, None)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
@@ -330,7 +358,7 @@ def _build_reranker(record: Mapping[str, Any] | None, directory: Path, *, weight
         reranker.query_chunk = int(record.get("query_chunk", reranker.query_chunk))
         return reranker
     if record.get("kind") != "cvnet":
-        raise InvalidValueError(f"unknown re-ranker {record.get('kind')!r} in {directory / CONFIG_FILE}")
+        raise InvalidValueError(f"unknown re-ranker {shorten(record.get('kind'))} in {directory / CONFIG_FILE}")
     reranker = _build_recorded(record, directory, kind="cvnet_rerank", weights=weights, what="re-ranker")
     if check_weights and record.get("fingerprint") and state_dict_hash(reranker) != record["fingerprint"]:
         raise InvalidValueError(f"{directory}: the CVNet re-ranker's weights differ from those it was saved with "

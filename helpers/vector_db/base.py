@@ -18,7 +18,9 @@ Conventions shared by all back-ends:
   tensors: scores float32, ids int64, vectors float32, on :attr:`AbstractVectorDB.device`.
 - ``search`` returns ``(scores (q, k), ids (q, k))`` best first by inner product. When a query has fewer than
   ``k`` results (fewer than ``k`` vectors stored, or an approximate index that visited fewer), the tail is
-  padded with score ``-inf`` and id ``-1`` (and, in ``search_with_vectors``, a zero vector).
+  padded with score ``-inf`` and id ``-1`` (and, in ``search_with_vectors``, a zero vector). A ``k`` past the
+  stored count whose padded result would exceed :data:`MAX_PADDED` entries is a ``ValueError`` (the retrieval
+  API caps k at the database size instead).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.errors import InvalidValueError
+from common.errors import InvalidValueError, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ PAD_ID = -1
 MAX_ID = 2**63 - 1  # ids are int64
 PAD_SCORE = float("-inf")
 DEFAULT_NORM_TOLERANCE = 1e-3
+#: The most entries of a search result (queries x k) padded past the stored vectors without asking.
+MAX_PADDED = 1 << 26
 _MAX_NAMED = 10  # how many offending rows / ids an error message lists before eliding the rest
 
 
@@ -203,9 +207,9 @@ class AbstractVectorDB(abc.ABC):
 
     def __init__(self, dim: int, *, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> None:
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
-            raise InvalidValueError(f"dim must be a positive integer, got {dim!r}")
+            raise InvalidValueError(f"dim must be a positive integer, got {shorten(dim)}")
         if not norm_tolerance >= 0:
-            raise InvalidValueError(f"norm_tolerance must be >= 0, got {norm_tolerance!r}")
+            raise InvalidValueError(f"norm_tolerance must be >= 0, got {shorten(norm_tolerance)}")
         self._dim = int(dim)
         self.norm_tolerance = float(norm_tolerance)
 
@@ -266,7 +270,7 @@ class AbstractVectorDB(abc.ABC):
         Padded with score ``-inf`` / id ``-1`` where fewer than ``k`` results exist.
         """
         xq = self._validate_vectors(queries, name="queries")
-        k = self._check_k(k)
+        k = self._check_padding(self._check_k(k), xq.shape[0])
         if xq.shape[0] == 0:
             return (torch.empty(0, k, dtype=torch.float32, device=self.device),
                     torch.empty(0, k, dtype=torch.int64, device=self.device))
@@ -281,7 +285,7 @@ class AbstractVectorDB(abc.ABC):
         :meth:`_search_with_vectors`.
         """
         xq = self._validate_vectors(queries, name="queries")
-        k = self._check_k(k)
+        k = self._check_padding(self._check_k(k), xq.shape[0])
         if xq.shape[0] == 0:
             return (torch.empty(0, k, dtype=torch.float32, device=self.device),
                     torch.empty(0, k, dtype=torch.int64, device=self.device),
@@ -324,6 +328,12 @@ class AbstractVectorDB(abc.ABC):
                 return
         self._delete(id_t)
 
+    def clear(self) -> None:
+        """Remove every stored vector."""
+        ids = self._stored_ids()
+        if ids.numel():
+            self._delete(torch.unique(ids.cpu()))
+
     def ids(self) -> Tensor:
         """All stored ids (n,) int64, sorted ascending."""
         return torch.sort(self._stored_ids()).values
@@ -349,8 +359,19 @@ class AbstractVectorDB(abc.ABC):
     @staticmethod
     def _check_k(k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InvalidValueError(f"k must be a positive integer, got {k!r}")
+            raise InvalidValueError(f"k must be a positive integer, got {shorten(k)}")
         return int(k)
+
+    def _check_padding(self, k: int, n_queries: int) -> int:
+        """``k``, unless the (q, k) result would be padded past :data:`MAX_PADDED` entries beyond what is stored
+        (``k=10**12`` would allocate terabytes of padding): then a ValueError giving the largest useful k."""
+        if n_queries * k > MAX_PADDED:
+            count = self._count()
+            if k > count:
+                raise InvalidValueError(f"k={k} asks for more results than the {count} stored vectors: the "
+                                        f"padded ({n_queries}, {k}) result would not fit in memory; ask for k <= "
+                                        f"{max(count, 1)}")
+        return k
 
     def _gather_vectors(self, ids: Tensor) -> Tensor:
         """(q, k) ids with -1 padding -> (q, k, d) vectors, fetching each distinct id once."""

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from common.errors import InvalidValueError, MissingDependencyError, ProjectRuntimeError
+from common.errors import InvalidValueError, MissingDependencyError, ProjectRuntimeError, shorten
 from helpers.vector_db.base import AbstractVectorDB, Metadata, unknown_ids_error
 from helpers.vector_db.tensor import TensorVectorDB
 
@@ -71,6 +71,39 @@ class PineconeWriteError(ProjectRuntimeError):
         super().__init__(message)
 
 
+class PineconeServiceError(ProjectRuntimeError):
+    """Pinecone refused a request for good (a wrong API key, an index or host that is not there, a request it
+    rejects) or could not be reached: one line naming the host and the HTTP status, never the API key."""
+
+
+def service_error(exc: BaseException, what: str, *, where: str, api_key: str | None = None
+                  ) -> PineconeServiceError | None:
+    """The one-line :class:`PineconeServiceError` for an SDK or connection failure of request ``what`` to
+    ``where`` (the host or index name), or None for anything else (a bug keeps its traceback). The API key
+    is cut out of whatever the SDK's message holds."""
+    name = type(exc).__name__
+    status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+    from_sdk = type(exc).__module__.split(".")[0] in ("pinecone", "urllib3")
+    if not (from_sdk or isinstance(exc, (ConnectionError, TimeoutError))):
+        return None
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = lines[0] if lines else name
+    if api_key:
+        detail = detail.replace(api_key, "<API key>")
+    detail = detail if len(detail) <= 200 else detail[:200] + "..."
+    if status in (401, 403):
+        return PineconeServiceError(f"Pinecone refused the API key for {where} (HTTP {status}, {what}): check "
+                                    "PINECONE_API_KEY (or api_key=) for this project's key")
+    if isinstance(status, int):
+        hint = ": check --host / --index-name (PINECONE_HOST, PINECONE_INDEX)" if status == 404 else ""
+        return PineconeServiceError(f"Pinecone answered HTTP {status} to {what} at {where}{hint} ({detail})")
+    if "Connection" in name or "Timeout" in name or "Protocol" in name or isinstance(exc, (ConnectionError,
+                                                                                            TimeoutError)):
+        return PineconeServiceError(f"cannot reach Pinecone at {where} ({what} failed: {name}: {detail}): check "
+                                    "the host (--host, PINECONE_HOST) and the network")
+    return PineconeServiceError(f"Pinecone failed on {what} at {where}: {name}: {detail}")
+
+
 class _ShortWrite(RuntimeError):
     """The server acknowledged fewer records than it was sent: retried like a transient error."""
 
@@ -94,7 +127,7 @@ def id_to_str(i: int) -> str:
 def str_to_id(s: str) -> int:
     """Pinecone record id -> int64; only the canonical decimal form that :func:`id_to_str` writes."""
     if not (s.isascii() and s.isdigit()) or (len(s) > 1 and s[0] == "0") or int(s) > np.iinfo(np.int64).max:
-        raise InvalidValueError(f"record id {s!r} is not an int64 id written by PineconeVectorDB "
+        raise InvalidValueError(f"record id {shorten(s)} is not an int64 id written by PineconeVectorDB "
                                 "(use a namespace of its own)")
     return int(s)
 
@@ -183,6 +216,9 @@ class PineconeVectorDB(AbstractVectorDB):
         self.max_workers = max_workers
         self.progress = progress
         self._rng = random.Random()
+        self._where = host or os.environ.get("PINECONE_HOST") or index_name or os.environ.get("PINECONE_INDEX") \
+            or "the given index"
+        self._api_key = api_key or os.environ.get("PINECONE_API_KEY")
         self._cache = TensorVectorDB(dim, norm_tolerance=math.inf, progress=False) if cache_vectors else None
         self._next_id: int | None = None
         self._index = index if index is not None else self._connect(index_name, host, api_key, timeout)
@@ -205,9 +241,15 @@ class PineconeVectorDB(AbstractVectorDB):
         except ImportError as exc:
             raise MissingDependencyError("PineconeVectorDB needs the Pinecone SDK: `pip install pinecone` "
                                          "(not the deprecated pinecone-client)") from exc
-        client = Pinecone(api_key=api_key, timeout=timeout)
-        open_index = getattr(client, "index", None) or client.Index  # v10 name, then the older one
-        return open_index(name=index_name or "", host=host or "")
+        try:
+            client = Pinecone(api_key=api_key, timeout=timeout)
+            open_index = getattr(client, "index", None) or client.Index  # v10 name, then the older one
+            return open_index(name=index_name or "", host=host or "")
+        except Exception as exc:
+            error = service_error(exc, "opening the index", where=host or index_name, api_key=api_key)
+            if error is None:
+                raise
+            raise error from None
 
     def close(self) -> None:
         """Release the SDK's HTTP connections."""
@@ -232,7 +274,10 @@ class PineconeVectorDB(AbstractVectorDB):
                 return fn()
             except Exception as exc:
                 if attempt == self.max_retries or not is_transient(exc):
-                    raise
+                    error = service_error(exc, what, where=self._where, api_key=self._api_key)
+                    if error is None:
+                        raise
+                    raise error from None
                 delay = self.backoff * 2**attempt * self._rng.uniform(0.5, 1.0)
                 logger.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__, exc,
                                attempt + 1, self.max_retries, delay)
@@ -447,6 +492,13 @@ class PineconeVectorDB(AbstractVectorDB):
             first = next(exc for _, exc in results if exc is not None)
             raise PineconeWriteError(f"{len(failed)} ids were not deleted from Pinecone "
                                      f"({type(first).__name__}: {first}): {sorted(failed)}", failed)
+
+    def clear(self) -> None:
+        """Remove every vector of the namespace (one ``delete_all`` request: no listing needed)."""
+        self._call(lambda: self._index.delete(delete_all=True, namespace=self.namespace), "delete of the namespace")
+        if self._cache is not None:
+            self._cache.clear()
+        self._next_id = None
 
     def _stored_ids(self) -> Tensor:
         """Every id of the namespace, listed page by page (serverless indexes only)."""

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from common.errors import InvalidValueError, MissingFileError
-from common.io import atomic_write
+from common.io import atomic_torch_save
 from helpers.vector_db.base import (
     AbstractVectorDB,
     CorruptIndexError,
@@ -309,7 +309,7 @@ class TensorVectorDB(AbstractVectorDB):
         payload = {**header, "vectors": vectors, "ids": ids, "metadata": metadata_json,
                    "norm_tolerance": self.norm_tolerance, "chunk_size": self.chunk_size,
                    "sha256": _payload_digest(header, vectors, ids, metadata_json)}
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_torch_save(payload, path)  # a full disk: one line naming the file and the errno
         logger.info("saved %d vectors (dim %d, %s) to %s", self._n, self.dim, header["dtype"], path)
 
     @classmethod

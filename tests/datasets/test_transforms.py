@@ -1,4 +1,7 @@
-"""Input conventions, query crop and multi-scale resize against hand computations and direct cv2 calls."""
+"""Input conventions, query crop and multi-scale resize against hand computations and direct cv2 calls; the one
+image reader: damaged, oversized (decompression bombs) and oddly named files, and parity with cv2.imread."""
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -279,3 +282,84 @@ def test_smallest_side_for_superglobal_is_what_the_model_needs():
         assert model(torch.zeros(1, 3, SMALLEST_SIDE, 120)).shape == (1, 2048)
         with pytest.raises(RuntimeError, match="[Pp]adding"):
             model(torch.zeros(1, 3, SMALLEST_SIDE - 1, 120))
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch):
+    """Issue 19.5: a 2.6 MB PNG of 30000 x 30000 pixels made a query peak at 6 GB. The header's pixel count is
+    checked against the limit (a setting, default 2**27 pixels = 384 MiB of BGR) before the decoder runs."""
+    from datasets.transforms import DEFAULT_MAX_PIXELS, CorruptImageError
+    from tests.support.hostile_images import bomb_png
+
+    assert DEFAULT_MAX_PIXELS * 3 < 1 << 30  # well under 1 GB of decoded pixels
+    bomb = tmp_path / "bomb.png"
+    bomb_png(bomb, 30000, 30000)
+    assert bomb.stat().st_size < 1 << 20
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded an image over the limit"))
+    monkeypatch.setattr(cv2, "imread", lambda *a: pytest.fail("decoded an image over the limit"))
+    with pytest.raises(CorruptImageError, match=r"bomb\.png: 30000 x 30000 = 900,000,000 pixels is over the limit "
+                                                r"of 134,217,728") as caught:
+        read_image(bomb)
+    assert caught.value.path == str(bomb)
+    monkeypatch.undo()
+    small = tmp_path / "small.png"
+    cv2.imwrite(str(small), _img(30, 40))
+    with pytest.raises(CorruptImageError, match="1,200 pixels is over the limit of 1,000"):
+        read_image(small, max_pixels=1000)
+    assert read_image(small, max_pixels=1200).shape == (30, 40, 3)
+
+
+def test_every_decoder_error_is_a_corrupt_image_error(tmp_path):
+    """Issue 19.6: a PNG over OpenCV's own pixel limit raised cv2.error, which --skip-unreadable did not skip.
+    With the project's limit raised past OpenCV's, OpenCV's refusal still comes back as CorruptImageError."""
+    from datasets.transforms import CorruptImageError
+    from tests.support.hostile_images import bomb_png
+
+    huge = tmp_path / "huge.png"
+    bomb_png(huge, 40000, 40000)
+    with pytest.raises(CorruptImageError, match=r"huge\.png: the decoder failed: .*pixels"):
+        read_image(huge, max_pixels=2_000_000_000)
+    unknown = tmp_path / "unknown.jpg"
+    unknown.write_bytes(b"GIF87a is not what this is")
+    with pytest.raises(CorruptImageError, match="unknown.jpg"):
+        read_image(unknown)
+
+
+def test_a_path_of_any_bytes_is_read(tmp_path):
+    """Issue 19.4: cv2.imread on a file name that is not UTF-8 crashed the process (segmentation fault). The
+    reader reads the bytes itself; run in a child process, so that a crash fails this test only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    img = _img(20, 24)
+    name = os.fsencode(str(tmp_path)) + b"/bad\xff\xfe.png"
+    ok, png = cv2.imencode(".png", img)
+    with open(name, "wb") as f:
+        f.write(png.tobytes())
+    code = ("import os, sys; from datasets.transforms import read_image; "
+            "sys.stdout.buffer.write(read_image(os.fsdecode(bytes.fromhex(sys.argv[1]))).tobytes())")
+    done = subprocess.run([sys.executable, "-c", code, name.hex()], capture_output=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout == img.tobytes()
+
+
+def test_reading_from_memory_keeps_opencvs_pixels_and_exif_orientation(tmp_path):
+    """The reader decodes from memory (cv2.imdecode): the same pixels as the releases' cv2.imread, EXIF rotation
+    included, for every format the folders are listed with."""
+    from tests.support.hostile_images import exif_rotated_jpeg
+
+    exif_rotated_jpeg(tmp_path / "rotated.jpg")
+    got = read_image(tmp_path / "rotated.jpg")
+    assert got.shape == (80, 40, 3) and np.array_equal(got, cv2.imread(str(tmp_path / "rotated.jpg")))
+    img = _img(21, 34)
+    for ext in (".jpg", ".png", ".bmp", ".webp", ".tif", ".ppm"):
+        path = tmp_path / f"a{ext}"
+        assert cv2.imwrite(str(path), img)
+        assert np.array_equal(read_image(path), cv2.imread(str(path), cv2.IMREAD_COLOR)), ext
+    gray = tmp_path / "g.pgm"
+    assert cv2.imwrite(str(gray), img[:, :, 0])
+    assert np.array_equal(read_image(gray), cv2.imread(str(gray), cv2.IMREAD_COLOR))

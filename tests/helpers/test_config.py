@@ -96,6 +96,64 @@ def test_wrong_value_names_the_key_and_what_it_accepts(override, accepts):
     assert key in str(err.value) and accepts in str(err.value)
 
 
+@pytest.mark.parametrize("override", ["rate=.nan", "rate=.inf", "rate=-.inf", "seed=.nan", "ks=[1, .inf]",
+                                      "rerank.M=.inf", "out=.nan"])
+def test_nan_and_inf_are_refused_naming_the_key(override):
+    """Issue 19.7: NaN passed every float rule (``v < min`` is False for NaN) and inf every open bound: each
+    score became nan. A null default ("out") takes any value, but not a number that is not finite."""
+    key = override.split("=")[0]
+    floats = key in ("rate", "out")  # an integer key refuses a float, NaN or not, as the wrong type
+    with pytest.raises(ConfigError, match=rf"^{key}=.*{'not a finite number' if floats else 'wrong type'}"):
+        load_config(None, [override], schema=SCHEMA)
+
+
+def test_the_shipped_schemas_refuse_the_issues_nan_settings():
+    from helpers.schemas import EVAL
+
+    for override in ("rerank.superglobal.beta=.nan", "post.aqe.alpha=.inf", "rerank.cvnet.weight=.nan"):
+        with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]}=(nan|inf): not a finite number"):
+            load_config(None, [override], schema=EVAL)
+
+
+def test_an_alias_bomb_is_refused_in_one_short_line(tmp_path):
+    """Issue 19.12: a 298-byte alias bomb gave a 'one-line' config error of 226 MB (the repr of the expanded
+    value) and peaked at 714 MB. Aliases expanding past MAX_EXPANDED_NODES are refused when read."""
+    levels = "abcdefgh"
+    anchors = ["&a [x, x, x, x, x, x, x, x, x]"] + [f"&{l} [{', '.join([f'*{levels[i]}'] * 9)}]"
+                                                  for i, l in enumerate(levels[1:])]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"seed: [{', '.join(anchors)}]\n")
+    assert bomb.stat().st_size < 400
+    with pytest.raises(ConfigError, match=r"bomb\.yaml is not valid YAML: its aliases expand to more than 100,000") \
+            as caught:
+        load_config(bomb, schema=SCHEMA)
+    assert len(str(caught.value)) < 300
+    with pytest.raises(ConfigError, match="aliases expand"):
+        load_config(None, ["ks=[" + ", ".join(anchors) + "]"], schema=SCHEMA)
+    (tmp_path / "fine.yaml").write_text("model: &m {depth: 101}\nrerank: {M: 3}\nks: &k [1, 2]\n")
+    assert load_config(tmp_path / "fine.yaml", schema=SCHEMA)["ks"] == [1, 2]  # a few aliases stay fine
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """Issue 19.12: ``seed: 1`` then ``seed: 2`` was silently last-wins. A merge key (``<<:``) still overrides."""
+    (tmp_path / "dup.yaml").write_text("seed: 1\nrerank:\n  M: 3\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"the key 'seed' is given twice \(lines 1 and 4\)"):
+        load_config(tmp_path / "dup.yaml", schema=SCHEMA)
+    (tmp_path / "nested.yaml").write_text("rerank: {M: 3, M: 4}\n")
+    with pytest.raises(ConfigError, match="'M' is given twice"):
+        load_config(tmp_path / "nested.yaml", schema=SCHEMA)
+    (tmp_path / "merge.yaml").write_text("rerank: {<<: {M: 3, mode: paper}, M: 5}\n")
+    assert load_config(tmp_path / "merge.yaml", schema=SCHEMA)["rerank"] == {"M": 5, "mode": "paper"}
+
+
+def test_an_error_shows_a_huge_value_cut_short():
+    """Every config error truncates the value it shows."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["seed=[" + ", ".join(["7"] * 10000) + "]"], schema=SCHEMA)
+    assert "seed=[7, 7" in str(caught.value) and "(cut at 120 characters)" in str(caught.value)
+    assert len(str(caught.value)) < 300
+
+
 def test_valid_values_pass_and_null_defaults_take_anything():
     cfg = load_config(None, ["rate=1", "device=cuda:1", "out=/tmp/x", "model.kwargs.anything=3",
                              "ks=[1, 10]", "model.depth=101"], schema=SCHEMA)

@@ -74,3 +74,19 @@ def test_nothing_active_returns_the_ranking_and_describe_names_steps():
     assert PostProcessing(aqe_k=2, kreciprocal=True).describe() == "α-QE k=2 α=3 + k-reciprocal k1=20 k2=6 λ=0.3"
     with pytest.raises(ValueError):
         PostProcessing(aqe_k=-1)
+
+
+def test_every_invalid_field_is_named():
+    """Issue 19.16 and 19.7: ``--shortlist 0 --aqe 2`` printed the whole PostProcessing(...) without naming the
+    bad field, and NaN or inf exponents were accepted (every score became nan)."""
+    with pytest.raises(ValueError, match=r"^invalid post-processing settings: shortlist=0 \(a whole number >= 1\)$"):
+        PostProcessing(aqe_k=2, shortlist=0)
+    with pytest.raises(ValueError) as caught:
+        PostProcessing(aqe_alpha=float("inf"), dba_alpha=float("nan"), lambda_value=float("nan"), k1=0, dba_k=-1)
+    message = str(caught.value)
+    for named in ("aqe_alpha=inf", "dba_alpha=nan", "lambda_value=nan", "k1=0", "dba_k=-1"):
+        assert named in message
+    assert "shortlist" not in message and "aqe_k" not in message
+    with pytest.raises(ValueError, match=r"lambda_value=1.5 \(a number in \[0, 1\]\)"):
+        PostProcessing(lambda_value=1.5)
+    assert PostProcessing(aqe_alpha=0, dba_alpha=0.0, lambda_value=1).active is False

@@ -179,3 +179,6 @@ def test_superglobal_rerank_small_database_and_errors():
     assert sorted(ids[0].tolist()) == list(range(20))
     with pytest.raises(ValueError):
         SuperGlobalRerank().rerank(X[0], X)
+    for beta in (float("nan"), float("inf"), -0.1):  # issue 19.7: a NaN beta made every re-ranked score NaN
+        with pytest.raises(ValueError, match=f"beta must be a finite number >= 0, got {beta}"):
+            SuperGlobalRerank(beta=beta)

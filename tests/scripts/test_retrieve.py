@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.retrieval.retriever import Retriever
+from helpers.retrieval.retriever import Hit, Retriever
 from helpers.retrieval.tiles import query_tiles
 from helpers.visualize import ranking_grid, score_decimals
-from retrieve import main, parse_bbox
+from retrieve import format_hits, main, parse_bbox
 from tests.support.pinecone_server import FakePinecone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -278,3 +278,195 @@ def test_help_answers_fast_without_importing_torch():
         imported = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
         assert "torch" not in imported and "numpy" not in imported
     assert time.perf_counter() - start < 3 * 2.0  # under 2 s each (typically 0.1 s)
+
+
+# ---------------------------------------------------------------------------------------------- issue 19 rows
+
+
+def test_a_failed_pinecone_rebuild_keeps_the_old_vectors(folder, tmp_path, capsys, monkeypatch):
+    """Issue 19.1: `build --overwrite` emptied the namespace before indexing; the build then failed on a truncated
+    JPEG, leaving 0 of the 6 vectors and a retriever.json over an empty database. The new vectors now go into a
+    fresh namespace and the old ones are removed only once the new index is saved."""
+    import shutil
+
+    root, files = folder
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    data = (bad / "sub" / "img1.jpg").read_bytes()
+    (bad / "sub" / "img1.jpg").write_bytes(data[: len(data) // 2])
+    index = tmp_path / "pine"
+    with FakePinecone(2048) as fake:
+        monkeypatch.setenv("PINECONE_API_KEY", fake.api_key)
+        pine = ["--backend", "pinecone", "--host", fake.host, "--namespace", "photos", "--scales", "1", "--device",
+                "cpu", "--quiet"]
+        assert main(["build", "--images", str(root), "--index", str(index), *pine]) == 0
+        before = fake.stored("photos")
+        saved = (index / "retriever.json").read_text()
+        assert "img1.jpg" in _fails(capsys, ["build", "--images", str(bad), "--index", str(index), "--overwrite",
+                                             *pine])
+        assert {ns: len(v) for ns, v in fake.namespaces.items() if v} == {"photos": len(files)}
+        assert all(np.array_equal(v, before[k]) for k, v in fake.stored("photos").items())
+        assert (index / "retriever.json").read_text() == saved
+        assert _query(capsys, index, files[0], "--k", "3")[0][2] == str(files[0])
+        # a failure after some new vectors were written (id 1 acknowledged, never stored): they are taken back
+        fake.drop_ids = {"1"}
+        upserts = len(fake.requests_to("/vectors/upsert", ok_only=True))
+        assert "does not hold 1 ids" in _fails(capsys, ["build", "--images", str(root), "--index", str(index),
+                                                        "--overwrite", *pine])
+        fake.drop_ids = set()
+        assert len(fake.requests_to("/vectors/upsert", ok_only=True)) > upserts  # vectors 0 and 2 were written
+        assert {ns: len(v) for ns, v in fake.namespaces.items() if v} == {"photos": len(files)}
+        assert (index / "retriever.json").read_text() == saved
+        # a rebuild that succeeds moves to a fresh namespace, then clears the old one; the next one moves back
+        namespaces = []
+        for _ in range(2):
+            assert main(["build", "--images", str(root), "--index", str(index), "--overwrite", *pine]) == 0
+            namespaces.append(json.loads((index / "retriever.json").read_text())["database"]["namespace"])
+            assert {ns: len(v) for ns, v in fake.namespaces.items() if v} == {namespaces[-1]: len(files)}
+            assert _query(capsys, index, files[2], "--k", "3")[0][2] == str(files[2])
+        assert namespaces[0].startswith("photos.rebuild-") and namespaces[1] == "photos"
+
+
+def test_a_build_into_a_folder_another_build_holds_is_refused(folder, tmp_path, capsys):
+    """Issue 19.2: two builds into one --index both exited 0 and one index was silently replaced: the
+    'already holds an index' check ran before the writer lock was taken. The lock now covers check and save."""
+    import threading
+
+    from helpers.retrieval.saved import writer_lock
+
+    index = tmp_path / "race"
+    holding, release = threading.Event(), threading.Event()
+
+    def other_build() -> None:
+        with writer_lock(index):
+            holding.set()
+            release.wait(timeout=120)
+
+    other = threading.Thread(target=other_build)
+    other.start()
+    try:
+        assert holding.wait(timeout=30)
+        err = _fails(capsys, ["build", "--images", str(folder[0]), "--index", str(index), "--scales", "1",
+                              "--device", "cpu", "--quiet"])
+    finally:
+        release.set()
+        other.join()
+    assert "race is being written by another build or save" in err
+    assert not (index / "retriever.json").exists()
+
+
+def test_grid_paths_are_checked_before_the_query(built, folder, tmp_path, capsys):
+    """Issue 19.3 and 19.15: --grid naming an indexed image replaced it with the grid; a folder or a name without
+    an extension failed with a cv2.error traceback after the results were printed."""
+    query = str(folder[1][0])
+    victim = tmp_path / "photo.jpg"
+    victim.write_bytes(b"an image someone cares about")
+    for grid, said in ((victim, "already exists: pass --overwrite"), (tmp_path, "is a folder"),
+                       (tmp_path / "grid", "must end in .png, .jpg, .jpeg, .bmp, .webp, .tif or .tiff"),
+                       (tmp_path / "g.gif", "must end in")):
+        assert said in _fails(capsys, ["query", "--index", str(built), "--image", query, "--grid", str(grid),
+                                       "--quiet"])  # (_fails: nothing printed on stdout: the query did not run)
+    assert victim.read_bytes() == b"an image someone cares about"
+    _query(capsys, built, folder[1][0], "--grid", str(victim), "--overwrite")
+    assert cv2.imread(str(victim)) is not None
+
+
+def test_names_of_any_bytes_build_query_and_grid(folder, tmp_path):
+    """Issue 19.4: a file name that is not UTF-8 crashed build (also with --skip-unreadable), query --image and
+    --grid with a segmentation fault (cv2.imread/imwrite on the path). Run in a child process, so that a crash
+    fails this test only."""
+    import os
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil_copy = (folder[1][0]).read_bytes()
+    (odd / "ok.png").write_bytes(shutil_copy)
+    name = os.fsencode(str(odd)) + b"/bad\xff\xfe.png"
+    with open(name, "wb") as f:
+        f.write((folder[1][1]).read_bytes())
+    grid = os.fsencode(str(tmp_path)) + b"/g\xff.png"
+    script = (
+        "import os, sys\n"
+        "from retrieve import main\n"
+        "odd, index, image, grid = (os.fsdecode(bytes.fromhex(a)) for a in sys.argv[1:])\n"
+        "common = ['--device', 'cpu', '--quiet']\n"
+        "assert main(['build', '--images', odd, '--index', index, '--scales', '1', *common]) == 0\n"
+        "assert main(['query', '--index', index, '--image', image, '--k', '2', '--grid', grid, *common]) == 0\n")
+    args = [a.hex() for a in (os.fsencode(str(odd)), os.fsencode(str(tmp_path / "idx")), name, grid)]
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, timeout=300)
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert "indexed 2 images" in out and f"1\t1.000000\t{odd}/bad\\xff\\xfe.png" in out.replace("0.99999", "1.00000")
+    assert cv2.imdecode(np.fromfile(grid, np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+@pytest.mark.parametrize("flags", [["--rerank", "superglobal", "--sg-beta", "nan"],
+                                   ["--aqe", "2", "--aqe-alpha", "inf"], ["--dba", "2", "--dba-alpha", "nan"],
+                                   ["--kreciprocal", "--lambda", "nan"], ["--mix", "inf"], ["--lambda", "1.5"]])
+def test_nan_and_inf_flags_are_refused_naming_the_flag(flags, built, folder, capsys):
+    """Issue 19.7: NaN or inf settings were accepted and every score printed as nan, exit 0."""
+    with pytest.raises(SystemExit) as caught:
+        main(["query", "--index", str(built), "--image", str(folder[1][0]), "--quiet", *flags])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and f"argument {flags[-2]}" in err and repr(flags[-1]) in err
+
+
+def test_paths_with_tabs_and_newlines_print_as_one_field_of_one_line(tmp_path, capsys):
+    """Issue 19.14: a newline in a path split a record, a tab added a field."""
+    root = tmp_path / "names"
+    root.mkdir()
+    names = ["a\tb.png", "c\nd.png", "e\\f.png"]
+    for i, name in enumerate(names):
+        assert cv2.imwrite(str(root / name), _image(20 + i, 96, 112))
+    index = tmp_path / "idx"
+    assert main(["build", "--images", str(root), "--index", str(index), "--scales", "1", "--device", "cpu",
+                 "--quiet"]) == 0
+    rows = _query(capsys, index, root / names[0], "--k", "5")
+    assert len(rows) == 3 and all("\t" not in path and "\n" not in path for _, _, path in rows)
+    assert sorted(path for _, _, path in rows) == sorted(f"{root}/{n}" for n in ("a\\tb.png", "c\\nd.png",
+                                                                                 "e\\\\f.png"))
+    assert format_hits([Hit(id=7, score=0.5)]) == ["1\t0.500000\tid:7"]
+
+
+def test_issue_19_one_line_errors_and_capped_k(built, folder, tmp_path, capsys):
+    """Issue 19.16: --index equal to --images said only 'no images found'; --shortlist 0 --aqe 2 printed the whole
+    settings object. Issue 19.10: --k 1000000000000 tried to allocate 4 TB. Issue 19.5/19.6: a decompression
+    bomb or a PNG over OpenCV's limit as the query: one line, said before the model is loaded."""
+    import shutil
+
+    from tests.support.hostile_images import bomb_png
+
+    same = tmp_path / "same"
+    shutil.copytree(folder[0], same)
+    err = _fails(capsys, ["build", "--images", str(same), "--index", str(same), "--quiet"])
+    assert "3 image file(s) there lie inside the index folder" in err and "--index" in err
+    err = _fails(capsys, ["query", "--index", str(built), "--image", str(folder[1][0]), "--shortlist", "0",
+                          "--aqe", "2", "--quiet"])
+    assert err.endswith("invalid post-processing settings: shortlist=0 (a whole number >= 1)")
+    rows = _query(capsys, built, folder[1][0], "--k", "1000000000000")
+    assert len(rows) == len(folder[1])
+    for side in (30000, 40000):
+        bomb_png(tmp_path / f"bomb{side}.png", side, side)
+        err = _fails(capsys, ["query", "--index", str(built), "--image", str(tmp_path / f"bomb{side}.png"),
+                              "--quiet"])
+        assert f"{side} x {side} = {side * side:,} pixels is over the limit of 134,217,728" in err
+    err = _fails(capsys, ["query", "--index", str(built), "--image", str(folder[1][0]), "--max-pixels", "100",
+                          "--quiet"])
+    assert "is over the limit of 100" in err
+
+
+def test_skip_unreadable_skips_and_counts_an_image_over_the_limit(folder, tmp_path, capsys, caplog):
+    """Issue 19.6: `build --skip-unreadable` aborted the whole build on a PNG over OpenCV's pixel limit."""
+    import shutil
+
+    from tests.support.hostile_images import bomb_png
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder[0], mixed)
+    bomb_png(mixed / "huge.png", 40000, 40000)
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        assert main(["build", "--images", str(mixed), "--index", str(tmp_path / "i"), "--skip-unreadable",
+                     "--scales", "1", "--device", "cpu", "--quiet"]) == 0
+    assert f"indexed {len(folder[1])} images" in capsys.readouterr().out
+    assert f"1 of {len(folder[1]) + 1} images were skipped" in caplog.text and "huge.png" in caplog.text

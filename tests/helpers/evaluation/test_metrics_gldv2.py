@@ -31,6 +31,15 @@ def test_retrieval_errors():
         gldv2_mean_average_precision({}, {})
 
 
+def test_a_test_image_with_an_empty_solution_is_refused_naming_it():
+    """Issue 19 (semantic gap): an empty solution list was silently scored as AP 0; the challenge's code cannot
+    score it at all. Predicted or not, such a test image is malformed input, and named."""
+    solution = {"q1": ["a"], "q2": [], "q3": ["c"]}
+    for predictions in ({"q1": ["a"], "q2": ["b"]}, {"q1": ["a"]}):
+        with pytest.raises(ValueError, match=r"test image 'q2' has an empty retrieval solution .*1 such"):
+            gldv2_mean_average_precision(predictions, solution)
+
+
 def test_gap_by_hand():
     solution = {"t1": [5], "t2": [7, 8], "t3": [], "t4": [1]}
     predictions = {

@@ -3,6 +3,7 @@ stage timings, re-ranking and post-processing choices, and errors (bad box, unre
 message for the page instead of an exception. The page itself is tested in tests/browser/test_demo.py."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -71,3 +72,32 @@ def test_a_box_crops_the_query_and_is_drawn_in_the_preview(state):
     assert [c for _, c in whole] != [c for _, c in cropped]  # the crop is no exact duplicate any more
     plain, boxed = preview(query, ""), preview(query, "4,4,60,50")
     assert plain.shape == boxed.shape and not np.array_equal(plain, boxed)
+
+
+def test_an_upload_is_decoded_once_by_the_one_reader(state, tmp_path, monkeypatch):
+    """Issue 19.5: the demo decoded an upload for the preview and again on Search (a 30000 x 30000 PNG took it
+    from 1.95 to 6.39 GB, twice); a PNG over OpenCV's limit came back as OpenCV's assertion text. Now the upload
+    goes through the project's reader (the pixel count checked from the header) and is decoded once."""
+    import datasets.transforms as transforms
+    from tests.support.hostile_images import bomb_png
+
+    decoded, imdecoded = [], []
+    real_decode, real_imdecode = transforms.decode_image, cv2.imdecode
+    monkeypatch.setattr(transforms, "decode_image",
+                        lambda data, **kw: decoded.append(os.fspath(kw["name"])) or real_decode(data, **kw))
+    monkeypatch.setattr(cv2, "imdecode", lambda *args: imdecoded.append(1) or real_imdecode(*args))
+    upload = tmp_path / "upload.png"
+    upload.write_bytes(Path(state.examples[0][0]).read_bytes())
+    assert preview(str(upload), "", state) is not None
+    gallery, _, message = run_query(state, str(upload), "", "none", [], 2)
+    assert len(gallery) == 2, message
+    assert decoded.count(str(upload)) == 1, decoded  # the preview's decoding served the search
+    before = len(imdecoded)
+    for side in (30000, 40000):
+        bomb = tmp_path / f"bomb{side}.png"
+        bomb_png(bomb, side, side)
+        assert preview(str(bomb), "", state) is None
+        gallery, _, message = run_query(state, str(bomb), "", "none", [], 2)
+        assert gallery == [] and f"{side} x {side}" in message and "is over the limit of 134,217,728" in message
+        assert "cv2" not in message and "Assertion" not in message
+    assert len(imdecoded) == before  # refused from the header: the decoder never ran on them

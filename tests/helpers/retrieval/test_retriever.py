@@ -389,6 +389,37 @@ def test_errors(sg_model, cv_reranker, images, tmp_path):
 # ------------------------------------------------------------------------------------- nothing silently wrong
 
 
+@pytest.mark.parametrize("kind", ["none", "superglobal"])
+def test_a_huge_k_is_capped_at_the_database_size(kind, sg_model, cv_reranker, indexed, images):
+    """Issue 19.10: --k 1000000000000 tried to allocate 4 TB (the search padded its result to k). A query asks
+    for at most what the database holds."""
+    db, _ = indexed
+    retriever = Retriever(sg_model, db, reranker=_reranker(kind, cv_reranker))
+    hits = retriever.query(images[0][2], k=10**12)
+    assert len(hits) == N_IMAGES and hits[0].id == 2
+    assert [h.id for h in hits] == [h.id for h in retriever.query(images[0][2], k=N_IMAGES)]
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_and_counted(sg_model, images, tmp_path, caplog):
+    """Issue 19.6: an image OpenCV refused (cv2.error) aborted a --skip-unreadable build; an image over the
+    limit is skipped and counted like any unreadable one, and refused with one error without it."""
+    from tests.support.hostile_images import bomb_png
+
+    bomb_png(tmp_path / "bomb.png", 40000, 40000)
+    retriever = Retriever(sg_model, TensorVectorDB(2048))
+    with caplog.at_level("WARNING", logger="helpers.retrieval.retriever"):
+        ids = retriever.index([images[1][0], tmp_path / "bomb.png"], on_error="skip", progress=False)
+    assert ids.tolist() == [0, -1] and "1 of 2 images were skipped" in caplog.text
+    with pytest.raises(ValueError, match=r"bomb\.png.*over the limit"):
+        retriever.index([tmp_path / "bomb.png"], progress=False)
+    small = Retriever(sg_model, TensorVectorDB(2048), max_pixels=96 * 96)
+    with pytest.raises(ValueError, match=r"img1\.png: 104 x 96 = 9,984 pixels is over the limit of 9,216"):
+        small.index([images[1][1]], progress=False)
+    with pytest.raises(ValueError, match="max_pixels"):
+        Retriever(sg_model, TensorVectorDB(2048), max_pixels=0)
+
+
+
 def _hits(hit_lists):
     return [[(h.id, round(h.score, 6)) for h in hits] for hits in hit_lists]
 
@@ -672,3 +703,34 @@ def test_reranker_for_index_builds_each_kind(images, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(cv.state_dict().values(), expected.state_dict().values()))
     with pytest.raises(ValueError, match="rerank must be one of"):
         reranker_for_index(tmp_path, "dino")
+
+
+def test_the_writer_lock_refuses_a_second_writer_and_is_reentrant_in_its_thread(tmp_path):
+    """Issue 19.2: a build holds the folder's writer lock from its 'already holds an index' check to its save."""
+    import threading
+
+    from common.errors import ProjectIOError, ProjectRuntimeError
+    from helpers.retrieval.saved import writer_lock
+
+    outcome = []
+    with writer_lock(tmp_path / "idx", wait=False):
+        with writer_lock(tmp_path / "idx"):  # the build's own save: no wait on itself
+            pass
+
+        def other() -> None:
+            try:
+                with writer_lock(tmp_path / "idx", wait=False):
+                    outcome.append("entered")
+            except ProjectRuntimeError as exc:
+                outcome.append(str(exc))
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(timeout=60)
+    assert len(outcome) == 1 and "idx is being written by another build or save" in outcome[0]
+    with writer_lock(tmp_path / "idx", wait=False):  # released: the next writer gets it
+        pass
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ProjectIOError, match=r"could not create the folder .*file/idx: \[Errno 20\]"):
+        with writer_lock(tmp_path / "file" / "idx"):
+            pass

@@ -751,3 +751,59 @@ def test_an_empty_database_saves_and_loads(tmp_path):
     db.save(tmp_path / "empty.pt")
     loaded = TensorVectorDB.load(tmp_path / "empty.pt")
     assert len(loaded) == 0 and loaded.add(unit_rows(1)).tolist() == [0]
+
+
+@pytest.mark.parametrize("kind", LOCAL)
+def test_a_huge_k_is_one_error_not_terabytes_of_padding(kind):
+    """Issue 19.10: k=10**12 tried to allocate 4 TB for the padded result. Past the stored count, a result
+    that big is a ValueError giving the largest useful k; a modest k still pads as documented."""
+    db = make_db(kind)
+    db.add(unit_rows(5))
+    xq = unit_rows(2, seed=3)
+    for search in (db.search, db.search_with_vectors):
+        with pytest.raises(ValueError, match=r"k=1000000000000 asks for more results than the 5 stored vectors.*"
+                                             r"k <= 5"):
+            search(xq, 10**12)
+    assert db.search(xq, 7)[1][:, 5:].eq(-1).all()
+
+
+@pytest.mark.parametrize("kind", ["tensor", pytest.param("faiss_flat", marks=needs_faiss)])
+def test_a_save_onto_a_full_disk_is_one_line_and_keeps_the_old_file(kind, tmp_path, monkeypatch):
+    """Issue 19.8: a tensor save on a full disk raised torch's 'unexpected pos' RuntimeError naming no file.
+    Both back-ends stream into a file object; /dev/full stands in for the full disk (ENOSPC on every write)."""
+    from common.errors import ProjectIOError
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    db = make_db(kind)
+    db.add(unit_rows(50))
+    path = tmp_path / "db.bin"
+    db.save(path)
+    before = path.read_bytes()
+    real_open = open
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        if mode == "wb" and os.path.basename(os.fspath(file)).endswith(".tmp"):
+            return real_open("/dev/full", mode, *args, **kwargs)
+        return real_open(file, mode, *args, **kwargs)
+
+    import builtins
+
+    monkeypatch.setattr(builtins, "open", full_disk_open)
+    with pytest.raises(ProjectIOError) as caught:
+        db.save(path)
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert message == f"could not write {path}: [Errno 28] No space left on device (ENOSPC)"
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["db.bin"]
+
+
+@pytest.mark.parametrize("kind", LOCAL)
+def test_clear_removes_every_vector(kind):
+    db = make_db(kind)
+    db.add(unit_rows(20), ids=np.arange(20) * 3, metadata=[{"i": i} for i in range(20)])
+    db.clear()
+    assert len(db) == 0 and db.ids().numel() == 0 and db.search(unit_rows(1), 2)[1].eq(-1).all()
+    assert db.add(unit_rows(2)).tolist() == [0, 1] and db.get_metadata([0]) == [None]
+    db.clear()
+    db.clear()  # an empty database clears too

@@ -282,3 +282,45 @@ def test_transient_error_classification():
     assert not is_transient(ApiError(message="bad request", status_code=400))
     assert not is_transient(NotFoundError(message="no index", status_code=404))
     assert not is_transient(ValueError("bug"))
+
+
+def test_a_wrong_api_key_is_one_line_that_never_prints_the_key(fake):
+    """Issue 19.9: a wrong key was a raw UnauthorizedError traceback. Now one PineconeServiceError line (a
+    ProjectError: the scripts print it and exit 2) naming the host and the status, never the key."""
+    from common.errors import ProjectError
+    from helpers.vector_db.pinecone import PineconeServiceError
+
+    secret = "pcsk_wrong-secret-0123456789"
+    with pytest.raises(PineconeServiceError) as caught:
+        PineconeVectorDB(D, host=fake.host, api_key=secret, max_retries=0, progress=False)
+    message = str(caught.value)
+    assert isinstance(caught.value, ProjectError) and "\n" not in message
+    assert "refused the API key" in message and fake.host in message and "401" in message
+    assert secret not in message and secret not in repr(caught.value.__cause__) and caught.value.__cause__ is None
+
+
+def test_an_unreachable_host_is_one_line(monkeypatch):
+    """Issue 19.9: a host that is gone was a raw PineconeConnectionError traceback."""
+    import socket
+    import time
+
+    from helpers.vector_db.pinecone import PineconeServiceError
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # the SDK's and our backoffs, not the test's time
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        host = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(PineconeServiceError, match=rf"cannot reach Pinecone at {host} \(describe_index_stats") as e:
+        PineconeVectorDB(D, host=host, api_key=KEY, max_retries=0, timeout=2.0, progress=False)
+    assert "\n" not in str(e.value) and KEY not in str(e.value)
+
+
+def test_clear_empties_the_namespace_only(fake):
+    db, other = connect(fake), connect(fake, namespace="other")
+    db.add(unit_rows(5))
+    other.add(unit_rows(3))
+    db.clear()
+    assert len(db) == 0 and fake.stored() == {} and len(fake.stored("other")) == 3
+    assert db.add(unit_rows(2)).tolist() == [0, 1]  # the next free id starts over
+    with pytest.raises(KeyError):
+        db.get([4])  # not answered from the local cache either
