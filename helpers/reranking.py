@@ -299,11 +299,11 @@ class CVNetPairScorer:
 # --------------------------------------------------------------------------------------------------------------
 
 
-Columns = TypeVar("Columns", Tensor, np.ndarray)
+_Columns = TypeVar("_Columns", Tensor, np.ndarray)
 
 
-def top_then_rest(top: Sequence[Columns], ranking: Sequence[Columns], *, limit: int | None = None
-                  ) -> list[Columns]:
+def top_then_rest(top: Sequence[_Columns], ranking: Sequence[_Columns], *, limit: int | None = None
+                  ) -> list[_Columns]:
     """One query's "re-order the top M, the rest follows": ``top`` = (ids (m,), *columns), the re-ordered top of
     ``ranking`` = (ids (n,), *columns), e.g. scores (n,) or vectors (n, d) that go with the ids. Returns the same
     columns: the top's entries with a valid id (>= 0), then the ranking's entries whose id is valid and not in
@@ -312,7 +312,7 @@ def top_then_rest(top: Sequence[Columns], ranking: Sequence[Columns], *, limit: 
     keep = top_ids >= 0
     follow = (ranking_ids >= 0) & ~np.isin(ranking_ids, top_ids[keep])  # numpy's isin: 10x torch's on 1M ids
 
-    def join(a: Columns, b: Columns) -> Columns:
+    def join(a: _Columns, b: _Columns) -> _Columns:
         if isinstance(a, Tensor):
             return torch.cat([a[torch.from_numpy(keep)], b[torch.from_numpy(follow)]])[:limit]
         return np.concatenate([a[keep], b[follow]])[:limit]
@@ -327,7 +327,7 @@ def merge_reranked(ranks: np.ndarray, reranked_ids: np.ndarray) -> np.ndarray:
     reranked_ids = np.asarray(reranked_ids)
     out = np.empty_like(ranks)
     for i in range(ranks.shape[1]):
-        col = top_then_rest([reranked_ids[i]], [ranks[:, i]])[0]
+        col = top_then_rest([reranked_ids[i]], [np.ascontiguousarray(ranks[:, i])])[0]  # one strided read
         if col.shape[0] != ranks.shape[0]:
             raise InvalidValueError(f"query {i}: re-ranked ids are not a subset of its ranking (duplicates or "
                                     "unknown ids)")
