@@ -469,12 +469,12 @@ def blockwise_topk(
     sub = rows_max if gemm_rows is None else max(1, min(gemm_rows, rows_max))
     scores = torch.empty((rows_max, nq) if few else (nq, rows_max), dtype=dtype, device=xq.device)
     convert = None  # allocated once: fresh large allocations cost page faults
-    blocks, offset = [], 0
+    blocks, first_row = [], 0  # (part, the part's first row in the concatenation, the block's start in the part)
     for p in parts:
-        blocks += [(p, offset, start) for start in range(0, p.shape[0], block)]
-        offset += p.shape[0]
+        blocks += [(p, first_row, start) for start in range(0, p.shape[0], block)]
+        first_row += p.shape[0]
     values, indices, held = [], [], 0
-    for part, offset, start in progress(blocks) if progress is not None else blocks:
+    for part, first_row, start in progress(blocks) if progress is not None else blocks:
         rows = min(block, part.shape[0] - start)
         for s0 in range(0, rows, sub):
             x = part[start + s0 : start + min(s0 + sub, rows)]
@@ -488,13 +488,13 @@ def blockwise_topk(
                 torch.mm(xq, x.T, out=scores[:, s0 : s0 + x.shape[0]])
         if kk >= rows:  # every row is a candidate: copied out of the reused buffer, in index order
             v = (scores[:rows].T if few else scores[:, :rows]).clone(memory_format=torch.contiguous_format)
-            i = torch.arange(offset + start, offset + start + rows, device=v.device).expand(nq, rows)
+            i = torch.arange(first_row + start, first_row + start + rows, device=v.device).expand(nq, rows)
         elif few:
             v, i = scores[:rows].topk(kk, dim=0)
-            v, i = v.T, i.T + (offset + start)
+            v, i = v.T, i.T + (first_row + start)
         else:
             v, i = scores[:, :rows].topk(kk, dim=1)
-            i = i + (offset + start)
+            i = i + (first_row + start)
         values.append(v)
         indices.append(i)
         held += rows if kk >= rows else kk
