@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT
 from common.errors import InvalidValueError
 from helpers.evaluation.metrics import PROTOCOLS
-from models.functional import cvnet_score_mix
+from models.functional import blockwise_topk, cvnet_score_mix
 
 logger = logging.getLogger(__name__)
 
@@ -101,17 +101,11 @@ def global_ranking(query_vectors: Tensor | np.ndarray, db_vectors: DbVectors, *,
     ranks = np.empty((n_db, nq), dtype=rank_dtype)
     for start in range(0, nq, query_chunk):
         block = xq[start : start + query_chunk]
-        s = torch.empty(n_db, block.shape[0], device=device)
-        row = 0
-        for part in parts:
-            for r in range(0, part.shape[0], _SCORE_ROWS):
-                rows = part[r : r + _SCORE_ROWS]
-                torch.mm(rows if rows.dtype == torch.float32 else rows.float(), block.T,
-                         out=s[row + r : row + r + rows.shape[0]])
-            row += part.shape[0]
+        # the full ranking (k = n_db), scored (rows, queries) _SCORE_ROWS rows at a time
+        d, i = blockwise_topk(block, parts, n_db, block=_SCORE_ROWS, gemm_rows=_SCORE_ROWS, rows_first=True)
         if sims is not None:
-            sims[:, start : start + block.shape[0]] = s.cpu().numpy()
-        ranks[:, start : start + block.shape[0]] = torch.argsort(s, dim=0, descending=True, stable=True).cpu().numpy()
+            sims[:, start : start + block.shape[0]] = torch.empty_like(d).scatter_(1, i, d).T.cpu().numpy()
+        ranks[:, start : start + block.shape[0]] = i.T.cpu().numpy()
     return sims, ranks
 
 
@@ -305,16 +299,35 @@ class CVNetPairScorer:
 # --------------------------------------------------------------------------------------------------------------
 
 
+_Columns = TypeVar("_Columns", Tensor, np.ndarray)
+
+
+def top_then_rest(top: Sequence[_Columns], ranking: Sequence[_Columns], *, limit: int | None = None
+                  ) -> list[_Columns]:
+    """One query's "re-order the top M, the rest follows": ``top`` = (ids (m,), *columns), the re-ordered top of
+    ``ranking`` = (ids (n,), *columns), e.g. scores (n,) or vectors (n, d) that go with the ids. Returns the same
+    columns: the top's entries with a valid id (>= 0), then the ranking's entries whose id is valid and not in
+    the top, in the ranking's order; cut to ``limit`` entries. Ids on the CPU (tensors or arrays)."""
+    top_ids, ranking_ids = np.asarray(top[0]), np.asarray(ranking[0])
+    keep = top_ids >= 0
+    follow = (ranking_ids >= 0) & ~np.isin(ranking_ids, top_ids[keep])  # numpy's isin: 10x torch's on 1M ids
+
+    def join(a: _Columns, b: _Columns) -> _Columns:
+        if isinstance(a, Tensor):
+            return torch.cat([a[torch.from_numpy(keep)], b[torch.from_numpy(follow)]])[:limit]
+        return np.concatenate([a[keep], b[follow]])[:limit]
+
+    return [join(a, b) for a, b in zip(top, ranking, strict=True)]
+
+
 def merge_reranked(ranks: np.ndarray, reranked_ids: np.ndarray) -> np.ndarray:
     """Full rankings (n_db, nq): each query's re-ordered top ids (nq, M) (padding ids < 0 dropped), then the rest
-    of its global ranking ``ranks`` (n_db, nq) in its original order."""
+    of its global ranking ``ranks`` (n_db, nq) in its original order (:func:`top_then_rest`)."""
     ranks = np.asarray(ranks)
     reranked_ids = np.asarray(reranked_ids)
     out = np.empty_like(ranks)
     for i in range(ranks.shape[1]):
-        top = reranked_ids[i][reranked_ids[i] >= 0]
-        rest = ranks[:, i][~np.isin(ranks[:, i], top)]
-        col = np.concatenate([top, rest])
+        col = top_then_rest([reranked_ids[i]], [np.ascontiguousarray(ranks[:, i])])[0]  # one strided read
         if col.shape[0] != ranks.shape[0]:
             raise InvalidValueError(f"query {i}: re-ranked ids are not a subset of its ranking (duplicates or "
                                     "unknown ids)")

@@ -6,13 +6,16 @@ Shapes use B = batch, C = channels, (H, W) = spatial size, (hq, wq) / (hk, wk) =
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from common.errors import InvalidValueError
+
+# re-exported: the post-processing maths is read as one family, under models.functional
+from .k_reciprocal import k_reciprocal_distance, k_reciprocal_shortlist, pairwise_squared_distances  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------------------
 # Global pooling (CVNet Sec. 3.1; SuperGlobal Sec. 3.1-3.3)
@@ -407,50 +410,129 @@ def superglobal_rerank(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The field's standard post-processing of global descriptors: alpha-QE, alpha-DBA (Radenovic et al., TPAMI 2019),
-# learned PCA whitening (Radenovic et al.), k-reciprocal re-ranking (Zhong et al., CVPR 2017)
+# Exact search: the one blockwise top-k by inner product (as faiss's contrib.exhaustive_search.knn_ground_truth)
 # --------------------------------------------------------------------------------------------------------------
 
+_FEW_QUERIES = 8  # fewer queries than this are scored (rows, nq): BLAS runs them best as matrix-vector products
 
-def _top_neighbours(queries: Tensor, database: Tensor, k: int, *, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-    """(similarities (nq, k), indices (nq, k)) of each query's ``k`` largest inner products with ``database``,
-    best first, ``chunk`` queries at a time so that at most (chunk, n) similarities exist at once."""
-    k = min(k, database.shape[0])
-    vals, idx = [], []
-    for start in range(0, queries.shape[0], chunk):
-        sim = queries[start : start + chunk] @ database.T
-        v, i = sim.topk(k, dim=1) if k > 0 else (sim[:, :0], sim[:, :0].long())
-        vals.append(v)
-        idx.append(i)
-    return torch.cat(vals), torch.cat(idx)
+
+def topk_merge(values: Sequence[Tensor], indices: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """The running merge of a top-k scan: candidate lists, (nq, *) values and their (nq, *) indices, concatenated
+    and cut to the ``k`` largest (``torch.topk``: best first) when they hold more than ``k``, else left in order."""
+    d, i = torch.cat(list(values), dim=1), torch.cat(list(indices), dim=1)
+    if d.shape[1] > k:
+        d, at = d.topk(k, dim=1)
+        i = i.gather(1, at)
+    return d, i
+
+
+def blockwise_topk(
+    xq: Tensor,
+    xb: Tensor | Sequence[Tensor],
+    k: int,
+    *,
+    block: int = 1 << 16,
+    gemm_rows: int | None = None,
+    rows_first: bool | None = None,
+    query_block: int | None = None,
+    progress: Callable[[list], Iterable] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` inner products of queries ``xq`` (nq, d) with the database ``xb`` (nb, d), or with the
+    concatenation of a list of parts (never built): ``(D, I)``, each (nq, min(k, nb)), best first; I int64.
+
+    ``block`` database rows are scored at a time and their top-k merged into the running (D, I)
+    (:func:`topk_merge`), so no more than (nq, block) scores exist at once; blocks restart at each part. Scores
+    are in xq's dtype (float32 at least): other storage (float16) is converted ``gemm_rows`` rows at a time (None:
+    the whole block) into one reused buffer, each conversion multiplied while in cache. ``rows_first`` scores a
+    block as ``rows @ xq.T`` (rows, nq) rather than ``xq @ rows.T`` (None: for fewer than 8 queries); the two
+    can round differently in the last bit. ``query_block`` queries are scanned together (None: all);
+    ``progress`` wraps the list of blocks scanned (e.g. in a tqdm bar).
+
+    k >= nb is the full ranking: nothing is cut, and the final sort is stable, so ties come in index order.
+    Below that, ties at the k-th place go as ``torch.topk`` takes them.
+    """
+    parts = list(xb) if isinstance(xb, (list, tuple)) else [xb]
+    if xq.dim() != 2 or any(p.dim() != 2 or p.shape[1] != xq.shape[1] for p in parts):
+        raise InvalidValueError(f"need (nq, d) queries and (nb, d) database rows, got {tuple(xq.shape)} and "
+                                f"{[tuple(p.shape) for p in parts]}")
+    nq, nb = xq.shape[0], sum(p.shape[0] for p in parts)
+    if query_block is not None and nq > query_block:
+        found = [blockwise_topk(xq[s : s + query_block], parts, k, block=block, gemm_rows=gemm_rows,
+                                rows_first=rows_first, progress=progress) for s in range(0, nq, query_block)]
+        return torch.cat([d for d, _ in found]), torch.cat([i for _, i in found])
+    dtype, kk = torch.promote_types(xq.dtype, torch.float32), max(0, min(k, nb))
+    if nq == 0 or kk == 0:
+        return xq.new_zeros(nq, kk, dtype=dtype), torch.zeros(nq, kk, dtype=torch.int64, device=xq.device)
+    xq = xq.to(dtype)
+    few = nq < _FEW_QUERIES if rows_first is None else rows_first
+    rows_max = min(block, max(p.shape[0] for p in parts))
+    sub = rows_max if gemm_rows is None else max(1, min(gemm_rows, rows_max))
+    scores = torch.empty((rows_max, nq) if few else (nq, rows_max), dtype=dtype, device=xq.device)
+    convert = None  # allocated once: fresh large allocations cost page faults
+    blocks, first_row = [], 0  # (part, the part's first row in the concatenation, the block's start in the part)
+    for p in parts:
+        blocks += [(p, first_row, start) for start in range(0, p.shape[0], block)]
+        first_row += p.shape[0]
+    values, indices, held = [], [], 0
+    for part, first_row, start in progress(blocks) if progress is not None else blocks:
+        rows = min(block, part.shape[0] - start)
+        for s0 in range(0, rows, sub):
+            x = part[start + s0 : start + min(s0 + sub, rows)]
+            if x.dtype != dtype:
+                if convert is None:
+                    convert = torch.empty(sub, x.shape[1], dtype=dtype, device=x.device)
+                x = convert[: x.shape[0]].copy_(x)
+            if few:
+                torch.mm(x, xq.T, out=scores[s0 : s0 + x.shape[0]])
+            else:
+                torch.mm(xq, x.T, out=scores[:, s0 : s0 + x.shape[0]])
+        if kk >= rows:  # every row is a candidate: copied out of the reused buffer, in index order
+            v = (scores[:rows].T if few else scores[:, :rows]).clone(memory_format=torch.contiguous_format)
+            i = torch.arange(first_row + start, first_row + start + rows, device=v.device).expand(nq, rows)
+        elif few:
+            v, i = scores[:rows].topk(kk, dim=0)
+            v, i = v.T, i.T + (first_row + start)
+        else:
+            v, i = scores[:, :rows].topk(kk, dim=1)
+            i = i + (first_row + start)
+        values.append(v)
+        indices.append(i)
+        held += rows if kk >= rows else kk
+        if held > kk:
+            d, i = topk_merge(values, indices, kk)
+            values, indices, held = [d], [i], kk
+    d, order = torch.cat(values, dim=1).sort(dim=1, descending=True, stable=True)
+    return d, torch.cat(indices, dim=1).gather(1, order)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The field's standard post-processing of global descriptors: alpha-QE, alpha-DBA (Radenovic et al., TPAMI 2019),
+# learned PCA whitening (Radenovic et al.); k-reciprocal re-ranking (Zhong et al., CVPR 2017) in models.k_reciprocal
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _self_top_neighbours(X: Tensor, k: int, *, block: int = 256) -> tuple[Tensor, Tensor]:
     """(similarities (n, k), indices (n, k)) of each row's ``k`` largest inner products with the *other* rows of
     ``X`` (n, d), best first. Each block of ``block`` rows is multiplied only with itself and the rows after it
     (about half the products of X X^T): its rows take their candidates from that product's rows, the later rows
-    from its columns, merged into running top-k lists. Memory O(block x n)."""
+    from its columns, each merged into running top-k lists by :func:`topk_merge`. Memory O(block x n)."""
     n = X.shape[0]
     k = min(k, n - 1)
     best_v = X.new_full((n, k), float("-inf"))
     best_i = torch.zeros(n, k, dtype=torch.long, device=X.device)
     if k <= 0:
         return best_v, best_i
-
-    def merge(rows: slice, v: Tensor, i: Tensor) -> None:
-        v, at = torch.cat([best_v[rows], v], dim=1).topk(k, dim=1)
-        best_i[rows] = torch.cat([best_i[rows], i], dim=1).gather(1, at)
-        best_v[rows] = v
-
     for start in range(0, n, block):
         b = min(block, n - start)
         sim = X[start : start + b] @ X[start:].T  # (b, n - start)
         sim[:, :b].fill_diagonal_(float("-inf"))
         v, i = sim.topk(min(k, n - start), dim=1)
-        merge(slice(start, start + b), v, i + start)
+        own = slice(start, start + b)
+        best_v[own], best_i[own] = topk_merge([best_v[own], v], [best_i[own], i + start], k)
         if start + b < n:  # the rows after the block: their products with it, read down the columns
             v, i = sim[:, b:].topk(min(k, b), dim=0)
-            merge(slice(start + b, n), v.T, i.T + start)
+            later = slice(start + b, n)
+            best_v[later], best_i[later] = topk_merge([best_v[later], v.T], [best_i[later], i.T + start], k)
     return best_v, best_i
 
 
@@ -469,7 +551,7 @@ def alpha_query_expansion(Q: Tensor, X: Tensor, k: int = 2, alpha: float = 3.0, 
     """
     if k <= 0:
         return Q.clone()
-    sims, idx = _top_neighbours(Q, X, k, chunk=chunk)
+    sims, idx = blockwise_topk(Q, X, k, rows_first=False, query_block=chunk)
     return _alpha_weighted_sum(Q, sims, X[idx], alpha)
 
 
@@ -524,150 +606,6 @@ def apply_whitening(x: Tensor, whitening: dict[str, Tensor], eps: float = 1e-6) 
     """``L2((x - m) P)`` for (n, d) descriptors and a :func:`learn_pca_whitening` result -> (n, dim)."""
     y = (x - whitening["mean"].to(x)) @ whitening["projection"].to(x)
     return y / (y.norm(dim=-1, keepdim=True) + eps)
-
-
-def _reciprocal_lists(order: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k-reciprocal sets R(i, k) of every pool vector as (forward (n, m), member (n, m)): ``forward`` is i's
-    top m = k + 1 neighbours (``order``'s first columns, i itself included), ``member[i, t]`` whether i is in
-    the top k + 1 of ``forward[i, t]`` as well."""
-    forward = order[:, : k + 1]
-    backward = order[forward, : k + 1]  # (n, m, m): each forward neighbour's own top k + 1
-    me = torch.arange(order.shape[0], device=order.device)[:, None, None]
-    return forward, (backward == me).any(dim=-1)
-
-
-def _expand_ranges(starts: Tensor, lengths: Tensor) -> Tensor:
-    """The positions ``starts[0] .. starts[0] + lengths[0] - 1, starts[1] ..`` concatenated: the entries of
-    several rows (or columns) of a compressed sparse matrix, in one gather."""
-    first = (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
-    return starts.repeat_interleave(lengths) + torch.arange(first.numel(), device=starts.device) - first
-
-
-def _coalesce_by_column(rows: Tensor, cols: Tensor, values: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Entries (rows, cols, values) of an (n, n) sparse matrix with duplicates summed, sorted by column then
-    row: the column-major (CSC) order in which the Jaccard overlaps read V."""
-    key, inverse = torch.unique(cols * n + rows, return_inverse=True)
-    summed = torch.zeros(key.numel(), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
-    return key % n, key // n, summed
-
-
-def pairwise_squared_distances(feats: Tensor, block: int = 256) -> Tensor:
-    """(n, n) squared Euclidean distances of (n, d) vectors ``feats``, exactly symmetric: each block of ``block``
-    rows is multiplied only with itself and the rows after it, and mirrored (about half the products of a full
-    Gram matrix). The pool distances of k-reciprocal re-ranking."""
-    n = feats.shape[0]
-    sq = (feats * feats).sum(dim=1)
-    out = torch.empty(n, n, dtype=feats.dtype, device=feats.device)
-    for i in range(0, n, block):
-        b = min(block, n - i)
-        # (sq_i + sq_j) - 2 g_ij rounds alike for (i, j) and (j, i)
-        part = (feats[i : i + b] @ feats[i:].T).mul_(-2).add_(sq[i : i + b, None] + sq[None, i:]).clamp_(min=0)
-        own = part[:, :b]
-        own.copy_(own.triu() + own.triu(1).T)
-        out[i : i + b, i:] = part
-        out[i + b :, i : i + b] = part[:, b:].T
-    return out
-
-
-def _k_reciprocal_pool(feats: Tensor, num_queries: int, k1: int, k2: int, lambda_value: float) -> Tensor:
-    """The k-reciprocal re-ranking of Zhong et al. over one pool of (n, d) vectors whose first ``num_queries``
-    rows are the queries; returns their (num_queries, n - num_queries) final distances.
-
-    The pool's squared Euclidean distances are normalised per column by the column's maximum (and transposed),
-    neighbours are ranked on them; the k-reciprocal set R(i, k1) of every vector is expanded by the
-    R(j, round(k1 / 2)) of its members j that share more than 2/3 of their set with R(i, k1); the encoding V(i)
-    puts exp(-distance) weights, normalised to sum 1, on the expanded set; V(i) is averaged over i's k2 nearest
-    (local query expansion); the Jaccard distance is 1 - sum min(V_q, V_j) / (2 - sum min(V_q, V_j)), and the
-    result is (1 - lambda) * Jaccard + lambda * the normalised squared distance.
-
-    Dense: the (n, n) distances (:func:`pairwise_squared_distances`, the one O(n^2 d) product) and an (n, n)
-    boolean membership table. Sparse: ranks are each row's top max(k1 + 1, k2) (ties by index), the encodings V
-    hold at most (k1 + 1)(round(k1 / 2) + 2) entries a row before the k2 average, and the Jaccard overlaps visit
-    only the pool vectors that share an entry with a query's V, through V's columns (the authors' inverted index).
-    """
-    n = feats.shape[0]
-    dist = pairwise_squared_distances(feats)
-    # exactly symmetric, so each column's maximum (the authors' normaliser, before their transpose) is its row's
-    dist.div_(dist.amax(dim=1, keepdim=True).clamp(min=torch.finfo(dist.dtype).tiny))
-    half = int(round(k1 / 2))  # Python's and numpy's round agree: half to even
-    depth = min(n, max(k1 + 1, half + 1, k2))
-    # smallest first, ties by index as a stable argsort would order them
-    near, cand = dist.topk(depth, dim=1, largest=False)
-    by_index = cand.argsort(dim=1)
-    near, cand = near.gather(1, by_index), cand.gather(1, by_index)
-    order = cand.gather(1, near.argsort(dim=1, stable=True))
-
-    r1, m1 = _reciprocal_lists(order, k1)
-    rh, mh = _reciprocal_lists(order, half)
-    cand_sets, cand_member = rh[r1], mh[r1]  # (n, a, b): R(c, k1 / 2) of each c in i's forward list
-    in_r1 = torch.zeros(n, n, dtype=torch.bool, device=feats.device)  # [i, j]: j in R(i, k1)
-    in_r1.scatter_(1, r1, m1)
-    shared = (in_r1.gather(1, cand_sets.flatten(1)).view_as(cand_member) & cand_member).sum(dim=-1)
-    accept = m1 & (shared > (2.0 / 3.0) * cand_member.sum(dim=-1))
-    members = torch.cat([r1, cand_sets.flatten(1)], dim=1)
-    valid = torch.cat([m1, (cand_member & accept[..., None]).flatten(1)], dim=1)
-    members = torch.where(valid, members, n).sort(dim=1).values  # n: padding, sorted last
-    keep = members < n
-    keep[:, 1:] &= members[:, 1:] != members[:, :-1]  # each member once
-    weights = torch.exp(-dist.gather(1, members.clamp(max=n - 1))) * keep
-    weights = weights / weights.sum(dim=1, keepdim=True)
-
-    # V row by row (CSR): each row's members in increasing order
-    per_row = keep.sum(dim=1)
-    row_start = torch.cumsum(per_row, 0) - per_row
-    v_cols, v_vals = members[keep], weights[keep]
-    rows = torch.arange(n, device=feats.device)
-    if k2 != 1:  # local query expansion: V(i) <- mean of V over i's k2 nearest, gathered row range by row range
-        nearest = order[:, : min(k2, n)]
-        taken = per_row[nearest].flatten()
-        pos = _expand_ranges(row_start[nearest].flatten(), taken)
-        rows = rows.repeat_interleave(nearest.shape[1]).repeat_interleave(taken)
-        v_cols, v_vals = v_cols[pos], v_vals[pos] / nearest.shape[1]
-    else:
-        rows = rows.repeat_interleave(per_row)
-    vrows, cols, vals = _coalesce_by_column(rows, v_cols, v_vals, n)
-    counts = torch.bincount(cols, minlength=n)
-    starts = torch.cumsum(counts, 0) - counts
-
-    q = vrows < num_queries  # the queries' entries: (query, column, value)
-    q_rows, q_cols, q_vals = vrows[q], cols[q], vals[q]
-    span = counts[q_cols]
-    pos = _expand_ranges(starts[q_cols], span)  # every pool vector sharing a column with the query's entry
-    overlap = torch.zeros(num_queries * n, dtype=dist.dtype, device=dist.device)
-    overlap.index_add_(0, q_rows.repeat_interleave(span) * n + vrows[pos],
-                       torch.minimum(q_vals.repeat_interleave(span), vals[pos]))
-    overlap = overlap.view(num_queries, n)
-    final = (1 - overlap / (2 - overlap)) * (1 - lambda_value) + dist[:num_queries] * lambda_value
-    return final[:, num_queries:]
-
-
-def k_reciprocal_distance(Q: Tensor, X: Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> Tensor:
-    """k-reciprocal encoding re-ranking (Zhong et al., CVPR 2017) of queries ``Q`` (nq, d) against a database
-    ``X`` (n, d): the final (nq, n) distance, smaller is better (sort ascending).
-
-    Queries and database form one pool, as in the authors' function, so each call costs O((nq + n)^2 d) time
-    and O((nq + n)^2) memory (5070 float32 vectors: about 100 MB of distances, 370 MB at the peak): for sets up
-    to some ten thousand vectors; on larger databases use :func:`k_reciprocal_shortlist`.
-    """
-    if k1 < 1 or k2 < 1:
-        raise InvalidValueError(f"k1 and k2 must be >= 1, got {k1}, {k2}")
-    return _k_reciprocal_pool(torch.cat([Q, X]), Q.shape[0], k1, k2, lambda_value)
-
-
-def k_reciprocal_shortlist(Q: Tensor, candidates: Tensor, k1: int = 20, k2: int = 6,
-                           lambda_value: float = 0.3) -> Tensor:
-    """k-reciprocal re-ranking restricted to each query's shortlist: ``Q`` (nq, d), ``candidates`` (nq, N, d)
-    (each query's top-N database vectors) -> (nq, N) final distances over those candidates.
-
-    Each query forms a pool with its own N candidates, so memory is bounded by O((N + 1)^2) whatever the
-    database size (N = 1000: about 8 MB of float64 per matrix). It equals :func:`k_reciprocal_distance` on a
-    database of those N vectors and one query.
-    """
-    if candidates.ndim != 3 or candidates.shape[0] != Q.shape[0]:
-        raise InvalidValueError(f"candidates must be (nq, N, d) for {Q.shape[0]} queries, got "
-                                f"{tuple(candidates.shape)}")
-    return torch.cat([k_reciprocal_distance(Q[i : i + 1], candidates[i], k1, k2, lambda_value)
-                      for i in range(Q.shape[0])]) if Q.shape[0] else candidates.new_zeros(0, candidates.shape[1])
 
 
 # --------------------------------------------------------------------------------------------------------------

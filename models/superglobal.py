@@ -113,12 +113,13 @@ class SuperGlobalRerank(nn.Module):
         self.M, self.K, self.beta, self.query_chunk = M, K, beta, query_chunk
 
     def candidates(self, queries: Tensor, database: Any, m: int) -> tuple[Tensor, Tensor]:
-        """Top-``m`` candidates of each query: (vectors (q, m, d), ids (q, m))."""
+        """Top-``m`` candidates of each query: (vectors (q, m, d), ids (q, m)); a tensor database is scanned in
+        blocks (:func:`models.functional.blockwise_topk`), each scored as ``queries @ block.T``."""
         xb = _as_tensor_database(database)
         if xb is not None:
-            xb = xb.to(queries.device, queries.dtype)
-            ids = (queries @ xb.T).topk(m, dim=1).indices
-            return xb[ids], ids
+            xb = xb.to(queries.device)
+            _, ids = MF.blockwise_topk(queries, xb, m, rows_first=False)
+            return xb[ids].to(queries.dtype), ids
         _, ids, vectors = database.search_with_vectors(queries, m)
         return vectors.to(queries.device, queries.dtype), ids.to(queries.device)
 

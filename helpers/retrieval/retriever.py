@@ -38,7 +38,7 @@ from helpers.builders import (
 )
 from helpers.extraction import ImageArrays, ReducedMapStore, extract_global_descriptors
 from helpers.postprocess import PostProcessing, post_scores
-from helpers.reranking import CVNetPairScorer, apply_cvnet_rerank
+from helpers.reranking import CVNetPairScorer, apply_cvnet_rerank, top_then_rest
 from helpers.retrieval.images import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, PATH_KEY, StoredImages, load_bgr, prepare_image
 from helpers.retrieval.saved import load_parts, read_config, save_retriever
 from helpers.vector_db.base import AbstractVectorDB, as_id_vector, check_metadata, check_unique
@@ -432,9 +432,9 @@ class Retriever:
                 s, i, v = scores[r][valid], ids[r][valid], vectors[r][valid].float()
                 t = min(post.shortlist, i.numel())
                 head = post_scores(queries[r].cpu(), v[:t], post)
-                order = torch.argsort(head, descending=True, stable=True)
-                keep = torch.cat([order, torch.arange(t, i.numel())])
-                rows.append((torch.cat([head[order], s[t:]]), i[keep], s[keep], v[keep]))
+                order = torch.argsort(head, descending=True, stable=True)  # positions: the rest follow by position
+                keep, new_s = top_then_rest([order, head[order]], [torch.arange(i.numel()), s])
+                rows.append((new_s, i[keep], s[keep], v[keep]))
         return rows
 
     def _superglobal_over(self, queries: Tensor, candidates: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]],
@@ -444,12 +444,11 @@ class Retriever:
         for r, (s, i, g, v) in enumerate(candidates):
             m = min(int(self.reranker.M), i.numel())
             q = queries[r : r + 1].to(self.device)
-            new_s, new_i = self.reranker.rerank_candidates(q, v[None, :m].to(self.device), i[None, :m].to(self.device))
-            new_s, new_i = new_s[0].cpu(), new_i[0].cpu()
-            by_id = dict(zip(i.tolist(), g.tolist()))
-            globals_ = torch.tensor([by_id[j] for j in new_i.tolist()], dtype=torch.float32)
-            rows.append((torch.cat([new_s, s[m:]])[:k], torch.cat([new_i, i[m:]])[:k],
-                         torch.cat([globals_, g[m:]])[:k]))
+            positions = torch.arange(m, device=self.device)[None]  # re-ranked as positions: the columns follow them
+            new_s, order = self.reranker.rerank_candidates(q, v[None, :m].to(self.device), positions)
+            order = order[0].cpu()
+            new_i, new_s, new_g = top_then_rest([i[order], new_s[0].cpu(), g[order]], [i, s, g], limit=k)
+            rows.append((new_s, new_i, new_g))
         return rows
 
     def _superglobal_rows(self, queries: Tensor, k: int) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -461,15 +460,9 @@ class Retriever:
             tail_s, tail_i = (t.cpu() for t in self.database.search(queries, k))
         rows = []
         for r in range(queries.shape[0]):
-            s, i = scores[r], ids[r]
-            if tail_i is not None:
-                rest = ~torch.isin(tail_i[r], i) & (tail_i[r] >= 0)
-                s, i = torch.cat([s, tail_s[r][rest]]), torch.cat([i, tail_i[r][rest]])
-            s, i = s[:k], i[:k]
-            valid = i >= 0
-            globals_ = torch.full_like(s, float("nan"))
-            if bool(valid.any()):
-                globals_[valid] = self.database.get(i[valid]).cpu() @ queries[r]
+            rest = [ids[r][:0], scores[r][:0]] if tail_i is None else [tail_i[r], tail_s[r]]
+            i, s = top_then_rest([ids[r], scores[r]], rest, limit=k)
+            globals_ = self.database.get(i).cpu() @ queries[r] if i.numel() else s.clone()
             rows.append((s, i, globals_))
         return rows
 

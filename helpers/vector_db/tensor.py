@@ -3,7 +3,8 @@
 Memory stays bounded whatever the collection size: the database is scanned in chunks of ``chunk_size`` rows
 and queries in blocks, so the largest temporary is a (query block, chunk) score matrix (plus, for float16
 storage, one chunk converted to float32 so that scores accumulate in float32). The per-chunk top-k lists are
-merged as the scan goes, which gives exactly the top-k of the whole database.
+merged as the scan goes (:func:`models.functional.blockwise_topk`), which gives exactly the top-k of the whole
+database.
 
 Deletion is a swap-remove: the rows of deleted ids are filled with the last rows of the storage, so storage
 stays dense (no mask to skip at search time) at the price of row order, which nothing relies on.
@@ -31,6 +32,7 @@ from helpers.vector_db.base import (
     Metadata,
     unknown_ids_error,
 )
+from models import functional as MF
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _SCORE_BUDGET = 1 << 26  # elements of the (query block, chunk) score matrix: 256 MB of float32
 _LONG_SCAN = 2e10  # multiply-adds of a search worth a progress bar (seconds on a CPU)
 _GEMM_BYTES = 1 << 23  # float32 database rows multiplied at a time on the CPU (8 MB: L3-resident)
-_FEW_QUERIES = 8  # fewer queries than this scan as matrix-vector products
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -53,64 +54,6 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def chunked_topk(
-    queries: Tensor, database: Tensor, k: int, *, chunk_size: int, progress: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Exact top-``k`` inner products of queries (q, d) against database (n, d), scanning ``chunk_size`` rows
-    at a time: (scores (q, min(k, n)) float32, row indices (q, min(k, n)) int64), best first.
-
-    Scores accumulate in float32 whatever the database dtype. Never materialises more than (q, chunk) scores.
-    On the CPU each chunk is multiplied in blocks of ~8 MB of float32 rows, the size at which a float16 block
-    converted to float32 is still in cache when the GEMM reads it (and at which BLAS runs a few queries against
-    many rows best); the buffers are allocated once per call, since fresh large allocations cost page faults.
-    """
-    q, n = queries.shape[0], database.shape[0]
-    kk = min(k, n)
-    best_s = torch.full((q, 0), float("-inf"), dtype=torch.float32, device=queries.device)
-    best_i = torch.zeros((q, 0), dtype=torch.int64, device=queries.device)
-    if n == 0 or q == 0:
-        return best_s, best_i
-    d = database.shape[1]
-    rows_max = min(chunk_size, n)
-    sub = rows_max if database.device.type == "cuda" else max(1, min(rows_max, _GEMM_BYTES // (4 * d)))
-    # a few queries: (rows, q) scores, a matrix-vector product per block; else (q, rows), the GEMM faiss runs
-    few = q < _FEW_QUERIES
-    xq = queries.to(torch.float32)
-    scores_buf = torch.empty((rows_max, q) if few else (q, rows_max), dtype=torch.float32, device=queries.device)
-    convert_buf = None
-    if database.dtype != torch.float32:
-        convert_buf = torch.empty(sub, d, dtype=torch.float32, device=database.device)
-    starts = range(0, n, chunk_size)
-    # a bar only where the scan takes seconds, not on every small search
-    long_scan = len(starts) > 1 and q * n * queries.shape[1] >= _LONG_SCAN
-    for start in tqdm(starts, desc="search", unit="chunk", leave=False, disable=not (progress and long_scan)):
-        rows = min(chunk_size, n - start)
-        for s0 in range(0, rows, sub):
-            block = database[start + s0 : start + min(s0 + sub, rows)]
-            r = block.shape[0]
-            if convert_buf is not None:
-                block = convert_buf[:r].copy_(block)
-            if few:
-                torch.mm(block, xq.T, out=scores_buf[s0 : s0 + r])
-            else:
-                torch.mm(xq, block.T, out=scores_buf[:, s0 : s0 + r])
-        if few:
-            top_s, top_i = scores_buf[:rows].topk(min(kk, rows), dim=0)
-            top_s, top_i = top_s.T, top_i.T
-        else:
-            top_s, top_i = scores_buf[:, :rows].topk(min(kk, rows), dim=1)
-        best_s = torch.cat([best_s, top_s], dim=1)
-        best_i = torch.cat([best_i, top_i + start], dim=1)
-        if best_s.shape[1] > kk:
-            best_s, pos = best_s.topk(kk, dim=1)
-            best_i = best_i.gather(1, pos)
-    if len(starts) > 1:
-        # chunks that together hold no more than k rows were concatenated without a merge: order them
-        best_s, pos = best_s.sort(dim=1, descending=True, stable=True)
-        best_i = best_i.gather(1, pos)
-    return best_s, best_i
 
 
 def _payload_digest(header: dict[str, Any], vectors: Tensor, ids: Tensor, metadata_json: str) -> str:
@@ -234,20 +177,26 @@ class TensorVectorDB(AbstractVectorDB):
         return scores, self._row_ids[rows], self._vectors[rows].to(torch.float32)
 
     def _search_rows(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Top-``k`` (scores (q, k'), storage rows (q, k')), k' = min(k, n)."""
+        """Top-``k`` (scores (q, k'), storage rows (q, k')), k' = min(k, n), by
+        :func:`models.functional.blockwise_topk`: ``chunk_size`` rows a block, as many queries together as keep the
+        score matrix under ``_SCORE_BUDGET``; on the CPU ~8 MB of float32 rows multiplied at a time, the size at
+        which a float16 block converted to float32 is still in cache when the GEMM reads it (and at which BLAS runs
+        a few queries against many rows best)."""
         xq = queries.to(device=self._device, dtype=torch.float32)
         if self._n == 0:
             empty = torch.empty(xq.shape[0], 0, device=self._device)
             return empty, empty.long()
         database = self._vectors[: self._n]
-        block = max(1, _SCORE_BUDGET // min(self.chunk_size, self._n))
-        scores, rows = [], []
-        for start in range(0, xq.shape[0], block):
-            s, r = chunked_topk(xq[start : start + block], database, k,
-                                chunk_size=self.chunk_size, progress=self.progress)
-            scores.append(s)
-            rows.append(r)
-        return torch.cat(scores), torch.cat(rows)
+        query_block = max(1, _SCORE_BUDGET // min(self.chunk_size, self._n))
+        gemm_rows = None if self._device.type == "cuda" else max(1, _GEMM_BYTES // (4 * self.dim))
+        # a bar only where the scan takes seconds, not on every small search
+        long_scan = self._n > self.chunk_size and min(xq.shape[0], query_block) * self._n * self.dim >= _LONG_SCAN
+        bar = None
+        if self.progress and long_scan:
+            def bar(blocks: list) -> tqdm:
+                return tqdm(blocks, desc="search", unit="chunk", leave=False)
+        return MF.blockwise_topk(xq, database, k, block=self.chunk_size, gemm_rows=gemm_rows,
+                                 query_block=query_block, progress=bar)
 
     def _rows(self, ids: Tensor) -> Tensor:
         rows = [self._row_of.get(i, -1) for i in ids.tolist()]

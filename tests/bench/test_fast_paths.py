@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.vector_db.tensor import TensorVectorDB, chunked_topk
+from helpers.vector_db.tensor import TensorVectorDB
 from models import functional as MF
 from models.cvnet import CVNetGlobal, CVNetRerank
 from models.inference import fold_batchnorm_, inference_copy
@@ -221,12 +221,14 @@ def unit(n: int, d: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("nq", [5, 12])  # a few queries scan as matrix-vector products, more as one GEMM
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 199, 200, 1000])
-def test_chunked_topk_equals_brute_force(dtype, chunk, nq, monkeypatch):
+def test_tensor_db_scan_equals_brute_force(dtype, chunk, nq, monkeypatch):
     import helpers.vector_db.tensor as tensor_db
 
     monkeypatch.setattr(tensor_db, "_GEMM_BYTES", 24 * 4 * 16)  # blocks of 16 rows inside each chunk
     xb, xq = unit(200, 24, 7).to(dtype), unit(nq, 24, 8)
-    scores, rows = chunked_topk(xq, xb, 30, chunk_size=chunk)
+    db = TensorVectorDB(24, dtype=dtype, chunk_size=chunk, progress=False)
+    db.add(xb)
+    scores, rows = db._search_rows(xq, 30)
     full = xq @ xb.float().T
     ref_s, ref_i = full.topk(30, dim=1)
     assert scores.dtype == torch.float32 and rows.dtype == torch.int64
@@ -234,11 +236,13 @@ def test_chunked_topk_equals_brute_force(dtype, chunk, nq, monkeypatch):
     torch.testing.assert_close(scores, ref_s, rtol=0, atol=1e-6)
 
 
-def test_chunked_topk_sorts_when_k_exceeds_the_rows():
+def test_tensor_db_scan_sorts_when_k_exceeds_the_rows():
     """Several chunks that hold fewer than k rows in all are never merged by top-k: the result must still be
     sorted, best first."""
     xb, xq = unit(10, 8, 9), unit(3, 8, 10)
-    scores, rows = chunked_topk(xq, xb, 25, chunk_size=4)
+    db = TensorVectorDB(8, chunk_size=4, progress=False)
+    db.add(xb)
+    scores, rows = db._search_rows(xq, 25)
     ref = (xq @ xb.T).sort(dim=1, descending=True)
     assert scores.shape == (3, 10)
     assert torch.equal(rows, ref.indices)

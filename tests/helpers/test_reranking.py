@@ -15,6 +15,7 @@ from helpers.reranking import (
     merge_reranked,
     resort_positions,
     superglobal_rerank_ranking,
+    top_then_rest,
 )
 from helpers.vector_db.tensor import TensorVectorDB
 from models import CVNetRerank, SuperGlobalRerank
@@ -249,3 +250,34 @@ def test_merge_reranked_keeps_global_order_of_the_rest():
     ranks = np.array([[3, 1], [1, 0], [0, 3], [2, 2]])
     out = merge_reranked(ranks, np.array([[0, 3], [2, -1]]))
     np.testing.assert_array_equal(out, [[0, 2], [3, 1], [1, 0], [2, 3]])
+
+
+def _top_then_rest_loop(top, ranking, limit):
+    """The rule written out entry by entry: the top's valid ids, then the ranking's valid ids not among them."""
+    rows = [tuple(c[j] for c in top) for j in range(len(top[0])) if top[0][j] >= 0]
+    taken = {int(r[0]) for r in rows}
+    rows += [tuple(c[j] for c in ranking) for j in range(len(ranking[0]))
+             if ranking[0][j] >= 0 and int(ranking[0][j]) not in taken]
+    return rows[:limit]
+
+
+@pytest.mark.parametrize("as_tensor", [True, False])
+@pytest.mark.parametrize("limit", [None, 3, 15])
+def test_top_then_rest_equals_a_direct_loop(as_tensor, limit):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n, m = int(rng.integers(1, 12)), int(rng.integers(0, 8))
+        ranking_ids = rng.permutation(20)[:n]
+        ranking_ids[rng.random(n) < 0.2] = -1  # padding of a search that found fewer
+        top_ids = rng.choice(np.arange(-1, 25), size=m, replace=False)  # may hold padding and ids not ranked
+        ranking = [ranking_ids, rng.random(n), rng.random((n, 3))]  # ids, scores, vectors
+        top = [top_ids, rng.random(m), rng.random((m, 3))]
+        if as_tensor:
+            ranking, top = [torch.from_numpy(c) for c in ranking], [torch.from_numpy(c) for c in top]
+        got = top_then_rest(top, ranking, limit=limit)
+        want = _top_then_rest_loop([np.asarray(c) for c in top], [np.asarray(c) for c in ranking], limit)
+        assert all(isinstance(c, torch.Tensor if as_tensor else np.ndarray) for c in got)
+        assert len(got[0]) == len(want)
+        for c, column in enumerate(got):
+            for j, row in enumerate(want):
+                np.testing.assert_array_equal(np.asarray(column[j]), row[c])

@@ -1,6 +1,7 @@
 """Every equation of models/functional.py against a direct reference computation."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,3 +144,78 @@ def test_ema_update_is_the_momentum_rule_and_copies_counters():
     assert torch.allclose(key["w"], want) and int(key["n"]) == 9
     with pytest.raises(ValueError):
         ema_update_([torch.zeros(1)], [], 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The blockwise exact top-k against brute force
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _unit64(n, d, seed):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=1)
+
+
+@pytest.mark.parametrize("block", [1, 7, 16, 61, 1000])  # 7 and 16 do not divide 61
+@pytest.mark.parametrize("k", [1, 10, 60, 61, 100])  # 61 = nb: the full ranking; 100 > nb
+@pytest.mark.parametrize("nq", [1, 5, 12])  # 5: scored (rows, nq), 12: (nq, rows)
+def test_blockwise_topk_equals_brute_force(block, k, nq):
+    xb, xq = _unit64(61, 8, 1), _unit64(nq, 8, 2)
+    d, i = MF.blockwise_topk(xq, xb, k, block=block, gemm_rows=5)
+    ref_d, ref_i = (xq @ xb.T).sort(dim=1, descending=True)  # float64, random: no ties
+    assert d.shape == i.shape == (nq, min(k, 61)) and i.dtype == torch.int64 and d.dtype == torch.float64
+    assert torch.equal(i, ref_i[:, :k])
+    torch.testing.assert_close(d, ref_d[:, :k], rtol=0, atol=1e-12)
+
+
+def test_blockwise_topk_full_ranking_puts_ties_in_index_order():
+    g = torch.Generator().manual_seed(3)
+    xb = torch.randint(-1, 2, (50, 4), generator=g).float()  # small integers: exact products, many exact ties
+    xq = torch.randint(-1, 2, (9, 4), generator=g).float()
+    full = (xq @ xb.T).numpy()
+    for block in (3, 50):
+        d, i = MF.blockwise_topk(xq, xb, 50, block=block)
+        for r in range(9):
+            assert i[r].tolist() == np.argsort(-full[r], kind="stable").tolist()
+        # below the full ranking a tie at the k-th place may go either way: the values are still the top k
+        d, i = MF.blockwise_topk(xq, xb, 7, block=block)
+        assert torch.equal(d, torch.from_numpy(-np.sort(-full, axis=1)[:, :7]))
+        assert torch.equal(d, torch.from_numpy(full).gather(1, i)) and all(len(set(row)) == 7 for row in i.tolist())
+
+
+@pytest.mark.parametrize("rows_first", [True, False])
+def test_blockwise_topk_over_float16_parts_equals_their_float32_concatenation(rows_first):
+    xb, xq = _unit64(90, 16, 4).float(), _unit64(6, 16, 5).float()
+    parts = [xb[:40], xb[40:].half()]  # e.g. a database and its float16 distractors, never concatenated
+    whole = torch.cat([parts[0], parts[1].float()])
+    ref_d, ref_i = (xq @ whole.T).topk(25, dim=1)
+    for block, gemm_rows in ((7, 3), (64, None)):
+        d, i = MF.blockwise_topk(xq, parts, 25, block=block, gemm_rows=gemm_rows, rows_first=rows_first)
+        assert d.dtype == torch.float32 and torch.equal(i, ref_i)
+        torch.testing.assert_close(d, ref_d, rtol=0, atol=1e-6)
+
+
+def test_blockwise_topk_query_blocks_progress_and_edge_sizes():
+    xb, xq = _unit64(30, 8, 6), _unit64(11, 8, 7)
+    seen = []
+
+    def progress(blocks):
+        seen.append(len(blocks))
+        return blocks
+
+    d, i = MF.blockwise_topk(xq, xb, 4, block=8, query_block=3, progress=progress)
+    want_d, want_i = MF.blockwise_topk(xq, xb, 4, block=8)
+    assert torch.equal(i, want_i) and torch.equal(d, want_d)
+    assert seen == [4] * 4  # 4 query blocks (3 + 3 + 3 + 2), each a scan of 4 database blocks (8 + 8 + 8 + 6)
+    assert MF.blockwise_topk(xq[:0], xb, 4)[1].shape == (0, 4)
+    assert MF.blockwise_topk(xq, xb[:0], 4)[1].shape == (11, 0)
+    assert MF.blockwise_topk(xq, xb, 0)[0].shape == (11, 0)
+    with pytest.raises(ValueError, match="database rows"):
+        MF.blockwise_topk(xq, [xb, xb[:, :4]], 4)
+
+
+def test_topk_merge_cuts_only_past_k():
+    v, i = MF.topk_merge([torch.tensor([[3.0, 1.0]]), torch.tensor([[2.0]])], [torch.tensor([[7, 8]]),
+                                                                              torch.tensor([[9]])], 3)
+    assert v.tolist() == [[3.0, 1.0, 2.0]] and i.tolist() == [[7, 8, 9]]  # not more than k: left in order
+    v, i = MF.topk_merge([v, torch.tensor([[5.0]])], [i, torch.tensor([[4]])], 2)
+    assert v.tolist() == [[5.0, 3.0]] and i.tolist() == [[4, 7]]

@@ -12,7 +12,8 @@ import torch
 
 from common.io import atomic_write
 from helpers.vector_db.base import CorruptIndexError
-from helpers.vector_db.tensor import TensorVectorDB, chunked_topk
+from helpers.vector_db.tensor import TensorVectorDB
+from models.functional import blockwise_topk
 from tests.support.concurrency import hammer
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
@@ -287,8 +288,8 @@ def test_chunked_search_equals_unchunked():
         s, i = db.search(xq, 25)
         assert torch.equal(i, i_ref), chunk
         torch.testing.assert_close(s, s_ref, atol=1e-6, rtol=0)
-    # the pure function: k larger than any single chunk still yields the global top-k
-    s, rows = chunked_topk(torch.from_numpy(xq), torch.from_numpy(xb), 25, chunk_size=4)
+    # the pure function: k larger than any single block still yields the global top-k
+    s, rows = blockwise_topk(torch.from_numpy(xq), torch.from_numpy(xb), 25, block=4)
     assert torch.equal(rows, i_ref)
 
 
