@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -92,6 +93,12 @@ class _Thumbs:
 
 def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
+
+
+def _anchor(label: str) -> str:
+    """A dataset label in element ids and links: letters, digits, '_', '.', '+' and '-' (a class folder's label
+    ``folder:PATH`` has its separators replaced by '-')."""
+    return re.sub(r"[^\w.+-]", "-", label)
 
 
 def _img(uri: str | None, *, alt: str, height: int, cls: str = "") -> str:
@@ -237,7 +244,7 @@ def per_query_table(label: str, method: str, m: Mapping[str, Any], queries: Sequ
         thumb = _img(thumbs.get("query", label, i, ROW_HEIGHT), alt=name, height=ROW_HEIGHT, cls="rowthumb")
         qcell = f'<span class="rowbox">{thumb}</span>{_e(name)}'
         if i < carded:
-            qcell = f'<a href="#q-{_e(label)}-{i}">{qcell}</a>'
+            qcell = f'<a href="#q-{_anchor(label)}-{i}">{qcell}</a>'
         cells = [f'<td class="num" data-v="{i}">{i}</td>', f'<td class="q">{qcell}</td>']
         if classes is not None:
             cells.append(f'<td class="cls">{_e(classes[i])}</td>')
@@ -246,7 +253,7 @@ def per_query_table(label: str, method: str, m: Mapping[str, Any], queries: Sequ
             cells += [_num_cell(m["ap_change"][p][i], delta=True) for p in protocols]
         cells.append(f'<td class="squares">{_label_squares(m["labels"][i])}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table class="pq sortable" id="t-{_e(label)}-{_e(method)}"><thead><tr>{"".join(head)}</tr></thead>'
+    return (f'<table class="pq sortable" id="t-{_anchor(label)}-{_e(method)}"><thead><tr>{"".join(head)}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
@@ -305,8 +312,8 @@ def _strips_of(methods: Sequence[str], ds: Mapping[str, Any]) -> list[tuple[str,
 
 def query_card(label: str, i: int, ds: Mapping[str, Any], methods: Sequence[str], *, thumbs: _Thumbs,
                titles: Mapping[str, str]) -> str:
-    """A query's crop and the top results of each of its rankings, each re-ranking below the ranking it
-    re-ordered (with the AP change and each result's move)."""
+    """A query's crop (and a class folder query's class) and the top results of each of its rankings, each
+    re-ranking below the ranking it re-ordered (with the AP change and each result's move)."""
     name = ds["queries"][i]
     strips = []
     for method, ranking, only_before, base in _strips_of(methods, ds):
@@ -321,8 +328,9 @@ def query_card(label: str, i: int, ds: Mapping[str, Any], methods: Sequence[str]
         strips.append(_strip(label, i, title, ranking, ds["db_names"], thumbs=thumbs, change=change,
                              before_ids=before_ids))
     crop = _img(thumbs.get("query", label, i, QUERY_HEIGHT), alt=name, height=QUERY_HEIGHT, cls="qimg")
-    return (f'<article class="card" id="q-{_e(label)}-{i}"><div class="qside"><h4>Query {i}</h4>'
-            f'<span class="qframe">{crop}</span><span class="fn">{_e(name)}</span></div>'
+    cls = f'<span class="qcls">class {_e(ds["query_classes"][i])}</span>' if "query_classes" in ds else ""
+    return (f'<article class="card" id="q-{_anchor(label)}-{i}"><div class="qside"><h4>Query {i}</h4>'
+            f'<span class="qframe">{crop}</span><span class="fn">{_e(name)}</span>{cls}</div>'
             f'<div class="strips">{"".join(strips)}</div></article>')
 
 
@@ -346,7 +354,7 @@ def dataset_section(label: str, ds: Mapping[str, Any], payload: Mapping[str, Any
     title = dataset_title(label)
     nq = len(ds["queries"])
     carded = min(nq, max_cards)
-    out = [f'<section id="ds-{_e(label)}"><h2>{_e(title)}{"" if title == label else f" ({_e(label)})"}</h2>',
+    out = [f'<section id="ds-{_anchor(label)}"><h2>{_e(title)}{"" if title == label else f" ({_e(label)})"}</h2>',
            "<h3>Precision\u2013recall</h3>",
            '<p class="hint">Mean over queries of the interpolated precision (the best precision at that recall or '
            'beyond); dashed: a global ranking, solid: its re-ranking.</p>']
@@ -359,7 +367,7 @@ def dataset_section(label: str, ds: Mapping[str, Any], payload: Mapping[str, Any
     out.append(pr_curves_svg(pq["pr_recall_levels"], curves))
     for method in methods:
         m = ds["methods"][method]
-        out.append(f'<h3 id="h-{_e(label)}-{_e(method)}">{_e(titles[method])}: '
+        out.append(f'<h3 id="h-{_anchor(label)}-{_e(method)}">{_e(titles[method])}: '
                    "per-query AP (%)</h3>")
         hint = "Scores: " + _e(m["score_source"]) + "."
         if m["before"] is not None:
@@ -372,7 +380,7 @@ def dataset_section(label: str, ds: Mapping[str, Any], payload: Mapping[str, Any
                                    classes=ds.get("query_classes")))
     protocols = list(ds["methods"][methods[0]]["ap"])
     which = f" ({PROTOCOL_TITLES[shown_protocol(protocols)]} protocol)" if len(protocols) > 1 else ""
-    out.append(f'<h3 id="cards-{_e(label)}">Queries: top {pq["top"]} of each ranking{which}</h3>')
+    out.append(f'<h3 id="cards-{_anchor(label)}">Queries: top {pq["top"]} of each ranking{which}</h3>')
     if carded < nq:
         out.append(f'<p class="hint">The first {carded} of {nq} queries (the page holds at most '
                    f"{MAX_THUMBNAILS} result thumbnails); every query is in the tables above and in results.json.</p>")
@@ -404,9 +412,9 @@ def render_report(payload: Mapping[str, Any], *, images: ImageSource, max_cards:
     titles = payload_titles(payload)
     nav = ['<a href="#summary">Summary</a>']
     for label in pq["datasets"]:
-        nav.append(f'<a href="#ds-{_e(label)}">{_e(dataset_title(label))}</a>')
-        nav += [f'<a class="sub" href="#h-{_e(label)}-{_e(m)}">{_e(titles[m])}</a>' for m in payload["methods"]]
-        nav.append(f'<a class="sub" href="#cards-{_e(label)}">queries</a>')
+        nav.append(f'<a href="#ds-{_anchor(label)}">{_e(dataset_title(label))}</a>')
+        nav += [f'<a class="sub" href="#h-{_anchor(label)}-{_e(m)}">{_e(titles[m])}</a>' for m in payload["methods"]]
+        nav.append(f'<a class="sub" href="#cards-{_anchor(label)}">queries</a>')
     warnings = "".join(f'<div class="warn">{_e(w)}</div>' for w in payload["warnings"])
     notes = "".join(f'<p class="note">Note: {_e(n)}</p>' for n in payload["notes"] if n not in payload["warnings"])
     timings = " \u00b7 ".join(f"{_e(k)} {v:.1f} s" for k, v in payload.get("timings_s", {}).items())
@@ -501,6 +509,7 @@ ol.tiles { list-style: none; display: flex; flex-wrap: wrap; gap: 6px; margin: 0
 .fn { display: block; color: var(--muted); font-size: 11px; overflow: hidden; text-overflow: ellipsis;
       white-space: nowrap; max-width: 142px; }
 .tile .fn { max-width: 108px; }
+.qcls { display: block; font-size: 12px; font-weight: 600; overflow-wrap: anywhere; }
 .noimg { display: inline-flex; align-items: center; justify-content: center; width: 100px; background: #ddd;
          color: #777; font-size: 11px; }
 footer { color: var(--muted); font-size: 12px; padding: 24px; }
