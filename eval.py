@@ -1,4 +1,5 @@
-"""Evaluate CVNet / SuperGlobal on revisited Oxford and Paris (+1M distractors), or on the built-in benchmark.
+"""Evaluate CVNet / SuperGlobal on revisited Oxford and Paris (+1M distractors), on the built-in benchmark, or on a
+folder of labelled images.
 
     python eval.py                                            # built-in synthetic benchmark, no download
     python eval.py --config configs/cvnet_rerank_r50.yaml data.root=/data model.weights=weights/CVPR2022_CVNet_R50.pyth
@@ -6,6 +7,7 @@
     python eval.py --print-config                             # every key with its resolved value
     python eval.py --compare runs/eval/A runs/eval/B          # per-query AP differences between two runs
     python eval.py --config configs/superglobal_r50.yaml "post.rows=[aqe, dba+aqe]" export.ames=ames_data
+    python eval.py "data.datasets=[folder:data/shoes/test]" model.weights=weights/CVPR2022_CVNet_R50.pyth
 
 Methods: ``cvnet_global``, ``cvnet_rerank`` (CVNet-Global ranking re-ranked by CVNet-Rerank), ``superglobal``,
 ``superglobal_rerank``; several in one run share their extracted descriptors, and the on-disk feature cache lets
@@ -14,6 +16,10 @@ mP@1/5/10) on stdout and, in the run directory (``<output_dir>/<name or timestam
 per-query APs and top results), ``results.md``, ``report.html`` (one self-contained page: per-query APs sortable by
 their change under re-ranking, each query's top results framed by their label, precision-recall curves), the
 resolved ``config.yaml`` and PNG result grids. Rows that reproduce a paper row show the paper's figure beside ours.
+
+A class folder ``folder:PATH`` (``PATH/query/<class>/``, ``PATH/gallery/<class>/``, optional ``junk.txt`` and
+``query_boxes.csv``: datasets/folder.py) is scored under one protocol: a gallery image of the query's class is a
+positive; its table gives mAP, recall@k and mP@k, and its report names each query's class.
 
 Beside the methods: ``post.rows=[aqe, dba+aqe, kreciprocal, whitening, ...]`` adds, for each global ranking, a row
 with the field's standard post-processing applied (alpha-QE, alpha-DBA, k-reciprocal re-ranking, learned PCA
@@ -39,8 +45,8 @@ DEFAULT_CONFIG = repo_path(__file__, "configs", "eval_builtin.yaml")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = config_arg_parser(
-        description="Evaluate CVNet / SuperGlobal on revisited Oxford/Paris (+1M), or on the built-in benchmark "
-                    "when run with no arguments.",
+        description="Evaluate CVNet / SuperGlobal on revisited Oxford/Paris (+1M), on a class folder "
+                    "(data.datasets=[folder:PATH]), or on the built-in benchmark when run with no arguments.",
         schema=EVAL, default_config=DEFAULT_CONFIG.relative_to(repo_path(__file__)),
         example="model.depth=101 data.root=/data")
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,

@@ -1,11 +1,14 @@
-"""Few-shot classification by retrieval on the built-in synthetic landmarks (no download, no training needed).
+"""Few-shot classification by retrieval on the built-in synthetic landmarks (no download, no training needed), or
+on any class folder.
 
     python fewshot.py                                   # 1 and 5 shots, the built-in training run's weights if any
     python fewshot.py --shots 1 3 5 --model cvnet --weights weights/CVPR2022_CVNet_R50.pyth
+    python fewshot.py --folder data/shoes/test/gallery  # any PATH/<class>/<images>
 
-k views per landmark of the built-in test split (landmarks the built-in training never sees) are indexed in a
-``models.ClassificationByRetrieval``; the other views are classified; top-1 accuracy is averaged over seeded trials.
-The work is in ``helpers/fewshot.py``; torch is imported after the arguments are parsed.
+k views per landmark of the built-in test split (landmarks the built-in training never sees), or k images per class
+of ``--folder`` (classes with at most k images are left out), are indexed in a
+``models.ClassificationByRetrieval``; the other images are classified; top-1 accuracy is averaged over seeded
+trials. The work is in ``helpers/fewshot.py``; torch is imported after the arguments are parsed.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ BUILTIN_BACKBONE = os.path.join("runs", "builtin", "backbone", "last.pyth")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=NAME, description="Few-shot top-1 accuracy of classification by retrieval "
-                                                       "on the built-in synthetic landmarks.")
+                                                       "on the built-in synthetic landmarks or a class folder.")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="examples per landmark in the index")
     p.add_argument("--model", default="superglobal",
                    help="superglobal, cvnet (CVNet-Global) or timm:NAME (any timm model, random init)")
@@ -29,6 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"checkpoint (default: the built-in training run's {BUILTIN_BACKBONE} when it exists, "
                         "else random weights)")
     p.add_argument("--depth", type=int, choices=[50, 101], default=50)
+    p.add_argument("--folder", default=None,
+                   help="a class folder PATH/<class>/<images> to classify instead of the built-in landmarks")
     p.add_argument("--root", default="data", help="where the built-in benchmark is (drawn there if absent)")
     p.add_argument("--name", default="synth")
     p.add_argument("--trials", type=int, default=10)
@@ -43,12 +48,19 @@ def run(args: argparse.Namespace) -> int:
     from datasets.synthetic import build_synthetic
     from helpers.builders import build_model
     from helpers.distributed import resolve_device
-    from helpers.fewshot import describe_images, few_shot_accuracy, landmark_views
+    from helpers.fewshot import class_folder_views, describe_images, few_shot_accuracy, landmark_views, shot_classes
     from models import TimmGlobal
 
     device = resolve_device(args.device)
-    build_synthetic(args.root, name=args.name, progress=False)
-    paths, labels = landmark_views(args.root, args.name)
+    if args.folder:
+        paths, labels, classes = class_folder_views(args.folder)
+        what = f"{len(paths)} images of {len(classes)} classes in {args.folder}"
+    else:
+        build_synthetic(args.root, name=args.name, progress=False)
+        paths, labels = landmark_views(args.root, args.name)
+        what = f"{len(paths)} views of {len(set(labels.tolist()))} landmarks"
+    for shots in args.shots:  # shots no class can give: refused before the images are described
+        shot_classes(labels, shots, skip_small=bool(args.folder))
     if args.model.startswith("timm:"):
         model, source = TimmGlobal(args.model.split(":", 1)[1]).eval(), "random (timm, no download)"
     else:
@@ -57,13 +69,12 @@ def run(args: argparse.Namespace) -> int:
         source = weights or "RANDOM weights (meaningless: train with train_backbone.py or pass --weights)"
     embeddings = describe_images(model.to(device), paths, device=device)
     print(f"weights: {source}")
-    print(f"{len(paths)} views of {len(set(labels.tolist()))} landmarks; {args.trials} trials, k={args.k}, "
-          f"aggregation={args.aggregation}\n")
-    print("| shots | top-1 accuracy (%) | std | queries per trial |\n|---|---|---|---|")
+    print(f"{what}; {args.trials} trials, k={args.k}, aggregation={args.aggregation}\n")
+    print("| shots | top-1 accuracy (%) | std | queries per trial | classes |\n|---|---|---|---|---|")
     for shots in args.shots:
         r = few_shot_accuracy(embeddings, labels, shots, trials=args.trials, seed=args.seed, k=args.k,
-                              aggregation=args.aggregation)
-        print(f"| {r.shots} | {100 * r.accuracy:.2f} | {100 * r.std:.2f} | {r.queries_per_trial:.0f} |")
+                              aggregation=args.aggregation, skip_small=bool(args.folder))
+        print(f"| {r.shots} | {100 * r.accuracy:.2f} | {100 * r.std:.2f} | {r.queries_per_trial:.0f} | {r.classes} |")
     return 0
 
 

@@ -1,13 +1,19 @@
-"""Prepare the data and weights: draw the built-in synthetic benchmark, download the benchmarks, fetch the
-official CVNet weights.
+"""Prepare the data and weights: draw the built-in synthetic benchmark, download the benchmarks, write a class
+folder in the revisitop layout, fetch the official CVNet weights.
 
     python prepare_data.py synthetic --root data [--name synth] [--seed N] [--n-landmarks N] [--overwrite] ...
+    python prepare_data.py synthetic --root data --class-folder data/synth_classes   # also as a class folder
     python prepare_data.py download --root data --datasets roxford5k rparis6k [revisitop1m] [gldv2-retrieval-test]
                                     [--dry-run]
+    python prepare_data.py revisitop data/shoes/test --root data --name shoes [--overwrite]
     python prepare_data.py weights R50 R101 [--root weights] [--url LINK]
 
-The first two write the revisitop layout that eval.py reads (``<root>/<name>/jpg/``,
-``<root>/<name>/gnd_<name>.pkl``; GLDv2's retrieval test goes to ``<root>/gldv2``). ``weights`` downloads
+The first three write the revisitop layout that eval.py reads (``<root>/<name>/jpg/``,
+``<root>/<name>/gnd_<name>.pkl``; GLDv2's retrieval test goes to ``<root>/gldv2``); ``--class-folder`` also writes
+the built-in landmarks as ``training/<class>/``, ``test/query/<class>/`` and ``test/gallery/<class>/``
+(``eval.py "data.datasets=[folder:data/synth_classes/test]"`` reads it; datasets.synthetic.class_folder), and
+``revisitop`` writes a class folder (datasets.folder) in the revisitop layout for tools that read only that layout.
+``weights`` downloads
 CVPR2022_CVNet_R50/R101.pyth from the authors' Google Drive folder (or R50's mirror), resumable; checks each by a
 strict load into CVNet-Rerank and CVNet-Global of its depth; and records its sha256 in ``<root>/SHA256SUMS``,
 which every later load checks. The work is done by ``datasets.synthetic.build_synthetic``,
@@ -36,7 +42,7 @@ SYNTHETIC_OPTIONS = ("seed", "n_landmarks", "views_per_landmark", "queries_per_l
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{synthetic,download,weights}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{synthetic,download,revisitop,weights}")
 
     s = commands.add_parser("synthetic", help="draw the built-in landmark benchmark (no download)",
                             description="Build the built-in synthetic landmark-retrieval benchmark (revisitop "
@@ -49,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
             s.add_argument("--image-size", type=int, nargs=2, metavar=("LONG", "SHORT"))
         else:
             s.add_argument("--" + field.replace("_", "-"), type=int)
+    s.add_argument("--class-folder", metavar="OUT", default=None,
+                   help="also write the benchmark as a class folder: OUT/training/<class>/, OUT/test/query/<class>/, "
+                        "OUT/test/gallery/<class>/ (evaluate it with eval.py \"data.datasets=[folder:OUT/test]\")")
     s.add_argument("--overwrite", action="store_true", help="replace an existing build with another config")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -60,6 +69,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     d.add_argument("--keep-archives", action="store_true", help="keep the tars after extracting them")
     d.add_argument("--no-verify", action="store_true", help="skip md5 checks of files already present")
+
+    r = commands.add_parser("revisitop", help="write a class folder in the revisitop layout (gnd_<name>.pkl, jpg/)",
+                            description="Write the class folder FOLDER (FOLDER/query/<class>/, "
+                                        "FOLDER/gallery/<class>/, optional junk.txt and query_boxes.csv; see "
+                                        "datasets/folder.py) as "
+                                        "ROOT/NAME/gnd_NAME.pkl and ROOT/NAME/jpg/, for tools that read only the "
+                                        "revisitop layout: a gallery image of a query's class is one of its 'easy' "
+                                        "positives, a listed junk image of it 'junk'.")
+    r.add_argument("folder", help="the class folder (the one eval.py reads as folder:FOLDER)")
+    r.add_argument("--root", required=True, help="data root that will hold NAME/")
+    r.add_argument("--name", required=True, help="dataset name (data.datasets=[NAME] then evaluates it)")
+    r.add_argument("--overwrite", action="store_true", help="replace ROOT/NAME when it exists")
 
     w = commands.add_parser("weights", help="fetch and check the official CVNet weights (R50, R101)",
                             description="Download the official CVNet checkpoints (SuperGlobal uses the same files) "
@@ -92,6 +113,22 @@ def synthetic(args: argparse.Namespace) -> int:
     train_dir = out.parent / f"{args.name}_train"
     train = json.loads((train_dir / "meta.json").read_text())["counts"]
     log.info("train split %s: %d images of %d landmarks", train_dir, train["images"], train["classes"])
+    if args.class_folder:
+        from datasets.synthetic.class_folder import write_class_folder
+
+        folder = write_class_folder(args.class_folder, root=args.root, name=args.name, config=SyntheticConfig(**given),
+                                    overwrite=args.overwrite, progress=not args.no_progress)
+        log.info("class folder %s: evaluate it with python eval.py \"data.datasets=[folder:%s]\"", folder,
+                 folder / "test")
+    return 0
+
+
+def revisitop(args: argparse.Namespace) -> int:
+    from datasets.folder import write_revisitop
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = write_revisitop(args.folder, args.root, args.name, overwrite=args.overwrite)
+    log.info("evaluate it with python eval.py data.root=%s \"data.datasets=[%s]\"", args.root, out.name)
     return 0
 
 
@@ -137,7 +174,7 @@ def weights(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    command = {"synthetic": synthetic, "download": download, "weights": weights}[args.command]
+    command = {"synthetic": synthetic, "download": download, "revisitop": revisitop, "weights": weights}[args.command]
     return run_reporting_errors(lambda: command(args), name=f"prepare_data.py {args.command}")
 
 

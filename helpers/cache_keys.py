@@ -218,8 +218,9 @@ def _image_entries(d: Dataset, names: list[tuple[str, str]], hashes: ContentHash
         digests = hashes.digests(paths, group=group, stats=stats, progress=progress, desc=f"hashing {label}")
     except FileNotFoundError as exc:  # removed since the listing
         raise MissingFileError(f"image file not found: {exc.filename} (dataset {label})") from None
-    bbxs = getattr(d, "bbxs", None)
-    return [(name, st.st_size, digest, "" if bbxs is None else ",".join(repr(float(v)) for v in bbxs[i]))
+    bbxs = getattr(d, "bbxs", None)  # a class folder's query without a box has None: used whole
+    return [(name, st.st_size, digest,
+             "" if bbxs is None or bbxs[i] is None else ",".join(repr(float(v)) for v in bbxs[i]))
             for i, ((_, name), st, digest) in enumerate(zip(names, stats, digests))]
 
 

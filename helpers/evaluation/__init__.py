@@ -1,4 +1,4 @@
-"""Evaluation on revisited Oxford / Paris (+1M), GLDv2 and the built-in benchmark.
+"""Evaluation on revisited Oxford / Paris (+1M), GLDv2, the built-in benchmark and class folders (``folder:PATH``).
 
 The run (:func:`helpers.evaluation.run.run_evaluation`) is a sequence of named stages; the metrics live in
 ``metrics.py`` and are re-exported here::
@@ -6,10 +6,12 @@ The run (:func:`helpers.evaluation.run.run_evaluation`) is a sequence of named s
     from helpers.evaluation import compute_map, gldv2_mean_average_precision
 """
 from helpers.evaluation.metrics import (
+    CLASS_PROTOCOLS,
     PROTOCOLS,
     build_protocols,
     compute_ap,
     compute_map,
+    compute_recall,
     evaluate_revisited,
     format_percent,
     gldv2_global_average_precision,
@@ -18,6 +20,7 @@ from helpers.evaluation.metrics import (
     metrics_percent,
 )
 
-__all__ = ["PROTOCOLS", "build_protocols", "compute_ap", "compute_map", "evaluate_revisited", "format_percent",
+__all__ = ["CLASS_PROTOCOLS", "PROTOCOLS", "build_protocols", "compute_ap", "compute_map", "compute_recall",
+           "evaluate_revisited", "format_percent",
            "gldv2_global_average_precision", "gldv2_mean_average_precision", "mean_precision_recall",
            "metrics_percent"]

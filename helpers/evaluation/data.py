@@ -1,11 +1,17 @@
 """The datasets of an evaluation and what is held for them: which datasets a run evaluates (the named ones, or the
-built-in benchmark), revisited Oxford / Paris (or any dataset in their layout), the R1M distractors, the global
-descriptors of each (:class:`Descriptors`) and the global ranking over them (:class:`GlobalRanking`), and the reader
-of ranked images that a report draws its thumbnails from."""
+built-in benchmark), revisited Oxford / Paris (or any dataset in their layout), a class folder (``folder:PATH``,
+datasets.folder.ClassFolderSet: one protocol, ``class``, and recall@k), the R1M distractors, the global descriptors
+of each (:class:`Descriptors`) and the global ranking over them (:class:`GlobalRanking`), and the reader of ranked
+images that a report draws its thumbnails from.
+
+A class folder is named ``folder:PATH`` everywhere a dataset name goes (``data.datasets``, the keys of
+results.json); PATH is taken as written (relative to the working directory), its separators normalised.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -15,8 +21,10 @@ import torch
 from torch import Tensor
 
 from common.errors import InvalidValueError, MissingFileError
+from datasets.folder import CLASS_FOLDER_PREFIX, ClassFolderSet, class_folder_title, list_class_folder
 from datasets.revisited import REVISITED_NAMES, RevisitedDataset, Revisitop1M
 from helpers.config import ConfigError
+from helpers.evaluation.metrics import CLASS_PROTOCOLS, PROTOCOLS
 from helpers.reranking import global_ranking
 
 logger = logging.getLogger(__name__)
@@ -27,12 +35,29 @@ def dataset_label(name: str, distractors: str | None) -> str:
     return f"{name}+1m" if distractors else name
 
 
+def folder_path(name: str) -> str | None:
+    """The PATH of a class folder's name ``folder:PATH``; None for any other dataset name."""
+    return name[len(CLASS_FOLDER_PREFIX):] if name.startswith(CLASS_FOLDER_PREFIX) else None
+
+
+def file_name(label: str) -> str:
+    """A dataset label as a file or folder name (feature cache, result grids, exports): itself, or for a class
+    folder ``folder-<its title>`` with anything but letters, digits, '.', '_', '-' and '+' replaced by '-'."""
+    path = folder_path(label.removesuffix("+1m"))
+    if path is None:
+        return label
+    return re.sub(r"[^\w.+-]", "-", f"folder-{class_folder_title(path)}" + ("+1m" if label.endswith("+1m") else ""))
+
+
 def resolve_datasets(data_cfg: Mapping[str, Any]) -> tuple[list[str], bool]:
     """The datasets a run evaluates and whether the built-in benchmark is one of them: the named ones
-    (``data.datasets``), or, when none is named, the built-in benchmark (``data.synthetic.name``) alone. A named
-    dataset is never replaced by the built-in one, which is drawn only when no dataset is named or when it is named
-    itself."""
-    names = list(data_cfg["datasets"])
+    (``data.datasets``; a class folder's ``folder:PATH`` with PATH normalised), or, when none is named, the
+    built-in benchmark (``data.synthetic.name``) alone. A named dataset is never replaced by the built-in one,
+    which is drawn only when no dataset is named or when it is named itself."""
+    names = [name if folder_path(name) is None else CLASS_FOLDER_PREFIX + os.path.normpath(folder_path(name) or ".")
+             for name in data_cfg["datasets"]]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.datasets names a dataset twice: {names}")
     synthetic = (data_cfg.get("synthetic") or {}).get("name")
     if not names:
         if not synthetic:
@@ -47,7 +72,12 @@ def resolve_datasets(data_cfg: Mapping[str, Any]) -> tuple[list[str], bool]:
 
 def check_named_dataset(root: str, name: str) -> None:
     """A dataset named in ``data.datasets`` must be on disk in the revisitop layout (``<root>/<name>/gnd_<name>.pkl``
-    and ``jpg/``); else a :class:`MissingFileError` of one line naming it, the missing path and how to get it."""
+    and ``jpg/``), or be a class folder in its layout (datasets.folder: ``PATH/query/<class>/``,
+    ``PATH/gallery/<class>/``); else a :class:`MissingFileError` of one line naming it, the missing path and how
+    to get it."""
+    if folder_path(name) is not None:
+        list_class_folder(folder_path(name) or ".")  # its errors name the folder and what is missing
+        return
     folder = os.path.join(root, name)
     wanted = ((folder, "folder"), (os.path.join(folder, f"gnd_{name}.pkl"), "ground-truth file"),
               (os.path.join(folder, "jpg"), "image folder"))
@@ -59,14 +89,50 @@ def check_named_dataset(root: str, name: str) -> None:
     else:
         how = (f"the revisited datasets are {', '.join(REVISITED_NAMES)} (`python prepare_data.py download --root "
                f"{root} --datasets <name>`); any other dataset must be in their layout (<root>/<name>/gnd_<name>.pkl "
-               "and jpg/); the built-in benchmark runs when data.datasets is empty")
+               "and jpg/), or be a class folder named folder:PATH (PATH/query/<class>/, PATH/gallery/<class>/); the "
+               "built-in benchmark runs when data.datasets is empty")
     raise MissingFileError(f"data.datasets names {name}, but its {missing[1]} {missing[0]} is missing: {how}")
 
 
 def open_revisited(*, root: str, name: str, split: str, convention: Any, scales: Sequence[float],
-                   min_side: int | None) -> RevisitedDataset:
-    """ROxford5k / RParis6k, or any dataset in their layout (the built-in benchmark), through one class."""
+                   min_side: int | None) -> RevisitedDataset | ClassFolderSet:
+    """ROxford5k / RParis6k, or any dataset in their layout (the built-in benchmark), through one class; or a class
+    folder (``folder:PATH``) through :class:`datasets.folder.ClassFolderSet`, which has the same interface."""
+    if folder_path(name) is not None:
+        return ClassFolderSet(folder_path(name) or ".", split, convention=convention, scales=tuple(scales),
+                              min_side=min_side)
     return RevisitedDataset(root, name, split, convention=convention, scales=tuple(scales), min_side=min_side)
+
+
+def dataset_protocols(query_set: Any) -> tuple[tuple[str, ...], bool]:
+    """The protocols a dataset is scored under and whether recall@k is reported: a class folder's one protocol
+    (``class``) with recall@k; revisited Easy / Medium / Hard with the papers' metrics (mAP, mP@k) only."""
+    if isinstance(query_set, ClassFolderSet):
+        return CLASS_PROTOCOLS, True
+    return PROTOCOLS, False
+
+
+def item_names(dataset: Any) -> list[str]:
+    """What a report calls a dataset's images: a class folder's paths relative to their split folder
+    (``eiffel/0042.jpg``, the class shown), else the file names."""
+    names = getattr(dataset, "item_names", None)
+    return list(names) if names is not None else [os.path.basename(p) for p in dataset.image_paths]
+
+
+def folder_training_dir(names: Sequence[str]) -> str | None:
+    """The training images of the first class folder of ``names``, what its learned whitening is learned on:
+    ``PATH/training/`` when present, else ``training/`` beside PATH (the reference CLIP system's layout, PATH
+    being its ``test/``); None when no class folder has either."""
+    for name in names:
+        path = folder_path(name)
+        if path is None:
+            continue
+        for candidate in (os.path.join(path, "training"), os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                                       "training")):
+            if os.path.isdir(candidate):
+                return candidate
+        return None
+    return None
 
 
 def build_builtin_dataset(*, root: str, synthetic: Mapping[str, Any], progress: bool) -> str:
@@ -98,8 +164,8 @@ class EvalSets:
     """One evaluated dataset: its query side (the cropped queries and the ground truth ``query.gnd``) and its
     database side."""
 
-    query: RevisitedDataset
-    db: RevisitedDataset
+    query: RevisitedDataset | ClassFolderSet
+    db: RevisitedDataset | ClassFolderSet
 
 
 class CombinedReader:
@@ -114,8 +180,12 @@ class CombinedReader:
         return self.db.read(j) if j < n else self.distractors.read(j - n)
 
     def name(self, j: int) -> str:
+        """What a report calls item ``j`` (:func:`item_names`: a class folder's ``<class>/<file>``)."""
         n = len(self.db)
-        return os.path.basename(self.db.image_paths[j] if j < n else self.distractors.image_paths[j - n])
+        if j < n:
+            names = getattr(self.db, "item_names", None)
+            return names[j] if names is not None else os.path.basename(self.db.image_paths[j])
+        return os.path.basename(self.distractors.image_paths[j - n])
 
 
 def stored_distractors(vectors: torch.Tensor | None, dtype: str) -> torch.Tensor | None:

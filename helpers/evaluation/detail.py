@@ -16,7 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from helpers.evaluation.metrics import PROTOCOLS, build_protocols, evaluate_revisited, mean_precision_recall
+from helpers.evaluation.metrics import (
+    PROTOCOLS,
+    evaluate_revisited,
+    mean_precision_recall,
+    protocol_ground_truth,
+    protocol_ranking,
+)
 from helpers.reranking import db_rows
 from helpers.visualize import result_labels
 from models.functional import cvnet_score_mix
@@ -105,9 +111,9 @@ class RecordingReranker:
 @dataclass
 class RankingDetail:
     """One ranking query by query: ``aps`` {protocol: (nq,) AP as a fraction, NaN without positives}, the first
-    ``top`` database ids (nq, top) of its Medium ranking with their ``scores`` (nq, top) (NaN where the engine
-    gives none) and Medium ``labels``, ``precision`` {protocol: (21,) mean interpolated precision at
-    helpers.evaluation.PR_RECALL_LEVELS} and what the scores are (``score_source``)."""
+    ``top`` database ids (nq, top) of its shown ranking (:func:`shown_ranking`) with their ``scores`` (nq, top)
+    (NaN where the engine gives none) and Medium ``labels``, ``precision`` {protocol: (21,) mean interpolated
+    precision at helpers.evaluation.PR_RECALL_LEVELS} and what the scores are (``score_source``)."""
 
     aps: dict[str, np.ndarray]
     ids: np.ndarray
@@ -127,19 +133,25 @@ class MethodDetail:
     base: str | None = None
 
 
+def shown_ranking(final: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+    """The ranking (n_db, nq) a report lists: ``final``, or its Medium ranking when it is given per protocol."""
+    return np.asarray(final["medium"] if isinstance(final, Mapping) else final)
+
+
 def ranking_detail(final: Any, evaluation: Mapping[str, Any], gnd: Sequence[Mapping], *, top: int,
                    score_of: ScoreFn, source: str) -> RankingDetail:
     """:class:`RankingDetail` of a ranking ``final`` ((n_db, nq), or a mapping protocol -> (n_db, nq)) whose
-    :func:`evaluate_revisited` output is ``evaluation``; ``score_of(ids (nq, top)) -> scores (nq, top)``."""
-    per_protocol = final if isinstance(final, Mapping) else dict.fromkeys(PROTOCOLS, final)
-    medium = np.asarray(per_protocol["medium"])
-    ids = medium[:top].T.astype(np.int64)
-    protocols = build_protocols(gnd)
+    :func:`evaluate_revisited` output is ``evaluation`` (its protocols are the detail's);
+    ``score_of(ids (nq, top)) -> scores (nq, top)``."""
+    protocols = list(evaluation)
+    shown = shown_ranking(final)
+    ids = shown[:top].T.astype(np.int64)
+    truth = protocol_ground_truth(gnd, protocols)
     return RankingDetail(
-        aps={p: np.asarray(evaluation[p]["aps"], dtype=np.float64) for p in PROTOCOLS}, ids=ids,
+        aps={p: np.asarray(evaluation[p]["aps"], dtype=np.float64) for p in protocols}, ids=ids,
         scores=np.asarray(score_of(ids), dtype=np.float64).reshape(ids.shape),
-        labels=[result_labels(medium[:, i], gnd[i], top=top) for i in range(medium.shape[1])],
-        precision={p: mean_precision_recall(per_protocol[p], protocols[p]) for p in PROTOCOLS},
+        labels=[result_labels(shown[:, i], gnd[i], top=top) for i in range(shown.shape[1])],
+        precision={p: mean_precision_recall(protocol_ranking(final, p), truth[p]) for p in protocols},
         score_source=source)
 
 
@@ -163,14 +175,14 @@ def global_scores(xq: torch.Tensor, xb: Any) -> ScoreFn:
 
 def global_detail(kind: str, ranked: Mapping[str, tuple[np.ndarray, Any, Any]], gnd: Sequence[Mapping], *,
                   kappas: Sequence[int], top: int, cache: dict[str, RankingDetail],
-                  evaluation: Mapping[str, Any] | None = None) -> RankingDetail:
+                  evaluation: Mapping[str, Any] | None = None, protocols: Sequence[str] = PROTOCOLS) -> RankingDetail:
     """The detail of global ranking ``kind`` (``ranked[kind]`` = (ranks, xq, xb)), made once per dataset in
     ``cache`` and shared by the global method and the re-ranking that starts from it; ``evaluation``, when
-    given, is the ranking's :func:`evaluate_revisited` output (else computed)."""
+    given, is the ranking's :func:`evaluate_revisited` output (else computed under ``protocols``)."""
     if kind not in cache:
         ranks, xq, xb = ranked[kind]
         if evaluation is None:
-            evaluation = evaluate_revisited(ranks, gnd, kappas)
+            evaluation = evaluate_revisited(ranks, gnd, kappas, protocols=protocols)
         cache[kind] = ranking_detail(ranks, evaluation, gnd, top=top, score_of=global_scores(xq, xb),
                                      source=SCORE_SOURCES[kind])
     return cache[kind]

@@ -11,6 +11,10 @@ Both read, per dataset folder ``<data_root>/<dataset>/`` (file names and formats
 - ``test_query.txt`` / ``test_gallery.txt``: one image path per line, relative to the image root, in descriptor
   order; ``gnd_<dataset>.pkl`` (the revisited ground truth; the query boxes live there).
 
+A class folder (``folder:PATH``) is exported as ``folder-<title>/``: its image paths relative to PATH
+(``query/<class>/...``, ``gallery/<class>/...``) and its ground truth written in revisitop's form
+(datasets.folder.revisitop_ground_truth: positives as 'easy', junk as 'junk', each query's box or whole image).
+
 Local descriptors in the layout of AMES's own extractor (an HDF5 ``features`` array of (n, topk, 5 + d): x, y,
 scale, mask, weight, descriptor) need AMES's trained local-feature detector to pick the top-k locations, which is
 not part of this project; they are not written here.
@@ -31,6 +35,7 @@ from torch import Tensor
 
 from common.errors import InvalidValueError, ProjectRuntimeError
 from common.io import atomic_write
+from datasets.folder import ClassFolderSet, revisitop_ground_truth, write_ground_truth
 from datasets.revisited import RevisitedDataset
 from helpers.config import ConfigError
 from helpers.evaluation.detail import (
@@ -107,10 +112,12 @@ def export_shortlists(
     desc_name: str = "superglobal",
     m: int = DEFAULT_SHORTLIST,
     ranking: tuple[Tensor, Tensor] | None = None,
+    ground_truth: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``<out_dir>/<dataset>/``: ``nn_<desc_name>.pkl``, the raw global descriptors, the image lists and
-    (when given) a copy of the ground truth. ``ranking``: (similarities, indices) of an already computed shortlist
-    (e.g. SuperGlobal's re-ranked top-M); without it the top-``m`` by inner product of the descriptors.
+    (when given) a copy of the ground truth file ``gnd_path`` or the revisitop ``ground_truth`` itself as
+    ``gnd_<dataset>.pkl``. ``ranking``: (similarities, indices) of an already computed shortlist (e.g.
+    SuperGlobal's re-ranked top-M); without it the top-``m`` by inner product of the descriptors.
     Returns the written paths by role."""
     if query.shape[0] != len(query_names) or database.shape[0] != len(database_names):
         raise InvalidValueError(f"{query.shape[0]} query / {database.shape[0]} database descriptors for "
@@ -130,6 +137,8 @@ def export_shortlists(
         if Path(gnd_path).resolve() != target.resolve():
             shutil.copyfile(gnd_path, target)
         written["gnd"] = target
+    elif ground_truth is not None:
+        written["gnd"] = write_ground_truth(folder / f"gnd_{dataset}.pkl", dict(ground_truth))
     log.info("exported %s shortlists (%d queries x top-%d) and descriptors to %s", dataset, ids.shape[0],
              ids.shape[1], folder)
     return written
@@ -148,13 +157,15 @@ def check_exports(cfg: Mapping[str, Any], needed: set[str]) -> None:
                           "methods")
 
 
-def export_ames(out_dir: str | os.PathLike, *, name: str, query_set: RevisitedDataset, db_set: RevisitedDataset,
+def export_ames(out_dir: str | os.PathLike, *, name: str, query_set: RevisitedDataset | ClassFolderSet,
+                db_set: RevisitedDataset | ClassFolderSet,
                 xq: torch.Tensor, xb: torch.Tensor, ranks: np.ndarray, m: int,
                 reranked: tuple[np.ndarray, ScoreFn, int] | None = None) -> dict[str, Any]:
     """Write ``<out_dir>/<name>/`` for AMES and LoCoRe (:func:`export_shortlists`): the SuperGlobal
     descriptors, each query's top ``m`` of the SuperGlobal ranking ``ranks`` (n_db, nq) with their cosine
     similarities or, with ``reranked`` = (superglobal_rerank ranking, its score lookup, M), the re-ranked top
-    min(m, M) with their re-ranking scores, the image lists relative to the dataset folder and the ground truth."""
+    min(m, M) with their re-ranking scores, the image lists relative to the dataset folder and the ground truth
+    (a class folder's written in revisitop's form)."""
     from helpers.evaluation.export import export_shortlists
 
     if reranked is None:
@@ -176,5 +187,6 @@ def export_ames(out_dir: str | os.PathLike, *, name: str, query_set: RevisitedDa
         out_dir, dataset=name, query=xq, database=xb,
         query_names=[os.path.relpath(p, query_set.data_dir) for p in query_set.image_paths],
         database_names=[os.path.relpath(p, db_set.data_dir) for p in db_set.image_paths],
-        gnd_path=query_set.gnd_path, desc_name="superglobal", ranking=(sims, ids))
+        gnd_path=query_set.gnd_path, desc_name="superglobal", ranking=(sims, ids),
+        ground_truth=revisitop_ground_truth(query_set.folder) if isinstance(query_set, ClassFolderSet) else None)
     return {"shortlist": source, "m": m, "files": {k: os.fspath(v) for k, v in written.items()}}

@@ -1,4 +1,5 @@
-"""The revisited Oxford/Paris metrics: mAP and mP@k under the Easy / Medium / Hard protocols.
+"""The revisited Oxford/Paris metrics: mAP and mP@k under the Easy / Medium / Hard protocols, and a class folder's
+one protocol (``class``: mAP, mP@k and recall@k through the same AP).
 
 Semantics follow revisitop's ``compute_ap`` / ``compute_map`` (Radenovic et al., "Revisiting Oxford and
 Paris", CVPR 2018) to the last bit: AP is the trapezoidal area under the precision-recall curve, junk images
@@ -23,6 +24,12 @@ from common.errors import InvalidValueError, shorten
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("easy", "medium", "hard")
+#: A class folder's one protocol: a gallery image of the query's class is positive, one listed as junk ignored.
+#: Its ground truth (datasets.folder.ClassFolder.ground_truth: positives 'easy', none 'hard') is revisitop's
+#: Medium protocol's (positives easy + hard, junk ignored), so it reads a ranking given per protocol (CVNet's
+#: paper mode) at 'medium'.
+CLASS_PROTOCOLS = ("class",)
+SAME_AS = {"class": "medium"}
 
 
 def compute_ap(ranks: Sequence[int] | np.ndarray, nres: int) -> float:
@@ -146,34 +153,71 @@ def build_protocols(gnd: Sequence[Mapping]) -> dict[str, list[dict]]:
     return out
 
 
-def evaluate_revisited(
-    ranks: np.ndarray | Mapping[str, np.ndarray], gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10)
-) -> dict[str, dict]:
-    """mAP and mP@k for Easy, Medium and Hard (fractions in [0, 1], not percentages).
+def protocol_ground_truth(gnd: Sequence[Mapping], protocols: Sequence[str] = PROTOCOLS) -> dict[str, list[dict]]:
+    """Per-query ground truth ('ok', 'junk') of each of ``protocols`` (revisited ones, or :data:`CLASS_PROTOCOLS`)
+    from the raw 'easy' / 'hard' / 'junk' lists (:func:`build_protocols`)."""
+    built = build_protocols(gnd)
+    return {p: built[SAME_AS.get(p, p)] for p in protocols}
 
-    ``ranks``: one (n_db, n_queries) ranking matrix shared by the three protocols, or a mapping
+
+def protocol_ranking(ranks: np.ndarray | Mapping[str, np.ndarray], protocol: str) -> np.ndarray:
+    """The ranking (n_db, nq) protocol ``protocol`` reads: ``ranks`` itself, or its entry when it is given per
+    revisited protocol (a class folder's protocol reads 'medium')."""
+    if not isinstance(ranks, Mapping):
+        return ranks
+    key = SAME_AS.get(protocol, protocol)
+    if key not in ranks:
+        raise KeyError(f"ranks given per protocol lacks {key!r}; expected keys {list(PROTOCOLS)}")
+    return ranks[key]
+
+
+def compute_recall(ranks: np.ndarray, gnd: Sequence[Mapping], kappas: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Recall@k of a ranking under one protocol: the fraction of queries with a positive among their first k
+    results once junk is dropped (as for their AP). Returns (mean (len(kappas),), per query (nq, len(kappas))); a
+    query without positives has a NaN row and is left out of the mean."""
+    ranks = np.asarray(ranks)
+    recalls = np.full((len(gnd), len(kappas)), np.nan)
+    for i, g in enumerate(gnd):
+        ok = _as_index_array(g["ok"])
+        if ok.size:
+            pos = positives_after_junk(ranks[:, i], ok, _as_index_array(g.get("junk")))
+            first = int(pos.min()) + 1 if pos.size else math.inf
+            recalls[i] = [float(first <= int(k)) for k in kappas]
+    valid = ~np.isnan(recalls[:, 0]) if len(kappas) else np.zeros(len(gnd), dtype=bool)
+    mean = recalls[valid].mean(axis=0) if valid.any() else np.full(len(kappas), np.nan)
+    return mean, recalls
+
+
+def evaluate_revisited(
+    ranks: np.ndarray | Mapping[str, np.ndarray], gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10), *,
+    protocols: Sequence[str] = PROTOCOLS, recall: bool = False,
+) -> dict[str, dict]:
+    """mAP and mP@k for Easy, Medium and Hard, or for the given ``protocols`` (:data:`CLASS_PROTOCOLS`), and with
+    ``recall`` recall@k (:func:`compute_recall`); fractions in [0, 1], not percentages.
+
+    ``ranks``: one (n_db, n_queries) ranking matrix shared by the protocols, or a mapping
     {'easy', 'medium', 'hard'} -> ranking matrix (the paper's re-ranking mode produces one per protocol).
     Returns ``{protocol: {'mAP': float, 'mP@k': {k: float}, 'aps': (n_queries,),
-    'prs': (n_queries, len(kappas))}}``.
+    'prs': (n_queries, len(kappas))}}`` (and ``'recall@k': {k: float}``).
     """
-    protocols = build_protocols(gnd)
+    truth = protocol_ground_truth(gnd, protocols)
     if isinstance(ranks, Mapping):
         missing = [p for p in PROTOCOLS if p not in ranks]
         if missing:
             raise KeyError(f"ranks given per protocol lacks {missing}; expected keys {list(PROTOCOLS)}")
-        per_protocol = {p: ranks[p] for p in PROTOCOLS}
-    else:
-        per_protocol = {p: ranks for p in PROTOCOLS}
     kappas = [int(k) for k in kappas]
     results: dict[str, dict] = {}
-    for p in PROTOCOLS:
-        mean_ap, aps, pr, prs = compute_map(per_protocol[p], protocols[p], kappas)
+    for p in protocols:
+        mean_ap, aps, pr, prs = compute_map(protocol_ranking(ranks, p), truth[p], kappas)
         results[p] = {
             "mAP": mean_ap,
             "mP@k": {k: float(v) for k, v in zip(kappas, pr)},
             "aps": aps,
             "prs": prs,
         }
+        if recall:
+            results[p]["recall@k"] = {k: float(v) for k, v in
+                                      zip(kappas, compute_recall(protocol_ranking(ranks, p), truth[p], kappas)[0])}
     return results
 
 
@@ -219,12 +263,16 @@ def _percent(value: float) -> float | None:
 
 def metrics_percent(results: Mapping[str, Mapping]) -> dict[str, Any]:
     """:func:`evaluate_revisited`'s output in percent for a report: ``{"mAP": {protocol: %}, "mP@k": {protocol:
-    {"k": %}}, "n_queries": {protocol: queries with positives}}``; a protocol without such queries gets None."""
-    return {
-        "mAP": {p: _percent(results[p]["mAP"]) for p in PROTOCOLS},
-        "mP@k": {p: {str(k): _percent(v) for k, v in results[p]["mP@k"].items()} for p in PROTOCOLS},
-        "n_queries": {p: int(np.sum(~np.isnan(results[p]["aps"]))) for p in PROTOCOLS},
+    {"k": %}}, "n_queries": {protocol: queries with positives}}`` (and ``"recall@k"`` like ``"mP@k"`` when it was
+    computed), over the protocols evaluated; a protocol without such queries gets None."""
+    out = {
+        "mAP": {p: _percent(r["mAP"]) for p, r in results.items()},
+        "mP@k": {p: {str(k): _percent(v) for k, v in r["mP@k"].items()} for p, r in results.items()},
+        "n_queries": {p: int(np.sum(~np.isnan(r["aps"]))) for p, r in results.items()},
     }
+    if all("recall@k" in r for r in results.values()) and results:
+        out["recall@k"] = {p: {str(k): _percent(v) for k, v in r["recall@k"].items()} for p, r in results.items()}
+    return out
 
 
 def format_percent(value: float | None) -> str:

@@ -6,7 +6,9 @@
 A row is a global ranking (``cvnet_global`` or ``superglobal``) with some of the field's standard post-processing
 applied (helpers.postprocess), reported beside the main rows: learned PCA whitening of the descriptors first, then
 alpha-DBA, alpha-QE and k-reciprocal re-ranking. The whitening is learned on the built-in benchmark's training
-split (``<data.root>/<synthetic name>_train``) with the evaluated model and saved beside the weights file
+split (``<data.root>/<synthetic name>_train``) or, for a run on class folders, on the first one's training images
+(``PATH/training/``, else ``training/`` beside PATH: helpers.evaluation.data.folder_training_dir; never on the
+evaluated images), with the evaluated model, and saved beside the weights file
 (``<weights>.whiten-<kind>.pt``, with the weights' sha256 inside), or, with no weights file, in the feature cache
 folder; a later run with the same model reuses it. ``post.whitening.source: <file>`` loads one saved earlier.
 """
@@ -24,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from common.errors import MissingFileError
 from common.io import atomic_torch_save
-from datasets.transforms import min_size_guard, multiscale_tensors, read_image
+from datasets.folder import ImageFiles, class_folder_title, class_images
 from helpers.cache_keys import dataset_signature, model_signature
 from helpers.config import ConfigError
 from helpers.evaluation.data import Descriptors
@@ -141,38 +142,47 @@ def row_order(methods: Sequence[str], rows: Sequence[PostRow]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class TrainImages(Dataset):
-    """The built-in benchmark's training split (``<root>/<name>_train``), or ``max_images`` of its images evenly
-    spaced over its list, as engine items: item i is one normalised (3, H_s, W_s) tensor per scale, as the
-    evaluation datasets give them."""
+class TrainImages(ImageFiles):
+    """The images a whitening is learned on, or ``max_images`` of them evenly spaced over their list, as engine
+    items (one normalised (3, H_s, W_s) tensor per scale, as the evaluation datasets give them): the built-in
+    benchmark's training split (:meth:`builtin`) or a class folder's training images (:meth:`folder`). ``folder``
+    is where they are (results.json's ``learned_on``)."""
 
-    def __init__(self, root: str | os.PathLike, name: str, *, convention: Any, scales: Sequence[float],
-                 min_side: int | None, max_images: int | None = None) -> None:
+    def __init__(self, paths: Sequence[os.PathLike | str], *, root: str | os.PathLike, name: str, folder: str,
+                 convention: Any, scales: Sequence[float], min_side: int | None,
+                 max_images: int | None = None) -> None:
+        paths = list(paths)
+        if max_images is not None and len(paths) > max_images:
+            paths = [paths[i] for i in np.linspace(0, len(paths) - 1, num=max_images).round().astype(int)]
+        super().__init__(paths, root=root, name=name, split="train", convention=convention, scales=scales,
+                         min_side=min_side)
+        self.folder = folder
+
+    @classmethod
+    def builtin(cls, root: str | os.PathLike, name: str, **kw: Any) -> TrainImages:
+        """The built-in benchmark's training split ``<root>/<name>_train``."""
         from datasets.synthetic import load_train_split
 
         paths, _ = load_train_split(root, name)
-        if max_images is not None and len(paths) > max_images:
-            paths = [paths[i] for i in np.linspace(0, len(paths) - 1, num=max_images).round().astype(int)]
-        self.root = os.fspath(root)
-        self.name, self.split = f"{name}_train", "train"
-        self.convention, self.scales, self.min_side = convention, tuple(float(s) for s in scales), min_side
-        self.image_paths = [os.fspath(p) for p in paths]
+        return cls(paths, root=root, name=f"{name}_train", folder=os.path.join(os.fspath(root), f"{name}_train"),
+                   **kw)
 
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def read(self, index: int) -> np.ndarray:
-        return min_size_guard(read_image(self.image_paths[index], dataset=self.name), self.min_side)
-
-    def __getitem__(self, index: int) -> list[Tensor]:
-        return multiscale_tensors(self.read(index), self.scales, self.convention)
+    @classmethod
+    def class_folder(cls, folder: str | os.PathLike, **kw: Any) -> TrainImages:
+        """Every image under a class folder's training folder (``<class>/<images>``, or loose images)."""
+        paths = [os.path.join(folder, *rel.split("/")) for rel, _ in class_images(folder)]
+        if not paths:
+            raise MissingFileError(f"post.whitening: no images under {folder} to learn the whitening on")
+        name = "folder-" + class_folder_title(folder).replace("/", "-")
+        return cls(paths, root=folder, name=name, folder=os.fspath(folder), **kw)
 
 
 @dataclass
 class WhiteningContext:
     """What deciding, learning and saving a model's whitening needs: the ``post.whitening`` settings, the weights
-    file and its sha256 (None for random weights), the model's state hash, where the training split is (None for
-    a run on real datasets), the extraction keywords and the feature cache folder."""
+    file and its sha256 (None for random weights), the model's state hash, where the training images are (the
+    built-in split ``train_name`` under ``root``, or a class folder's ``train_dir``; neither for a run on real
+    datasets), the extraction keywords and the feature cache folder."""
 
     source: str | None
     dim: int | None
@@ -185,6 +195,7 @@ class WhiteningContext:
     cache_dir: str | None
     depth: int
     extract_kw: Mapping[str, Any]
+    train_dir: str | None = None
 
 
 def whitening_path(ctx: WhiteningContext, kind: str, state_hash: str) -> Path | None:
@@ -263,8 +274,8 @@ def check_whitening_source(source: str | None) -> None:
     """A whitening row needs ``post.whitening.source``: refused before anything runs when it is null."""
     if not source:
         raise ConfigError("post.rows asks for whitening but post.whitening.source is null: set it to 'learn' "
-                          "(learned on the built-in training split, saved beside the weights) or to a file saved "
-                          "by an earlier run")
+                          "(learned on the built-in training split or a class folder's training images, saved beside "
+                          "the weights) or to a file saved by an earlier run")
 
 
 def obtain_whitening(ctx: WhiteningContext, *, kind: str, model: nn.Module, state_hash: str, d: int,
@@ -287,9 +298,12 @@ def obtain_whitening(ctx: WhiteningContext, *, kind: str, model: nn.Module, stat
     path = whitening_path(ctx, kind, state_hash)
     signature = _signature_hash(model_signature(model))
     train_set = None
+    kw = {"convention": model.input_convention, "scales": scales, "min_side": ctx.min_side,
+          "max_images": ctx.max_images}
     if ctx.train_name:
-        train_set = TrainImages(ctx.root, ctx.train_name, convention=model.input_convention, scales=scales,
-                                min_side=ctx.min_side, max_images=ctx.max_images)
+        train_set = TrainImages.builtin(ctx.root, ctx.train_name, **kw)
+    elif ctx.train_dir:
+        train_set = TrainImages.class_folder(ctx.train_dir, **kw)
     train = _signature_hash(dataset_signature(train_set)) if train_set is not None else None
     check = {"kind": kind, "state_hash": state_hash, "signature": signature, "dim": ctx.dim, "train": train}
     if path is not None and path.is_file():
@@ -304,8 +318,9 @@ def obtain_whitening(ctx: WhiteningContext, *, kind: str, model: nn.Module, stat
                               f"{kind} ({why}). {_learn_hint(kind)}")
     if train_set is None:
         where = f"no whitening file at {path}" if path else "no weights file or cache folder to find it in"
-        raise ConfigError(f"post.whitening.source=learn learns on the built-in benchmark's training split, and this "
-                          f"run is not on the built-in benchmark ({where}). {_learn_hint(kind)}")
+        raise ConfigError(f"post.whitening.source=learn learns on the built-in benchmark's training split or on a "
+                          "class folder's training images (PATH/training/, or training/ beside PATH), and this run "
+                          f"has neither ({where}). {_learn_hint(kind)}")
 
     vectors = cached_global_descriptors(model=model, dataset=train_set, label=f"{train_set.name}-{kind}-r{ctx.depth}",
                                         weights_hash=state_hash, **ctx.extract_kw)
@@ -321,7 +336,7 @@ def obtain_whitening(ctx: WhiteningContext, *, kind: str, model: nn.Module, stat
              "format": WHITENING_FORMAT, "kind": kind, "state_hash": state_hash,
              "weights_sha256": ctx.weights_sha256, "weights_file": ctx.weights_file,
              "model_signature": signature, "dim_requested": ctx.dim, "train_signature": train,
-             "learned_on": os.path.join(ctx.root, train_set.name), "n_images": len(train_set)}
+             "learned_on": train_set.folder, "n_images": len(train_set)}
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

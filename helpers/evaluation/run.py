@@ -48,6 +48,9 @@ from helpers.evaluation.data import (
     build_builtin_dataset,
     check_named_dataset,
     dataset_label,
+    dataset_protocols,
+    file_name,
+    folder_training_dir,
     open_distractors,
     open_revisited,
     rank_descriptors,
@@ -63,9 +66,10 @@ from helpers.evaluation.detail import (
     global_scores,
     lookup_scores,
     ranking_detail,
+    shown_ranking,
 )
 from helpers.evaluation.export import check_exports, export_ames
-from helpers.evaluation.metrics import PROTOCOLS, evaluate_revisited, format_percent, metrics_percent
+from helpers.evaluation.metrics import evaluate_revisited, format_percent, metrics_percent
 from helpers.evaluation.models import METHOD_BASE, ModelSet, WeightsPlan, load_models, needed_models, scales_for
 from helpers.evaluation.post import (
     PostRow,
@@ -347,7 +351,8 @@ def extraction_settings(cfg: Mapping[str, Any], env: DistEnv) -> dict[str, Any]:
 
 def learn_whitenings(run: EvalRun, *, timer: Timer) -> Whitenings:
     """The whitening of each model a whitened row starts from (:func:`helpers.evaluation.post.obtain_whitening`:
-    loaded, reused, or learned on the built-in training split); {} without whitened rows. It runs before the
+    loaded, reused, or learned on the built-in training split or a class folder's training images,
+    :func:`helpers.evaluation.data.folder_training_dir`); {} without whitened rows. It runs before the
     describe stage, so that a whitening this run cannot have stops the run before the long extractions."""
     kinds = sorted({r.base for r in run.rows if r.whitening})
     if not kinds:
@@ -357,7 +362,8 @@ def learn_whitenings(run: EvalRun, *, timer: Timer) -> Whitenings:
     ctx = WhiteningContext(
         source=white_cfg.get("source"), dim=white_cfg.get("dim"), max_images=white_cfg.get("images"),
         weights_file=plan.global_path, weights_sha256=run.models.sha256.get(plan.global_path or ""), root=run.root,
-        train_name=run.cfg["data"]["synthetic"]["name"] if run.builtin else None, min_side=run.min_side,
+        train_name=run.cfg["data"]["synthetic"]["name"] if run.builtin else None,
+        train_dir=None if run.builtin else folder_training_dir(run.names), min_side=run.min_side,
         cache_dir=run.cfg["extraction"].get("cache_dir"), depth=int(run.cfg["model"]["depth"]),
         extract_kw=run.extract_kw)
     whitenings = {}
@@ -435,7 +441,7 @@ def open_job_dataset(run: EvalRun, job: DescribeJob, *, check: bool = False) -> 
 def job_label(run: EvalRun, job: DescribeJob) -> str:
     """The feature cache's name of a describe job: ``<dataset>-<split>-<kind>-r<depth>`` (the distractors:
     ``<name>-<kind>-r<depth>``), ``-flip`` for the flip-averaged variant of a run that is not flipped as a whole."""
-    what = job.dataset if job.split == "distractors" else f"{job.dataset}-{job.split}"
+    what = job.dataset if job.split == "distractors" else f"{file_name(job.dataset)}-{job.split}"
     return f"{what}-{job.kind}-r{int(run.cfg['model']['depth'])}" + ("-flip" if job.flip and not run.run_flip else "")
 
 
@@ -525,18 +531,20 @@ def post_process(run: EvalRun, descriptors: Mapping[DescriptorKey, Descriptors],
 
 def score(run: EvalRun, label: Label, rows: Sequence[RowRanking], ranked: Mapping[str, GlobalRanking], *,
           timer: Timer) -> Scores:
-    """The revisited metrics (:func:`evaluate_revisited`) and the per-query detail of each row of ``label``: a row
-    that re-orders a global ranking shows that ranking beside its own (``before``)."""
+    """The metrics (:func:`evaluate_revisited`, under the dataset's protocols: :func:`dataset_protocols`) and the
+    per-query detail of each row of ``label``: a row that re-orders a global ranking shows that ranking beside its
+    own (``before``)."""
     gnd = run.sets[label.name].query.gnd
+    protocols, recall = dataset_protocols(run.sets[label.name].query)
     kappas, top = [int(k) for k in run.cfg["eval"]["kappas"]], int(run.cfg["viz"]["top"])
     cache: dict[str, RankingDetail] = {}  # each global ranking's detail, shared by the rows that start from it
-    detail_kw = {"ranked": ranked, "gnd": gnd, "kappas": kappas, "top": top, "cache": cache}
+    detail_kw = {"ranked": ranked, "gnd": gnd, "kappas": kappas, "top": top, "cache": cache, "protocols": protocols}
     out = Scores(results={label.key: {}})
     for row in rows:
         with timer.stage("evaluate"):
-            evaluation = evaluate_revisited(row.final, gnd, kappas)
+            evaluation = evaluate_revisited(row.final, gnd, kappas, protocols=protocols, recall=recall)
             out.results[label.key][row.key] = metrics_percent(evaluation)
-        out.rankings[(label.key, row.key)] = row.final["medium"] if isinstance(row.final, Mapping) else row.final
+        out.rankings[(label.key, row.key)] = shown_ranking(row.final)
         with timer.stage("per-query detail"):
             if row.base is None:
                 detail = MethodDetail(after=global_detail(row.key, evaluation=evaluation, **detail_kw))
@@ -544,8 +552,8 @@ def score(run: EvalRun, label: Label, rows: Sequence[RowRanking], ranked: Mappin
                 after = ranking_detail(row.final, evaluation, gnd, top=top, score_of=row.score_of, source=row.source)
                 detail = MethodDetail(after=after, before=global_detail(row.base, **detail_kw), base=row.base)
             out.details[(label.key, row.key)] = detail
-        logger.info("%s %s: mAP E %s M %s H %s", label.key, row.key,
-                    *(format_percent(out.results[label.key][row.key]["mAP"][p]) for p in PROTOCOLS))
+        logger.info("%s %s: mAP %s", label.key, row.key, " ".join(
+            f"{p[0].upper()} {format_percent(v)}" for p, v in out.results[label.key][row.key]["mAP"].items()))
     return out
 
 
@@ -564,5 +572,5 @@ def export(run: EvalRun, label: Label, ranked: Mapping[str, GlobalRanking], rows
     sets = run.sets[label.name]
     with timer.stage(f"export {label.name}"):
         ranks, xq, xb = ranked["superglobal"]
-        return export_ames(export_cfg["ames"], name=label.name, query_set=sets.query, db_set=sets.db, xq=xq, xb=xb,
-                           ranks=ranks, m=int(export_cfg["shortlist"]), reranked=reranked)
+        return export_ames(export_cfg["ames"], name=file_name(label.name), query_set=sets.query, db_set=sets.db,
+                           xq=xq, xb=xb, ranks=ranks, m=int(export_cfg["shortlist"]), reranked=reranked)

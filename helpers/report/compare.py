@@ -2,8 +2,9 @@
 
     print(compare_runs("runs/eval/A", "runs/eval/B"))   # python eval.py --compare runs/eval/A runs/eval/B
 
-Per dataset, method and protocol: the mAP of each run and its difference, then every query whose AP differs,
-sorted from the largest gain (B over A) to the largest loss.
+Per dataset, method and protocol (the dataset's own: revisited Easy / Medium / Hard, a class folder's one): the mAP of
+each run and its difference, then every query whose AP differs, sorted from the largest gain (B over A) to the
+largest loss.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidValueError
-from helpers.evaluation.metrics import PROTOCOLS
 
 
 class CompareError(InvalidValueError):
@@ -70,7 +70,7 @@ def compare_payloads(a: Mapping[str, Any], b: Mapping[str, Any], *, names: tuple
         for m in sorted(set(qa["methods"]) ^ set(qb["methods"])):
             lines.append(f"note: {label}: method {m} is in one run only; skipped")
         for method in methods:
-            for p in PROTOCOLS:
+            for p in [p for p in qa["methods"][method]["ap"] if p in qb["methods"][method]["ap"]]:
                 map_a, map_b = (run["results"][label][method]["mAP"][p] for run in (a, b))
                 head = f"{label} {method} {p}: mAP A {_fmt(map_a).strip()}  B {_fmt(map_b).strip()}"
                 if map_a is not None and map_b is not None:

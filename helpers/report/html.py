@@ -3,9 +3,10 @@
     html = render_report(json.load(open("runs/eval/x/results.json")), images=source)
 
 It shows the summary tables (the same as printed), per dataset the mean precision-recall curves, per method a
-table of each query's AP under Easy / Medium / Hard (and, for a re-ranking method, its change from the global
-ranking it re-ordered) that sorts by any column when its header is clicked, and per query its crop and the top
-results of every ranking, framed positive / negative / junk, with rank, score and file name.
+table of each query's AP under Easy / Medium / Hard, or a class folder's one protocol with each query's class (and,
+for a re-ranking method, its change from the global ranking it re-ordered) that sorts by any column when its header
+is clicked, and per query its crop and the top results of every ranking, framed positive / negative / junk, with
+rank, score and file name.
 
 Everything is inline: images are small JPEG thumbnails as base64 data URIs, the curves are SVG, the sorting is
 a few lines of JavaScript (without it the tables read in query order). ``images`` gives the pictures
@@ -17,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,8 +27,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.errors import InvalidValueError
-from helpers.evaluation.metrics import PROTOCOLS, format_percent
-from helpers.report.titles import dataset_title, payload_titles
+from helpers.evaluation.metrics import format_percent
+from helpers.report.titles import PROTOCOL_TITLES, dataset_title, payload_titles, protocol_letter, shown_protocol
 from helpers.visualize import format_scores
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,6 @@ JPEG_QUALITY = 75
 #: Result thumbnails a page holds at most (about 4 kB each): the queries shown with their rankings are the first
 #: ones of each dataset that fit (every query is in the tables). The built-in run (12 queries, 4 methods) fits whole.
 MAX_THUMBNAILS = 1200
-PROTOCOL_TITLES = {"easy": "Easy", "medium": "Medium", "hard": "Hard"}
 #: Curve colour and dash per method: one hue per family, the global ranking dashed, its re-ranking solid.
 CURVE_STYLE = {"cvnet_global": ("#e08214", "6 4"), "cvnet_rerank": ("#b35806", ""),
                "superglobal": ("#8073ac", "6 4"), "superglobal_rerank": ("#542788", ""),
@@ -94,6 +95,12 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _anchor(label: str) -> str:
+    """A dataset label in element ids and links: letters, digits, '_', '.', '+' and '-' (a class folder's label
+    ``folder:PATH`` has its separators replaced by '-')."""
+    return re.sub(r"[^\w.+-]", "-", label)
+
+
 def _img(uri: str | None, *, alt: str, height: int, cls: str = "") -> str:
     if uri is None:
         return f'<span class="noimg {cls}" style="height:{height}px">no image</span>'
@@ -141,18 +148,22 @@ def markdown_tables_html(markdown: str) -> str:
 
 def pr_curves_svg(levels: Sequence[float], curves: Sequence[tuple[str, str, Mapping[str, Sequence[float | None]]]]
                   ) -> str:
-    """Three panels (Easy, Medium, Hard) of mean interpolated precision against recall; ``curves``: (method,
-    title, {protocol: precision per level}). Returns an inline ``<svg>`` with a legend below it."""
+    """One panel per protocol (Easy, Medium, Hard; a class folder's one) of mean interpolated precision against
+    recall; ``curves``: (method, title, {protocol: precision per level}). Returns an inline ``<svg>`` with a legend
+    below it."""
     pw, ph, ml, mr, mt, mb = 270, 230, 44, 12, 24, 38
     iw, ih = pw - ml - mr, ph - mt - mb
+    protocols = list(curves[0][2]) if curves else []
     others = [m for m, _, _ in curves if m not in CURVE_STYLE]
     style = {m: CURVE_STYLE.get(m) or (OTHER_COLOURS[others.index(m) % len(OTHER_COLOURS)], "2 3")
              for m, _, _ in curves}
-    parts = [f'<svg class="pr" viewBox="0 0 {3 * pw} {ph}" width="{3 * pw}" height="{ph}" role="img" '
+    width = len(protocols) * pw
+    parts = [f'<svg class="pr" viewBox="0 0 {width} {ph}" width="{width}" height="{ph}" role="img" '
              f'aria-label="precision-recall curves">']
-    for k, p in enumerate(PROTOCOLS):
+    for k, p in enumerate(protocols):
         x0, y0 = k * pw + ml, mt
-        parts.append(f'<text class="ptitle" x="{x0 + iw / 2}" y="{mt - 8}">{PROTOCOL_TITLES[p]}</text>')
+        panel = PROTOCOL_TITLES.get(p, p) if len(protocols) > 1 else ""
+        parts.append(f'<text class="ptitle" x="{x0 + iw / 2}" y="{mt - 8}">{panel}</text>')
         for t in range(6):
             v = t / 5
             gx, gy = x0 + v * iw, y0 + ih - v * ih
@@ -169,8 +180,9 @@ def pr_curves_svg(levels: Sequence[float], curves: Sequence[tuple[str, str, Mapp
             pts = [f"{x0 + r * iw:.1f},{y0 + ih - v * ih:.1f}"
                    for r, v in zip(levels, precision[p]) if v is not None]
             if pts:
+                tip = f"{title} ({PROTOCOL_TITLES.get(p, p)})" if len(protocols) > 1 else title
                 parts.append(f'<polyline points="{" ".join(pts)}" stroke="{color}" stroke-dasharray="{dash}">'
-                             f'<title>{_e(title)} ({PROTOCOL_TITLES[p]})</title></polyline>')
+                             f'<title>{_e(tip)}</title></polyline>')
     parts.append("</svg>")
     legend = "".join(
         f'<span><svg width="34" height="10"><line x1="0" y1="5" x2="34" y2="5" '
@@ -209,38 +221,50 @@ def _label_squares(labels: Sequence[str]) -> str:
     return "".join(f'<i class="sq {lab}" title="#{r} {lab}"></i>' for r, lab in enumerate(labels, start=1))
 
 
+def _protocol_head(protocols: Sequence[str], p: str) -> str:
+    """A protocol in a column head: " Easy" ...; nothing for a dataset's only protocol."""
+    return f" {PROTOCOL_TITLES.get(p, p)}" if len(protocols) > 1 else ""
+
+
 def per_query_table(label: str, method: str, m: Mapping[str, Any], queries: Sequence[str], *, thumbs: _Thumbs,
-                    carded: int) -> str:
-    """The sortable table of one (dataset, method): #, query, AP E/M/H, dAP E/M/H (re-ranking), top-k labels."""
-    head = ['<th data-sort="asc">#</th>', "<th>query</th>"]
-    head += [f'<th data-sort="desc">AP {PROTOCOL_TITLES[p]}</th>' for p in PROTOCOLS]
+                    carded: int, classes: Sequence[str] | None = None) -> str:
+    """The sortable table of one (dataset, method): #, query, (its class,) AP per protocol (E/M/H), dAP per
+    protocol (re-ranking), top-k labels."""
+    protocols = list(m["ap"])
+    head = ['<th data-sort="asc">#</th>', "<th>query</th>"] + (["<th>class</th>"] if classes is not None else [])
+    head += [f'<th data-sort="desc">AP{_protocol_head(protocols, p)}</th>' for p in protocols]
     if m["ap_change"] is not None:
-        head += [f'<th data-sort="desc" title="AP after re-ranking minus AP before">\u0394AP {PROTOCOL_TITLES[p]}'
-                 f"</th>" for p in PROTOCOLS]
-    head.append(f"<th>top {len(m['top_ids'][0]) if m['top_ids'] else 0} (Medium)</th>")
+        head += [f'<th data-sort="desc" title="AP after re-ranking minus AP before">\u0394AP'
+                 f"{_protocol_head(protocols, p)}</th>" for p in protocols]
+    shown = shown_protocol(protocols)
+    head.append(f"<th>top {len(m['top_ids'][0]) if m['top_ids'] else 0}"
+                + (f" ({PROTOCOL_TITLES[shown]})" if len(protocols) > 1 else "") + "</th>")
     rows = []
     for i, name in enumerate(queries):
         thumb = _img(thumbs.get("query", label, i, ROW_HEIGHT), alt=name, height=ROW_HEIGHT, cls="rowthumb")
         qcell = f'<span class="rowbox">{thumb}</span>{_e(name)}'
         if i < carded:
-            qcell = f'<a href="#q-{_e(label)}-{i}">{qcell}</a>'
+            qcell = f'<a href="#q-{_anchor(label)}-{i}">{qcell}</a>'
         cells = [f'<td class="num" data-v="{i}">{i}</td>', f'<td class="q">{qcell}</td>']
-        cells += [_num_cell(m["ap"][p][i]) for p in PROTOCOLS]
+        if classes is not None:
+            cells.append(f'<td class="cls">{_e(classes[i])}</td>')
+        cells += [_num_cell(m["ap"][p][i]) for p in protocols]
         if m["ap_change"] is not None:
-            cells += [_num_cell(m["ap_change"][p][i], delta=True) for p in PROTOCOLS]
+            cells += [_num_cell(m["ap_change"][p][i], delta=True) for p in protocols]
         cells.append(f'<td class="squares">{_label_squares(m["labels"][i])}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table class="pq sortable" id="t-{_e(label)}-{_e(method)}"><thead><tr>{"".join(head)}</tr></thead>'
+    return (f'<table class="pq sortable" id="t-{_anchor(label)}-{_e(method)}"><thead><tr>{"".join(head)}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
 def _strip(label: str, i: int, title: str, ranking: Mapping[str, Any], db_names: Mapping[str, str], *,
            thumbs: _Thumbs, change: Mapping[str, Any] | None, before_ids: Sequence[int] | None) -> str:
     """One ranking of one query: its title, APs (and AP change), then its top results as framed thumbnails."""
-    aps = " \u00b7 ".join(f"{p[0].upper()} {format_percent(ranking['ap'][p][i])}" for p in PROTOCOLS)
+    aps = " \u00b7 ".join(f"{protocol_letter(p)} {format_percent(ranking['ap'][p][i])}".strip()
+                           for p in ranking["ap"])
     side = [f"<b>{_e(title)}</b>", f'<span class="aps">AP {aps}</span>']
     if change is not None:
-        deltas = " \u00b7 ".join(f"{p[0].upper()} {_signed_span(change[p][i])}" for p in PROTOCOLS)
+        deltas = " \u00b7 ".join(f"{protocol_letter(p)} {_signed_span(change[p][i])}".strip() for p in change)
         side.append(f'<span class="aps">\u0394AP {deltas}</span>')
     ids, labels = ranking["top_ids"][i], ranking["labels"][i]
     scores = format_scores(ranking["scores"][i])
@@ -288,8 +312,8 @@ def _strips_of(methods: Sequence[str], ds: Mapping[str, Any]) -> list[tuple[str,
 
 def query_card(label: str, i: int, ds: Mapping[str, Any], methods: Sequence[str], *, thumbs: _Thumbs,
                titles: Mapping[str, str]) -> str:
-    """A query's crop and the top results of each of its rankings, each re-ranking below the ranking it
-    re-ordered (with the AP change and each result's move)."""
+    """A query's crop (and a class folder query's class) and the top results of each of its rankings, each
+    re-ranking below the ranking it re-ordered (with the AP change and each result's move)."""
     name = ds["queries"][i]
     strips = []
     for method, ranking, only_before, base in _strips_of(methods, ds):
@@ -304,8 +328,9 @@ def query_card(label: str, i: int, ds: Mapping[str, Any], methods: Sequence[str]
         strips.append(_strip(label, i, title, ranking, ds["db_names"], thumbs=thumbs, change=change,
                              before_ids=before_ids))
     crop = _img(thumbs.get("query", label, i, QUERY_HEIGHT), alt=name, height=QUERY_HEIGHT, cls="qimg")
-    return (f'<article class="card" id="q-{_e(label)}-{i}"><div class="qside"><h4>Query {i}</h4>'
-            f'<span class="qframe">{crop}</span><span class="fn">{_e(name)}</span></div>'
+    cls = f'<span class="qcls">class {_e(ds["query_classes"][i])}</span>' if "query_classes" in ds else ""
+    return (f'<article class="card" id="q-{_anchor(label)}-{i}"><div class="qside"><h4>Query {i}</h4>'
+            f'<span class="qframe">{crop}</span><span class="fn">{_e(name)}</span>{cls}</div>'
             f'<div class="strips">{"".join(strips)}</div></article>')
 
 
@@ -314,9 +339,10 @@ def query_card(label: str, i: int, ds: Mapping[str, Any], methods: Sequence[str]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def legend_html() -> str:
-    items = [("query", "query crop"), ("positive", "positive (easy or hard)"), ("negative", "negative"),
-             ("junk", "junk (ignored by the metrics)")]
+def legend_html(class_folder: bool = False) -> str:
+    positive = "positive (the query's class)" if class_folder else "positive (easy or hard)"
+    junk = "junk (listed in junk.txt; ignored by the metrics)" if class_folder else "junk (ignored by the metrics)"
+    items = [("query", "query crop"), ("positive", positive), ("negative", "negative"), ("junk", junk)]
     return '<p class="legend">' + "".join(f'<span><i class="sq {k}"></i>{t}</span>' for k, t in items) + "</p>"
 
 
@@ -328,7 +354,7 @@ def dataset_section(label: str, ds: Mapping[str, Any], payload: Mapping[str, Any
     title = dataset_title(label)
     nq = len(ds["queries"])
     carded = min(nq, max_cards)
-    out = [f'<section id="ds-{_e(label)}"><h2>{_e(title)}{"" if title == label else f" ({_e(label)})"}</h2>',
+    out = [f'<section id="ds-{_anchor(label)}"><h2>{_e(title)}{"" if title == label else f" ({_e(label)})"}</h2>',
            "<h3>Precision\u2013recall</h3>",
            '<p class="hint">Mean over queries of the interpolated precision (the best precision at that recall or '
            'beyond); dashed: a global ranking, solid: its re-ranking.</p>']
@@ -341,7 +367,7 @@ def dataset_section(label: str, ds: Mapping[str, Any], payload: Mapping[str, Any
     out.append(pr_curves_svg(pq["pr_recall_levels"], curves))
     for method in methods:
         m = ds["methods"][method]
-        out.append(f'<h3 id="h-{_e(label)}-{_e(method)}">{_e(titles[method])}: '
+        out.append(f'<h3 id="h-{_anchor(label)}-{_e(method)}">{_e(titles[method])}: '
                    "per-query AP (%)</h3>")
         hint = "Scores: " + _e(m["score_source"]) + "."
         if m["before"] is not None:
@@ -350,12 +376,15 @@ def dataset_section(label: str, ds: Mapping[str, Any], payload: Mapping[str, Any
             hint = f"\u0394AP = AP after {step} \u2212 AP of {base} (the ranking it re-ordered). " + hint
         out.append(f'<p class="hint">{hint} <span class="sorthint">Click a column header to sort; click again to '
                    "reverse.</span></p>")
-        out.append(per_query_table(label, method, m, ds["queries"], thumbs=thumbs, carded=carded))
-    out.append(f'<h3 id="cards-{_e(label)}">Queries: top {pq["top"]} of each ranking (Medium protocol)</h3>')
+        out.append(per_query_table(label, method, m, ds["queries"], thumbs=thumbs, carded=carded,
+                                   classes=ds.get("query_classes")))
+    protocols = list(ds["methods"][methods[0]]["ap"])
+    which = f" ({PROTOCOL_TITLES[shown_protocol(protocols)]} protocol)" if len(protocols) > 1 else ""
+    out.append(f'<h3 id="cards-{_anchor(label)}">Queries: top {pq["top"]} of each ranking{which}</h3>')
     if carded < nq:
         out.append(f'<p class="hint">The first {carded} of {nq} queries (the page holds at most '
                    f"{MAX_THUMBNAILS} result thumbnails); every query is in the tables above and in results.json.</p>")
-    out.append(legend_html())
+    out.append(legend_html("query_classes" in ds))
     out += [query_card(label, i, ds, methods, thumbs=thumbs, titles=titles) for i in range(carded)]
     out.append("</section>")
     return "\n".join(out)
@@ -383,9 +412,9 @@ def render_report(payload: Mapping[str, Any], *, images: ImageSource, max_cards:
     titles = payload_titles(payload)
     nav = ['<a href="#summary">Summary</a>']
     for label in pq["datasets"]:
-        nav.append(f'<a href="#ds-{_e(label)}">{_e(dataset_title(label))}</a>')
-        nav += [f'<a class="sub" href="#h-{_e(label)}-{_e(m)}">{_e(titles[m])}</a>' for m in payload["methods"]]
-        nav.append(f'<a class="sub" href="#cards-{_e(label)}">queries</a>')
+        nav.append(f'<a href="#ds-{_anchor(label)}">{_e(dataset_title(label))}</a>')
+        nav += [f'<a class="sub" href="#h-{_anchor(label)}-{_e(m)}">{_e(titles[m])}</a>' for m in payload["methods"]]
+        nav.append(f'<a class="sub" href="#cards-{_anchor(label)}">queries</a>')
     warnings = "".join(f'<div class="warn">{_e(w)}</div>' for w in payload["warnings"])
     notes = "".join(f'<p class="note">Note: {_e(n)}</p>' for n in payload["notes"] if n not in payload["warnings"])
     timings = " \u00b7 ".join(f"{_e(k)} {v:.1f} s" for k, v in payload.get("timings_s", {}).items())
@@ -480,6 +509,7 @@ ol.tiles { list-style: none; display: flex; flex-wrap: wrap; gap: 6px; margin: 0
 .fn { display: block; color: var(--muted); font-size: 11px; overflow: hidden; text-overflow: ellipsis;
       white-space: nowrap; max-width: 142px; }
 .tile .fn { max-width: 108px; }
+.qcls { display: block; font-size: 12px; font-weight: 600; overflow-wrap: anywhere; }
 .noimg { display: inline-flex; align-items: center; justify-content: center; width: 100px; background: #ddd;
          color: #777; font-size: 11px; }
 footer { color: var(--muted); font-size: 12px; padding: 24px; }

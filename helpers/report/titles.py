@@ -1,5 +1,5 @@
-"""What a report calls things: dataset and row titles, the papers' figures for a row (configs/paper_results.yaml),
-and the notes that say when a run is not comparable with the papers."""
+"""What a report calls things: dataset, protocol and row titles, the papers' figures for a row
+(configs/paper_results.yaml), and the notes that say when a run is not comparable with the papers."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from helpers.evaluation.metrics import CLASS_PROTOCOLS
+
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
@@ -18,6 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 NOT_COMPARABLE = ("Built-in synthetic benchmark: these numbers are NOT comparable with the papers' tables "
                   "(revisited Oxford / Paris); they check that the pipeline runs and learns.")
 DATASET_SHORT = {"roxford5k": "ROxf", "rparis6k": "RPar"}
+#: A class folder's label (``folder:PATH``, helpers.evaluation.data) starts with this.
+FOLDER_PREFIX = "folder:"
+PROTOCOL_TITLES = {"easy": "Easy", "medium": "Medium", "hard": "Hard", "class": "class"}
 METHOD_TITLES = {
     "cvnet_global": "CVNet-Global",
     "cvnet_rerank": "CVNet-Global + CVNet-Rerank",
@@ -28,9 +33,24 @@ METHOD_TITLES = {
 
 
 def dataset_title(label: str) -> str:
-    """``roxford5k+1m`` -> ``ROxf+1M``; names without a short form stay as they are."""
+    """``roxford5k+1m`` -> ``ROxf+1M``; a class folder ``folder:data/shoes/test`` -> ``shoes/test``; names without a
+    short form stay as they are."""
     base, plus = (label[:-3], "+1M") if label.endswith("+1m") else (label, "")
+    if base.startswith(FOLDER_PREFIX):
+        from datasets.folder import class_folder_title  # only for a class folder's report (torch is loaded then)
+
+        return class_folder_title(base[len(FOLDER_PREFIX):]) + plus
     return DATASET_SHORT.get(base, base) + plus
+
+
+def protocol_letter(protocol: str) -> str:
+    """A protocol in a table head: E, M, H; nothing for a class folder's one protocol (its column is just "AP")."""
+    return "" if protocol in CLASS_PROTOCOLS else protocol[0].upper()
+
+
+def shown_protocol(per_protocol: Mapping[str, Any] | Sequence[str]) -> str:
+    """The protocol whose ranking a report lists (the keys of ``per_protocol``): Medium, else the only one."""
+    return "medium" if "medium" in per_protocol else next(iter(per_protocol))
 
 
 def method_title(method: str, *, depth: int, mode: str | None = None, arch: str | None = None) -> str:

@@ -19,9 +19,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from common.io import atomic_write
-from helpers.evaluation.metrics import PR_RECALL_LEVELS, PROTOCOLS, format_percent
+from datasets.folder import ClassFolderSet
+from helpers.evaluation.data import file_name, item_names
+from helpers.evaluation.metrics import PR_RECALL_LEVELS, format_percent
 from helpers.report.markdown import banner, markdown_tables, results_markdown
-from helpers.report.titles import NOT_COMPARABLE, comparability_notes, load_paper_results, row_titles
+from helpers.report.titles import (
+    NOT_COMPARABLE,
+    comparability_notes,
+    load_paper_results,
+    protocol_letter,
+    row_titles,
+    shown_protocol,
+)
 from helpers.visualize import GROUND_TRUTH_LEGEND, Tile, save_ranking_grid
 
 if TYPE_CHECKING:
@@ -70,9 +79,11 @@ def save_result_grids(*, per_query: Mapping[str, Any], outcome: EvalOutcome, met
                 hits = [Tile(reader.read(j), label=lab, rank=r, score=score, name=ds["db_names"][str(j)])
                         for r, (j, lab, score) in enumerate(zip(m["top_ids"][i], m["labels"][i], m["scores"][i]),
                                                              start=1)]
-                ap = format_percent(m["ap"]["medium"][i])
-                title = f"{label}  {titles[method]}  query {i}  AP(M) {ap}"
-                path = save_ranking_grid(run_dir / "grids" / f"{label}_{method}_q{i:03d}.png", query=qset.read(i),
+                shown = shown_protocol(m["ap"])
+                ap = format_percent(m["ap"][shown][i])
+                title = f"{label}  {titles[method]}  query {i}  AP({protocol_letter(shown)}) {ap}"
+                path = save_ranking_grid(run_dir / "grids" / f"{file_name(label)}_{method}_q{i:03d}.png",
+                                         query=qset.read(i),
                                          hits=hits, tile=height, query_name=ds["queries"][i], title=title,
                                          legend=GROUND_TRUTH_LEGEND)
                 grids.append(os.fspath(path))
@@ -91,12 +102,12 @@ def _percent_list(values: np.ndarray) -> list[float | None]:
 
 def _ranking_payload(detail: RankingDetail) -> dict[str, Any]:
     return {
-        "ap": {p: _percent_list(detail.aps[p]) for p in PROTOCOLS},
+        "ap": {p: _percent_list(aps) for p, aps in detail.aps.items()},
         "top_ids": detail.ids.tolist(),
         "scores": [[None if np.isnan(v) else float(v) for v in row] for row in detail.scores],
         "labels": detail.labels,
         "score_source": detail.score_source,
-        "pr": {p: [None if np.isnan(v) else float(v) for v in detail.precision[p]] for p in PROTOCOLS},
+        "pr": {p: [None if np.isnan(v) else float(v) for v in curve] for p, curve in detail.precision.items()},
     }
 
 
@@ -110,11 +121,15 @@ def per_query_payload(outcome: EvalOutcome, methods: Sequence[str], top: int) ->
     and per method the per-query AP (percent, None without positives) per protocol, each query's ``top`` ids
     (Medium ranking), scores (None where the engine gives none), labels and the mean precision-recall curve
     (``pr``: interpolated precision as a fraction at ``pr_recall_levels``); a re-ranking method adds the same for
-    the global ranking it started from (``before``) and the per-query AP change (``ap_change``)."""
+    the global ranking it started from (``before``) and the per-query AP change (``ap_change``). The protocols are
+    the dataset's (the keys of ``ap``); a class folder's entry lists each query's class (``query_classes``) and
+    names its images ``<class>/<file>``."""
     datasets: dict[str, Any] = {}
     for label in outcome.results:
         qset, reader = outcome.query_set(label), outcome.db_reader(label)
-        entry: dict[str, Any] = {"queries": [os.path.basename(p) for p in qset.image_paths], "methods": {}}
+        entry: dict[str, Any] = {"queries": item_names(qset), "methods": {}}
+        if isinstance(qset, ClassFolderSet):
+            entry["query_classes"] = list(qset.labels)
         listed: set[int] = set()
         for method in methods:
             detail = outcome.details[(label, method)]
@@ -123,7 +138,7 @@ def per_query_payload(outcome: EvalOutcome, methods: Sequence[str], top: int) ->
             listed.update(detail.after.ids.reshape(-1).tolist())
             if detail.before is not None:
                 m["before"] = {"method": detail.base, **_ranking_payload(detail.before)}
-                m["ap_change"] = {p: ap_change(m["ap"][p], m["before"]["ap"][p]) for p in PROTOCOLS}
+                m["ap_change"] = {p: ap_change(m["ap"][p], m["before"]["ap"][p]) for p in m["ap"]}
                 listed.update(detail.before.ids.reshape(-1).tolist())
             entry["methods"][method] = m
         entry["db_names"] = {str(j): reader.name(j) for j in sorted(listed)}

@@ -1,6 +1,7 @@
 """report.html in a real browser: headless Chromium opens the page of a tiny built-in evaluation from disk and
 checks its tables, that every image decodes, that a click on a column header sorts the rows, that the page reads
-without JavaScript and fetches nothing; it saves screenshots (the pytest tmp dir, copied to /tmp).
+without JavaScript and fetches nothing; then the page of a class folder's evaluation (one protocol, its classes,
+a query link whose target holds the folder's path). It saves screenshots (the pytest tmp dir, copied to /tmp).
 
 Needs Chromium, its driver and Selenium (Debian: ``apt-get install chromium chromium-driver``;
 ``pip install selenium``); the test skips, saying so, where they are missing.
@@ -8,6 +9,7 @@ Needs Chromium, its driver and Selenium (Debian: ``apt-get install chromium chro
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -44,7 +46,7 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(run_dir):
+def browser():
     driver = start_chromium(HEADLESS)
     yield driver
     driver.quit()
@@ -59,7 +61,7 @@ def _column(driver, table_id: str, col: int) -> list[str]:
 def _header(driver, table_id: str, text: str):
     from selenium.webdriver.common.by import By
 
-    heads = driver.find_elements(By.CSS_SELECTOR, f"#{table_id} thead th")
+    heads = driver.find_element(By.ID, table_id).find_elements(By.CSS_SELECTOR, "thead th")
     return next(h for h in heads if h.text.replace("\u21c5", "").strip().startswith(text))
 
 
@@ -136,4 +138,81 @@ def test_report_page_in_chromium(run_dir, browser, tmp_path):
         try:
             shutil.copy(shot, SCREENSHOTS / shot.name)
         except OSError:  # a read-only /tmp must not fail the test; the pytest tmp dir keeps the screenshot
+            pass
+
+
+@pytest.fixture(scope="module")
+def folder_run_dir(tmp_path_factory):
+    """An evaluation of a class folder (the built-in landmarks written as one): its report has one protocol."""
+    browser_paths()
+    from datasets.synthetic import SyntheticConfig
+    from datasets.synthetic.class_folder import write_class_folder
+
+    spec = importlib.util.spec_from_file_location("eval_script", REPO / "eval.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    tmp = tmp_path_factory.mktemp("folder_report")
+    config = SyntheticConfig(n_landmarks=3, views_per_landmark=3, n_distractors=3, image_size=(96, 64),
+                             train_landmarks=2, train_views_per_landmark=2)
+    test = write_class_folder(tmp / "classes", root=tmp / "data", config=config) / "test"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = [f"data.root={tmp / 'data'}", f"output_dir={tmp / 'runs'}", "extraction.cache_dir=null",
+                "model.builtin_checkpoints.rerank=null", "model.builtin_checkpoints.backbone=null", "progress=false",
+                "name=run", "viz.num_queries=0", f"data.datasets=[folder:{test}]",
+                "methods=[superglobal, superglobal_rerank]", "post.rows=[aqe]"]
+        assert ev.main(ev.get_args_parser().parse_args(argv)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return tmp / "runs" / "run", f"folder:{test}"
+
+
+@pytest.mark.slow
+def test_class_folder_report_page_in_chromium(folder_run_dir, browser, tmp_path):
+    """A class folder's page: one precision-recall panel, a class column, AP without E/M/H, sorting, and a query's
+    link (its id holds the folder's path) that lands on its card."""
+    from selenium.webdriver.common.by import By
+
+    run_dir, label = folder_run_dir
+    anchor = re.sub(r"[^\w.+-]", "-", label)  # the label in ids: the folder's path without its separators
+    assert anchor.startswith("folder--") and anchor.endswith("-classes-test")
+    res = json.loads((run_dir / "results.json").read_text())
+    pq = res["per_query"]["datasets"][label]
+    nq, methods, top = len(pq["queries"]), res["methods"], res["per_query"]["top"]
+    browser.get((run_dir / "report.html").as_uri())
+    summaries = browser.find_elements(By.CSS_SELECTOR, "table.summary")
+    assert [len(t.find_elements(By.CSS_SELECTOR, "tbody tr")) for t in summaries] == [len(methods)] * 2
+    heads = [h.text for h in summaries[1].find_elements(By.CSS_SELECTOR, "thead th")]
+    assert heads == ["Method", "mAP", "R@1", "R@5", "R@10", "mP@1", "mP@5", "mP@10"]
+    for method in methods:
+        table = browser.find_element(By.ID, f"t-{anchor}-{method}")
+        heads = [h.text.replace("\u21c5", "").strip() for h in table.find_elements(By.CSS_SELECTOR, "thead th")]
+        assert heads[:4] == ["#", "query", "class", "AP"] and not any("Medium" in h or "Easy" in h for h in heads)
+        classes = [c.text for c in table.find_elements(By.CSS_SELECTOR, "td.cls")]
+        assert classes == pq["query_classes"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg.pr polyline")) == len(methods)  # one panel
+    images = browser.execute_script(
+        "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
+    assert all(done and w > 0 and h > 0 for done, w, h in images)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "li.tile")) == nq * len(methods) * top
+
+    table_id = f"t-{anchor}-superglobal_rerank"
+    _header(browser, table_id, "\u0394AP").click()
+    values = [float(v) for v in _column(browser, table_id, 4) if v]
+    assert values == sorted(values, reverse=True)
+    shots = [tmp_path / "report_folder_screenshot.png"]
+    browser.execute_script("window.scrollTo(0, 0);")
+    assert browser.save_screenshot(str(shots[-1]))
+    link = browser.find_element(By.ID, table_id).find_element(By.CSS_SELECTOR, "td.q a")
+    target = link.get_attribute("href").split("#", 1)[1]
+    link.click()
+    assert browser.execute_script("return document.querySelector(':target').id;") == target
+    shots.append(tmp_path / "report_folder_screenshot_query.png")
+    assert browser.save_screenshot(str(shots[-1]))
+    for shot in shots:
+        assert shot.stat().st_size > 10_000
+        try:
+            shutil.copy(shot, SCREENSHOTS / shot.name)
+        except OSError:
             pass

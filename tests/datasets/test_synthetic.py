@@ -319,3 +319,48 @@ def test_package_keeps_the_generator_name_in_meta(tmp_path):
     """meta.json names the package (datasets.synthetic), whichever module of it builds: older builds stay current."""
     out = build_synthetic(tmp_path, name="t", config=TINY, progress=False)
     assert json.loads((out / "meta.json").read_text())["generator"] == "datasets.synthetic"
+
+
+def test_class_folder_holds_the_benchmark_in_the_clip_layout(tmp_path):
+    """write_class_folder: the benchmark's images byte for byte as training/<class>/, test/query/<class>/ and
+    test/gallery/<class>/, with the same positives (easy and hard), junk and query boxes as its revisitop build;
+    deterministic, idempotent, and never over something else."""
+    from datasets.folder import list_class_folder
+    from datasets.revisited import load_ground_truth
+    from datasets.synthetic.class_folder import write_class_folder
+
+    config = SyntheticConfig(n_landmarks=3, views_per_landmark=6, n_distractors=2, image_size=(96, 64),
+                             train_landmarks=2, train_views_per_landmark=2, junk_fraction=0.5, easy_fraction=0.2)
+    out = write_class_folder(tmp_path / "classes", root=tmp_path / "data", config=config)
+    synth = load_ground_truth(tmp_path / "data" / "synth" / "gnd_synth.pkl")
+    listing = list_class_folder(out / "test")
+    by_name = [Path(rel).stem for rel, _ in listing.gallery]
+    assert sorted(by_name) == sorted(synth["imlist"]) and len(listing.queries) == 3
+    assert [Path(rel).stem for rel, _ in listing.queries] == synth["qimlist"]
+    assert sum(g["junk"].size for g in synth["gnd"]) > 0  # the config draws junk views: junk.txt is exercised
+    for i, (ours, theirs) in enumerate(zip(listing.ground_truth(), synth["gnd"])):
+        assert sorted(by_name[j] for j in ours["easy"]) == sorted(synth["imlist"][j] for j in
+                                                                 np.concatenate([theirs["easy"], theirs["hard"]]))
+        assert sorted(by_name[j] for j in ours["junk"]) == sorted(synth["imlist"][j] for j in theirs["junk"])
+        assert listing.boxes[listing.queries[i][0]] == tuple(theirs["bbx"].tolist())
+    assert [rel for rel, cls in listing.gallery if cls is None] == ["dis0000.jpg", "dis0001.jpg"]
+    training = sorted(p.relative_to(out / "training").as_posix() for p in (out / "training").rglob("*.jpg"))
+    assert training[0] == "landmark_03/lm000_000.jpg" and len(training) == 4  # numbered after the test landmarks
+    image = listing.queries[0][0]
+    assert (out / "test" / "query" / image).read_bytes() == \
+        (tmp_path / "data" / "synth" / "jpg" / Path(image).name).read_bytes()
+
+    def snapshot(folder):
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    # deterministic: a second folder from another build is byte-identical; the same call again changes nothing
+    again = write_class_folder(tmp_path / "other", root=tmp_path / "data2", config=config)
+    assert snapshot(again) == snapshot(out)
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    assert write_class_folder(out, root=tmp_path / "data", config=config) == out
+    assert (out / "meta.json").stat().st_mtime_ns == stamp
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_class_folder(tmp_path / "mine", root=tmp_path / "data", config=config)
+    with pytest.raises(ValueError, match="would replace the benchmark"):
+        write_class_folder(tmp_path / "data" / "synth", root=tmp_path / "data", config=config, overwrite=True)

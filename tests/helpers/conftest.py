@@ -1,6 +1,6 @@
 """A toy evaluation outcome (3 queries, 9 database images, two methods; ``toy_post_run`` adds a post-processed
-row) built with the real ranking, re-ranking record and per-query code, for the report tests without running a
-model."""
+row; ``toy_folder_run`` is a class folder's, under its one protocol) built with the real ranking, re-ranking record
+and per-query code, for the report tests without running a model."""
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,3 +104,40 @@ def toy_post_run(toy_run):
     outcome.weights_sha256 = {"/w/last.pyth": "ab" * 32}
     toy_run.final[row.key] = final
     return toy_run
+
+
+@pytest.fixture
+def toy_folder_run(tmp_path):
+    """The toy run's two methods on a class folder (tests/support/class_folder.py: 2 queries, 6 gallery images),
+    scored as eval.py scores one: its one protocol ('class') with recall@k; labelled ``folder:<path>``."""
+    from datasets.folder import ClassFolderSet
+    from helpers.evaluation.data import dataset_protocols
+    from tests.support.class_folder import make_class_folder
+
+    root = make_class_folder(tmp_path / "shoes" / "test")
+    label = f"folder:{root}"
+    sets = EvalSets(query=ClassFolderSet(root, "query"), db=ClassFolderSet(root, "db"))
+    protocols, recall = dataset_protocols(sets.query)
+    gnd = sets.query.gnd
+    gen = torch.Generator().manual_seed(1)
+    xq = torch.nn.functional.normalize(torch.randn(2, 8, generator=gen), dim=1)
+    xb = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen), dim=1)
+    _, ranks = global_ranking(xq, xb)
+    reranked = ranks.copy()
+    reranked[:3] = reranked[:3][::-1]
+    ranked, cache = {"cvnet_global": (ranks, xq, xb)}, {}
+    kw = {"kappas": [1, 5], "top": 5, "cache": cache, "protocols": protocols}
+    results, details = {}, {}
+    for method, final in (("cvnet_global", ranks), ("cvnet_rerank", reranked)):
+        ev = evaluate_revisited(final, gnd, [1, 5], protocols=protocols, recall=recall)
+        results[method] = metrics_percent(ev)
+        if method == "cvnet_global":
+            details[(label, method)] = MethodDetail(after=global_detail(method, ranked, gnd, evaluation=ev, **kw))
+        else:
+            details[(label, method)] = MethodDetail(
+                after=ranking_detail(final, ev, gnd, top=5, score_of=global_scores(xq, xb), source="toy"),
+                before=global_detail("cvnet_global", ranked, gnd, **kw), base="cvnet_global")
+    outcome = EvalOutcome(results={label: results}, rankings={}, plan=WeightsPlan(warnings=["weights: random"]),
+                          timer=Timer(), sets={label: sets}, names=[label], builtin=False, distractors=None,
+                          details=details)
+    return Toy(outcome=outcome, final={"cvnet_global": ranks, "cvnet_rerank": reranked}, gnd=gnd)

@@ -49,3 +49,27 @@ def test_landmark_views_of_the_built_in_test_split(tmp_path):
                     progress=False)
     paths, labels = landmark_views(tmp_path, "t")
     assert set(labels.tolist()) <= {0, 1, 2} and all(p.is_file() for p in paths)
+
+
+def test_small_classes_are_left_out_when_asked():
+    x, labels = _clusters(n_classes=4, per_class=4)
+    keep = np.flatnonzero(labels != 3)[:-2].tolist() + np.flatnonzero(labels == 3).tolist()
+    x, labels = x[keep], labels[keep]  # class 2 now has 2 examples
+    with pytest.raises(ValueError, match="classes \\[2\\]"):
+        few_shot_accuracy(x, labels, 2)
+    r = few_shot_accuracy(x, labels, 2, trials=2, skip_small=True)
+    assert r.classes == 3 and r.queries_per_trial == 3 * 2 and r.accuracy == 1.0
+    with pytest.raises(ValueError, match="more than 4 examples"):  # no class left: refused, not an empty mean
+        few_shot_accuracy(x, labels, 4, skip_small=True)
+
+
+def test_class_folder_views(tmp_path):
+    from helpers.fewshot import class_folder_views
+    from tests.support.class_folder import make_class_folder
+
+    root = make_class_folder(tmp_path / "f")
+    paths, labels, classes = class_folder_views(root / "gallery")
+    assert classes == ["eiffel", "louvre", "pisa"] and labels.tolist() == [0, 0, 0, 1, 2]  # loose.jpg: no class
+    assert paths[3] == root / "gallery" / "louvre" / "c.jpg"
+    with pytest.raises(FileNotFoundError, match="expected .*<class>/<images>"):
+        class_folder_views(tmp_path / "nowhere")

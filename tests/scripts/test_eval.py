@@ -433,3 +433,63 @@ def test_any_timm_model_is_evaluated_with_post_rows(tmp_path):
 def test_timm_method_needs_an_architecture(tmp_path, capsys):
     assert _run(tmp_path, TINY_SYNTH, "methods=[timm_global]") == 2
     assert "model.timm.arch=timm:<name>" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_class_folder_is_evaluated_like_the_benchmark_it_holds(tmp_path, capsys):
+    """The built-in landmarks written as a class folder (datasets.synthetic.class_folder) and evaluated in the same
+    run as the benchmark itself: every method and post-processed row gives, under the folder's one protocol, the
+    benchmark's Medium mAP (the same images, boxes, positives and junk; another database order), with recall@k
+    beside it; the report, the AMES export and the comparison of two runs work on it."""
+    from datasets.revisited import load_ground_truth
+    from datasets.synthetic import SyntheticConfig
+    from datasets.synthetic.class_folder import write_class_folder
+
+    config = SyntheticConfig(n_landmarks=3, views_per_landmark=3, n_distractors=3, image_size=(96, 64),
+                             train_landmarks=2, train_views_per_landmark=2)
+    classes = write_class_folder(tmp_path / "classes", root=tmp_path / "data", config=config)
+    label = f"folder:{classes / 'test'}"
+    synth = "data.synthetic.config=" + json.dumps(config.to_dict())
+    assert _run(tmp_path, synth, f"data.datasets=[synth, {label}]", "rerank.cvnet.mode=paper", "viz.num_queries=1",
+                "viz.height=40", f"export.ames={tmp_path / 'ames'}") == 0
+    out = capsys.readouterr().out
+    assert "| Method | synth M | synth H | classes/test mAP |" in out
+    assert "| Method | mAP | R@1 | R@5 | R@10 | mP@1 | mP@5 | mP@10 |" in out
+    res = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    assert len(res["methods"]) == 4 + 2 * 6 and set(res["results"]) == {"synth", label}
+    for row in res["methods"]:
+        ours, theirs = res["results"][label][row], res["results"]["synth"][row]
+        assert list(ours["mAP"]) == ["class"] and set(ours["recall@k"]["class"]) == {"1", "5", "10"}
+        assert ours["recall@k"]["class"]["10"] >= ours["recall@k"]["class"]["1"]
+        if "dba" in row:  # α-DBA sums database neighbours, in database order: float32 rounding may swap a near-tie
+            assert abs(ours["mAP"]["class"] - theirs["mAP"]["medium"]) < 1.0, row
+            continue
+        assert abs(ours["mAP"]["class"] - theirs["mAP"]["medium"]) < 1e-9, row
+        assert ours["mP@k"]["class"] == pytest.approx(theirs["mP@k"]["medium"], abs=1e-9)
+    pq = res["per_query"]["datasets"][label]
+    assert pq["query_classes"] == ["landmark_00", "landmark_01", "landmark_02"]
+    assert pq["queries"][0] == "landmark_00/lm000_q0.jpg"
+    assert any(g.endswith("folder-classes-test_cvnet_rerank_q000.png") for g in res["grids"])
+    page = (tmp_path / "runs" / "run" / "report.html").read_text()
+    assert '<td class="cls">landmark_02</td>' in page and "https://" not in page
+
+    # the export, read as AMES reads it: the folder's ground truth in revisitop form, its own SuperGlobal ranking
+    folder = tmp_path / "ames" / "folder-classes-test"
+    gnd = load_ground_truth(folder / "gnd_folder-classes-test.pkl")["gnd"]
+    cache_nn, _, _ = read_ames_shortlist(folder, gnd)
+    assert cache_nn[1].long()[:, :10].tolist() == pq["methods"]["superglobal"]["top_ids"]  # all 12 exported
+    assert (folder / "test_query.txt").read_text().splitlines()[0] == "query/landmark_00/lm000_q0.jpg"
+    assert set(res["exports"]) == {"synth", label}
+
+    # the folder alone: the whitening row learns on its training/ images; compared query by query with the first run
+    assert _run(tmp_path, synth, f"data.datasets=[{label}]", "methods=[superglobal]", "post.rows=[whitening]",
+                "viz.num_queries=0", "name=alone") == 0
+    alone = json.loads((tmp_path / "runs" / "alone" / "results.json").read_text())
+    white = alone["post_rows"]["superglobal+whitening"]["settings"]["whitening"]
+    assert white["learned_on"] == str(classes / "training") and white["n_images"] == 4
+    assert alone["results"][label]["superglobal"] == res["results"][label]["superglobal"]
+    capsys.readouterr()
+    assert ev.main(ev.get_args_parser().parse_args(["--compare", str(tmp_path / "runs" / "run"),
+                                                    str(tmp_path / "runs" / "alone")])) == 0
+    text = capsys.readouterr().out
+    assert f"{label} superglobal class: mAP A" in text and "note: dataset synth is in one run only" in text

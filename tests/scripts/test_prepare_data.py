@@ -1,9 +1,11 @@
 """``prepare_data.py weights`` with no flag against a local stand-in for Google Drive and the R50 mirror on
 127.0.0.1 (no network): the folder listed, the confirmation page, an interrupted transfer resumed, the strict load
 of each file's depth, SHA256SUMS; and the one-line errors when offline, when a file is not the checkpoint, or when
-it changed since it was recorded."""
+it changed since it was recorded. Then ``synthetic --class-folder`` and ``revisitop``: the built-in landmarks as a
+class folder, and that folder back in the revisitop layout."""
 import hashlib
 
+import numpy as np
 import pytest
 
 import models.weights as weights_module
@@ -107,3 +109,39 @@ def test_url_names_one_file(tmp_path, capsys):
     assert "--url gives one file" in _one_line_error(capsys)
     assert main(["weights", "R50", "--root", str(tmp_path), "--url", "ftp://example.org/w.pyth"]) == 2
     assert "http(s)" in _one_line_error(capsys)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Class folders: the built-in landmarks as one, and one written in the revisitop layout
+# --------------------------------------------------------------------------------------------------------------
+
+TINY = ["--n-landmarks", "2", "--views-per-landmark", "3", "--n-distractors", "1", "--image-size", "96", "64",
+        "--train-landmarks", "2", "--train-views-per-landmark", "2", "--no-progress"]
+
+
+def test_synthetic_class_folder_then_revisitop_round_trip(tmp_path, capsys):
+    """`synthetic --class-folder` writes the built-in landmarks as a class folder; `revisitop` writes that folder back
+    in the revisitop layout, which datasets.revisited reads with the benchmark's own positives and junk."""
+    from datasets.revisited import load_ground_truth
+
+    classes = tmp_path / "classes"
+    assert main(["synthetic", "--root", str(tmp_path / "data"), "--class-folder", str(classes), *TINY]) == 0
+    assert sorted(p.name for p in (classes / "test").iterdir()) == ["gallery", "junk.txt", "query",
+                                                                     "query_boxes.csv"]
+    assert sorted(p.name for p in (classes / "training").iterdir()) == ["landmark_02", "landmark_03"]
+    assert main(["revisitop", str(classes / "test"), "--root", str(tmp_path / "data"), "--name", "back"]) == 0
+    synth = load_ground_truth(tmp_path / "data" / "synth" / "gnd_synth.pkl")
+    back = load_ground_truth(tmp_path / "data" / "back" / "gnd_back.pkl")
+    assert [q.removeprefix("query__").split("__")[-1] for q in back["qimlist"]] == synth["qimlist"]
+    stem = [name.split("__")[-1] for name in back["imlist"]]
+    for ours, theirs in zip(back["gnd"], synth["gnd"]):
+        positives = np.concatenate([theirs["easy"], theirs["hard"]])
+        assert sorted(stem[j] for j in ours["easy"]) == sorted(synth["imlist"][j] for j in positives)
+        assert sorted(stem[j] for j in ours["junk"]) == sorted(synth["imlist"][j] for j in theirs["junk"])
+        assert ours["bbx"].tolist() == theirs["bbx"].tolist() and ours["hard"].size == 0
+    # the second time: refused without --overwrite, in one line
+    capsys.readouterr()
+    assert main(["revisitop", str(classes / "test"), "--root", str(tmp_path / "data"), "--name", "back"]) == 2
+    assert "--overwrite" in _one_line_error(capsys)
+    assert main(["revisitop", str(tmp_path / "nowhere"), "--root", str(tmp_path / "data"), "--name", "x"]) == 2
+    assert "nowhere" in _one_line_error(capsys)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import MissingFileError
+from datasets.folder import ClassFolderSet
+from datasets.revisited import RevisitedDataset
 from helpers.config import ConfigError
 from helpers.evaluation.data import (
     CombinedReader,
@@ -16,11 +18,17 @@ from helpers.evaluation.data import (
     Descriptors,
     GlobalRanking,
     check_named_dataset,
+    dataset_protocols,
+    file_name,
+    folder_training_dir,
+    item_names,
+    open_revisited,
     rank_descriptors,
     resolve_datasets,
     stored_distractors,
 )
 from helpers.reranking import global_ranking
+from tests.support.class_folder import make_class_folder, write_image
 
 
 def _data(datasets, synthetic):
@@ -131,3 +139,50 @@ def test_combined_reader_continues_after_the_database():
     assert [reader.read(j) for j in range(5)] == ["a", "b", "x", "y", "z"]
     assert CombinedReader(_Images(["a"]), None).read(0) == "a"
     assert [reader.name(j) for j in (0, 1, 2, 4)] == ["a.jpg", "b.jpg", "x.jpg", "z.jpg"]
+
+
+def test_a_class_folder_is_named_folder_path_and_opened_as_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_class_folder(tmp_path / "shoes" / "test")
+    names, builtin = resolve_datasets(_data(["folder:shoes//test/", "synth"], "synth"))
+    assert names == ["folder:shoes/test", "synth"] and builtin  # the path as written, its separators normalised
+    with pytest.raises(ConfigError, match="names a dataset twice"):
+        resolve_datasets(_data(["folder:shoes/test", "folder:shoes/test/"], None))
+    check_named_dataset("data", "folder:shoes/test")  # on disk: nothing raised
+    with pytest.raises(MissingFileError) as err:
+        check_named_dataset("data", "folder:shoes/nope")
+    assert "shoes/nope" in _one_line(err) and "query/<class>/<images>" in _one_line(err)
+    kw = {"root": "data", "convention": None, "scales": (1.0,), "min_side": None}
+    queries = open_revisited(name="folder:shoes/test", split="query", **kw)
+    gallery = open_revisited(name="folder:shoes/test", split="db", **kw)
+    assert isinstance(queries, ClassFolderSet) and len(gallery) == 6
+    assert dataset_protocols(queries) == (("class",), True)
+    assert item_names(queries) == ["eiffel/q1.jpg", "louvre/nested/q2.png"]
+    reader = CombinedReader(gallery, None)
+    assert [reader.name(j) for j in range(len(gallery))][:2] == ["eiffel/a.jpg", "eiffel/b.jpg"]
+    # file names: a class folder's label without separators; every other label as it is
+    assert file_name("folder:shoes/test") == "folder-shoes-test"
+    assert file_name("folder:shoes/test+1m") == "folder-shoes-test+1m"
+    assert file_name("roxford5k+1m") == "roxford5k+1m"
+
+
+def test_revisited_sets_keep_their_protocols_and_file_names(tmp_path):
+    from datasets.synthetic import SyntheticConfig, build_synthetic
+
+    build_synthetic(tmp_path, name="s", config=SyntheticConfig(n_landmarks=2, views_per_landmark=2, n_distractors=1,
+                                                              image_size=(96, 64), train_landmarks=1,
+                                                              train_views_per_landmark=2), progress=False)
+    queries = open_revisited(root=str(tmp_path), name="s", split="query", convention=None, scales=(1.0,),
+                             min_side=None)
+    assert isinstance(queries, RevisitedDataset)
+    assert dataset_protocols(queries) == (("easy", "medium", "hard"), False)
+    assert item_names(queries) == ["lm000_q0.jpg", "lm001_q0.jpg"]
+
+
+def test_a_class_folders_whitening_learns_on_its_training_images(tmp_path):
+    test = make_class_folder(tmp_path / "shoes" / "test")
+    assert folder_training_dir(["synth", f"folder:{test}"]) is None
+    write_image(tmp_path / "shoes" / "training" / "a" / "1.jpg", 8, 8, 0)  # the CLIP layout: beside test/
+    assert folder_training_dir([f"folder:{test}"]) == str(tmp_path / "shoes" / "training")
+    write_image(test / "training" / "a" / "1.jpg", 8, 8, 0)  # inside PATH first
+    assert folder_training_dir(["roxford5k", f"folder:{test}"]) == str(test / "training")

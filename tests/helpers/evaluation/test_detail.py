@@ -84,3 +84,17 @@ def test_ranking_detail_matches_the_evaluation():
     assert detail.scores == pytest.approx(np.take_along_axis(sims, detail.ids, axis=1), abs=1e-6)
     missing = lookup_scores([{int(ranks[0, q]): 0.5} for q in range(3)])(detail.ids)
     assert (missing[:, 0] == 0.5).all() and np.isnan(missing[:, 1:]).all()
+
+
+def test_ranking_detail_of_a_class_folder_has_its_one_protocol():
+    """Under a class folder's protocol the detail holds its APs and curve only; a per-protocol ranking (CVNet's
+    paper mode) is listed and scored at 'medium', whose ground truth the class protocol shares."""
+    xq, xb = _vectors()
+    _, ranks = global_ranking(xq, xb)
+    gnd = [{"easy": [int(ranks[1, q]), 5], "hard": [], "junk": [int(ranks[0, q])]} for q in range(3)]
+    per_protocol = {"easy": ranks[::-1].copy(), "medium": ranks, "hard": ranks[::-1].copy()}
+    ev = evaluate_revisited(per_protocol, gnd, [1], protocols=("class",), recall=True)
+    detail = ranking_detail(per_protocol, ev, gnd, top=3, score_of=global_scores(xq, xb), source="cosine")
+    assert list(detail.aps) == ["class"] and list(detail.precision) == ["class"]
+    np.testing.assert_array_equal(detail.aps["class"], compute_map(ranks, build_protocols(gnd)["medium"])[1])
+    assert detail.ids.tolist() == ranks[:3].T.tolist() and detail.labels[0][:2] == ["junk", "positive"]

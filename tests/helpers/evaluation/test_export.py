@@ -49,3 +49,32 @@ def test_given_ranking_is_written_as_is_and_top_m_is_clamped(tmp_path):
     with open(tmp_path / "d" / "nn_superglobal_rerank.pkl", "rb") as f:
         cache_nn = pickle.load(f)
     assert cache_nn[1].long().tolist() == [[4, 0, 2], [1, 3, 0]]
+
+
+def test_a_class_folder_is_exported_with_its_ground_truth_in_revisitop_form(tmp_path):
+    from datasets.folder import ClassFolderSet, list_class_folder
+    from datasets.revisited import load_ground_truth
+    from helpers.evaluation.export import export_ames
+    from tests.support.class_folder import make_class_folder
+
+    root = make_class_folder(tmp_path / "shoes" / "test")
+    queries, gallery = ClassFolderSet(root, "query"), ClassFolderSet(root, "db")
+    xq = F.normalize(torch.randn(2, 8), dim=1)
+    xb = F.normalize(torch.randn(len(gallery), 8), dim=1)
+    ranks = (xb @ xq.T).argsort(dim=0, descending=True).numpy()
+    out = export_ames(tmp_path / "ames", name="folder-shoes-test", query_set=queries, db_set=gallery, xq=xq, xb=xb,
+                      ranks=ranks, m=4)
+    folder = tmp_path / "ames" / "folder-shoes-test"
+    assert out["files"]["gnd"] == str(folder / "gnd_folder-shoes-test.pkl")
+    gnd = load_ground_truth(folder / "gnd_folder-shoes-test.pkl")["gnd"]
+    for entry, expected in zip(gnd, list_class_folder(root).ground_truth()):
+        assert entry["easy"].tolist() == expected["easy"].tolist()
+        assert entry["junk"].tolist() == expected["junk"].tolist()
+    cache_nn, _, ids = read_ames_shortlist(folder, gnd)
+    assert cache_nn[1].long().tolist() == ranks[:4].T.tolist()  # the ranking given, as AMES reads it
+    assert gnd[0]["junk"].tolist() == [2]  # eiffel/blurry.jpg: moved to the end for query 0 by AMES's loader
+    kept = [int(j) for j in ranks[:4, 0] if j != 2]
+    assert ids[0, : len(kept)].tolist() == kept
+    assert (folder / "test_query.txt").read_text().splitlines() == ["query/eiffel/q1.jpg",
+                                                                    "query/louvre/nested/q2.png"]
+    assert (folder / "test_gallery.txt").read_text().splitlines()[3] == "gallery/loose.jpg"

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from helpers.evaluation.metrics import (
+    CLASS_PROTOCOLS,
     PR_RECALL_LEVELS,
     build_protocols,
     compute_ap,
     compute_map,
+    compute_recall,
     evaluate_revisited,
     format_percent,
     interpolated_precision,
@@ -191,6 +193,47 @@ def test_metrics_in_percent_for_the_report():
     none = metrics_percent(evaluate_revisited(ranks, [{"easy": [0], "hard": [], "junk": []}] * 2, kappas=(1,)))
     assert none["mAP"]["hard"] is None and none["n_queries"]["hard"] == 0
     assert format_percent(none["mAP"]["hard"]) == "n/a" and format_percent(12.345) == "12.35"
+
+
+def test_recall_at_k_against_a_loop_with_junk_removed():
+    rng = np.random.default_rng(3)
+    n_db, nq, kappas = 30, 6, [1, 2, 5, 10]
+    ranks = np.stack([rng.permutation(n_db) for _ in range(nq)], axis=1)
+    gnd = []
+    for q in range(nq):
+        ids = rng.permutation(n_db)
+        gnd.append({"ok": ids[: 0 if q == 2 else 1 + q], "junk": ids[10:14]})
+    gnd[0] = {"ok": [int(ranks[2, 0])], "junk": [int(ranks[0, 0]), int(ranks[1, 0])]}  # first after 2 junk: R@1
+    mean, per_query = compute_recall(ranks, gnd, kappas)
+    for q, g in enumerate(gnd):
+        if not len(g["ok"]):
+            assert np.isnan(per_query[q]).all()
+            continue
+        kept = [int(j) for j in ranks[:, q] if int(j) not in set(np.asarray(g["junk"]).tolist())]
+        first = next(r for r, j in enumerate(kept, start=1) if j in set(np.asarray(g["ok"]).tolist()))
+        assert per_query[q].tolist() == [float(first <= k) for k in kappas]
+    assert per_query[0].tolist() == [1.0] * 4
+    np.testing.assert_allclose(mean, np.nanmean(per_query, axis=0), rtol=1e-15)
+
+
+def test_the_class_protocol_is_medium_with_recall_and_reads_a_per_protocol_ranking_at_medium():
+    """A class folder's ground truth puts its positives in 'easy' and nothing in 'hard': its one protocol is
+    revisitop's Medium, and a ranking given per protocol (CVNet's paper mode) is read at 'medium'."""
+    rng = np.random.default_rng(9)
+    n_db, nq = 25, 5
+    gnd = [{"easy": rng.permutation(n_db)[:4], "hard": np.empty(0, np.int64), "junk": [q]} for q in range(nq)]
+    mats = {p: np.stack([rng.permutation(n_db) for _ in range(nq)], axis=1) for p in ("easy", "medium", "hard")}
+    revisited = evaluate_revisited(mats, gnd, kappas=(1, 5))
+    ours = evaluate_revisited(mats, gnd, kappas=(1, 5), protocols=CLASS_PROTOCOLS, recall=True)
+    assert list(ours) == ["class"]
+    assert ours["class"]["mAP"] == revisited["medium"]["mAP"] and ours["class"]["mP@k"] == revisited["medium"]["mP@k"]
+    np.testing.assert_array_equal(ours["class"]["aps"], revisited["medium"]["aps"])
+    recall = compute_recall(mats["medium"], build_protocols(gnd)["medium"], [1, 5])[0]
+    assert ours["class"]["recall@k"] == {1: recall[0], 5: recall[1]}
+    out = metrics_percent(ours)
+    assert set(out) == {"mAP", "mP@k", "recall@k", "n_queries"} and out["n_queries"] == {"class": nq}
+    assert out["recall@k"]["class"]["5"] == 100 * recall[1]
+    assert "recall@k" not in metrics_percent(revisited) and "recall@k" not in revisited["medium"]
 
 
 # --- metric regression fixture: revisitop's precomputed R-GeM features ----------------------------------

@@ -2,6 +2,7 @@
 (learned once on the training split, saved beside the weights with their sha256, reused, or loaded from a file)."""
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_whitening_without_a_weights_file_lives_in_the_cache_folder(tmp_path, tr
 
 def test_whitening_outside_the_builtin_benchmark_needs_a_saved_file(tmp_path, train_split):
     kw = {"kind": "superglobal", "model": _Model(), "state_hash": "s1", "d": 16, "scales": (1.0,)}
-    with pytest.raises(ConfigError, match="not on the built-in benchmark.*whiten-superglobal.pt"):
+    with pytest.raises(ConfigError, match="class folder's training images.*has neither.*whiten-superglobal.pt"):
         obtain_whitening(_ctx(tmp_path, train=None), **kw)
     obtain_whitening(_ctx(tmp_path), **kw)  # a built-in run with the same weights saves it beside them ...
     saved, info = obtain_whitening(_ctx(tmp_path, train=None), **kw)  # ... where a run on real data finds it
@@ -207,10 +208,38 @@ def test_too_few_training_images_is_a_clear_error(tmp_path, train_split):
 def test_the_training_images_can_be_thinned_evenly(tmp_path, train_split):
     from helpers.evaluation.post import TrainImages
 
-    all_images = TrainImages(tmp_path / "data", "synth", convention=OFFICIAL_CONVENTION, scales=(1.0,), min_side=None)
-    some = TrainImages(tmp_path / "data", "synth", convention=OFFICIAL_CONVENTION, scales=(1.0,), min_side=None,
-                       max_images=4)
+    kw = {"convention": OFFICIAL_CONVENTION, "scales": (1.0,), "min_side": None}
+    all_images = TrainImages.builtin(tmp_path / "data", "synth", **kw)
+    some = TrainImages.builtin(tmp_path / "data", "synth", max_images=4, **kw)
     assert len(all_images) == 12 and all_images.name == "synth_train"
+    assert all_images.folder == str(tmp_path / "data" / "synth_train")
     assert [os.path.basename(p) for p in some.image_paths] == ["t0.jpg", "t4.jpg", "t7.jpg", "t11.jpg"]
-    assert len(TrainImages(tmp_path / "data", "synth", convention=OFFICIAL_CONVENTION, scales=(1.0,),
-                           min_side=None, max_images=50)) == 12
+    assert len(TrainImages.builtin(tmp_path / "data", "synth", max_images=50, **kw)) == 12
+
+
+def test_a_class_folders_whitening_is_learned_on_its_training_images(tmp_path, monkeypatch):
+    """``train_dir``: every image under the folder's training/ (its classes, and loose images), thinned evenly;
+    the whitening records where it was learned."""
+    from helpers.evaluation.post import TrainImages
+    from tests.support.class_folder import write_image
+
+    training = tmp_path / "shoes" / "training"
+    for i in range(6):
+        write_image(training / f"c{i % 2}" / f"{i}.jpg", 8, 8, 10 * i)
+    write_image(training / "loose.jpg", 8, 8, 99)
+    images = TrainImages.class_folder(training, convention=OFFICIAL_CONVENTION, scales=(1.0,), min_side=None)
+    assert len(images) == 7 and images.root == str(training) and images.name == "folder-shoes-training"
+    assert images.read(6).shape == (8, 8, 3) and images.image_paths[6] == str(training / "loose.jpg")
+    g = torch.Generator().manual_seed(1)
+    vectors = F.normalize(torch.randn(7, 16, generator=g), dim=1)
+    calls = []
+    monkeypatch.setattr(EP, "cached_global_descriptors",
+                        lambda *, dataset, label, **kw: calls.append((label, len(dataset))) or vectors)
+    ctx = replace(_ctx(tmp_path, train=None), train_dir=str(training))
+    saved, info = obtain_whitening(ctx, kind="superglobal", model=_Model(), state_hash="s1", d=16, scales=(1.0,))
+    assert calls == [("folder-shoes-training-superglobal-r50", 7)]
+    assert info["learned_on"] == str(training) and info["n_images"] == 7 and info["dim"] == 6
+    torch.testing.assert_close(saved["projection"], MF.learn_pca_whitening(vectors.double())["projection"].float())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images under"):
+        TrainImages.class_folder(tmp_path / "empty", convention=OFFICIAL_CONVENTION, scales=(1.0,), min_side=None)

@@ -369,3 +369,56 @@ def test_post_rows_are_reported_like_any_row(tmp_path, toy_post_run):
     assert page.count('<li class="tile ') == 3 * 3 * 5  # a strip per row in each card
     # the grids stay one per method (report.html shows the post rows' top results)
     assert not any("dba" in g for g in res["grids"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A class folder: one protocol, its classes, recall@k
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_class_folder_is_reported_under_its_one_protocol(tmp_path, toy_folder_run):
+    outcome = toy_folder_run.outcome
+    (label,) = outcome.results
+    text = write_report(cfg=_toy_cfg(), outcome=outcome, run_dir=tmp_path / "run", start=time.perf_counter())
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    r = res["results"][label]["cvnet_global"]
+    assert set(r) == {"mAP", "mP@k", "recall@k", "n_queries"} and list(r["mAP"]) == ["class"]
+    # the tables: one mAP column in the papers' layout, then mAP, recall@k and mP@k
+    assert dataset_title(label) == "shoes/test" and "### mAP (%)\n\n| Method | shoes/test mAP |" in text
+    row = (f"| CVNet-Global R50 | {r['mAP']['class']:.2f} | {r['recall@k']['class']['1']:.2f} | "
+           f"{r['recall@k']['class']['5']:.2f} | {r['mP@k']['class']['1']:.2f} | {r['mP@k']['class']['5']:.2f} |")
+    assert "| Method | mAP | R@1 | R@5 | mP@1 | mP@5 |" in text and row in text
+    assert f"### {label}: mAP, recall@k and mP@k (%) — queries with positives: 2" in text
+    # per query: names with their class, the classes, APs that average to the mAP
+    ds = res["per_query"]["datasets"][label]
+    assert ds["queries"] == ["eiffel/q1.jpg", "louvre/nested/q2.png"] and ds["query_classes"] == ["eiffel", "louvre"]
+    assert set(ds["db_names"].values()) <= {"eiffel/a.jpg", "eiffel/b.jpg", "eiffel/blurry.jpg", "loose.jpg",
+                                            "louvre/c.jpg", "pisa/d.jpg"}
+    m = ds["methods"]["cvnet_rerank"]
+    assert list(m["ap"]) == list(m["ap_change"]) == list(m["pr"]) == ["class"]
+    assert np.isclose(np.mean(m["ap"]["class"]), res["results"][label]["cvnet_rerank"]["mAP"]["class"])
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert f"### {label}: CVNet-Global R50\n\n| # | query | AP |\n" in md
+    assert "| # | query | AP | dAP |" in md and "| 1 | louvre/nested/q2.png | " in md
+    # the page: one precision-recall panel, a class column, the folder's legend; no E/M/H anywhere
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert page.count("<polyline") == 2 and page.count("<th>class</th>") == 2 and '<td class="cls">louvre</td>' in page
+    assert "positive (the query's class)" in page and "junk.txt" in page
+    for revisited in (">AP Easy<", "AP Medium", "Medium protocol", "easy or hard"):
+        assert revisited not in page
+    assert [Path(g).name for g in res["grids"]][:2] == ["folder-shoes-test_cvnet_global_q000.png",
+                                                        "folder-shoes-test_cvnet_global_q001.png"]
+
+
+def test_two_runs_on_a_class_folder_compare_under_its_protocol(tmp_path, toy_folder_run):
+    from helpers.report.compare import compare_runs
+
+    (label,) = toy_folder_run.outcome.results
+    write_report(cfg=_toy_cfg(), outcome=toy_folder_run.outcome, run_dir=tmp_path / "a", start=time.perf_counter())
+    b = json.loads((tmp_path / "a" / "results.json").read_text())
+    b["per_query"]["datasets"][label]["methods"]["cvnet_global"]["ap"]["class"][1] += 7.0
+    write_json(tmp_path / "b" / "results.json", b)
+    text = compare_runs(tmp_path / "a", tmp_path / "b")
+    assert f"{label} cvnet_global class: mAP A" in text and "easy" not in text
+    block = text.split(f"{label} cvnet_global class:")[1].split("\n\n")[0].splitlines()
+    assert block[1] == "  1 queries changed, 1 unchanged" and block[3].split()[:2] == ["1", "louvre/nested/q2.png"]
