@@ -85,6 +85,31 @@ def resize_to(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+#: BGR luma weights (ITU-R BT.601), float32
+_LUMA_BGR = (np.float32(0.114), np.float32(0.587), np.float32(0.299))
+
+
+def luma(x: np.ndarray) -> np.ndarray:
+    """(H, W) float32 luma of a float32 (H, W, 3) BGR image: three multiplies and two adds, in this order.
+
+    Not ``x @ weights``: numpy hands that product to its BLAS, and the kernel OpenBLAS picks depends on the CPU
+    (its AVX-512 kernel fuses each multiply-add, its AVX2 kernel rounds the products first), so one image got
+    different greys, and after rounding different pixels, on different machines. Element-wise float32 operations
+    round every step the same way on any CPU.
+    """
+    b, g, r = _LUMA_BGR
+    return x[..., 0] * b + x[..., 1] * g + x[..., 2] * r
+
+
+def exact_mean(x: np.ndarray) -> np.float32:
+    """The mean of a float32 array, correctly rounded (``math.fsum``), as float32.
+
+    Not ``x.mean()``: numpy's float32 summation order changed between releases (2.0 and 2.4 give different last
+    bits), and the colour jitter then drew different pixels with another numpy.
+    """
+    return np.float32(math.fsum(x.ravel().tolist()) / max(x.size, 1))
+
+
 def color_jitter(
     img: np.ndarray,
     rng: np.random.Generator,
@@ -99,11 +124,12 @@ def color_jitter(
     x = img.astype(np.float32)
     if brightness:
         x *= rng.uniform(1 - brightness, 1 + brightness)
-    grey = x @ np.array([0.114, 0.587, 0.299], dtype=np.float32)  # BGR luma weights
+    grey = luma(x)
     if contrast:
         c = rng.uniform(1 - contrast, 1 + contrast)
-        x = (x - grey.mean()) * c + grey.mean()
-        grey = x @ np.array([0.114, 0.587, 0.299], dtype=np.float32)
+        m = exact_mean(grey)
+        x = (x - m) * c + m
+        grey = luma(x)
     if saturation:
         s = rng.uniform(1 - saturation, 1 + saturation)
         x = grey[..., None] + (x - grey[..., None]) * s
@@ -240,9 +266,11 @@ __all__ = [
     "ResizedImages",
     "TrainAugment",
     "color_jitter",
+    "exact_mean",
     "hide_and_seek",
     "hide_and_seek_mask",
     "item_rng",
+    "luma",
     "random_resized_crop",
     "resize_to",
 ]

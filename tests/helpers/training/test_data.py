@@ -5,7 +5,16 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from datasets.augment import AugmentedPairs, TrainAugment, hide_and_seek, hide_and_seek_mask, random_resized_crop
+from datasets.augment import (
+    AugmentedPairs,
+    TrainAugment,
+    color_jitter,
+    exact_mean,
+    hide_and_seek,
+    hide_and_seek_mask,
+    luma,
+    random_resized_crop,
+)
 from datasets.folder import CorruptImageError
 from datasets.paired import PairedDataset
 from helpers.training.data import (
@@ -118,6 +127,33 @@ def test_random_resized_crop_size_and_determinism():
     b = random_resized_crop(img, np.random.default_rng(7), size=24)
     assert a.shape == (24, 24, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
     assert random_resized_crop(img, np.random.default_rng(7), size=(10, 20)).shape == (10, 20, 3)
+
+
+def test_luma_rounds_each_product_and_sum_in_a_fixed_order():
+    # the colour jitter's grey must not go through BLAS (whose kernel, and so its rounding, depends on the CPU):
+    # each pixel is (b * 0.114 + g * 0.587) + r * 0.299 with every step rounded to float32
+    x = np.random.default_rng(0).uniform(0, 300, (17, 23, 3)).astype(np.float32)
+    wb, wg, wr = np.float32(0.114), np.float32(0.587), np.float32(0.299)
+    want = np.array([[np.float32(np.float32(np.float32(p[0] * wb) + np.float32(p[1] * wg)) + np.float32(p[2] * wr))
+                      for p in row] for row in x], dtype=np.float32)
+    assert luma(x).dtype == np.float32 and np.array_equal(luma(x), want)
+
+
+def test_exact_mean_does_not_depend_on_the_summation_order():
+    # numpy's float32 summation order changed between releases; the jitter's mean must not follow it
+    rng = np.random.default_rng(1)
+    x = (rng.uniform(0, 255, 9216) * rng.choice([1.0, 1e-4], 9216)).astype(np.float32)
+    orders = [x, x[::-1], x[rng.permutation(x.size)], np.sort(x)]
+    naive = {float(np.add.accumulate(v)[-1]) for v in orders}  # a float32 running sum does depend on the order
+    assert len(naive) > 1
+    assert len({exact_mean(v) for v in orders}) == 1
+    assert exact_mean(x).dtype == np.float32
+    assert abs(float(exact_mean(x)) - x.astype(np.float64).mean()) <= np.spacing(exact_mean(x))
+    img = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    a = color_jitter(img, np.random.default_rng(3), brightness=0.2, contrast=0.2, saturation=0.1)
+    assert np.array_equal(a, color_jitter(img, np.random.default_rng(3), brightness=0.2, contrast=0.2,
+                                          saturation=0.1))
+    assert a.dtype == np.uint8 and a.shape == img.shape and not np.array_equal(a, img)
 
 
 def test_augmented_pairs_are_a_pure_function_of_seed_epoch_index(constant_images):
