@@ -1,7 +1,10 @@
 """The synthetic benchmark: deterministic, in the revisitop layout, with consistent and learnable labels."""
 import csv
+import hashlib
 import json
 import pickle
+import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +91,26 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
     assert (a / "gnd_t.pkl").read_bytes() != (c / "gnd_t.pkl").read_bytes()
     same = [np.array_equal(_image(a, n[:-4]), _image(c, n[:-4])) for n in names]
     assert not any(same)
+
+
+#: sha256 of a TINY build (every file's relative path and bytes), drawn by the OpenCV that requirements.txt pins.
+#: Measured equal with OpenCV's AVX-512 code and Intel IPP's AVX-512 paths switched off (an AVX2-only CPU).
+TINY_SHA256 = "34aa8b70eff9a79605238bd8bd7abec7815b583c196fc001365c193404fae2fd"
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="recorded on x86-64; OpenCV draws through other SIMD code on other architectures")
+def test_the_pinned_opencv_draws_the_recorded_bytes(tmp_path):
+    # OpenCV 4.10, 4.14, 5.0 and 5.1 each draw this build differently (anti-aliased shapes, warps, blurs), and the
+    # built-in figures hold for one drawing only: requirements.txt pins the release, this test holds it to its bytes
+    pinned = re.search(r"^opencv-python-headless==(\S+)", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
+    assert pinned, "requirements.txt must pin opencv-python-headless exactly: other releases draw other data"
+    build_synthetic(tmp_path, name="t", config=TINY, progress=False)
+    h = hashlib.sha256()
+    for p in sorted(q for q in tmp_path.rglob("*") if q.is_file()):
+        h.update(p.relative_to(tmp_path).as_posix().encode() + b"\0" + p.read_bytes())
+    assert h.hexdigest() == TINY_SHA256, (f"OpenCV {cv2.__version__} drew other bytes than the recorded build "
+                                          f"(requirements.txt pins {pinned.group(1)})")
 
 
 def test_layout_and_pickle_types(small):
