@@ -184,6 +184,17 @@ def test_every_shipped_config_passes_its_schema(path):
     assert cfg
 
 
+def test_the_builtin_pipeline_fixes_its_thread_count():
+    # torch's default is one thread per core, and 1 and 2 threads train different weights: the built-in run
+    # (train_backbone.py, train_rerank.py, eval.py with no arguments) names one count, the same in all three
+    from helpers.schemas import EVAL, TRAIN_BACKBONE, TRAIN_RERANK
+
+    backbone = load_config(REPO / "configs" / "builtin_backbone.yaml", schema=TRAIN_BACKBONE)
+    rerank = load_config(REPO / "configs" / "builtin_rerank.yaml", schema=TRAIN_RERANK)
+    evaluation = load_config(REPO / "configs" / "eval_builtin.yaml", schema=EVAL)
+    assert backbone["train"]["threads"] == rerank["train"]["threads"] == evaluation["threads"] == 2
+
+
 def test_schema_module_imports_no_torch():
     import subprocess
 
