@@ -41,16 +41,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregation", choices=["max", "mean", "sum"], default="max")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (default 2, as the built-in configs: the count changes the descriptors' "
+                        "last bits; 0: torch's default, one per core)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    import torch
+
     from datasets.synthetic import build_synthetic
     from helpers.builders import build_model
     from helpers.distributed import resolve_device
     from helpers.fewshot import class_folder_views, describe_images, few_shot_accuracy, landmark_views, shot_classes
     from models import TimmGlobal
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.folder:
         paths, labels, classes = class_folder_views(args.folder)

@@ -47,3 +47,10 @@ def test_any_class_folder_is_classified(tmp_path):
     out = _run("fewshot.py", "--folder", str(gallery), "--shots", "3", "--model", "timm:resnet18", "--device", "cpu",
                timeout=300)
     assert out.returncode == 2 and "3 shots need more than 3 examples" in out.stderr.strip().splitlines()[-1]
+
+
+def test_negative_threads_is_one_line(tmp_path):
+    out = _run("fewshot.py", "--root", str(tmp_path), "--threads", "-1")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "fewshot.py: error: --threads must be >= 0, got -1"
+    assert "Traceback" not in out.stderr
