@@ -22,6 +22,13 @@ NAME = "fewshot.py"
 BUILTIN_BACKBONE = os.path.join("runs", "builtin", "backbone", "last.pyth")
 
 
+def _threads(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=NAME, description="Few-shot top-1 accuracy of classification by retrieval "
                                                        "on the built-in synthetic landmarks or a class folder.")
@@ -41,15 +48,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregation", choices=["max", "mean", "sum"], default="max")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--threads", type=_threads, default=2,
                    help="torch CPU threads (default 2, as the built-in configs: the count changes the descriptors' "
                         "last bits; 0: torch's default, one per core)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     import torch
 
     from datasets.synthetic import build_synthetic

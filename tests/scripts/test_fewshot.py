@@ -52,5 +52,5 @@ def test_any_class_folder_is_classified(tmp_path):
 def test_negative_threads_is_one_line(tmp_path):
     out = _run("fewshot.py", "--root", str(tmp_path), "--threads", "-1")
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == "fewshot.py: error: --threads must be >= 0, got -1"
+    assert out.stderr.strip().splitlines()[-1] == "fewshot.py: error: argument --threads: must be >= 0, got -1"
     assert "Traceback" not in out.stderr
