@@ -183,6 +183,27 @@ def test_fold_batchnorm_keeps_the_backbone_output():
         fold_batchnorm_(nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fuse_conv_bn_rounds_as_the_direct_formula(bias):
+    """w' = w * s, b' = (b - mean) * s + beta with s = gamma / sqrt(var + eps), bit for bit (torch's own fusion
+    rounds s through rsqrt and differs in the last bit: the figures would move)."""
+    from models.inference import fuse_conv_bn
+
+    torch.manual_seed(2)
+    conv, bn = nn.Conv2d(8, 16, 3, bias=bias).eval(), nn.BatchNorm2d(16).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.01, 3.0)
+    bn.weight.data.normal_()
+    bn.bias.data.normal_()
+    s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    b = conv.bias.detach() if bias else torch.zeros(16)
+    original = conv.weight.detach().clone()
+    fused = fuse_conv_bn(conv, bn)
+    assert torch.equal(fused.weight, conv.weight.detach() * s.view(-1, 1, 1, 1))
+    assert torch.equal(fused.bias, (b - bn.running_mean) * s + bn.bias.detach())
+    assert torch.equal(conv.weight, original)  # the conv itself is untouched
+
+
 @pytest.mark.parametrize("name", ["cvnet", "superglobal"])
 def test_bucketed_batched_extraction_equals_one_by_one(name):
     from bench.extract import baseline_descriptors, library_descriptors, make_images, randomise_batchnorm_
