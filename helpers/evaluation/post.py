@@ -33,6 +33,7 @@ from datasets.folder import ImageFiles, class_folder_title, class_images
 from helpers.cache_keys import dataset_signature, model_signature
 from helpers.config import ConfigError
 from helpers.evaluation.data import Descriptors
+from helpers.evaluation.models import METHOD_BASE
 from helpers.extraction import cached_global_descriptors
 from helpers.postprocess import PostProcessing, postprocess_ranking, whiten_parts
 from helpers.reranking import db_rows
@@ -130,8 +131,7 @@ def row_order(methods: Sequence[str], rows: Sequence[PostRow]) -> list[str]:
     pending = list(rows)
     for method in methods:
         order.append(method)
-        base = "timm_global" if method == "timm_global" else ("cvnet_global" if method.startswith("cvnet")
-                                                              else "superglobal")
+        base = METHOD_BASE[method]
         order += [r.key for r in pending if r.base == base]
         pending = [r for r in pending if r.base != base]
     return order + [r.key for r in pending]
