@@ -218,6 +218,35 @@ class AugmentedPairs(Dataset):
         return to_tensor(a, self.convention), to_tensor(b, self.convention), int(label)
 
 
+class AugmentedImages(Dataset):
+    """``(image, label)`` items -> ``(augmented, normalised (3, size, size) tensor, label)``, one view per item,
+    drawn from ``item_rng(seed, epoch, key)``.
+
+    A key ``i + d * len(dataset)`` is the d-th draw of item i in an epoch (what
+    :class:`helpers.training.data.PKSampler` yields): another view of the same image. Plain indices are the
+    draws d = 0.
+    """
+
+    def __init__(self, dataset: Dataset, *, augment: TrainAugment, convention: InputConvention,
+                 seed: int = 0) -> None:
+        self.dataset = dataset
+        self.augment = augment
+        self.convention = convention
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int) -> tuple[Tensor, int]:
+        image, label = self.dataset[int(key) % len(self.dataset)]
+        view = self.augment(image, item_rng(self.seed, self.epoch, int(key), _SALT_QUERY))
+        return to_tensor(view, self.convention), int(label)
+
+
 class ResizedImages(Dataset):
     """``(image, label)`` items -> ``(normalised (3, size, size) tensor, label)``, no randomness (for mining)."""
 
@@ -235,6 +264,7 @@ class ResizedImages(Dataset):
 
 
 __all__ = [
+    "AugmentedImages",
     "AugmentedPairs",
     "LabelledImageList",
     "ResizedImages",
