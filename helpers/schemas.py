@@ -221,7 +221,7 @@ TRAIN_BACKBONE = Schema(
                            pattern_text="resnet, or timm:<timm model name> such as timm:vit_small_patch16_224"),
         "model.depth": DEPTH,
         "model.reduction_dim": OPTIONAL_POSITIVE_INT,
-        "model.pooling": Rule(choices=("gem", "gem+", "rgem")),
+        "model.pooling": Rule(choices=("gem", "gem+", "rgem", "token")),
         "model.pretrained_file": Rule(types=(str,), nullable=True),
         "model.imagenet_weights": Rule(choices=("auto", True, False)),
         "model.init_checkpoint": Rule(types=(str,), nullable=True),

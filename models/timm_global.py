@@ -28,7 +28,8 @@ from models.checkpoint import CheckpointError, read_checkpoint
 from . import functional as MF
 from .layers import EmbeddingHead, GeM
 
-POOLINGS = ("gem", "gem+", "rgem")
+#: "token": the backbone's own pooled vector (a timm ViT's class token after its final norm; a CNN's average)
+POOLINGS = ("gem", "gem+", "rgem", "token")
 #: "linear": SuperGlobal's order (L2, fc, L2); "embedding": the reference CLIP retrieval system's head (fc,
 #: BatchNorm, Dropout, L2), :class:`models.layers.EmbeddingHead`
 HEADS = ("linear", "embedding")
@@ -38,7 +39,8 @@ class FeatureMapGlobal(nn.Module):
     """A global descriptor from any module ``body`` with ``body(images) -> (B, C, H, W)``.
 
     ``pooling``: ``"gem"`` (learnable p, init 3, CVNet's), ``"gem+"`` (fixed p = 4.6, SuperGlobal's) or
-    ``"rgem"`` (SuperGlobal's Regional-GeM on the rectified map, then GeM+). ``dim`` with ``head="linear"``: a
+    ``"rgem"`` (SuperGlobal's Regional-GeM on the rectified map, then GeM+) or ``"token"`` (the pooled vector
+    ``body.pooled(images)`` of a body that has one, e.g. a timm ViT's class token). ``dim`` with ``head="linear"``: a
     linear projection to ``dim`` of the L2-normalised pooled vector (SuperGlobal's order: L2, fc, L2; None: keep
     C); with ``head="embedding"``: :class:`~models.layers.EmbeddingHead` (fc to ``dim``, BatchNorm, Dropout
     ``head_dropout``) on the pooled vector. Output (B, D), L2-normalised.
@@ -54,6 +56,9 @@ class FeatureMapGlobal(nn.Module):
             raise InvalidValueError(f"head must be one of {HEADS}, got {head!r}")
         if head == "embedding" and dim is None:
             raise InvalidValueError("the embedding head needs its output dim")
+        if pooling == "token" and not hasattr(body, "pooled"):
+            raise InvalidValueError("pooling='token' needs a body with its own pooled vector, not "
+                                    f"{type(body).__name__}")
         self.body = body
         self.pooling = pooling
         self.channels = channels
@@ -73,6 +78,8 @@ class FeatureMapGlobal(nn.Module):
         return self.body(images)
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.pooling == "token":
+            return self._head(self.body.pooled(images))
         maps = self.feature_maps(images)
         if maps.ndim != 4 or maps.shape[1] != self.channels:
             raise InvalidValueError(f"the backbone must return (B, {self.channels}, H, W) maps, got "
@@ -83,6 +90,10 @@ class FeatureMapGlobal(nn.Module):
             pooled = MF.gem(maps, 4.6, 1e-8)
         else:  # Regional-GeM's LP-pool needs non-negative input (a ViT's tokens are signed)
             pooled = MF.gem(MF.regional_gem(maps.clamp(min=0)), 4.6, 1e-8)
+        return self._head(pooled)
+
+    def _head(self, pooled: Tensor) -> Tensor:
+        """(B, C) pooled -> (B, D) descriptors: the head, then L2."""
         if self.head == "embedding":
             pooled = self.projection(pooled)
         elif self.projection is not None:
@@ -92,11 +103,16 @@ class FeatureMapGlobal(nn.Module):
 
 class _TimmMaps(nn.Module):
     """A timm model's ``forward_features`` as (B, C, h, w) maps: CNN maps as they are, a ViT's patch tokens
-    (prefix tokens dropped) laid back on their grid."""
+    (prefix tokens dropped) laid back on their grid; ``pooled``: the model's own pooled (B, C) vector."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+
+    def pooled(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, C): timm's ``forward_head(pre_logits=True)`` (a ViT's class token after its final
+        norm, a CNN's global pooling)."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
 
     def forward(self, images: Tensor) -> Tensor:
         feats = self.model.forward_features(images)

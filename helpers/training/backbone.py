@@ -220,10 +220,10 @@ def train_metric(*, cfg: Mapping[str, Any], resume: bool = False, overwrite: boo
         _log_plan(run, model, data, images=len(items), total=total, arch=arch, objective=_describe(loss, cfg))
         task = MetricTask(run, model, objective, loss, opt, total_steps=total)
         result = run.train(items, task, sampler=metric_sampler(cfg["data"], data, run),
-                           extra_log={"stage": "backbone", "loss": "circle", "num_classes": data.num_classes,
+                           extra_log={"stage": "backbone", "objective": "circle", "num_classes": data.num_classes,
                                       "images": len(items), "miner_start_step": loss.miner_start_step})
         return run.finish(stage="backbone", result=result, trained=objective,
-                          extra={"arch": arch, "loss": "circle", "miner_start_step": loss.miner_start_step})
+                          extra={"arch": arch, "objective": "circle", "miner_start_step": loss.miner_start_step})
 
 
 def build_global_model(cfg: Mapping[str, Any], *, env: DistEnv, seed: int) -> nn.Module:

@@ -67,8 +67,9 @@ class MetricLoss:
         return self.miner is not None and step >= self.miner_start_step
 
     def __call__(self, embeddings: Tensor, labels: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        # float32 whatever the autocast: Circle loss's gamma = 80 scales similarities into exp()
-        emb, lab = gather_batch(embeddings.float(), labels, self.env)
+        # at least float32 whatever the autocast: Circle loss's gamma = 80 scales similarities into exp()
+        emb = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+        emb, lab = gather_batch(emb, labels, self.env)
         mined = self.mining(step)
         if mined:
             pairs = self.miner(emb.detach(), lab)

@@ -55,7 +55,8 @@ def warmup_steps(cfg: Mapping[str, Any], total_steps: int) -> int:
     if ratio is None:
         return steps
     if steps:
-        raise InvalidValueError(f"schedule.warmup_steps={steps} and schedule.warmup_ratio={ratio}: give one of them")
+        raise InvalidValueError(f"schedule.warmup_steps={steps} and schedule.warmup_ratio={ratio}: set one of them "
+                                "(warmup_steps=0 or warmup_ratio=null)")
     if not 0.0 <= float(ratio) <= 1.0:
         raise InvalidValueError(f"schedule.warmup_ratio must be in [0, 1], got {ratio}")
     return int(round(float(ratio) * total_steps))
