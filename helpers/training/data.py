@@ -105,20 +105,22 @@ class PKSampler(Sampler[int]):
     def epoch_keys(self, epoch: int) -> np.ndarray:
         """(steps_per_epoch, batch_size) int64: the keys of every global batch of ``epoch``, all ranks."""
         rng = np.random.default_rng([self.seed, int(epoch), _SALT_PK])
-        draws = np.zeros(self.n, dtype=np.int64)
-        keys = np.empty((self.steps_per_epoch, self.batch_size), dtype=np.int64)
-        for step in range(self.steps_per_epoch):
-            row = []
+        picks = []
+        for _ in range(self.steps_per_epoch):
             for c in rng.choice(len(self.members), self.p, replace=False):
                 members = self.members[c]
                 if len(members) >= self.k:
-                    row.append(rng.choice(members, self.k, replace=False))
+                    picks.append(rng.choice(members, self.k, replace=False))
                 else:
-                    row += [rng.permutation(members), rng.choice(members, self.k - len(members))]
-            for j, index in enumerate(np.concatenate(row)):
-                keys[step, j] = index + self.n * draws[index]
-                draws[index] += 1
-        return keys
+                    picks += [rng.permutation(members), rng.choice(members, self.k - len(members))]
+        images = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+        # the draw number of each pick: its rank among the earlier picks of the same image
+        order = np.argsort(images, kind="stable")
+        ranked = images[order]
+        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+        draw = np.empty_like(images)
+        draw[order] = np.arange(len(images)) - np.repeat(starts, np.diff(np.r_[starts, len(images)]))
+        return (images + self.n * draw).reshape(self.steps_per_epoch, self.batch_size)
 
     def __iter__(self) -> Iterator[int]:
         lo = self.rank * self.per_rank
