@@ -122,8 +122,8 @@ class _TimmMaps(nn.Module):
             raise InvalidValueError(f"unsupported feature shape {tuple(feats.shape)} from {type(self.model).__name__}")
         prefix = int(getattr(self.model, "num_prefix_tokens", 0))
         tokens = feats[:, prefix:]
-        patch = self.model.patch_embed.patch_size
-        h, w = images.shape[-2] // patch[0], images.shape[-1] // patch[1]
+        # the grid of the (padded, see TimmGlobal) image
+        h, w = self.model.patch_embed.dynamic_feat_size((images.shape[-2], images.shape[-1]))
         if h * w != tokens.shape[1]:
             raise InvalidValueError(f"{tokens.shape[1]} patch tokens do not fit a {h} x {w} grid")
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
@@ -134,8 +134,10 @@ class TimmGlobal(FeatureMapGlobal):
 
     ``pretrained=True`` loads timm's weights: from the local file ``pretrained_file`` when given (no download),
     else through timm's own download, which needs the network. ViTs are built with ``dynamic_img_size=True``
-    so that any input size divisible by the patch size works. ``input_convention`` defaults to timm's
-    pretrained config (RGB, its mean/std). Extra ``timm_kwargs`` go to ``timm.create_model``.
+    and ``dynamic_img_pad=True``, so that any input size works (an image whose sides are not multiples of the
+    patch size is zero-padded on the right and bottom, after normalisation: the mean colour).
+    ``input_convention`` defaults to timm's pretrained config (RGB, its mean/std). Extra ``timm_kwargs`` go to
+    ``timm.create_model``.
     """
 
     def __init__(self, model_name: str, pretrained: bool = False, pooling: str = "gem", *, dim: int | None = None,
@@ -151,6 +153,7 @@ class TimmGlobal(FeatureMapGlobal):
             pretrained = True
         if "vit" in model_name or "deit" in model_name or "eva" in model_name:
             kwargs.setdefault("dynamic_img_size", True)
+            kwargs.setdefault("dynamic_img_pad", True)
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         convention = InputConvention("RGB", tuple(cfg.get("mean", TORCHVISION_CONVENTION.mean)),

@@ -118,3 +118,14 @@ def test_token_pooling_is_the_backbone_s_own_pooled_vector():
         assert torch.allclose(cnn(x), F.normalize(cnn.projection(F.normalize(pooled, dim=-1)), dim=-1), atol=1e-6)
     with pytest.raises(ValueError, match="own pooled vector"):
         FeatureMapGlobal(torch.nn.Conv2d(3, 8, 3), 8, pooling="token")
+
+
+def test_a_vit_takes_any_image_size_padded_to_its_patches():
+    torch.manual_seed(0)
+    vit = TimmGlobal("test_vit", pooling="gem").eval()
+    x = torch.randn(1, 3, 35, 50)  # neither side a multiple of 16
+    padded = F.pad(x, (0, 64 - 50, 0, 48 - 35))
+    with torch.no_grad():
+        assert vit.feature_maps(x).shape[-2:] == (3, 4)
+        assert torch.allclose(vit(x), vit(padded), atol=1e-6)
+        assert vit(torch.randn(1, 3, 32, 48)).shape == (1, 64)
