@@ -10,21 +10,19 @@ from torch import nn
 from bench.finetune_recipe import describe, retrieval_figures, write_class_folder
 from common.convention import InputConvention
 from datasets.augment import resize_to
-from datasets.synthetic import SyntheticConfig, build_synthetic, load_train_split
+from datasets.synthetic import load_train_split
 from datasets.transforms import read_image, to_tensor
+from tests.support.synthetic import draw_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: 5 training landmarks of 4 views each (no retrieval set worth the name: only the training split is used)
-TINY = SyntheticConfig(n_landmarks=2, views_per_landmark=2, queries_per_landmark=1, n_distractors=0,
-                       image_size=(96, 64), train_landmarks=5, train_views_per_landmark=4)
 SIZE = 24
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft_bench")
-    build_synthetic(root / "data", name="ft", config=TINY, progress=False)
+    draw_tiny(root / "data", "ft", image_size=(96, 64), train_landmarks=5)  # 5 training landmarks of 4 views
     counts = write_class_folder(root / "data", "ft", root / "folder", train_classes=2, queries=1)
     return root, counts
 

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 import train_backbone
-from datasets.synthetic import SyntheticConfig, build_synthetic, load_train_split
+from datasets.synthetic import load_train_split
 from helpers.training.data import ResumableDistributedSampler
 from helpers.training.loop import METRICS_NAME, read_jsonl
 from helpers.training.state import TRAIN_STATE_NAME
@@ -27,19 +27,16 @@ from models.checkpoint import OFFICIAL_CONVENTION, load_official_checkpoint
 from models.cvnet import CVNetGlobal
 from models.timm_global import TIMM_CHECKPOINT_FORMAT, load_timm_global
 from tests.support.launch import run_recording_imports, run_two_cpu_ranks
+from tests.support.synthetic import draw_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_backbone.py"
-TINY = SyntheticConfig(n_landmarks=2, views_per_landmark=2, queries_per_landmark=1, n_distractors=0,
-                       image_size=(128, 96), train_landmarks=3, train_views_per_landmark=4)
 DIM = 32
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bb_data")
-    build_synthetic(root, name="t", config=TINY, progress=False)
-    return root
+    return draw_tiny(tmp_path_factory.mktemp("bb_data"))
 
 
 def _overrides(root, out_dir, *extra):
