@@ -1,5 +1,7 @@
 """Train CVNet-Global: ResNet + GeM + fc with CurricularFace and the momentum contrastive loss (CVNet Sec. 3.1),
-or any timm backbone with the same losses (``model.arch=timm:<name>``).
+or any timm backbone with the same losses (``model.arch=timm:<name>``), or fine-tune one with the reference CLIP
+retrieval system's recipe (``configs/finetune_folder.yaml``: embedding head, Circle loss on P-K batches, the
+multi-similarity miner after 5 epochs, AdamW with layer-wise learning-rate decay, cosine with 15 % warm-up).
 
     python train_backbone.py                                   # built-in demo: synthetic data, CPU, a few minutes
     python train_backbone.py --config configs/cvnet_r50_gldv2.yaml data.root=/data/gldv2
@@ -7,6 +9,7 @@ or any timm backbone with the same losses (``model.arch=timm:<name>``).
     python train_backbone.py --config ... --resume              # continue a killed run from its last checkpoint
     python train_backbone.py --overwrite                        # delete the run in run.out_dir and start over
     python train_backbone.py model.arch=timm:vit_small_patch16_224 model.pretrained_file=weights/vit_s16.pth
+    python train_backbone.py --config configs/finetune_folder.yaml data.root=PATH/training   # your class folder
     python train_backbone.py --print-config                     # every key (defaults: helpers/schemas.py)
 
 Writes into ``run.out_dir``: ``last.pyth``, ``train_state.pth`` (everything needed to resume), ``metrics.jsonl``,
@@ -38,7 +41,8 @@ def train_backbone(*, cfg: dict[str, Any], resume: bool = False, overwrite: bool
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return training_arg_parser(description="Train CVNet-Global (CurricularFace + momentum contrastive loss).",
+    return training_arg_parser(description="Train CVNet-Global (CurricularFace + momentum contrastive loss), or "
+                                           "fine-tune with the reference CLIP system's recipe (Circle loss).",
                                schema=TRAIN_BACKBONE, default_config=DEFAULT_CONFIG,
                                example="train.batch_size=64 data.root=/data")
 

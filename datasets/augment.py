@@ -216,14 +216,13 @@ class LabelledImageList(Dataset):
         return read_image(self.paths[index]), self.targets[index]
 
 
-class AugmentedPairs(Dataset):
-    """``(image, positive, label)`` from a :class:`datasets.paired.PairedDataset` -> two augmented, normalised
-    (3, size, size) tensors and the label; both views drawn from ``item_rng(seed, epoch, index)``.
-    """
+class _AugmentedItems(Dataset):
+    """What the augmented training sets share: the items they augment (``source``, whose ``set_epoch`` is
+    forwarded), the augmentation, the input convention, the seed and the current epoch."""
 
-    def __init__(self, paired: Dataset, *, augment: TrainAugment, convention: InputConvention,
+    def __init__(self, source: Dataset, *, augment: TrainAugment, convention: InputConvention,
                  seed: int = 0) -> None:
-        self.paired = paired
+        self.source = source
         self.augment = augment
         self.convention = convention
         self.seed = int(seed)
@@ -231,17 +230,42 @@ class AugmentedPairs(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        if hasattr(self.paired, "set_epoch"):
-            self.paired.set_epoch(epoch)
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.paired)
+        return len(self.source)
+
+    def _view(self, image: np.ndarray, key: int, salt: int) -> Tensor:
+        return to_tensor(self.augment(image, item_rng(self.seed, self.epoch, key, salt)), self.convention)
+
+
+class AugmentedPairs(_AugmentedItems):
+    """``(image, positive, label)`` from a :class:`datasets.paired.PairedDataset` -> two augmented, normalised
+    (3, size, size) tensors and the label; both views drawn from ``item_rng(seed, epoch, index)``.
+    """
+
+    def __init__(self, paired: Dataset, *, augment: TrainAugment, convention: InputConvention,
+                 seed: int = 0) -> None:
+        super().__init__(paired, augment=augment, convention=convention, seed=seed)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
-        image, positive, label = self.paired[index]
-        a = self.augment(image, item_rng(self.seed, self.epoch, index, _SALT_QUERY))
-        b = self.augment(positive, item_rng(self.seed, self.epoch, index, _SALT_POSITIVE))
-        return to_tensor(a, self.convention), to_tensor(b, self.convention), int(label)
+        image, positive, label = self.source[index]
+        return self._view(image, index, _SALT_QUERY), self._view(positive, index, _SALT_POSITIVE), int(label)
+
+
+class AugmentedImages(_AugmentedItems):
+    """``(image, label)`` items -> ``(augmented, normalised (3, size, size) tensor, label)``, one view per item,
+    drawn from ``item_rng(seed, epoch, key)``.
+
+    A key ``i + d * len(dataset)`` is the d-th draw of item i in an epoch (what
+    :class:`helpers.training.data.PKSampler` yields): another view of the same image. Plain indices are the
+    draws d = 0.
+    """
+
+    def __getitem__(self, key: int) -> tuple[Tensor, int]:
+        image, label = self.source[int(key) % len(self.source)]
+        return self._view(image, int(key), _SALT_QUERY), int(label)
 
 
 class ResizedImages(Dataset):
@@ -261,6 +285,7 @@ class ResizedImages(Dataset):
 
 
 __all__ = [
+    "AugmentedImages",
     "AugmentedPairs",
     "LabelledImageList",
     "ResizedImages",

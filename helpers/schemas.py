@@ -140,7 +140,8 @@ EVAL = Schema(
 _TRAIN_COMMON_DEFAULTS = {
     "optim": {"name": "sgd", "lr": 0.005, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False,
               "betas": [0.9, 0.999]},
-    "schedule": {"name": "cosine", "warmup_steps": 0, "final_ratio": 0.0},
+    # warmup_ratio: the warm-up as a fraction of the run's steps (instead of warmup_steps)
+    "schedule": {"name": "cosine", "warmup_steps": 0, "warmup_ratio": None, "final_ratio": 0.0},
 }
 
 _TRAIN_COMMON_RULES = {
@@ -161,6 +162,7 @@ _TRAIN_COMMON_RULES = {
     "optim.betas": Rule(items=float, length=2, min=0.0, max=1.0),
     "schedule.name": Rule(choices=("cosine", "linear", "constant")),
     "schedule.warmup_steps": NON_NEGATIVE_INT,
+    "schedule.warmup_ratio": Rule(types=(float,), nullable=True, min=0.0, max=1.0),
     "train.epochs": OPTIONAL_POSITIVE_INT,
     "train.steps": OPTIONAL_POSITIVE_INT,
     "train.batch_size": POSITIVE_INT,
@@ -192,15 +194,25 @@ TRAIN_BACKBONE = Schema(
     defaults={
         "run": {"out_dir": "runs/builtin/backbone", "seed": 0},
         # arch: "resnet" = CVNet-Global (depth, GeM, fc to reduction_dim); "timm:<name>" = models.TimmGlobal
-        # (pooling, reduction_dim = its projection or null for none, pretrained_file = local timm weights)
+        # (pooling, reduction_dim = its projection or null for none, pretrained_file = local timm weights,
+        # head = linear (L2, fc, L2) or embedding (fc, BatchNorm, Dropout head_dropout, L2))
         "model": {"arch": "resnet", "depth": 50, "reduction_dim": 2048, "pooling": "gem", "imagenet_weights": "auto",
-                  "pretrained_file": None, "init_checkpoint": None, "zero_init_residual": False},
+                  "pretrained_file": None, "init_checkpoint": None, "zero_init_residual": False, "head": "linear",
+                  "head_dropout": 0.1},
+        # sampler: random = the shuffled order; pk = P classes x K images per batch (P = train.batch_size / k)
         "data": {**_train_data(1, {"scale": [0.35, 1.0], "ratio": [0.75, 1.3333], "flip": 0.5, "brightness": 0.2,
                                    "contrast": 0.2, "saturation": 0.2}),
-                 "label_cache": None},
-        "loss": {"margin": 0.15, "scale": 30.0, "t_momentum": 0.01, "temperature": 1 / 30, "queue_size": 8192,
-                 "form": "supcon", "lambda_cls": 0.5, "lambda_con": 0.5, "key_momentum": 0.999},
-        **_TRAIN_COMMON_DEFAULTS,
+                 "label_cache": None, "sampler": {"name": "random", "k": 4}},
+        # name: cvnet = CurricularFace (margin, scale, t_momentum) + momentum contrast (temperature, queue_size,
+        # form, key_momentum), weighted by lambda_cls / lambda_con; circle = Circle loss (circle.m, circle.gamma),
+        # pairs chosen by miner.name (null: all) from epoch miner.start_epoch on
+        "loss": {"name": "cvnet", "margin": 0.15, "scale": 30.0, "t_momentum": 0.01, "temperature": 1 / 30,
+                 "queue_size": 8192, "form": "supcon", "lambda_cls": 0.5, "lambda_con": 0.5, "key_momentum": 0.999,
+                 "circle": {"m": 0.4, "gamma": 80.0},
+                 "miner": {"name": None, "epsilon": 0.1, "start_epoch": 0}},
+        # layer_decay: layer-wise learning-rate decay (null: one learning rate)
+        "optim": {**_TRAIN_COMMON_DEFAULTS["optim"], "layer_decay": None},
+        "schedule": dict(_TRAIN_COMMON_DEFAULTS["schedule"]),
         "train": _train_section(128),
     },
     rules={
@@ -209,11 +221,22 @@ TRAIN_BACKBONE = Schema(
                            pattern_text="resnet, or timm:<timm model name> such as timm:vit_small_patch16_224"),
         "model.depth": DEPTH,
         "model.reduction_dim": OPTIONAL_POSITIVE_INT,
-        "model.pooling": Rule(choices=("gem", "gem+", "rgem")),
+        "model.pooling": Rule(choices=("gem", "gem+", "rgem", "token")),
         "model.pretrained_file": Rule(types=(str,), nullable=True),
         "model.imagenet_weights": Rule(choices=("auto", True, False)),
         "model.init_checkpoint": Rule(types=(str,), nullable=True),
+        "model.head": Rule(choices=("linear", "embedding")),
+        "model.head_dropout": Rule(min=0.0, max=1.0),
         "data.label_cache": Rule(types=(str,), nullable=True),
+        "data.sampler.name": Rule(choices=("random", "pk")),
+        "data.sampler.k": POSITIVE_INT,
+        "loss.name": Rule(choices=("cvnet", "circle")),
+        "loss.circle.m": Rule(min=0.0),
+        "loss.circle.gamma": Rule(min=0.0),
+        "loss.miner.name": Rule(choices=("multi_similarity",), nullable=True),
+        "loss.miner.epsilon": Rule(min=0.0),
+        "loss.miner.start_epoch": NON_NEGATIVE_INT,
+        "optim.layer_decay": Rule(types=(float,), nullable=True, min=0.0, max=1.0),
         "loss.scale": Rule(min=0.0),
         "loss.temperature": Rule(min=1e-6),
         "loss.queue_size": NON_NEGATIVE_INT,

@@ -69,6 +69,20 @@ class GlobalHead(nn.Module):
         self.fc = nn.Linear(in_dim, out_dim, bias=True)
 
 
+class EmbeddingHead(nn.Module):
+    """The embedding head of the reference CLIP retrieval system's fine-tuning: ``fc`` (Linear to ``dim``), ``bn``
+    (BatchNorm1d), ``dropout`` (Dropout(``dropout``)); (B, C) -> (B, dim), left for the caller to L2-normalise."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_dim, dim)
+        self.bn = nn.BatchNorm1d(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.bn(self.fc(x)))
+
+
 class CenterPivotConv4d(nn.Module):
     """Center-pivot 4D conv (HSNet): ``conv1`` over the query dims, ``conv2`` over the key dims, summed."""
 

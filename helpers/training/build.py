@@ -40,9 +40,11 @@ def timm_model_name(arch: str) -> str | None:
 def build_training_backbone(*, depth: int, reduction_dim: int | None, key_momentum: float,
                             imagenet_weights: bool | str = "auto", init_checkpoint: str | os.PathLike | None = None,
                             zero_init_residual: bool = False, arch: str = RESNET_ARCH, pooling: str = "gem",
-                            pretrained_file: str | os.PathLike | None = None) -> nn.Module:
+                            pretrained_file: str | os.PathLike | None = None, head: str = "linear",
+                            head_dropout: float = 0.1) -> nn.Module:
     """The global model to train (train mode, on the CPU): ``arch="resnet"`` is CVNet-Global (its own momentum
-    key encoder inside), ``arch="timm:<name>"`` a :class:`TimmGlobal` (see :func:`build_training_timm`).
+    key encoder inside), ``arch="timm:<name>"`` a :class:`TimmGlobal` (see :func:`build_training_timm`; ``head``
+    and ``head_dropout`` are its).
 
     CVNet-Global is initialised from the first that applies:
 
@@ -59,11 +61,13 @@ def build_training_backbone(*, depth: int, reduction_dim: int | None, key_moment
     name = timm_model_name(arch)
     if name is not None:
         return build_training_timm(name, pooling=pooling, dim=reduction_dim, imagenet_weights=choice,
-                                   pretrained_file=pretrained_file, init_checkpoint=init_checkpoint)
-    if pooling != "gem" or pretrained_file is not None or reduction_dim is None:
+                                   pretrained_file=pretrained_file, init_checkpoint=init_checkpoint, head=head,
+                                   head_dropout=head_dropout)
+    if pooling != "gem" or pretrained_file is not None or reduction_dim is None or head != "linear":
         raise ConfigError("model.arch=resnet is CVNet-Global (GeM, fc to model.reduction_dim, ImageNet weights "
-                          "through model.imagenet_weights): model.pooling=gem, model.pretrained_file=null and a "
-                          "model.reduction_dim are required; the other values are for model.arch=timm:<name>")
+                          "through model.imagenet_weights): model.pooling=gem, model.pretrained_file=null, "
+                          "model.head=linear and a model.reduction_dim are required; the other values are for "
+                          "model.arch=timm:<name>")
     options = {"reduction_dim": int(reduction_dim), "momentum": float(key_momentum)}
     build = dict(depth=int(depth), seed=None, warn_random=False, eval_mode=False)
     if init_checkpoint:
@@ -90,8 +94,10 @@ def build_training_backbone(*, depth: int, reduction_dim: int | None, key_moment
 
 def build_training_timm(name: str, *, pooling: str = "gem", dim: int | None = None, imagenet_weights: str = "auto",
                         pretrained_file: str | os.PathLike | None = None,
-                        init_checkpoint: str | os.PathLike | None = None) -> TimmGlobal:
-    """A :class:`TimmGlobal` to train (train mode, CPU; ``dim``: its projection, None for none), from the first
+                        init_checkpoint: str | os.PathLike | None = None, head: str = "linear",
+                        head_dropout: float = 0.1) -> TimmGlobal:
+    """A :class:`TimmGlobal` to train (train mode, CPU; ``dim``: its projection, None for none; ``head``: linear
+    or the reference CLIP system's embedding head), from the first
     that applies: ``init_checkpoint`` (a :func:`timm_global_checkpoint` file of the same model), the local
     ``pretrained_file``, timm's own download when ``imagenet_weights`` is ``"true"``, else random weights from
     the global RNG (``"auto"`` never downloads). The input convention is timm's for the model (RGB)."""
@@ -103,14 +109,16 @@ def build_training_timm(name: str, *, pooling: str = "gem", dim: int | None = No
                           "the names)")
     if init_checkpoint:
         model = load_timm_global(init_checkpoint)
-        held = (model.model_name, model.pooling, None if model.projection is None else model.dim)
-        if held != (name, pooling, dim):
+        held = (model.model_name, model.pooling, None if model.projection is None else model.dim, model.head)
+        if held != (name, pooling, dim, head):
             raise ConfigError(f"model.init_checkpoint {init_checkpoint} holds timm:{held[0]} (pooling {held[1]}, "
-                              f"dim {held[2]}), not the configured timm:{name} (pooling {pooling}, dim {dim})")
+                              f"dim {held[2]}, head {held[3]}), not the configured timm:{name} (pooling {pooling}, "
+                              f"dim {dim}, head {head})")
         log.info("initialised from %s", init_checkpoint)
         return model.train()
     pretrained = imagenet_weights == "true" or pretrained_file is not None
-    model = TimmGlobal(name, pretrained=pretrained, pooling=pooling, dim=dim, pretrained_file=pretrained_file)
+    model = TimmGlobal(name, pretrained=pretrained, pooling=pooling, dim=dim, head=head, head_dropout=head_dropout,
+                       pretrained_file=pretrained_file)
     log.info("timm:%s, %s: %s (input convention RGB, mean %s)", name, pooling,
              f"pretrained weights from {pretrained_file or 'timm'}" if pretrained else "random initialisation",
              model.input_convention.mean)

@@ -1,5 +1,6 @@
-"""Training data: the resumable distributed sample order, corrupt-image accounting (skip, count, cap) and the
-labelled training sets a config names (built-in synthetic, GLDv2, an image folder, CIFAR-10)."""
+"""Training data: the resumable distributed sample orders (shuffled, or P classes x K images per batch),
+corrupt-image accounting (skip, count, cap) and the labelled training sets a config names (built-in synthetic,
+GLDv2, an image folder, CIFAR-10)."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset, DistributedSampler, default_collate
+from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 
 from common.errors import InvalidValueError, ProjectRuntimeError
 from datasets.folder import CorruptImageError
@@ -50,6 +51,84 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+#: keeps the P-K order's stream apart from the other draws of one (seed, epoch)
+_SALT_PK = 0x504B
+
+
+class PKSampler(Sampler[int]):
+    """P classes x K images in every global batch of ``batch_size`` = P * K (the P-K batches of metric learning,
+    Hermans et al. 2017; pytorch-metric-learning's MPerClassSampler), resumable and distributed.
+
+    Epoch e's order is a pure function of (seed, e): each of its ``steps_per_epoch`` global batches takes P
+    distinct classes drawn uniformly, and of each class K distinct images drawn uniformly, or, from a class with
+    fewer than K images, all of them and then repeats drawn at random. Rank r of W takes the contiguous slice
+    [r * B / W, (r + 1) * B / W) of every global batch, so that the ranks' batches, joined in rank order, are the
+    global batch whatever W. ``set_start`` skips the first indices of this rank's share of the epoch (a resume).
+
+    It yields keys rather than indices: the d-th draw (d = 0, 1, ...) of image i within an epoch is
+    ``i + d * N`` (N = ``len(labels)``), so that :class:`datasets.augment.AugmentedImages` makes every draw of
+    an image a different view; ``key % N`` is the image.
+    """
+
+    def __init__(self, labels: Sequence[int] | np.ndarray, *, k: int, batch_size: int, steps_per_epoch: int,
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        classes, class_of = np.unique(labels, return_inverse=True)
+        if k < 1 or batch_size % k:
+            raise InvalidValueError(f"the batch of {batch_size} is not a whole number of classes of K={k} images "
+                                    "(data.sampler.k must divide train.batch_size)")
+        if batch_size % num_replicas:
+            raise InvalidValueError(f"train.batch_size={batch_size} must be divisible by the {num_replicas} ranks")
+        self.p, self.k, self.batch_size = batch_size // k, int(k), int(batch_size)
+        if self.p > len(classes):
+            raise InvalidValueError(f"a batch of P={self.p} classes x K={k} images needs {self.p} classes, the data "
+                                    f"has {len(classes)}: lower train.batch_size or raise data.sampler.k")
+        order = np.argsort(class_of, kind="stable")
+        self.members = np.split(order, np.cumsum(np.bincount(class_of))[:-1])
+        self.n = len(labels)
+        self.steps_per_epoch, self.seed = int(steps_per_epoch), int(seed)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.per_rank = self.batch_size // self.num_replicas
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` keys of this rank's share of the current epoch."""
+        if not 0 <= start <= self.steps_per_epoch * self.per_rank:
+            raise InvalidValueError(f"start must be in [0, {self.steps_per_epoch * self.per_rank}], got {start}")
+        self.start = int(start)
+
+    def epoch_keys(self, epoch: int) -> np.ndarray:
+        """(steps_per_epoch, batch_size) int64: the keys of every global batch of ``epoch``, all ranks."""
+        rng = np.random.default_rng([self.seed, int(epoch), _SALT_PK])
+        picks = []
+        for _ in range(self.steps_per_epoch):
+            for c in rng.choice(len(self.members), self.p, replace=False):
+                members = self.members[c]
+                if len(members) >= self.k:
+                    picks.append(rng.choice(members, self.k, replace=False))
+                else:
+                    picks += [rng.permutation(members), rng.choice(members, self.k - len(members))]
+        images = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+        # the draw number of each pick: its rank among the earlier picks of the same image
+        order = np.argsort(images, kind="stable")
+        ranked = images[order]
+        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+        draw = np.empty_like(images)
+        draw[order] = np.arange(len(images)) - np.repeat(starts, np.diff(np.r_[starts, len(images)]))
+        return (images + self.n * draw).reshape(self.steps_per_epoch, self.batch_size)
+
+    def __iter__(self) -> Iterator[int]:
+        lo = self.rank * self.per_rank
+        mine = self.epoch_keys(self.epoch)[:, lo:lo + self.per_rank].reshape(-1)
+        return iter(mine[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.per_rank - self.start
 
 
 # --------------------------------------------------------------------------------------------------------------

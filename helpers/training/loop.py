@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from common.errors import InvalidValueError, ProjectRuntimeError
@@ -284,10 +284,13 @@ def run_loop(
     resume: bool = False,
     extra_log: Mapping[str, Any] | None = None,
     run_info: Mapping[str, Any] | None = None,
+    sampler: Callable[[int], Sampler] | None = None,
 ) -> LoopResult:
     """Drive ``step_fn(batch_data, step) -> metrics`` for ``cfg.total_steps`` optimizer steps.
 
-    Handles the data order (resumable, distributed), skipped corrupt items, tqdm progress (loss and images/s),
+    Handles the data order (resumable, distributed: :class:`ResumableDistributedSampler`, or ``sampler(steps per
+    epoch)``, this rank's sampler with the same ``set_epoch`` / ``set_start``), skipped corrupt items, tqdm
+    progress (loss and images/s),
     JSONL metrics (main rank), atomic checkpoints every ``cfg.checkpoint_every`` steps and at the end
     (``get_state()`` is the task's state, ``set_state`` restores it on ``resume``), and calls
     ``on_checkpoint(step)`` on the main rank after each checkpoint (e.g. to write official-layout weights).
@@ -302,7 +305,7 @@ def run_loop(
     step = _restore_train_state(plan, set_state) if resume else 0
     metrics = _open_metrics(plan, resumed_at=step if resume else None, start=extra_log)
     save = _Checkpoints(plan, metrics=metrics, get_state=get_state, on_checkpoint=on_checkpoint, run_info=run_info)
-    batches = _BatchStream(data, plan, first_step=step)
+    batches = _BatchStream(data, plan, first_step=step, sampler=sampler)
     progress = _Progress(plan, first_step=step)
     t_start = time.time()
     try:
@@ -393,13 +396,17 @@ class _Checkpoints:
 
 class _BatchStream:
     """This rank's batches from ``first_step`` on, epoch after epoch in the resumable order (``cfg.fixed_batch``:
-    the first batch over and over)."""
+    the first batch over and over); ``sampler``: see :func:`run_loop`."""
 
-    def __init__(self, data: SkipCorrupt, plan: _LoopPlan, *, first_step: int) -> None:
+    def __init__(self, data: SkipCorrupt, plan: _LoopPlan, *, first_step: int,
+                 sampler: Callable[[int], Sampler] | None = None) -> None:
         self.data, self.plan = data, plan
         env = plan.env
-        self.sampler = ResumableDistributedSampler(data, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                                   seed=plan.cfg.seed)
+        if sampler is None:
+            self.sampler = ResumableDistributedSampler(data, num_replicas=env.world_size, rank=env.rank,
+                                                       shuffle=True, seed=plan.cfg.seed)
+        else:
+            self.sampler = sampler(plan.steps_per_epoch)
         self.epoch, self.start = divmod(first_step, plan.steps_per_epoch)
         self.iterator: Iterator[Batch] | None = None
         self.fixed: Batch | None = None

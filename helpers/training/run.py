@@ -3,7 +3,7 @@ and the run directory and gives a :class:`TrainingRun` (the loop's settings, AMP
 optimisation); a script's :class:`TrainingTask` (one step, its state, its weights) then runs in :func:`run_loop`."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +11,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
+from common.errors import InvalidValueError
 from helpers.distributed import DistEnv
 from helpers.training.loop import (
     WEIGHTS_NAME,
@@ -24,7 +25,7 @@ from helpers.training.loop import (
     start_run,
     training_session,
 )
-from helpers.training.optim import Optimization, amp_enabled
+from helpers.training.optim import Optimization, amp_enabled, layer_decay_groups, no_weight_decay_names
 
 
 class TrainingTask(Protocol):
@@ -80,20 +81,31 @@ class TrainingRun:
         device = self.env.device
         return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def optimization(self, module: nn.Module, total_steps: int) -> Optimization:
+    def optimization(self, module: nn.Module, total_steps: int, *, model: nn.Module | None = None) -> Optimization:
         """The optimizer (``optim``) of ``module``'s trainable parameters, its schedule (``schedule``) over
-        ``total_steps``, AMP and ``train.grad_clip``."""
-        return Optimization([p for p in module.parameters() if p.requires_grad], optim_cfg=self.cfg["optim"],
-                            schedule_cfg=self.cfg["schedule"], total_steps=total_steps, amp=self.amp,
-                            grad_clip=self.cfg["train"].get("grad_clip"))
+        ``total_steps``, AMP and ``train.grad_clip``. With ``optim.layer_decay``, the parameters of ``model``
+        (the part of ``module`` that has layers) get layer-wise decayed learning rates
+        (:func:`~helpers.training.optim.layer_decay_groups`)."""
+        ocfg = self.cfg["optim"]
+        params: list[Any] = [p for p in module.parameters() if p.requires_grad]
+        if ocfg.get("layer_decay") is not None:
+            if model is None:
+                raise InvalidValueError("optim.layer_decay: this training has no layered model; set it to null")
+            params = layer_decay_groups(module, model, lr=float(ocfg["lr"]), decay=float(ocfg["layer_decay"]),
+                                        weight_decay=float(ocfg.get("weight_decay", 0.0)),
+                                        no_weight_decay=no_weight_decay_names(model))
+        return Optimization(params, optim_cfg=ocfg, schedule_cfg=self.cfg["schedule"], total_steps=total_steps,
+                            amp=self.amp, grad_clip=self.cfg["train"].get("grad_clip"))
 
     def train(self, dataset: Dataset, task: TrainingTask, *, extra_log: Mapping[str, Any],
-              run_info: Mapping[str, Any] | None = None) -> LoopResult:
+              run_info: Mapping[str, Any] | None = None,
+              sampler: Callable[[int], Sampler] | None = None) -> LoopResult:
         """:func:`run_loop` over ``dataset`` with ``task``'s step, state and weights (``extra_log``: the task's
-        fields of the metrics' start record; ``run_info``: see :func:`read_run_info`)."""
+        fields of the metrics' start record; ``run_info``: see :func:`read_run_info`; ``sampler``: this rank's
+        data order for a number of steps per epoch, the loop's shuffled order when None)."""
         return run_loop(dataset=dataset, env=self.env, cfg=self.loop, step_fn=task.step, get_state=task.state_dict,
                         set_state=task.load_state_dict, on_checkpoint=task.save_weights, resume=self.resume,
-                        extra_log=extra_log, run_info=run_info)
+                        extra_log=extra_log, run_info=run_info, sampler=sampler)
 
     def finish(self, *, stage: str, result: LoopResult, trained: nn.Module,
                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def _schema_for(path: Path):
     name = path.name
     if name.startswith("builtin_rerank") or name.startswith("cvnet_rerank_r50_gldv2"):
         return TRAIN_RERANK
-    if name.startswith("builtin_backbone") or name.endswith("_gldv2.yaml"):
+    if name.startswith(("builtin_backbone", "finetune_")) or name.endswith("_gldv2.yaml"):
         return TRAIN_BACKBONE
     return EVAL
 

@@ -1,11 +1,14 @@
 """TimmGlobal / FeatureMapGlobal: CNN maps and ViT patch tokens pooled to L2-normalised descriptors, pooling
-against models.functional, local weights files, random init only (no download)."""
+against models.functional (or the backbone's own token), local weights files, random init only (no download), the
+embedding head and its checkpoint."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models import FeatureMapGlobal, TimmGlobal
 from models import functional as MF
+from models.layers import EmbeddingHead
+from models.timm_global import load_timm_global, timm_global_checkpoint
 
 pytest.importorskip("timm")
 
@@ -53,3 +56,76 @@ def test_local_weights_file_is_loaded_and_a_missing_one_is_named(tmp_path):
     assert torch.equal(model.body.model.conv1.weight, source.conv1.weight)
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
         TimmGlobal("resnet18", pretrained_file=tmp_path / "nothere.pth")
+
+
+def test_embedding_head_is_linear_batchnorm_dropout_then_l2():
+    torch.manual_seed(0)
+    body = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    model = FeatureMapGlobal(body, 8, pooling="gem+", dim=5, head="embedding", head_dropout=0.1)
+    head = model.projection
+    assert isinstance(head, EmbeddingHead) and head.fc.out_features == 5 and head.dropout.p == 0.1
+    x = torch.randn(6, 3, 16, 12)
+    pooled = MF.gem(body(x), 4.6, 1e-8)
+    with torch.no_grad():
+        head.bn.running_mean.uniform_(-0.5, 0.5)
+        head.bn.running_var.uniform_(0.5, 2.0)
+    model.eval()  # running statistics, no dropout
+    out = model(x)
+    bn = head.bn
+    want = (head.fc(pooled) - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+    assert out.shape == (6, 5) and torch.allclose(out, F.normalize(want, dim=-1), atol=1e-6)
+    assert torch.allclose(out.norm(dim=1), torch.ones(6), atol=1e-6)
+    model.train()  # batch statistics and dropout: another draw, another output, still unit length
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    b = model(x)
+    assert not torch.allclose(a, b) and torch.allclose(a.norm(dim=1), torch.ones(6), atol=1e-6)
+    with pytest.raises(ValueError, match="needs its output dim"):
+        FeatureMapGlobal(body, 8, head="embedding")
+    with pytest.raises(ValueError, match="head must be"):
+        FeatureMapGlobal(body, 8, dim=4, head="mlp")
+
+
+def test_a_timm_model_with_the_embedding_head_round_trips_its_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = TimmGlobal("test_vit", pooling="gem", dim=12, head="embedding", head_dropout=0.2)
+    model.train()(torch.randn(4, 3, 32, 32))  # running statistics that differ from the initial ones
+    ckpt = timm_global_checkpoint(model.eval(), step=1)
+    assert ckpt["head"] == "embedding" and ckpt["head_dropout"] == 0.2 and ckpt["dim"] == 12
+    assert {"projection.fc.weight", "projection.bn.running_mean"} <= set(ckpt["model_state"])
+    torch.save(ckpt, tmp_path / "m.pyth")
+    loaded = load_timm_global(tmp_path / "m.pyth")
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        assert loaded.head == "embedding" and torch.equal(loaded(x), model(x))
+    # a file written before heads were recorded holds the linear head
+    old = timm_global_checkpoint(TimmGlobal("test_vit", dim=12).eval())
+    del old["head"], old["head_dropout"]
+    assert load_timm_global(old).head == "linear"
+
+
+def test_token_pooling_is_the_backbone_s_own_pooled_vector():
+    torch.manual_seed(0)
+    vit = TimmGlobal("test_vit", pooling="token").eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        feats = vit.body.model.forward_features(x)  # (B, 1 + patches, C), after the final norm
+        assert torch.allclose(vit(x), F.normalize(feats[:, 0], dim=-1), atol=1e-6)  # the class token
+    cnn = TimmGlobal("test_resnet", pooling="token", dim=4).eval()
+    with torch.no_grad():
+        pooled = cnn.body.model.forward_features(x).mean(dim=(2, 3))  # a CNN's global average
+        assert torch.allclose(cnn(x), F.normalize(cnn.projection(F.normalize(pooled, dim=-1)), dim=-1), atol=1e-6)
+    with pytest.raises(ValueError, match="own pooled vector"):
+        FeatureMapGlobal(torch.nn.Conv2d(3, 8, 3), 8, pooling="token")
+
+
+def test_a_vit_takes_any_image_size_padded_to_its_patches():
+    torch.manual_seed(0)
+    vit = TimmGlobal("test_vit", pooling="gem").eval()
+    x = torch.randn(1, 3, 35, 50)  # neither side a multiple of 16
+    padded = F.pad(x, (0, 64 - 50, 0, 48 - 35))
+    with torch.no_grad():
+        assert vit.feature_maps(x).shape[-2:] == (3, 4)
+        assert torch.allclose(vit(x), vit(padded), atol=1e-6)
+        assert vit(torch.randn(1, 3, 32, 48)).shape == (1, 64)

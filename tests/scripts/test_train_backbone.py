@@ -1,6 +1,8 @@
 """train_backbone.py on a tiny synthetic split: a 5-step run, SIGKILL + --resume == uninterrupted, two CPU ranks
 (gloo), corrupt images skipped, counted and capped, a second run in the same directory only with --resume or
---overwrite, a timm backbone (model.arch=timm:...), and config errors answered before torch is imported."""
+--overwrite, a timm backbone (model.arch=timm:...), config errors answered before torch is imported, and the
+reference CLIP system's recipe (Circle loss, miner, P-K batches, layer decay, embedding head: resume, two ranks,
+configs/finetune_folder.yaml on a class folder)."""
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ import torch
 import yaml
 
 import train_backbone
-from datasets.synthetic import SyntheticConfig, build_synthetic, load_train_split
+from datasets.synthetic import load_train_split
 from helpers.training.data import ResumableDistributedSampler
 from helpers.training.loop import METRICS_NAME, read_jsonl
 from helpers.training.state import TRAIN_STATE_NAME
@@ -25,19 +27,16 @@ from models.checkpoint import OFFICIAL_CONVENTION, load_official_checkpoint
 from models.cvnet import CVNetGlobal
 from models.timm_global import TIMM_CHECKPOINT_FORMAT, load_timm_global
 from tests.support.launch import run_recording_imports, run_two_cpu_ranks
+from tests.support.synthetic import draw_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_backbone.py"
-TINY = SyntheticConfig(n_landmarks=2, views_per_landmark=2, queries_per_landmark=1, n_distractors=0,
-                       image_size=(128, 96), train_landmarks=3, train_views_per_landmark=4)
 DIM = 32
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bb_data")
-    build_synthetic(root, name="t", config=TINY, progress=False)
-    return root
+    return draw_tiny(tmp_path_factory.mktemp("bb_data"))
 
 
 def _overrides(root, out_dir, *extra):
@@ -235,3 +234,102 @@ def test_a_timm_backbone_trains_with_the_same_losses_and_resumes(data_root, tmp_
     for section in ("model", "key_encoder", "classifier", "queue"):
         assert all(torch.equal(v, b[section][k]) for k, v in a[section].items()), section
     assert _losses(ref) == _losses(part)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference CLIP retrieval system's recipe (loss.name=circle)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: 12 images of 3 landmarks, batches of P 3 x K 2: two steps an epoch, the miner on from epoch 1 (the third step)
+RECIPE = ("model.arch=timm:test_vit", "model.head=embedding", "loss.name=circle", "data.sampler.name=pk",
+          "data.sampler.k=2", "loss.miner.name=multi_similarity", "loss.miner.start_epoch=1", "train.batch_size=6",
+          "optim.name=adamw", "optim.layer_decay=0.5", "schedule.name=constant", "train.threads=1",
+          "train.deterministic=true")
+
+
+def _task_state(out):
+    return torch.load(out / TRAIN_STATE_NAME, weights_only=True)["task"]
+
+
+def test_the_recipe_trains_mines_from_its_epoch_and_resumes_exactly(data_root, tmp_path):
+    out = tmp_path / "recipe"
+    assert train_backbone.main(["--no-progress", *_overrides(data_root, out, *RECIPE, "train.steps=5")]) == 0
+    records = [r for r in read_jsonl(out / METRICS_NAME) if "loss" in r]
+    assert [r["mining"] for r in records] == [0, 0, 1, 1, 1] and all(np.isfinite([r["loss"] for r in records]))
+    assert [(r["pairs_pos"], r["pairs_neg"]) for r in records[:2]] == [(6, 24)] * 2  # every pair before the miner
+    assert all(r["pairs_pos"] <= 6 and r["pairs_neg"] <= 24 for r in records[2:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"] == "circle" and summary["miner_start_step"] == 2 and summary["arch"] == "timm:test_vit"
+    state = _task_state(out)
+    assert state["metric"] == {"miner_start_step": 2} and "classifier" not in state and "queue" not in state
+    groups = state["optimizer"]["param_groups"]  # layer-wise decay over the 6 blocks (layers 0-7, the head on top)
+    assert sorted({g["layer"] for g in groups}) == list(range(8))
+    assert all(g["lr"] == pytest.approx(0.02 * 0.5 ** (7 - g["layer"])) for g in groups)
+    saved = torch.load(out / "last.pyth", weights_only=True)
+    assert saved["format"] == TIMM_CHECKPOINT_FORMAT and saved["head"] == "embedding" and saved["reduction_dim"] == DIM
+    model = load_timm_global(out / "last.pyth")
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+
+    # resumed at step 2, just before the miner's switch, a run ends where the uninterrupted one does
+    ref, part = tmp_path / "ref", tmp_path / "part"
+    assert train_backbone.main(["--no-progress", *_overrides(data_root, ref, *RECIPE, "train.steps=4")]) == 0
+    assert train_backbone.main(["--no-progress", *_overrides(data_root, part, *RECIPE, "train.steps=2")]) == 0
+    assert train_backbone.main(["--no-progress", "--resume",
+                                *_overrides(data_root, part, *RECIPE, "train.steps=4")]) == 0
+    a, b = _task_state(ref), _task_state(part)
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()) and a["metric"] == b["metric"]
+    for index, slots in a["optimizer"]["state"].items():
+        assert all(torch.equal(value, b["optimizer"]["state"][index][name]) for name, value in slots.items())
+    assert _losses(ref) == _losses(part)
+    assert [r["mining"] for r in read_jsonl(part / METRICS_NAME) if "loss" in r] == [0, 0, 1, 1]
+
+
+def test_the_recipe_on_two_ranks_takes_the_one_rank_steps(data_root, tmp_path):
+    # SGD without clipping: a gradient off by the number of ranks would show in the weights; no BatchNorm (a
+    # ViT, the linear head), so that the ranks' half batches give the descriptors of the whole
+    plain = ("model.head=linear", "optim.name=sgd", "optim.lr=0.05", "optim.weight_decay=0.0", "optim.layer_decay=null",
+             "train.grad_clip=null", "loss.miner.start_epoch=0", "train.steps=2", "train.checkpoint_every=100")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert subprocess.run(_subprocess_args(data_root, one, *RECIPE, *plain), capture_output=True).returncode == 0
+    run_two_cpu_ranks(_subprocess_args(data_root, two, *RECIPE, *plain))
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    a, b = _task_state(one)["model"], _task_state(two)["model"]
+    assert all(torch.allclose(v, b[k], rtol=1e-4, atol=1e-6) for k, v in a.items())  # sums in another order
+
+
+def test_recipe_choices_that_do_not_go_together_are_refused(data_root, tmp_path, capsys):
+    for extra, words in ((("data.sampler.name=pk",), "go with loss.name=circle"),
+                         (("loss.miner.name=multi_similarity",), "go with loss.name=circle"),
+                         (("model.head=embedding",), "model.head=linear")):
+        capsys.readouterr()
+        args = ["--no-progress", *_overrides(data_root, tmp_path / "x", "train.steps=1", *extra)]
+        assert train_backbone.main(args) == 2
+        assert words in _error_line(capsys.readouterr().err)
+    capsys.readouterr()
+    args = ["--no-progress", *_overrides(data_root, tmp_path / "y", *RECIPE, "train.steps=1", "train.batch_size=8")]
+    assert train_backbone.main(args) == 2  # P 4 x K 2 needs 4 landmarks, the data has 3
+    assert "needs 4 classes" in _error_line(capsys.readouterr().err)
+
+
+def test_the_recipe_config_fine_tunes_on_a_class_folder(data_root, tmp_path):
+    folder = tmp_path / "training"
+    paths, labels = load_train_split(data_root, "t")
+    for path, label in zip(paths, labels):
+        (folder / f"landmark_{label}").mkdir(parents=True, exist_ok=True)
+        (folder / f"landmark_{label}" / path.name).symlink_to(path)
+    out = tmp_path / "run"
+    args = ["--no-progress", "--config", str(REPO / "configs" / "finetune_folder.yaml"), f"run.out_dir={out}",
+            f"data.root={folder}", "model.arch=timm:test_vit", "model.imagenet_weights=false", "data.image_size=32",
+            "train.batch_size=6", "data.sampler.k=2", "train.epochs=6", "train.device=cpu", "train.num_workers=0",
+            "train.threads=1", "train.log_every=1"]
+    assert train_backbone.main(args) == 0
+    start, *steps = [r for r in read_jsonl(out / METRICS_NAME) if "step" in r and "event" not in r or
+                     r.get("event") == "start"]
+    assert start["images"] == 12 and start["num_classes"] == 3 and start["miner_start_step"] == 5 * 2
+    assert [r["mining"] for r in steps] == [0] * 10 + [1] * 2  # 6 epochs of 2 steps, the miner from epoch 5
+    lrs = [r["lr"] for r in steps]  # 15 % of 12 steps of warm-up: 2, then cosine from the top
+    assert lrs[:3] == pytest.approx([0.5e-4, 1e-4, 1e-4]) and all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    model = load_timm_global(out / "last.pyth")
+    assert (model.pooling, model.head, model.dim, model.head_dropout) == ("token", "embedding", 512, 0.1)

@@ -18,17 +18,16 @@ import torch
 import yaml
 
 import train_rerank
-from datasets.synthetic import SyntheticConfig, build_synthetic, load_train_split
+from datasets.synthetic import load_train_split
 from helpers.training.loop import METRICS_NAME, read_jsonl
 from helpers.training.state import TRAIN_STATE_NAME
 from models.checkpoint import load_official_checkpoint, save_official_checkpoint
 from models.cvnet import CVNetGlobal, CVNetRerank
 from tests.support.launch import run_recording_imports, run_two_cpu_ranks
+from tests.support.synthetic import draw_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_rerank.py"
-TINY = SyntheticConfig(n_landmarks=2, views_per_landmark=2, queries_per_landmark=1, n_distractors=0,
-                       image_size=(128, 96), train_landmarks=3, train_views_per_landmark=4)
 DIM = 32
 
 
@@ -36,7 +35,7 @@ DIM = 32
 def setup(tmp_path_factory):
     """A tiny synthetic split and a random CVNet-Global checkpoint in the official layout (stand-in backbone)."""
     root = tmp_path_factory.mktemp("rr_data")
-    build_synthetic(root, name="t", config=TINY, progress=False)
+    draw_tiny(root)
     torch.manual_seed(0)
     backbone = CVNetGlobal(50, DIM)
     path = root / "backbone.pyth"

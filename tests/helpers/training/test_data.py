@@ -1,11 +1,13 @@
-"""Training data: the resumable distributed order, corrupt images (dropped, counted once, capped), the labelled
-sets, and the augmentations training draws (Hide-and-Seek, random resized crops, augmented pairs)."""
+"""Training data: the resumable distributed orders (shuffled; P classes x K images), corrupt images (dropped,
+counted once, capped), the labelled sets, and the augmentations training draws (Hide-and-Seek, random resized
+crops, augmented pairs, one view per draw)."""
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
 
 from datasets.augment import (
+    AugmentedImages,
     AugmentedPairs,
     TrainAugment,
     color_jitter,
@@ -20,6 +22,7 @@ from datasets.paired import PairedDataset
 from helpers.training.data import (
     CorruptSample,
     CorruptTally,
+    PKSampler,
     ResumableDistributedSampler,
     SkipCorrupt,
     TooManyCorruptImages,
@@ -71,6 +74,72 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
         two = shards[0][step * per_rank:(step + 1) * per_rank] + shards[1][step * per_rank:(step + 1) * per_rank]
         assert sorted(two) == sorted(order[step * batch:(step + 1) * batch])
     assert steps_per_epoch(n, batch, 2) == steps_per_epoch(n, batch, 1) == n // batch
+
+
+#: 7 classes: sizes 6, 5, 4, 4, 3 (smaller than K = 4), 1 and 2, the items of a class not contiguous
+_PK_LABELS = np.random.default_rng(3).permutation(np.repeat(np.arange(7), [6, 5, 4, 4, 3, 1, 2]))
+
+
+def test_pk_batches_hold_p_classes_of_k_images():
+    n, s = len(_PK_LABELS), PKSampler(_PK_LABELS, k=4, batch_size=12, steps_per_epoch=40, seed=2)
+    keys = s.epoch_keys(0)
+    assert keys.shape == (40, 12) and s.p == 3
+    seen = np.zeros(n, dtype=int)
+    for batch in keys:
+        images = batch % n
+        blocks = _PK_LABELS[images].reshape(3, 4)
+        assert (blocks == blocks[:, :1]).all() and len(set(blocks[:, 0])) == 3  # P distinct classes, K each
+        for block in images.reshape(3, 4):
+            size = int((_PK_LABELS == _PK_LABELS[block[0]]).sum())
+            # K distinct images of a class that has them; all of a smaller class, then repeats
+            assert len(set(block)) == min(size, 4)
+        for key in batch:  # the d-th draw of image i is i + d * N
+            assert key // n == seen[key % n]
+            seen[key % n] += 1
+    assert len(set(keys.ravel())) == keys.size  # every draw of the epoch its own key
+    assert (seen > 0).all()  # 40 batches reach every image, the single image of class 5 included
+    counts = np.bincount(_PK_LABELS[keys[:, ::4].ravel() % n], minlength=7)
+    assert counts.min() > 0.5 * counts.mean()  # classes drawn uniformly, whatever their size
+
+
+def test_pk_order_is_a_pure_function_of_seed_and_epoch_and_resumes():
+    a = PKSampler(_PK_LABELS, k=4, batch_size=12, steps_per_epoch=5, seed=2)
+    b = PKSampler(_PK_LABELS, k=4, batch_size=12, steps_per_epoch=5, seed=2)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    full = list(a)
+    assert full == list(b) and len(full) == len(a) == 60
+    b.set_start(24)  # resumed after two steps
+    assert list(b) == full[24:] and len(b) == 36
+    a.set_epoch(4)
+    assert list(a) != full
+    other = PKSampler(_PK_LABELS, k=4, batch_size=12, steps_per_epoch=5, seed=3)
+    other.set_epoch(3)
+    assert list(other) != full
+    with pytest.raises(ValueError, match="start"):
+        b.set_start(61)
+
+
+def test_pk_ranks_take_contiguous_slices_of_the_global_batch():
+    one = PKSampler(_PK_LABELS, k=4, batch_size=12, steps_per_epoch=5, seed=1)
+    one.set_epoch(1)
+    order = list(one)
+    shards = []
+    for rank in range(2):
+        s = PKSampler(_PK_LABELS, k=4, batch_size=12, steps_per_epoch=5, num_replicas=2, rank=rank, seed=1)
+        s.set_epoch(1)
+        shards.append(list(s))
+    joined = [key for step in range(5) for shard in shards for key in shard[6 * step:6 * step + 6]]
+    assert joined == order
+
+
+def test_pk_sampler_refuses_what_cannot_make_a_batch():
+    with pytest.raises(ValueError, match="needs 8 classes"):
+        PKSampler(_PK_LABELS, k=4, batch_size=32, steps_per_epoch=1)
+    with pytest.raises(ValueError, match="data.sampler.k"):
+        PKSampler(_PK_LABELS, k=5, batch_size=12, steps_per_epoch=1)
+    with pytest.raises(ValueError, match="ranks"):
+        PKSampler(_PK_LABELS, k=4, batch_size=12, steps_per_epoch=1, num_replicas=5)
 
 
 # ------------------------------------------------------------------------------------------------ corrupt images
@@ -169,6 +238,19 @@ def test_augmented_pairs_are_a_pure_function_of_seed_epoch_index(constant_images
         assert x[0].shape == (3, 16, 16)
     b.set_epoch(3)
     assert any(not torch.equal(a[i][0], b[i][0]) for i in range(12))
+
+
+def test_augmented_images_make_every_draw_another_view(constant_images):
+    aug = TrainAugment(size=16, scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4)
+    items = AugmentedImages(constant_images(), augment=aug, convention=OFFICIAL_CONVENTION, seed=1)
+    again = AugmentedImages(constant_images(), augment=aug, convention=OFFICIAL_CONVENTION, seed=1)
+    items.set_epoch(2)
+    again.set_epoch(2)
+    first, second = items[5], items[5 + 12]  # draws 0 and 1 of item 5
+    assert first[0].shape == (3, 16, 16) and first[1] == second[1] == 5 // 3
+    assert torch.equal(first[0], again[5][0]) and not torch.equal(first[0], second[0])
+    again.set_epoch(3)
+    assert not torch.equal(first[0], again[5][0])
 
 
 def test_labels_become_contiguous_class_indices(constant_images):
