@@ -84,6 +84,12 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML) reads 1e-3 and 1.5e3 as strings (its floats need a dot and a signed exponent); YAML 1.2 and
+# every user read them as numbers. Plain integers still resolve first (the int resolver is consulted before this).
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def _expanded_size(root: yaml.Node) -> int:
     """The number of nodes ``root`` stands for once every alias is replaced by what it names (each distinct node
     is counted once and its size remembered, so a bomb is measured without being expanded)."""

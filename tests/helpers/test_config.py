@@ -201,3 +201,15 @@ def test_schema_module_imports_no_torch():
     code = "import sys, helpers.schemas, cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_exponent_numbers_are_numbers_in_overrides_and_files(tmp_path):
+    """1e-3 is a float as a user means it (PyYAML alone reads it as the string '1e-3', which the schema refused)."""
+    from helpers.config import parse_override, read_yaml
+
+    assert parse_override("optim.lr=1e-3") == (["optim", "lr"], 0.001)
+    assert parse_override("x=1.5e3")[1] == 1500.0 and parse_override("x=-2E+4")[1] == -20000.0
+    assert parse_override("x=123")[1] == 123 and isinstance(parse_override("x=123")[1], int)
+    assert parse_override("x=1e")[1] == "1e"
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 5e-5\n")
+    assert read_yaml(tmp_path / "c.yaml") == {"optim": {"lr": 5e-05}}
