@@ -92,7 +92,7 @@ EVAL = Schema(
         "data.synthetic.name": Rule(types=(str,), nullable=True),
         "model.timm.arch": Rule(types=(str,), nullable=True, pattern=r"timm:.+", pattern_text="timm:<model name>"),
         "model.timm.weights": Rule(types=(str,), nullable=True),
-        "model.timm.pooling": Rule(choices=("gem", "gem+", "rgem")),
+        "model.timm.pooling": Rule(choices=("gem", "gem+", "rgem", "token")),
         "model.timm.dim": OPTIONAL_POSITIVE_INT,
         "model.depth": DEPTH,
         "model.weights": Rule(types=(str,), nullable=True),

@@ -42,15 +42,22 @@ class WeightsPlan:
     global_path: str | None = None
     rerank_path: str | None = None
     rerank_backbone_from_global: bool = False
-    source: str = "random"  # "official", "builtin" or "random"
+    source: str = "random"  # "official", "builtin", "timm" or "random"
     description: str = RANDOM_WEIGHTS
     warnings: list[str] = field(default_factory=list)
 
 
-def plan_weights(model_cfg: Mapping[str, Any]) -> WeightsPlan:
+def plan_weights(model_cfg: Mapping[str, Any], needed: set[str] | None = None) -> WeightsPlan:
     """``model.weights`` (one official-layout file for every model), else the built-in training run's newest
     checkpoints (``model.builtin_checkpoints``: rerank for all models, else backbone for the global models and
-    a random re-ranking head), else random weights."""
+    a random re-ranking head), else random weights. A run of the timm model alone (``needed == {'timm_global'}``)
+    is planned from ``model.timm.weights``: the ResNet files do not concern it."""
+    if needed == {"timm_global"}:
+        timm_weights = (model_cfg.get("timm") or {}).get("weights")
+        if timm_weights:
+            return WeightsPlan(source="timm", description=os.fspath(timm_weights))
+        return WeightsPlan(warnings=[f"weights: {RANDOM_WEIGHTS} (model.timm.weights is unset: the timm model "
+                                     "has random weights, offline, or pass a train_backbone.py checkpoint)"])
     if model_cfg.get("weights"):
         path = os.fspath(model_cfg["weights"])
         return WeightsPlan(path, path, source="official", description=path)
@@ -159,7 +166,7 @@ def load_models(*, needed: set[str], model_cfg: Mapping[str, Any], seed: int, de
     """Plan the weights (:func:`plan_weights`), check their files' sha256 (:func:`verify_weights`), then build the
     models in ``needed`` (:func:`build_models`) inside ``building`` (e.g. a timer's stage: a refused weights file
     builds nothing)."""
-    plan = plan_weights(model_cfg)
+    plan = plan_weights(model_cfg, needed)
     sha256 = verify_weights(plan, model_cfg.get("weights_sha256"))
     with building or contextlib.nullcontext():
         models = build_models(needed=needed, model_cfg=model_cfg, plan=plan, seed=seed, device=device)

@@ -64,6 +64,19 @@ def test_weights_plan(tmp_path):
     assert plan.source == "official" and plan.rerank_path == "w/CVPR2022_CVNet_R50.pyth" and not plan.warnings
 
 
+def test_a_timm_only_run_is_planned_from_its_own_weights(tmp_path):
+    """The ResNet files do not concern a run of the timm model alone: no 'random' banner when model.timm.weights
+    is given, one when it is not (even with built-in ResNet checkpoints on disk)."""
+    backbone = tmp_path / "backbone.pyth"
+    backbone.write_bytes(b"")
+    cfg = {"weights": None, "builtin_checkpoints": {"backbone": str(backbone)}, "timm": {"weights": "ft/last.pyth"}}
+    plan = plan_weights(cfg, {"timm_global"})
+    assert (plan.source, plan.description, plan.warnings, plan.global_path) == ("timm", "ft/last.pyth", [], None)
+    plan = plan_weights({**cfg, "timm": {"weights": None}}, {"timm_global"})
+    assert plan.source == "random" and "model.timm.weights is unset" in plan.warnings[0]
+    assert plan_weights(cfg, {"timm_global", "superglobal"}).global_path == str(backbone)
+
+
 def test_needed_models():
     assert needed_models(["cvnet_global"]) == {"cvnet_global"}
     assert needed_models(["cvnet_rerank"]) == {"cvnet_global", "cvnet_rerank"}
