@@ -1,25 +1,8 @@
-"""Labelled image collections: a class-per-folder tree and CIFAR-10 for training and quick experiments, and a
-class folder as a retrieval evaluation set (:class:`ClassFolderSet`), which can also be written in the revisitop
-layout (:func:`write_revisitop`).
-
-Items of the training collections are ``(image, label)`` with the image a uint8 (H, W, 3) BGR array (the releases'
-OpenCV convention, see :mod:`datasets.transforms`) unless a ``transform`` turns it into something else.
-
-A class folder as an evaluation set (the layout of the reference CLIP retrieval system's ``test/`` folder)::
-
-    PATH/query/<class>/...          the queries, one sub-folder per class (nested folders belong to their class)
-    PATH/gallery/<class>/...        the searched images; a gallery image of a query's class is a positive of it
-    PATH/gallery/<image>            an image directly in gallery/ has no class: a negative for every query
-    PATH/junk.txt                   optional: gallery images to ignore for the queries of their own class, one
-                                    path per line relative to gallery/ (``eiffel/0042.jpg``; ``#`` comments); such
-                                    an image is neither a positive nor a negative for them (revisitop's junk) and a
-                                    negative for every other query
-    PATH/query_boxes.csv            optional: ``path,x1,y1,x2,y2`` (path relative to query/, pixels): the query is
-                                    cropped to its box before any resizing, as revisitop's queries; a query not
-                                    listed is used whole
-
-Folders whose name starts with a dot are skipped; images are the files with an extension of
-:data:`IMAGE_EXTENSIONS`, in sorted order of their path.
+"""Labelled image collections: a class-per-folder tree and CIFAR-10 for training and quick experiments, and a class
+folder as a retrieval evaluation set (:class:`ClassFolderSet`; the layout: :class:`ClassFolder`), which can also be
+written in the revisitop layout (:func:`write_revisitop`). Training items are ``(image, label)`` with the image a
+uint8 (H, W, 3) BGR array (the releases' OpenCV convention, :mod:`datasets.transforms`) unless a ``transform``
+turns it into something else.
 """
 from __future__ import annotations
 
@@ -185,9 +168,24 @@ def class_folder_title(path: str | os.PathLike) -> str:
 
 @dataclass
 class ClassFolder:
-    """A class folder as an evaluation set (see the module docstring): its queries and gallery images (paths
-    relative to ``query/`` and ``gallery/``, with their class; a gallery image may have none), the gallery images
-    listed as junk and the query boxes (x1, y1, x2, y2) by query path."""
+    """A class folder as an evaluation set: its queries and gallery images (paths relative to ``query/`` and
+    ``gallery/``, with their class; a gallery image may have none), the gallery images listed as junk and the query
+    boxes (x1, y1, x2, y2) by query path. The layout (the reference CLIP retrieval system's ``test/`` folder)::
+
+        PATH/query/<class>/...          the queries, one sub-folder per class (nested folders belong to their class)
+        PATH/gallery/<class>/...        the searched images; a gallery image of a query's class is a positive of it
+        PATH/gallery/<image>            an image directly in gallery/ has no class: a negative for every query
+        PATH/junk.txt                   optional: gallery images to ignore for the queries of their own class, one
+                                        path per line relative to gallery/ (``eiffel/0042.jpg``; ``#`` comments);
+                                        such an image is neither a positive nor a negative for them (revisitop's
+                                        junk) and a negative for every other query
+        PATH/query_boxes.csv            optional: ``path,x1,y1,x2,y2`` (path relative to query/, pixels): the query
+                                        is cropped to its box before any resizing, as revisitop's queries; a query
+                                        not listed is used whole
+
+    Folders whose name starts with a dot are skipped; images are the files with an extension of
+    :data:`IMAGE_EXTENSIONS`, in sorted order of their path.
+    """
 
     path: Path
     queries: list[tuple[str, str]]
@@ -262,7 +260,7 @@ def _read_boxes(path: Path, queries: Sequence[tuple[str, str]]) -> dict[str, tup
 
 
 def list_class_folder(path: str | os.PathLike) -> ClassFolder:
-    """Read a class folder's listing, junk list and query boxes (the module docstring), checking them: a missing
+    """Read a class folder's listing, junk list and query boxes (layout: :class:`ClassFolder`), checking them: a missing
     folder, a query outside a class folder, a junk entry or box naming no image, or a bad box is an error that
     names the file and line."""
     root = Path(path)

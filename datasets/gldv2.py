@@ -1,26 +1,7 @@
-"""Google Landmarks Dataset v2 (Weyand et al., CVPR 2020): the GLDv2-clean train split CVNet and SuperGlobal
-train on, and the retrieval test split (index and test images, retrieval and recognition solutions).
-
-Layout expected under ``root`` (the layout of the official download, tars extracted in place)::
-
-    root/train_clean.csv            landmark_id,images   (images: space-separated image ids)
-    root/train/a/b/c/<id>.jpg       a, b, c = the first three characters of the id
-    root/tars/images_000.tar ...    only while downloading (see plan_gldv2_download)
-
-    root/index.csv, root/test.csv   one column, id
-    root/retrieval_solution_v2.1.csv    id,images,Usage (images: space-separated index ids; Usage Public,
-                                        Private or Ignored, an ignored query's images "None")
-    root/recognition_solution_v2.1.csv  id,landmarks,Usage
-    root/index/a/b/c/<id>.jpg, root/test/a/b/c/<id>.jpg
-
-The CSVs of the retrieval test may also sit in the split folders (``root/index/index.csv``,
-``root/test/test.csv``, ``root/test/retrieval_solution_v2.1.csv``), where cvdfoundation's download script puts
-them. ``python prepare_data.py download --root DATA --datasets gldv2-retrieval-test`` fetches that split into
-``DATA/gldv2``.
-
-RGLDv2-clean (Song et al., CVPR 2024, "revisited GLDv2-clean", https://github.com/dealicious-inc/RGLDv2-clean)
-is GLDv2-clean minus the landmarks that also appear among the ROxford/RParis queries. Its release is a table on
-Google Drive, not retrievable here, so the landmark ids to drop are read from a user-supplied file.
+"""Google Landmarks Dataset v2 (Weyand et al., CVPR 2020), in the layout of the official download: the GLDv2-clean
+train split CVNet and SuperGlobal train on (:class:`GoogleLandmarksV2`, also as RGLDv2-clean), the plan of its shard
+download (:func:`plan_gldv2_download`), and the retrieval test split with its retrieval and recognition solutions
+(:class:`GLDv2RetrievalTest`). Each class's docstring gives the layout it reads.
 """
 from __future__ import annotations
 
@@ -135,8 +116,16 @@ class GoogleLandmarksV2(Dataset):
     id back and ``class_to_idx`` the other way. ``targets`` (N,) int64 holds every image's label (cheap access for
     samplers and :class:`datasets.paired.PairedDataset`).
 
-    exclude_revisited=True builds RGLDv2-clean: the landmark ids listed in ``exclude_landmarks_file`` (one per
-    line) are dropped before remapping. min_class_size drops landmarks with fewer images (1 keeps all).
+    Layout under ``root`` (the official download, tars extracted in place; ``root/tars/`` holds the tars only
+    while downloading, :func:`plan_gldv2_download`)::
+
+        root/train_clean.csv            landmark_id,images   (images: space-separated image ids)
+        root/train/a/b/c/<id>.jpg       a, b, c = the first three characters of the id
+
+    exclude_revisited=True builds RGLDv2-clean (Song et al., CVPR 2024, "revisited GLDv2-clean", :data:`RGLDV2_URL`):
+    GLDv2-clean minus the landmarks that also appear among the ROxford/RParis queries. Its release is a table on
+    Google Drive, not retrievable here, so the landmark ids listed in the user-supplied ``exclude_landmarks_file``
+    (one per line) are dropped before remapping. min_class_size drops landmarks with fewer images (1 keeps all).
     A missing image raises FileNotFoundError naming the shard to fetch; an undecodable one CorruptImageError.
     """
 
@@ -414,6 +403,18 @@ class GLDv2RetrievalTest(ScaledImages):
     Images are read at their stored size in BGR (:func:`datasets.transforms.read_image`), enlarged to
     ``min_side`` when smaller (GLDv2 holds images a few pixels wide; see :data:`datasets.transforms.SMALLEST_SIDE`),
     and normalised with ``convention``. ``ids[i]`` is item i's image id.
+
+    Layout under ``root`` (``python prepare_data.py download --root DATA --datasets gldv2-retrieval-test`` fetches
+    it into ``DATA/gldv2``)::
+
+        root/index.csv, root/test.csv       one column, id
+        root/retrieval_solution_v2.1.csv    id,images,Usage (images: space-separated index ids; Usage Public,
+                                            Private or Ignored, an ignored query's images "None")
+        root/recognition_solution_v2.1.csv  id,landmarks,Usage
+        root/index/a/b/c/<id>.jpg, root/test/a/b/c/<id>.jpg
+
+    The CSVs may also sit in the split folders (``root/index/index.csv``, ``root/test/test.csv``,
+    ``root/test/retrieval_solution_v2.1.csv``), where cvdfoundation's download script puts them.
     """
 
     def __init__(

@@ -1,14 +1,9 @@
-"""Revisited Oxford / Paris (ROxford5k, RParis6k) and the R1M distractors, in the revisitop layout.
+"""Revisited Oxford / Paris (ROxford5k, RParis6k) and the R1M distractors, read in the revisitop layout: the
+ground truth (through a restricted unpickler), the query and database sets, and the 1M list with its completeness
+check. ``python prepare_data.py download`` fetches them (docs/evaluation.md, Data)::
 
-Layout under a data root::
-
-    <root>/roxford5k/gnd_roxford5k.pkl     imlist, qimlist, gnd (bbx, easy, hard, junk per query)
-    <root>/roxford5k/jpg/<name>.jpg         flat folder, names without extension in the pkl
-    <root>/rparis6k/...                     the same
-    <root>/revisitop1m/revisitop1m.txt      one image path per line, relative to revisitop1m/jpg/
-    <root>/revisitop1m/jpg/...
-
-``python prepare_data.py download --root <root> --datasets roxford5k rparis6k revisitop1m`` fetches all of it.
+    <root>/roxford5k/gnd_roxford5k.pkl, <root>/roxford5k/jpg/<name>.jpg    (rparis6k the same)
+    <root>/revisitop1m/revisitop1m.txt, <root>/revisitop1m/jpg/...
 """
 from __future__ import annotations
 
@@ -288,6 +283,10 @@ class RevisitedDataset(ScaledImages):
 
     Item i -> list of (3, H_s, W_s) tensors, one per scale.
 
+    Layout: ``<root>/<name>/gnd_<name>.pkl`` (imlist, qimlist, gnd: bbx, easy, hard, junk per query;
+    :func:`load_ground_truth`) and the images in one flat folder, ``<root>/<name>/jpg/<image>.jpg``, named in the
+    pkl without their extension.
+
     Queries are cropped to their ``bbx`` once, before any resizing (the official protocol); database images
     are used whole. Images are read at their stored size (at most 1024 a side) in BGR and normalised with
     ``convention``.
@@ -385,7 +384,10 @@ def shard_range(i: int, n: int, total: int) -> range:
 
 
 class Revisitop1M(ScaledImages):
-    """The R1M distractors (1,001,001 listed); item i -> list of (3, H_s, W_s) tensors, one per scale."""
+    """The R1M distractors (1,001,001 listed); item i -> list of (3, H_s, W_s) tensors, one per scale.
+
+    ``<root>/revisitop1m/revisitop1m.txt`` lists one image path per line, relative to ``<root>/revisitop1m/jpg/``.
+    """
 
     def __init__(
         self,

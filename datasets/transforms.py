@@ -1,15 +1,7 @@
-"""Image reading, query cropping, multi-scale resizing and normalisation, as the official releases do them.
-
-The releases read images with OpenCV (uint8, BGR), resize the uint8 image with ``cv2.resize`` (INTER_AREA
-when shrinking, INTER_LINEAR when enlarging), then transpose to CHW, divide by 255 and normalise each channel
-with the mean/std of the weights' input convention. Everything here works on the uint8 BGR image until
-``to_tensor``.
-
-Image sizes. The models need a minimum size: SuperGlobal's Regional-GeM pads its stage-4 map (stride 32) by 2
-with reflection, which needs a map of at least 3 x 3, and its Scale-GeM first shrinks the image to 0.7071 of
-its size; so an image whose short side is below :data:`SMALLEST_SIDE` (92 px) fails inside the model with a
-padding ``RuntimeError``. ``min_side`` (:func:`min_size_guard`, :func:`fit_sides`) enlarges such images
-(the retrieval API uses 96); evaluation follows the release and leaves ``data.min_side`` unset.
+"""Image reading, query cropping, multi-scale resizing and normalisation, as the official releases do them: images
+are read with OpenCV (uint8, BGR), resized as uint8 with ``cv2.resize`` (:func:`resize_scale`), and only
+:func:`to_tensor` turns them into normalised CHW floats. Also the project's one image reader (:func:`read_image`)
+and the size limits the models need (:data:`SMALLEST_SIDE`, :func:`fit_sides`).
 """
 from __future__ import annotations
 
@@ -26,9 +18,11 @@ from common.convention import InputConvention
 from common.errors import InvalidValueError, MissingFileError
 from common.io import io_error, printable_path
 
-#: The least short side (pixels) SuperGlobal accepts: int(92 * 0.7071) = 65 gives a 3 x 3 stage-4 map, the least
-#: that Regional-GeM's reflection padding of 2 allows; 91 px gives 2 x 2 and a padding RuntimeError.
-#: CVNet-Global (plain GeM) has no such limit.
+#: The least short side (pixels) SuperGlobal accepts: its Scale-GeM first shrinks the image to 0.7071, and
+#: int(92 * 0.7071) = 65 gives a 3 x 3 stage-4 map (stride 32), the least that Regional-GeM's reflection padding of 2
+#: allows; 91 px gives 2 x 2 and a padding RuntimeError inside the model. CVNet-Global (plain GeM) has no such limit.
+#: ``min_side`` (:func:`min_size_guard`, :func:`fit_sides`) enlarges smaller images: the retrieval API uses 96;
+#: evaluation follows the release and leaves ``data.min_side`` unset.
 SMALLEST_SIDE = 92
 
 

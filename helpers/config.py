@@ -1,17 +1,6 @@
-"""Experiment configuration: defaults, then a YAML file, then dotted command-line overrides, merged and checked in
-one place.
-
-    cfg = load_config("configs/cvnet_global_r50.yaml", ["model.depth=101", "data.root=/data"], schema=EVAL)
-    cfg["model"]["depth"]  # -> 101
-
-A YAML file may name a ``base`` file (relative to itself) whose values it extends. Override values are parsed
-as YAML scalars/lists (``true``, ``3``, ``0.5``, ``[1, 5, 10]``, ``null``), anything else stays a string.
-
-With a :class:`Schema` the merged config is checked before anything runs: every key must be one of the
-defaults' keys (an unknown key is an error that names it and the closest valid one), every value must have the
-default's type (``None`` defaults accept any value unless a :class:`Rule` says more) and pass its rule (choices,
-bounds). This module imports neither torch nor the rest of the project, so scripts can parse and check their
-arguments in well under a second.
+"""Experiment configuration: defaults, then a YAML file, then dotted command-line overrides, merged and checked
+against a script's :class:`Schema` in one place (:func:`load_config`). This module imports neither torch nor the
+rest of the project, so scripts can parse and check their arguments in well under a second.
 """
 from __future__ import annotations
 
@@ -127,8 +116,9 @@ def safe_load(text: Any) -> Any:
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config, following its optional ``base:`` chain; a malformed file, a key given twice or an
-    alias expansion past :data:`MAX_EXPANDED_NODES` is a :class:`ConfigError` of one line."""
+    """Read a YAML config, following its optional ``base:`` chain (a file, relative to this one, whose values this
+    one extends); a malformed file, a key given twice or an alias expansion past :data:`MAX_EXPANDED_NODES` is a
+    :class:`ConfigError` of one line."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"config file not found: {path}")
@@ -148,7 +138,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"model.depth=101"`` -> (["model", "depth"], 101)."""
+    """``"model.depth=101"`` -> (["model", "depth"], 101). The value is parsed as a YAML scalar or list (``true``,
+    ``3``, ``0.5``, ``[1, 5, 10]``, ``null``); anything else stays a string."""
     if "=" not in text:
         raise ConfigError(f"override {shorten(text)} must look like key.sub=value")
     key, raw = text.split("=", 1)
@@ -232,6 +223,10 @@ class Rule:
 @dataclass(frozen=True)
 class Schema:
     """A script's defaults and the rules its config is checked against.
+
+    The merged config is checked before anything runs: every key must be one of the defaults' keys (an unknown key
+    is an error that names it and the closest valid one), every value must have the default's type (``None``
+    defaults accept any value unless a :class:`Rule` says more) and pass its rule (choices, bounds).
 
     ``open_sections``: dotted keys of sections whose contents are passed through unchecked (e.g. keyword
     arguments of a dataclass that checks them itself).
@@ -368,7 +363,11 @@ def load_config(
     schema: Schema | None = None,
 ) -> dict[str, Any]:
     """defaults (``schema.defaults`` when a schema is given) <- YAML file (and its bases) <- dotted overrides,
-    then checked against ``schema``. Errors are :class:`ConfigError` (or FileNotFoundError for a missing file)."""
+    then checked against ``schema``. Errors are :class:`ConfigError` (or FileNotFoundError for a missing file).
+
+        cfg = load_config("configs/cvnet_global_r50.yaml", ["model.depth=101", "data.root=/data"], schema=EVAL)
+        cfg["model"]["depth"]  # -> 101
+    """
     if schema is not None and defaults is None:
         defaults = schema.defaults
     cfg = copy.deepcopy(dict(defaults or {}))

@@ -1,20 +1,6 @@
 """The field's standard post-processing of a global ranking, over any database size: alpha-DBA, alpha-QE and
-k-reciprocal re-ranking (the maths is in :mod:`models.functional`), in the order the literature applies them:
-database-side augmentation first, then query expansion against the augmented database, then either a plain
-re-ranking by inner product or k-reciprocal re-ranking.
-
-Two modes, chosen by the database size:
-
-- **full** (``n_db <= full_limit``): DBA augments every database vector, alpha-QE expands each query with its top-k
-  augmented neighbours, and the whole database is re-ranked (k-reciprocal: one pool of all queries and the
-  database, as the authors' function). Memory O(n_db^2) for k-reciprocal, O(chunk x n_db) otherwise.
-- **shortlist** (larger databases, e.g. +1M): each query's top ``shortlist`` candidates of the given ranking are
-  post-processed among themselves (DBA neighbours searched within the shortlist, alpha-QE's neighbours are the
-  query's top-k, k-reciprocal pools the query with its candidates) and re-ordered; the rest of the ranking keeps its
-  order. Memory O(query_chunk x shortlist x d + shortlist^2), whatever the database size.
-
-Learned PCA whitening changes the descriptors themselves and is applied before ranking
-(:func:`models.functional.apply_whitening`).
+k-reciprocal re-ranking (the maths is in :mod:`models.functional`), applied whole to a small database and to each
+query's shortlist of a large one (:func:`postprocess_ranking`).
 """
 from __future__ import annotations
 
@@ -148,8 +134,24 @@ def postprocess_ranking(xq: Any, xb: Any, ranks: np.ndarray, post: PostProcessin
                         gather: Any = None) -> np.ndarray:
     """Apply ``post`` to a global ranking ``ranks`` (n_db, nq) of queries ``xq`` (nq, d) over the database ``xb``
     ((n_db, d), or any object the ``gather(rows) -> (len(rows), d)`` callable reads rows of, e.g. the parts of a
-    +1M database). Returns the new ranks, same shape and dtype. Full mode when ``xb`` is one tensor of at most
-    ``full_limit`` rows, shortlist mode otherwise (see the module docstring)."""
+    +1M database). Returns the new ranks, same shape and dtype.
+
+    The steps run in the order the literature applies them: database-side augmentation first, then query expansion
+    against the augmented database, then either a plain re-ranking by inner product or k-reciprocal re-ranking.
+    Two modes, chosen by the database size:
+
+    - **full** (``xb`` one tensor of ``n_db <= post.full_limit`` rows): DBA augments every database vector, alpha-QE
+      expands each query with its top-k augmented neighbours, and the whole database is re-ranked (k-reciprocal:
+      one pool of all queries and the database, as the authors' function). Memory O(n_db^2) for k-reciprocal,
+      O(chunk x n_db) otherwise.
+    - **shortlist** (larger databases, e.g. +1M): each query's top ``post.shortlist`` candidates of ``ranks`` are
+      post-processed among themselves (DBA neighbours searched within the shortlist, alpha-QE's neighbours are the
+      query's top-k, k-reciprocal pools the query with its candidates) and re-ordered; the rest of the ranking keeps
+      its order. Memory O(query_chunk x shortlist x d + shortlist^2), whatever the database size.
+
+    Learned PCA whitening changes the descriptors themselves and is applied before ranking (:func:`whiten_parts`,
+    :func:`models.functional.apply_whitening`), not here.
+    """
     if not post.active:
         return ranks
     n_db, nq = ranks.shape

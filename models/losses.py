@@ -1,20 +1,7 @@
-"""Training losses of CVNet (Lee et al., CVPR 2022): CurricularFace and a momentum contrastive loss for
-CVNet-Global (Sec. 3.1), the pairs and the class-balanced cross-entropy of CVNet-Rerank (Sec. 3.4).
-
-CVNet-Global is trained with a CurricularFace-margined classification loss (Eq. 1) plus a momentum contrastive
-loss (Eq. 2) whose keys come from a momentum (EMA) encoder and are kept, with their labels, in a FIFO queue.
-CVNet-Rerank's head is trained with cross-entropy on the two-way logits of (query, positive) and (query, hard
-negative) pairs (:func:`training_pairs`, :func:`balanced_cross_entropy`).
-
-Sources and how sure each value is:
-
-- CurricularFace itself: Huang et al., "CurricularFace: Adaptive Curriculum Learning Loss for Deep Face
-  Recognition", CVPR 2020 (target ``cos(theta_y + m)``, hard negatives ``cos(theta_j) * (t + cos(theta_j))``,
-  ``t`` a running mean of the target cosine with momentum 0.01, the ``th``/``mm`` fallback when
-  ``theta_y + m > pi``). That paper's face-recognition defaults are m = 0.5, s = 64.
-- CVNet's values m = 0.15, s = 30 (so tau = 1/30), and the key-encoder momentum 0.999 come from this project's
-  brief; the CVNet paper text could not be retrieved here to confirm them (see DEFAULT_* below).
-- The queue length is not known from the paper; DEFAULT_QUEUE_SIZE is this project's choice.
+"""Training losses of CVNet (Lee et al., CVPR 2022). CVNet-Global (Sec. 3.1): a CurricularFace-margined
+classification loss (Eq. 1) plus a momentum contrastive loss (Eq. 2) against a FIFO queue of labelled keys from an
+EMA key encoder. CVNet-Rerank (Sec. 3.4): cross-entropy on the two-way logits of (query, positive) and (query, hard
+negative) pairs. Where the default values come from: the comment above ``DEFAULT_MARGIN``.
 """
 from __future__ import annotations
 
@@ -30,6 +17,12 @@ from common.errors import InvalidValueError
 
 logger = logging.getLogger(__name__)
 
+# Sources, and how sure each value is. CurricularFace itself: Huang et al., "CurricularFace: Adaptive Curriculum
+# Learning Loss for Deep Face Recognition", CVPR 2020 (target cos(theta_y + m), hard negatives
+# cos(theta_j) * (t + cos(theta_j)), t a running mean of the target cosine with momentum 0.01, the th/mm fallback
+# when theta_y + m > pi); that paper's face-recognition defaults are m = 0.5, s = 64. CVNet's m = 0.15, s = 30
+# (tau = 1/30) and the key-encoder momentum 0.999 come from this project's brief: the CVNet paper text could not
+# be retrieved here to confirm them. The queue length is not known from the paper: DEFAULT_QUEUE_SIZE is ours.
 DEFAULT_MARGIN = 0.15  # CVNet's CurricularFace margin m (project brief; unconfirmed against the paper text)
 DEFAULT_SCALE = 30.0  # CVNet's scale s = 1 / tau (project brief; unconfirmed against the paper text)
 DEFAULT_TEMPERATURE = 1.0 / 30.0  # the same tau for the contrastive term (Eq. 1 and Eq. 2 share one tau)

@@ -1,17 +1,6 @@
-"""The built-in benchmark as a class folder: the layout of the reference CLIP retrieval system and of most users'
-own data, which ``eval.py "data.datasets=[folder:OUT/test]"``, ``fewshot.py --folder`` and the training scripts read
-(datasets.folder)::
-
-    OUT/training/landmark_<id>/<image>.jpg       the training split (its landmarks numbered after the test ones)
-    OUT/test/query/landmark_<id>/<image>.jpg     the queries, and OUT/test/query_boxes.csv (their boxes)
-    OUT/test/gallery/landmark_<id>/<image>.jpg   every view of a landmark: easy, hard and junk
-    OUT/test/gallery/<image>.jpg                 the distractors (no class)
-    OUT/test/junk.txt                            the junk views (ignored for their landmark's queries)
-    OUT/meta.json                                what was written, from which build
-
-The images are the benchmark's files, copied byte for byte, so ``OUT/test`` holds the same queries, boxes, positives
-(easy and hard) and junk as the revisitop-layout build: its one protocol is that build's Medium protocol, with the
-database in another order.
+"""The built-in benchmark written as a class folder (:class:`datasets.folder.ClassFolder`'s layout, that of the
+reference CLIP retrieval system and of most users' own data), which ``eval.py "data.datasets=[folder:OUT/test]"``,
+``fewshot.py --folder`` and the training scripts read; what is written where: :func:`write_class_folder`.
 """
 from __future__ import annotations
 
@@ -57,9 +46,21 @@ def _written_with(out: Path, config: SyntheticConfig) -> bool:
 def write_class_folder(out: str | os.PathLike, *, root: str | os.PathLike, name: str = "synth",
                        config: SyntheticConfig | None = None, overwrite: bool = False, progress: bool = False) -> Path:
     """Write the built-in benchmark (drawn first, idempotently, as ``<root>/<name>``: build_synthetic) as a class
-    folder under ``out`` (the module docstring) and return ``out``. Idempotent: a folder this function wrote with the
-    same config is left as it is; anything else at ``out`` raises OutputExistsError unless ``overwrite``. Written
-    into a temporary folder beside ``out`` and renamed into place."""
+    folder under ``out`` and return ``out``. Idempotent: a folder this function wrote with the same config is left as
+    it is; anything else at ``out`` raises OutputExistsError unless ``overwrite``. Written into a temporary folder
+    beside ``out`` and renamed into place::
+
+        OUT/training/landmark_<id>/<image>.jpg       the training split (its landmarks numbered after the test ones)
+        OUT/test/query/landmark_<id>/<image>.jpg     the queries, and OUT/test/query_boxes.csv (their boxes)
+        OUT/test/gallery/landmark_<id>/<image>.jpg   every view of a landmark: easy, hard and junk
+        OUT/test/gallery/<image>.jpg                 the distractors (no class)
+        OUT/test/junk.txt                            the junk views (ignored for their landmark's queries)
+        OUT/meta.json                                what was written, from which build
+
+    The images are the benchmark's files, copied byte for byte, so ``OUT/test`` holds the same queries, boxes,
+    positives (easy and hard) and junk as the revisitop-layout build: its one protocol is that build's Medium
+    protocol, with the database in another order.
+    """
     config = config or SyntheticConfig()
     out = Path(out)
     if _written_with(out, config):

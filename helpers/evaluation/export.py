@@ -1,23 +1,6 @@
-"""Exports for the re-rankers that start from a SuperGlobal shortlist: AMES (ECCV 2024) and LoCoRe (CVPR 2025).
-
-Both read, per dataset folder ``<data_root>/<dataset>/`` (file names and formats as their public loaders read them):
-
-- ``nn_<desc>.pkl``: a pickled ``torch.Tensor`` of shape (2, nq, m), dtype float64: ``[0]`` the similarities of
-  each query's top-m database images, best first, ``[1]`` their database indices (as floats; the loaders call
-  ``.long()``). It is ``torch.from_numpy(np.stack((similarities, indices)))``, which is why float32 similarities
-  and int64 indices end up float64 together.
-- ``<desc>_query_global.pt`` / ``<desc>_gallery_global.pt``: the global descriptors as raw float32, row-major,
-  no header (``torch.FloatStorage.from_file`` / ``np.memmap`` layout), (nq, d) and (n, d).
-- ``test_query.txt`` / ``test_gallery.txt``: one image path per line, relative to the image root, in descriptor
-  order; ``gnd_<dataset>.pkl`` (the revisited ground truth; the query boxes live there).
-
-A class folder (``folder:PATH``) is exported as ``folder-<title>/``: its image paths relative to PATH
-(``query/<class>/...``, ``gallery/<class>/...``) and its ground truth written in revisitop's form
-(datasets.folder.revisitop_ground_truth: positives as 'easy', junk as 'junk', each query's box or whole image).
-
-Local descriptors in the layout of AMES's own extractor (an HDF5 ``features`` array of (n, topk, 5 + d): x, y,
-scale, mask, weight, descriptor) need AMES's trained local-feature detector to pick the top-k locations, which is
-not part of this project; they are not written here.
+"""Exports for the re-rankers that start from a SuperGlobal shortlist, AMES (ECCV 2024) and LoCoRe (CVPR 2025):
+each query's top-m, the global descriptors, the image lists and the ground truth of a dataset, in the files and
+formats their public loaders read (:func:`export_shortlists`; docs/evaluation.md, Shortlists for AMES / LoCoRe).
 """
 from __future__ import annotations
 
@@ -61,7 +44,10 @@ def top_m(query: Tensor, database: Tensor, m: int, *, chunk: int = 256) -> tuple
 
 
 def shortlist_tensor(similarities: Tensor, indices: Tensor) -> Tensor:
-    """The (2, nq, m) float64 tensor AMES and LoCoRe unpickle: similarities stacked over indices."""
+    """The (2, nq, m) float64 tensor AMES and LoCoRe unpickle: ``[0]`` each query's top-m similarities, best
+    first, ``[1]`` their database indices as floats (the loaders call ``.long()``). It is
+    ``torch.from_numpy(np.stack((similarities, indices)))``, which is why float32 similarities and int64 indices end
+    up float64 together."""
     if similarities.shape != indices.shape or similarities.ndim != 2:
         raise InvalidValueError(f"similarities {tuple(similarities.shape)} and indices {tuple(indices.shape)} must be "
                                 "the same (nq, m) shape")
@@ -117,8 +103,17 @@ def export_shortlists(
     """Write ``<out_dir>/<dataset>/``: ``nn_<desc_name>.pkl``, the raw global descriptors, the image lists and
     (when given) a copy of the ground truth file ``gnd_path`` or the revisitop ``ground_truth`` itself as
     ``gnd_<dataset>.pkl``. ``ranking``: (similarities, indices) of an already computed shortlist (e.g.
-    SuperGlobal's re-ranked top-M); without it the top-``m`` by inner product of the descriptors.
-    Returns the written paths by role."""
+    SuperGlobal's re-ranked top-M); without it the top-``m`` by inner product of the descriptors. Returns the
+    written paths by role.
+
+    The files, as AMES's and LoCoRe's public loaders read them:
+
+    - ``nn_<desc>.pkl``: a pickled ``torch.Tensor`` (2, nq, m) float64 (:func:`shortlist_tensor`).
+    - ``<desc>_query_global.pt`` / ``<desc>_gallery_global.pt``: the global descriptors as raw float32, row-major,
+      no header (``torch.FloatStorage.from_file`` / ``np.memmap`` layout), (nq, d) and (n, d).
+    - ``test_query.txt`` / ``test_gallery.txt``: one image path per line, relative to the image root, in
+      descriptor order; ``gnd_<dataset>.pkl``: the revisited ground truth (the query boxes live there).
+    """
     if query.shape[0] != len(query_names) or database.shape[0] != len(database_names):
         raise InvalidValueError(f"{query.shape[0]} query / {database.shape[0]} database descriptors for "
                                 f"{len(query_names)} / {len(database_names)} image names")
@@ -164,8 +159,12 @@ def export_ames(out_dir: str | os.PathLike, *, name: str, query_set: RevisitedDa
     """Write ``<out_dir>/<name>/`` for AMES and LoCoRe (:func:`export_shortlists`): the SuperGlobal
     descriptors, each query's top ``m`` of the SuperGlobal ranking ``ranks`` (n_db, nq) with their cosine
     similarities or, with ``reranked`` = (superglobal_rerank ranking, its score lookup, M), the re-ranked top
-    min(m, M) with their re-ranking scores, the image lists relative to the dataset folder and the ground truth
-    (a class folder's written in revisitop's form)."""
+    min(m, M) with their re-ranking scores, the image lists relative to the dataset folder and the ground truth.
+
+    A class folder (``folder:PATH``) is exported as ``folder-<title>/``: its image paths relative to PATH
+    (``query/<class>/...``, ``gallery/<class>/...``) and its ground truth written in revisitop's form
+    (:func:`datasets.folder.revisitop_ground_truth`: positives as 'easy', junk as 'junk', each query's box or
+    whole image)."""
     from helpers.evaluation.export import export_shortlists
 
     if reranked is None:

@@ -1,13 +1,6 @@
-"""The GLDv2 retrieval test (Weyand et al., CVPR 2020) as eval.py runs it: ``data.datasets=[gldv2-retrieval-test]``.
-
-Test images (the Public and Private queries of ``retrieval_solution_v2.1.csv``) are ranked against the index
-images by the global descriptors (CVNet-Global, SuperGlobal), optionally re-ranked by SuperGlobal, and scored with
-the challenge's mAP@100 (:func:`helpers.evaluation.gldv2_mean_average_precision`) on the Public and Private
-subsets separately, as the challenge and the SuperGlobal paper report them. CVNet re-ranking of 100 candidates per
-query over ~1,100 x 100 pairs is not run here (a config asking for it is refused).
-
-Layout under ``<data.root>/gldv2``: see :class:`datasets.gldv2.GLDv2RetrievalTest`
-(``python prepare_data.py download --datasets gldv2-retrieval-test``).
+"""The GLDv2 retrieval test (Weyand et al., CVPR 2020) as eval.py runs it (``data.datasets=[gldv2-retrieval-test]``):
+the global ranking, optionally SuperGlobal re-ranking, and the challenge's mAP@100 on the Public and Private queries
+(docs/evaluation.md, GLDv2 retrieval test).
 """
 from __future__ import annotations
 
@@ -30,6 +23,7 @@ log = logging.getLogger(__name__)
 
 GLDV2_TEST = "gldv2-retrieval-test"
 MAX_PREDICTIONS = 100
+# CVNet re-ranking of 100 candidates per query (~1,100 x 100 pairs) is not run here: a config asking for it is refused
 SUPPORTED_METHODS = ("cvnet_global", "superglobal", "superglobal_rerank")
 
 
@@ -55,7 +49,14 @@ def run_gldv2_evaluation(cfg: Mapping[str, Any], *, env: Any) -> dict[str, Any]:
     """Evaluate the configured methods on the GLDv2 retrieval test; returns {"results": {method: {"public",
     "private"}}, "weights", "weights_sha256", "n_queries", "n_index"}. The stages are the revisited run's
     (helpers.evaluation.run): models, one extraction per (split, model), the global ranking, SuperGlobal
-    re-ranking."""
+    re-ranking.
+
+    The test images are the Public and Private queries of ``retrieval_solution_v2.1.csv``, ranked against the
+    index images by the global descriptors (CVNet-Global, SuperGlobal), optionally re-ranked by SuperGlobal, and
+    scored with the challenge's mAP@100 (:func:`helpers.evaluation.gldv2_mean_average_precision`) on the Public and
+    Private subsets separately, as the challenge and the SuperGlobal paper report them. Layout under
+    ``<data.root>/gldv2``: :class:`datasets.gldv2.GLDv2RetrievalTest`.
+    """
     from datasets.gldv2 import GLDv2RetrievalTest
 
     methods = list(cfg["methods"])

@@ -1,14 +1,6 @@
-"""The revisited Oxford/Paris metrics: mAP and mP@k under the Easy / Medium / Hard protocols, and a class folder's
-one protocol (``class``: mAP, mP@k and recall@k through the same AP).
-
-Semantics follow revisitop's ``compute_ap`` / ``compute_map`` (Radenovic et al., "Revisiting Oxford and
-Paris", CVPR 2018) to the last bit: AP is the trapezoidal area under the precision-recall curve, junk images
-are removed from the ranking before positions are counted, queries without positives are left out of the means
-(their ``aps`` entry and ``prs`` row are NaN), and the accumulations run in the same order so the floats agree
-exactly.
-
-Layout convention (revisitop's): a ranking matrix ``ranks`` is (n_db, n_queries); column ``i`` lists database
-indices from most to least similar for query ``i``.
+"""The revisited Oxford/Paris metrics (mAP and mP@k under Easy / Medium / Hard, a class folder's one protocol with
+recall@k), bit for bit as revisitop computes them, and the GLDv2 challenges' mAP@100 and GAP. A ranking matrix
+``ranks`` is revisitop's (n_db, n_queries): column ``i`` lists database indices, most similar first, for query ``i``.
 """
 from __future__ import annotations
 
@@ -96,6 +88,11 @@ def compute_map(
     top rows); ``gnd``: one dict per query with 'ok' (positives) and optionally 'junk'.
     Returns ``(map, aps (n_queries,), pr (len(kappas),), prs (n_queries, len(kappas)))``. Queries without
     positives get NaN in ``aps`` and ``prs`` and are left out of ``map`` and ``pr``.
+
+    Semantics follow revisitop's (Radenovic et al., "Revisiting Oxford and Paris", CVPR 2018) to the last bit: AP
+    is the trapezoidal area under the precision-recall curve (:func:`compute_ap`), junk images are removed from the
+    ranking before positions are counted (:func:`positives_after_junk`), and the accumulations run in the same
+    order, so the floats agree exactly.
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 2:

@@ -1,17 +1,6 @@
-"""``report.html``: an evaluation run as one self-contained page that opens from disk, offline.
-
-    html = render_report(json.load(open("runs/eval/x/results.json")), images=source)
-
-It shows the summary tables (the same as printed), per dataset the mean precision-recall curves, per method a
-table of each query's AP under Easy / Medium / Hard, or a class folder's one protocol with each query's class (and,
-for a re-ranking method, its change from the global ranking it re-ordered) that sorts by any column when its header
-is clicked, and per query its crop and the top results of every ranking, framed positive / negative / junk, with
-rank, score and file name.
-
-Everything is inline: images are small JPEG thumbnails as base64 data URIs, the curves are SVG, the sorting is
-a few lines of JavaScript (without it the tables read in query order). ``images`` gives the pictures
-(:class:`ImageSource`); the numbers all come from the ``results.json`` payload, so a page can be rebuilt from a
-run directory and its dataset.
+"""``report.html``: an evaluation run as one self-contained page that opens from disk, offline
+(:func:`render_report`): the summary tables, precision-recall curves, sortable per-query APs, and each query's top
+results under every ranking, framed positive / negative / junk.
 """
 from __future__ import annotations
 
@@ -400,7 +389,21 @@ def cards_per_dataset(payload: Mapping[str, Any], max_thumbnails: int = MAX_THUM
 
 def render_report(payload: Mapping[str, Any], *, images: ImageSource, max_cards: int | None = None) -> str:
     """The whole page for a ``results.json`` payload (with its ``per_query`` section) and the run's images;
-    ``max_cards`` queries per dataset shown with their rankings (None: :func:`cards_per_dataset`)."""
+    ``max_cards`` queries per dataset shown with their rankings (None: :func:`cards_per_dataset`).
+
+        html = render_report(json.load(open("runs/eval/x/results.json")), images=source)
+
+    The page shows the summary tables (the same as printed), per dataset the mean precision-recall curves, per
+    method a table of each query's AP under Easy / Medium / Hard, or a class folder's one protocol with each
+    query's class (and, for a re-ranking method, its change from the global ranking it re-ordered) that sorts by any
+    column when its header is clicked, and per query its crop and the top results of every ranking, framed
+    positive / negative / junk, with rank, score and file name.
+
+    Everything is inline: images are small JPEG thumbnails as base64 data URIs, the curves are SVG, the sorting is
+    a few lines of JavaScript (without it the tables read in query order). ``images`` gives the pictures
+    (:class:`ImageSource`); the numbers all come from the payload, so a page can be rebuilt from a run directory
+    and its dataset.
+    """
     pq = payload["per_query"]
     if not pq:
         raise InvalidValueError("this results.json has no per-query results: re-run the evaluation to get them")

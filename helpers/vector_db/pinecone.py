@@ -1,28 +1,7 @@
-"""Pinecone back-end: a remote serverless/pod index reached through the official ``pinecone`` SDK (v10).
-
-``pinecone`` is optional and imported when a :class:`PineconeVectorDB` connects, never at module import
-(``pip install pinecone``; never the deprecated ``pinecone-client``, which breaks ``import pinecone``).
-
-What this class adds over the SDK, for retrieval at scale:
-
-- int64 ids, stored as their decimal strings (``7`` <-> ``"7"``); an id in the namespace that is not such a
-  string is reported, not guessed at.
-- writes that stay inside Pinecone's request limits: at most 1,000 records and 2 MB per upsert (batches are
-  sized from each record's JSON length; values are sent rounded to 9 decimals, which moves none by more than
-  5e-10 and bounds each at 13 bytes of JSON), at most 1,000 ids per fetch or delete.
-- retries: the SDK already retries each HTTP request a few times; on top of that every batch is retried with
-  exponential backoff (``backoff * 2 ** attempt``, jittered) on transient errors (HTTP 408/429/5xx, connection
-  errors, timeouts). A batch that still fails raises :class:`PineconeWriteError` naming exactly the ids not
-  written; nothing is lost silently. With ``verify=True`` every upsert response must report its whole batch
-  and the namespace count (``describe_index_stats``, eventually consistent, polled) must account for the ids.
-- queries issued concurrently from a thread pool, one request per query vector, never asking for values:
-  a query response is capped at 4 MB, so ``search_with_vectors`` for SuperGlobal's top-400 reads the
-  candidates' vectors from a local cache of what this process upserted (``cache_vectors=True``) and fetches
-  the rest in chunks.
-
-Connection settings come from the arguments or the environment (``PINECONE_API_KEY``, ``PINECONE_HOST``,
-``PINECONE_INDEX``). A host is used as given; give the scheme (``http://127.0.0.1:5080`` for a local
-emulator), as a bare host is taken as https. Passing the host skips the control-plane lookup of the name.
+"""Pinecone back-end: a remote serverless or pod index, reached through the official ``pinecone`` SDK (v10), as an
+:class:`AbstractVectorDB` (:class:`PineconeVectorDB`, which holds the request limits, retries and connection rules).
+``pinecone`` is optional and imported when a database connects, never at module import (``pip install pinecone``;
+never the deprecated ``pinecone-client``, which breaks ``import pinecone``).
 """
 from __future__ import annotations
 
@@ -164,6 +143,27 @@ def _chunks(n: int, size: int) -> list[range]:
 class PineconeVectorDB(AbstractVectorDB):
     """A Pinecone namespace seen as an :class:`AbstractVectorDB` (inner product; create the index with the
     ``dotproduct`` metric, or ``cosine``, which agrees on unit vectors).
+
+    What it adds over the SDK, for retrieval at scale:
+
+    - int64 ids, stored as their decimal strings (``7`` <-> ``"7"``); an id in the namespace that is not such a
+      string is reported, not guessed at.
+    - writes that stay inside Pinecone's request limits: at most 1,000 records and 2 MB per upsert (batches are
+      sized from each record's JSON length; values are sent rounded to 9 decimals, which moves none by more than
+      5e-10 and bounds each at 13 bytes of JSON), at most 1,000 ids per fetch or delete.
+    - retries: the SDK already retries each HTTP request a few times; on top of that every batch is retried with
+      exponential backoff (``backoff * 2 ** attempt``, jittered) on transient errors (HTTP 408/429/5xx, connection
+      errors, timeouts). A batch that still fails raises :class:`PineconeWriteError` naming exactly the ids not
+      written; nothing is lost silently. With ``verify=True`` every upsert response must report its whole batch
+      and the namespace count (``describe_index_stats``, eventually consistent, polled) must account for the ids.
+    - queries issued concurrently from a thread pool, one request per query vector, never asking for values:
+      a query response is capped at 4 MB, so ``search_with_vectors`` for SuperGlobal's top-400 reads the
+      candidates' vectors from a local cache of what this process upserted (``cache_vectors=True``) and fetches
+      the rest in chunks.
+
+    Connection settings come from the arguments or the environment (``PINECONE_API_KEY``, ``PINECONE_HOST``,
+    ``PINECONE_INDEX``). A host is used as given; give the scheme (``http://127.0.0.1:5080`` for a local
+    emulator), as a bare host is taken as https. Passing the host skips the control-plane lookup of the name.
 
     Args:
         dim: descriptor dimension d (checked against the index).
