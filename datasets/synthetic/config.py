@@ -15,7 +15,8 @@ class SyntheticConfig:
     ``image_size`` is (long side, short side) in pixels; a view is landscape or, with probability
     ``portrait_fraction``, portrait. Scenes are drawn on a landscape canvas ``canvas_scale`` times the image.
     ``easy_fraction`` / ``junk_fraction`` set the mix of view kinds *drawn* for database views 3.. (the rest
-    are drawn hard); the stored label is then decided by the thresholds below (see the package docstring).
+    are drawn hard); the stored label is then decided by the thresholds below (the rules: docs/evaluation.md,
+    "How the built-in benchmark is drawn").
     """
 
     seed: int = 0

@@ -85,7 +85,8 @@ def visible_fraction(landmark_mask: np.ndarray, homography: np.ndarray, *, out_s
 
 
 def label_view(view: ViewParams, visible: float, *, config: SyntheticConfig) -> str:
-    """'easy', 'hard' or 'junk' for a database view, from what was drawn (thresholds: the package docstring)."""
+    """'easy', 'hard' or 'junk' for a database view, from what was drawn (the rules: docs/evaluation.md, "How the
+    built-in benchmark is drawn")."""
     if visible < config.junk_max_visible:
         return "junk"
     small_change = (max(abs(view.tilt_x), abs(view.tilt_y)) <= config.easy_max_tilt
