@@ -34,7 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                        "on the built-in synthetic landmarks or a class folder.")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="examples per landmark in the index")
     p.add_argument("--model", default="superglobal",
-                   help="superglobal, cvnet (CVNet-Global) or timm:NAME (any timm model, random init)")
+                   help="superglobal, cvnet (CVNet-Global) or timm:NAME (any timm model: random init, or --weights "
+                        "a file of train_backbone.py)")
     p.add_argument("--weights", default=None,
                    help=f"checkpoint (default: the built-in training run's {BUILTIN_BACKBONE} when it exists, "
                         "else random weights)")
@@ -61,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from helpers.builders import build_model
     from helpers.distributed import resolve_device
     from helpers.fewshot import class_folder_views, describe_images, few_shot_accuracy, landmark_views, shot_classes
-    from models import TimmGlobal
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
         what = f"{len(paths)} views of {len(set(labels.tolist()))} landmarks"
     for shots in args.shots:  # shots no class can give: refused before the images are described
         shot_classes(labels, shots, skip_small=bool(args.folder))
-    if args.model.startswith("timm:"):
-        model, source = TimmGlobal(args.model.split(":", 1)[1]).eval(), "random (timm, no download)"
+    if args.model.startswith("timm:"):  # random (no download), or a timm-global file of train_backbone.py
+        model = build_model(args.model, weights=args.weights, seed=args.seed, warn_random=False)
+        source = args.weights or "random (timm, no download)"
     else:
         weights = args.weights or (BUILTIN_BACKBONE if os.path.isfile(BUILTIN_BACKBONE) else None)
         model = build_model(args.model, depth=args.depth, weights=weights, seed=args.seed)
