@@ -75,7 +75,7 @@ def training_session(train_cfg: Mapping[str, Any]) -> Iterator[DistEnv]:
     """Threads and determinism (``train.threads``, ``train.deterministic``), then this process's place in the
     run (``train.device``; joins the process group under torchrun), left again at the end."""
     configure_runtime(threads=train_cfg.get("threads"), deterministic=bool(train_cfg.get("deterministic")))
-    env = init_distributed(str(train_cfg.get("device", "auto")))
+    env = init_distributed(str(train_cfg.get("device", "auto")), tf32=bool(train_cfg.get("tf32")))
     try:
         yield env
     finally:

@@ -18,6 +18,7 @@ from common.convention import OFFICIAL_CONVENTION, InputConvention
 from common.errors import InvalidValueError
 from common.io import atomic_torch_save, file_sha256
 from datasets.augment import TrainAugment
+from helpers.distributed import nonfinite_ranks
 from helpers.training.build import (
     RERANK_HEAD_PREFIXES,
     build_training_rerank,
@@ -161,8 +162,9 @@ class RerankTask:
                 maps = self.rerank.extract_featuremap(torch.cat([q, p, n]))
             logits = self.head(maps[:b], maps[b:], qi, kj)
         loss = balanced_cross_entropy(logits, target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}")
+        bad = nonfinite_ranks(loss, self.run.env)  # every rank stops at the same step (no rank left in DDP)
+        if bad:
+            raise FloatingPointError(f"non-finite loss at step {step} on rank(s) {bad}")
         lr, grad_norm = self.opt.step(loss)
         hit = logits.detach().argmax(1) == target
         acc = 0.5 * (hit[target == 1].float().mean() + hit[target == 0].float().mean()).item()
