@@ -9,7 +9,7 @@ from bench.common import unit_vectors
 from bench.postprocess import measure_full, measure_shortlist, settings
 from helpers.postprocess import PostProcessing, postprocess_ranking
 from models import functional as MF
-from tests.support.bench_device import header_device, recording
+from tests.support.spies import header_device, recording
 
 
 @pytest.fixture(autouse=True)

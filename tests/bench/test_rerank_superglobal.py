@@ -7,7 +7,7 @@ import torch
 
 import bench.rerank_superglobal as bench_sg
 from helpers.builders import make_database
-from tests.support.bench_device import header_device, recording
+from tests.support.spies import header_device, recording
 
 _TINY = ["--no-thp", "--db-sizes", "300", "--dim", "16", "--nq", "4", "--M", "20", "--K", "3", "--repeats", "1",
          "--threads", "1"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.search import build, recall_at_k, searches
-from tests.support.bench_device import header_device, recording
+from tests.support.spies import header_device, recording
 
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss is not installed")
 

@@ -1,5 +1,6 @@
-"""How the benchmark tests check that a benchmark measures the device it was given: setup_process answers a
-device, and each place the device must reach records what it received."""
+"""Spies: a function that records the keyword arguments it is called with (:func:`recording`), and the check that a
+benchmark measures the device it was given (:func:`header_device`: setup_process answers a device, the header
+records what it received)."""
 from __future__ import annotations
 
 from types import ModuleType
