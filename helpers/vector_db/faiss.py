@@ -426,8 +426,9 @@ class FaissVectorDB(AbstractVectorDB):
         if self.kind == "hnsw":
             self._kill(ids.numpy().astype(np.int64))
         else:
-            self._remove(ids.numpy())
-            self._on_replica("remove_ids", self._selector(np.ascontiguousarray(ids.numpy(), dtype=np.int64)))
+            gone = np.ascontiguousarray(ids.numpy(), dtype=np.int64)  # alive while a selector points into it
+            self._remove(gone)
+            self._on_replica("remove_ids", self._selector(gone))
         self._known.difference_update(ids.tolist())
         self._meta.drop(ids)
 
