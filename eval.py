@@ -74,7 +74,7 @@ def evaluate(cfg: dict[str, Any], *, start: float) -> int:
     from helpers.evaluation.run import run_evaluation
     from helpers.report.write import new_run_dir, write_report
 
-    env = init_distributed(cfg["device"])
+    env = init_distributed(cfg["device"], tf32=bool(cfg.get("tf32")))
     try:
         gldv2 = GLDV2_TEST in cfg["data"]["datasets"]  # a named dataset, whatever data.synthetic says
         if gldv2 and cfg["data"]["datasets"] != [GLDV2_TEST]:

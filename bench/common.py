@@ -34,6 +34,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions of each measurement")
     parser.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default: cpu)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 float32 matrix products and convolutions on a GPU (off: float32 is float32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-thp", action="store_true",
                         help=f"do not set {THP_ENV}=1 (torch's huge-page allocation) for this process")
@@ -42,7 +44,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_process(args: argparse.Namespace) -> torch.device:
-    """Apply the common options: threads (torch and faiss alike), huge pages, seed; returns the device."""
+    """Apply the common options: threads (torch and faiss alike), huge pages, seed; returns the device (with
+    the TF32 policy of ``--tf32``, :func:`helpers.distributed.set_tf32`)."""
     if not args.no_thp:
         os.environ.setdefault(THP_ENV, "1")
     if not args.no_ftz:
@@ -59,7 +62,7 @@ def setup_process(args: argparse.Namespace) -> torch.device:
         pass
     torch.manual_seed(args.seed)
     try:
-        return resolve_device(args.device)
+        return resolve_device(args.device, tf32=args.tf32)
     except DeviceError as exc:
         raise SystemExit(f"--device: {exc}") from None
 
@@ -74,6 +77,12 @@ def fast_dtype(name: str, device: torch.device) -> torch.dtype:
     if dtype != torch.float32 and device.type != "cuda":
         raise SystemExit(f"--dtype {name} is a CUDA option (autocast); on the CPU use float32")
     return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """The autocast a fast path runs under: ``dtype`` on ``device`` for the half dtypes, none for float32. The
+    tests use it on the CPU, whose autocast rounds the same ops to the same dtypes as CUDA's."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 class InMemory(Dataset):
@@ -132,6 +141,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         pass
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info
 
 

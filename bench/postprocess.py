@@ -83,23 +83,34 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _measure(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, float],
-                                                                          dict[str, Any]]:
-    """(median seconds, peak extra MB of the first call, result of the first call) of each function; the first
-    calls are untimed, then ``repeats`` interleaved rounds."""
+def _on_cpu(result: Any) -> Any:
+    """A step's result with its tensors (alone or in a tuple) copied to the CPU; anything else as it is."""
+    if isinstance(result, tuple):
+        return tuple(_on_cpu(r) for r in result)
+    if isinstance(result, dict):
+        return {k: _on_cpu(v) for k, v in result.items()}
+    return result.cpu() if isinstance(result, torch.Tensor) else result
+
+
+def _measure(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device | None = None
+             ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """(median seconds, peak extra MB of the first call, result of the first call, on the CPU) of each function;
+    the first calls are untimed, then ``repeats`` interleaved rounds (waiting for ``device``'s kernels)."""
     results, peaks = {}, {}
     for name, fn in fns.items():
         _release_freed_memory()
         with PeakRSS() as mem:
-            results[name] = fn()
+            results[name] = _on_cpu(fn())
         peaks[name] = mem.delta_mb
-    times = interleaved(fns, repeats=repeats, warmup=0)
+    times = interleaved(fns, repeats=repeats, warmup=0, device=device)
     return {name: median(ts) for name, ts in times.items()}, peaks, results
 
 
 def measure_full(*, n: int, d: int, nq: int, k: int, aqe_k: int, dba_k: int, alpha: float, seed: int,
-                 repeats: int) -> dict[str, Any]:
-    """Full mode: every step and ``postprocess_ranking`` with each, interleaved with the global search.
+                 repeats: int, device: torch.device | None = None) -> dict[str, Any]:
+    """Full mode: every step and ``postprocess_ranking`` with each, interleaved with the global search. The
+    search and the steps run on ``device`` (default CPU); ``postprocess_ranking``, a CPU function of the
+    evaluation, on the CPU.
 
     Returns ``{"xq", "xb", "ranks" (n, nq) global ranking, "seconds", "peak_mb", "results"}`` where ``results``
     holds each timed function's output: ``"global search"`` (scores, ids) (nq, k), ``"global ranking"`` (n, nq)
@@ -111,27 +122,28 @@ def measure_full(*, n: int, d: int, nq: int, k: int, aqe_k: int, dba_k: int, alp
     """
     xb = unit_vectors(n, d, seed=seed)
     xq = unit_vectors(nq, d, seed=seed + 1)
-    db = TensorVectorDB(d)
-    db.add(xb)
     ranks = torch.argsort(xq @ xb.T, dim=1, descending=True, stable=True).T.numpy()  # what eval's ranking gives
+    dq, db_x = xq.to(device), xb.to(device)  # the steps' inputs on the measured device
+    db = TensorVectorDB(d, device=db_x.device)
+    db.add(db_x)
 
-    whitening = MF.learn_pca_whitening(xb)
-    pool = torch.cat([xq, xb])
+    whitening = MF.learn_pca_whitening(db_x)
+    pool = torch.cat([dq, db_x])
 
     fns: dict[str, Callable[[], Any]] = {
-        "global search": lambda: db.search(xq, k),
-        "global ranking": lambda: torch.argsort(xq @ xb.T, dim=1, descending=True, stable=True).T.numpy(),
-        "α-QE": lambda: MF.alpha_query_expansion(xq, xb, k=aqe_k, alpha=alpha),
-        "k-reciprocal": lambda: MF.k_reciprocal_distance(xq, xb),
+        "global search": lambda: db.search(dq, k),
+        "global ranking": lambda: torch.argsort(dq @ db_x.T, dim=1, descending=True, stable=True).T.cpu().numpy(),
+        "α-QE": lambda: MF.alpha_query_expansion(dq, db_x, k=aqe_k, alpha=alpha),
+        "k-reciprocal": lambda: MF.k_reciprocal_distance(dq, db_x),
         "k-reciprocal's pool distances": lambda: MF.pairwise_squared_distances(pool),
-        "whitening: apply to queries": lambda: MF.apply_whitening(xq, whitening),
-        "α-DBA": lambda: MF.database_side_augmentation(xb, k=dba_k, alpha=alpha),
-        "whitening: learn": lambda: MF.learn_pca_whitening(xb),
-        "whitening: apply to database": lambda: MF.apply_whitening(xb, whitening),
+        "whitening: apply to queries": lambda: MF.apply_whitening(dq, whitening),
+        "α-DBA": lambda: MF.database_side_augmentation(db_x, k=dba_k, alpha=alpha),
+        "whitening: learn": lambda: MF.learn_pca_whitening(db_x),
+        "whitening: apply to database": lambda: MF.apply_whitening(db_x, whitening),
     }
     for name, post in settings(aqe_k, dba_k, alpha).items():
         fns[f"ranking: {name}"] = lambda post=post: postprocess_ranking(xq, xb, ranks, post)
-    seconds, peaks, results = _measure(fns, repeats)
+    seconds, peaks, results = _measure(fns, repeats, device)
     return {"xq": xq, "xb": xb, "ranks": ranks, "seconds": seconds, "peak_mb": peaks, "results": results}
 
 
@@ -148,14 +160,15 @@ def fitting_size(requested: int, d: int, *, bytes_per_value: int = 2, share: flo
 
 
 def measure_shortlist(*, n: int, d: int, nq: int, shortlist: int, aqe_k: int, dba_k: int, alpha: float,
-                      seed: int, repeats: int) -> dict[str, Any]:
-    """Shortlist mode over a float16 store of ``n`` vectors: the exact top-``shortlist`` search, then
-    ``postprocess_ranking`` of those candidates (read back from the store) with each setting.
+                      seed: int, repeats: int, device: torch.device | None = None) -> dict[str, Any]:
+    """Shortlist mode over a float16 store of ``n`` vectors on ``device`` (default CPU): the exact
+    top-``shortlist`` search, then ``postprocess_ranking`` (on the CPU) of those candidates (read back from the
+    store) with each setting.
 
     Returns ``{"seconds", "peak_mb", "results", "store_mb", "n"}``; ``results["global search"]`` is (scores, ids)
     (nq, shortlist), ``results[<setting>]`` the re-ordered (shortlist, nq) ids.
     """
-    db = TensorVectorDB(d, dtype=torch.float16, progress=False)
+    db = TensorVectorDB(d, device=device or "cpu", dtype=torch.float16, progress=False)
     db.reserve(n)
     offset = 0
     for block in unit_vector_blocks(n, d, torch.Generator().manual_seed(seed)):
@@ -163,12 +176,13 @@ def measure_shortlist(*, n: int, d: int, nq: int, shortlist: int, aqe_k: int, db
         offset += block.shape[0]
     xq = unit_vectors(nq, d, seed=seed + 1)
     _, top = db.search(xq, shortlist)
-    ranks = top.T.numpy()
+    ranks = top.T.cpu().numpy()
 
     fns: dict[str, Callable[[], Any]] = {"global search": lambda: db.search(xq, shortlist)}
     for name, post in settings(aqe_k, dba_k, alpha, shortlist=shortlist).items():
-        fns[name] = lambda post=post: postprocess_ranking(xq, None, ranks, post, gather=db.get)
-    seconds, peaks, results = _measure(fns, repeats)
+        fns[name] = lambda post=post: postprocess_ranking(xq, None, ranks, post,
+                                                          gather=lambda rows: db.get(rows).cpu())
+    seconds, peaks, results = _measure(fns, repeats, device)
     return {"seconds": seconds, "peak_mb": peaks, "results": results, "n": n,
             "store_mb": n * d * 2 / 2**20}
 
@@ -203,19 +217,19 @@ def full_rows(out: dict[str, Any]) -> list[list[Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    setup_process(args)
+    device = setup_process(args)
     if args.quick:
         args.n, args.dim, args.nq = min(args.n, 1000), min(args.dim, 256), min(args.nq, 20)
         args.large_n = min(args.large_n, 100_000)
         args.shortlist = min(args.shortlist, 200)
     repeats = args.repeats or (1 if args.quick else 3)
-    info = machine_info()
-    print_header("Post-processing of a global ranking against the global search, CPU", info, {
+    info = machine_info(device)
+    print_header(f"Post-processing of a global ranking against the global search, {device}", info, {
         "n": args.n, "d": args.dim, "nq": args.nq, "k": args.k, "α-QE k": args.aqe_k, "α-DBA k": args.dba_k,
         "α": args.alpha, "k-reciprocal": "k1=20 k2=6 λ=0.3", "repeats": repeats})
 
     full = measure_full(n=args.n, d=args.dim, nq=args.nq, k=args.k, aqe_k=args.aqe_k, dba_k=args.dba_k,
-                        alpha=args.alpha, seed=args.seed, repeats=repeats)
+                        alpha=args.alpha, seed=args.seed, repeats=repeats, device=device)
     print(f"\n-- full mode: {args.n} x {args.dim} float32 database, {args.nq} queries (median of {repeats}, "
           "interleaved)")
     print(format_table(["step", "paid", "ms", "x global search", "peak extra MB (first call)", "what"],
@@ -227,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n   {args.large_n} x {args.dim} float16 does not fit in half the available memory: using {n}")
         large_repeats = 1 if not args.repeats else args.repeats
         short = measure_shortlist(n=n, d=args.dim, nq=args.nq, shortlist=args.shortlist, aqe_k=args.aqe_k,
-                                  dba_k=args.dba_k, alpha=args.alpha, seed=args.seed, repeats=large_repeats)
+                                  dba_k=args.dba_k, alpha=args.alpha, seed=args.seed, repeats=large_repeats,
+                                  device=device)
         print(f"\n-- shortlist mode: {n} x {args.dim} float16 store ({short['store_mb']:.0f} MB), {args.nq} "
               f"queries, top {args.shortlist} each (median of {large_repeats})")
         ref = short["seconds"]["global search"]

@@ -116,6 +116,11 @@ def vectorised(reranker: SuperGlobalRerank, xq: Tensor, candidates: Tensor, ids:
     return torch.cat(out_s), torch.cat(out_i)
 
 
+def _on_cpu(ranking: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(scores, ids) copied to the CPU, where they are compared with the loop's."""
+    return ranking[0].cpu(), ranking[1].cpu()
+
+
 def agreement(fast: tuple[Tensor, Tensor], loop: tuple[Tensor, Tensor], tie: float = 1e-6) -> tuple[str, bool]:
     """How far two rankings (scores (q, M), ids (q, M)) agree: identical, or differing only where items whose
     scores are within ``tie`` swapped places (float rounding decides near-ties); the bool says 'same result'.
@@ -143,48 +148,51 @@ def agreement(fast: tuple[Tensor, Tensor], loop: tuple[Tensor, Tensor], tie: flo
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    setup_process(args)
+    device = setup_process(args)
     default_sizes = "5000,100000" if args.quick else "5000,1000000"
     sizes = [int(s) for s in (args.db_sizes or default_sizes).split(",")]
     repeats = args.repeats or (1 if args.quick else 3)
     nq = min(args.nq, 16) if args.quick else args.nq
-    print_header(f"SuperGlobal re-ranking, M={args.M} K={args.K} beta={args.beta}, ms/query", machine_info(), {
-        "db sizes": sizes, "nq": nq, "d": args.dim, "repeats": repeats})
+    print_header(f"SuperGlobal re-ranking, M={args.M} K={args.K} beta={args.beta}, ms/query", machine_info(device),
+                 {"db sizes": sizes, "nq": nq, "d": args.dim, "repeats": repeats,
+                  "device": f"{device} (the library's paths; the release's loop on the CPU)"})
     reranker = build_superglobal_reranker(M=args.M, K=args.K, beta=args.beta)
     rows, ok = [], True
     for n in sizes:
         dtype = torch.float16 if n >= args.fp16_from else torch.float32
         xb, xq = make_data(n, args.dim, nq, seed=args.seed, fp16_values=dtype == torch.float16)
+        dq = xq.to(device)  # the library's paths run on the device, the release's loop on the CPU
         m = min(args.M, n)
         # ---- re-ranking only (top-M given: the library's exact search of a tensor database)
-        cand, top = reranker.candidates(xq, xb, m)
+        cand, dev_top = reranker.candidates(dq, xb, m)
+        top = dev_top.cpu()
         times = interleaved({
             "loop": lambda xb=xb, xq=xq, top=top: loop_rerank(xq, xb, top, K=args.K, beta=args.beta),
-            "vectorised": lambda xq=xq, cand=cand, top=top: vectorised(reranker, xq, cand, top),
-        }, repeats=repeats, warmup=1)
+            "vectorised": lambda dq=dq, cand=cand, t=dev_top: vectorised(reranker, dq, cand, t),
+        }, repeats=repeats, warmup=1, device=device)
         loop_s, vec_s = median(times["loop"]), median(times["vectorised"])
-        check, good = agreement(vectorised(reranker, xq, cand, top),
+        check, good = agreement(_on_cpu(vectorised(reranker, dq, cand, dev_top)),
                                 loop_rerank(xq, xb, top, K=args.K, beta=args.beta))
         ok &= good
         rows.append([n, "re-rank only (top-M given)", loop_s / nq * 1000, vec_s / nq * 1000,
                      ratio(loop_s, vec_s), check])
         del cand
         # ---- end to end from the database
-        db = make_database("tensor", args.dim, dtype=dtype, progress=False, norm_tolerance=1e-2)
+        db = make_database("tensor", args.dim, device=device, dtype=dtype, progress=False, norm_tolerance=1e-2)
         db.reserve(n)
         for start in range(0, n, UNIT_ROWS):
             db.add(xb[start : start + UNIT_ROWS], ids=torch.arange(start, min(start + UNIT_ROWS, n)))
-        fast = reranker.rerank(xq, db)  # untimed warm-up; also the result checked below
+        fast = _on_cpu(reranker.rerank(dq, db))  # untimed warm-up; also the result checked below
         times = interleaved({
             "loop": lambda xb=xb, xq=xq, m=m: release_pipeline(xq, xb, M=m, K=args.K, beta=args.beta),
-            "fast": lambda db=db, xq=xq, r=reranker: r.rerank(xq, db),
-        }, repeats=1 if n > 200_000 else repeats, warmup=0)
+            "fast": lambda db=db, dq=dq, r=reranker: r.rerank(dq, db),
+        }, repeats=1 if n > 200_000 else repeats, warmup=0, device=device)
         base, fast_s = median(times["loop"]), median(times["fast"])
         check, good = agreement(fast, release_pipeline(xq, xb, M=m, K=args.K, beta=args.beta))
         ok &= good
         label = f"end to end (TensorVectorDB {str(dtype).removeprefix('torch.')} vs full sort + loop)"
         rows.append([n, label, base / nq * 1000, fast_s / nq * 1000, ratio(base, fast_s), check])
-        del db, xb, xq
+        del db, xb, xq, dq
         gc.collect()
     print(format_table(["n", "stage", "loop ms/query", "fast ms/query", "speed-up", "same result"], rows))
     if not ok:

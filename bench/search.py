@@ -69,25 +69,26 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_bandwidth_gbs(*, mb: int = 1024, repeats: int = 3) -> dict[str, float]:
-    """Achievable read bandwidth, GB/s: a float32 sum and a matrix-vector product over ``mb`` MB."""
+def read_bandwidth_gbs(*, mb: int = 1024, repeats: int = 3, device: torch.device | None = None) -> dict[str, float]:
+    """Achievable read bandwidth of ``device``'s memory (default CPU), GB/s: a float32 sum and a matrix-vector
+    product over ``mb`` MB."""
     n = mb * 2**20 // 4
-    x = torch.ones(n)
+    x = torch.ones(n, device=device)
     mat = x.view(-1, 1024)
-    v = torch.ones(1024)
+    v = torch.ones(1024, device=device)
     out: dict[str, float] = {}
     for name, fn in (("sum", lambda: x.sum()), ("gemv", lambda: mat @ v)):
         fn()
-        best = min(time_once(fn)[0] for _ in range(repeats))
+        best = min(time_once(fn, device)[0] for _ in range(repeats))
         out[name] = n * 4 / best / 1e9
     return out
 
 
-def gemm_gflops(*, size: int = 2048, repeats: int = 3) -> float:
-    """float32 GEMM rate of this machine (torch's BLAS), GFLOP/s on (size x size) @ (size x size)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def gemm_gflops(*, size: int = 2048, repeats: int = 3, device: torch.device | None = None) -> float:
+    """float32 GEMM rate of ``device`` (default: the CPU's BLAS), GFLOP/s on (size x size) @ (size x size)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
-    best = min(time_once(lambda: a @ b)[0] for _ in range(repeats))
+    best = min(time_once(lambda: a @ b, device)[0] for _ in range(repeats))
     return 2 * size**3 / best / 1e9
 
 
@@ -102,20 +103,22 @@ def lower_bound_s(*, n: int, d: int, nq: int, bytes_per_value: int, bandwidth_gb
 
 
 def build(kind: str, *, n: int, d: int, seed: int, chunk_size: int | None,
-          hnsw: dict[str, int] | None = None) -> tuple[Any, float, float]:
-    """(database, build seconds, index MB) of back-end ``kind`` over the seeded vectors; ``hnsw`` holds the HNSW
-    index's ``hnsw_m`` and ``ef_construction``."""
+          hnsw: dict[str, int] | None = None, device: torch.device | None = None) -> tuple[Any, float, float]:
+    """(database, build seconds, index MB) of back-end ``kind`` over the seeded vectors on ``device`` (default
+    CPU; faiss searches on that GPU when its build has GPU support, HNSW never: faiss has no GPU HNSW); ``hnsw``
+    holds the HNSW index's ``hnsw_m`` and ``ef_construction``."""
     start = time.perf_counter()
+    device = device or torch.device("cpu")
     index_mb = n * d * _BYTES_PER_VALUE[kind] / 2**20
     if kind == "faiss":
-        db: Any = make_database("faiss", d, index="flat", use_gpu=False)
+        db: Any = make_database("faiss", d, index="flat", device=device)
     elif kind == "hnsw":
         db = make_database("faiss", d, index="hnsw", use_gpu=False, **(hnsw or {}))
         index_mb += n * 2 * db.hnsw_m * 4 / 2**20  # the base layer's 2M int32 links a vector (upper layers: ~1/M)
     else:
         dtype = torch.float32 if kind == "tensor32" else torch.float16
         kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
-        db = make_database("tensor", d, dtype=dtype, progress=False, **kwargs)
+        db = make_database("tensor", d, device=device, dtype=dtype, progress=False, **kwargs)
         db.reserve(n)
     offset = 0
     for block in unit_vector_blocks(n, d, torch.Generator().manual_seed(seed)):
@@ -151,13 +154,15 @@ def phases(kinds: Sequence[str], *, n: int, d: int, budget_bytes: float) -> list
 
 
 def run_phase(kinds: Sequence[str], *, n: int, d: int, queries: torch.Tensor, args: argparse.Namespace,
-              repeats: int, bandwidth_gbs: float, gflops: float) -> tuple[list[list], dict[tuple[str, int], float]]:
+              repeats: int, bandwidth_gbs: float, gflops: float, device: torch.device | None = None
+              ) -> tuple[list[list], dict[tuple[str, int], float]]:
     """Build ``kinds`` over the same vectors, then time their batched and single-query searches interleaved.
 
     Returns the table rows and {(kind, nq): median seconds}. Agreement is reported against the first kind.
     """
     hnsw = {"hnsw_m": args.hnsw_m, "ef_construction": args.hnsw_ef_construction}
-    built = {kind: build(kind, n=n, d=d, seed=args.seed, chunk_size=args.chunk_size, hnsw=hnsw) for kind in kinds}
+    built = {kind: build(kind, n=n, d=d, seed=args.seed, chunk_size=args.chunk_size, hnsw=hnsw, device=device)
+             for kind in kinds}
     ef_search = [int(e) for e in str(args.hnsw_ef_search).split(",") if e.strip()]
     plan = searches(built, ef_search)
     rows, medians = [], {}
@@ -174,10 +179,10 @@ def run_phase(kinds: Sequence[str], *, n: int, d: int, queries: torch.Tensor, ar
                 return db.search(xq, args.k)
 
             with PeakRSS() as mem:  # a first search allocates its buffers: its peak is the search's memory
-                results[name] = search()
+                results[name] = tuple(t.cpu() for t in search())  # compared on the CPU, whatever the device
             peaks[name] = mem.delta_mb
             fns[name] = search
-        times = interleaved(fns, repeats=repeats, warmup=0)
+        times = interleaved(fns, repeats=repeats, warmup=0, device=device)
         ref = kinds[0]
         for name, (kind, _) in plan.items():
             _, build_s, index_mb = built[kind]
@@ -203,7 +208,7 @@ def run_phase(kinds: Sequence[str], *, n: int, d: int, queries: torch.Tensor, ar
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    setup_process(args)
+    device = setup_process(args)
     sizes = [20000] if args.quick else [int(s) for s in args.sizes.split(",")]
     d = 256 if args.quick else args.dim
     repeats = args.repeats or (1 if args.quick else 3)
@@ -215,17 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if skipped:
             print(f"   faiss is not installed (pip install faiss-cpu): skipping {', '.join(skipped)}")
             kinds = [k for k in kinds if k not in skipped]
-    info = machine_info()
+    info = machine_info(device)
     print_header(f"Top-{args.k} search, inner product, d={d} (exact; HNSW approximate)", info, {
         "sizes": sizes, "nq": args.nq, "repeats": repeats, "backends": kinds,
-        "threads (torch = faiss)": torch.get_num_threads(),
+        "device": device, "threads (torch = faiss)": torch.get_num_threads(),
         "hnsw": f"M={args.hnsw_m}, ef_construction={args.hnsw_ef_construction}, ef_search={args.hnsw_ef_search}"})
 
-    bw = read_bandwidth_gbs(mb=64 if args.quick else 1024)
-    gflops = gemm_gflops(size=512 if args.quick else 2048)
+    bw = read_bandwidth_gbs(mb=64 if args.quick else 1024, device=device)
+    gflops = gemm_gflops(size=512 if args.quick else 2048, device=device)
     best_bw = max(bw.values())
-    print(f"   memory read bandwidth: sum {bw['sum']:.1f} GB/s, gemv {bw['gemv']:.1f} GB/s -> {best_bw:.1f} GB/s; "
-          f"float32 GEMM {gflops:.0f} GFLOP/s")
+    print(f"   {device} memory read bandwidth: sum {bw['sum']:.1f} GB/s, gemv {bw['gemv']:.1f} GB/s -> "
+          f"{best_bw:.1f} GB/s; float32 GEMM {gflops:.0f} GFLOP/s")
 
     g = torch.Generator().manual_seed(args.seed + 1000)
     queries = F.normalize(torch.randn(args.nq, d, generator=g), dim=1)
@@ -238,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             size_kinds = [k for k in kinds if k != "hnsw"]
         for phase in phases(size_kinds, n=n, d=d, budget_bytes=budget):
             phase_rows, _ = run_phase(phase, n=n, d=d, queries=queries, args=args, repeats=repeats,
-                                      bandwidth_gbs=best_bw, gflops=gflops)
+                                      bandwidth_gbs=best_bw, gflops=gflops, device=device)
             rows += phase_rows
             gc.collect()
     print(format_table(["n", "backend", "nq", "ms/search", "queries/s", "bound ms", "of bound", f"recall@{args.k}",

@@ -162,11 +162,23 @@ def build_superglobal_reranker(*, M: int = 400, K: int = 9, beta: float = 0.15) 
 # --------------------------------------------------------------------------------------------------------------
 
 
+def faiss_device_options(device: torch.device | str | None) -> dict[str, Any]:
+    """:class:`FaissVectorDB` options for ``device``: none for None (its defaults: a GPU when its faiss build sees
+    one), ``use_gpu=False`` for the CPU, ``gpu_device=N`` for ``cuda:N`` (``cuda``: GPU 0; the GPU is used when
+    faiss can, with a warning when it cannot)."""
+    if device is None:
+        return {}
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"use_gpu": False}
+    return {"gpu_device": device.index or 0}
+
+
 def make_database(
     backend: str,
     dim: int,
     *,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     index: str = "flat",
     host: str | None = None,
     index_name: str | None = None,
@@ -174,18 +186,19 @@ def make_database(
     api_key: str | None = None,
     **kwargs: Any,
 ) -> Any:
-    """An empty local database (``"tensor"``: :class:`TensorVectorDB` on ``device``; ``"faiss"``:
-    :class:`FaissVectorDB` with ``index``) or a Pinecone namespace (``"pinecone"``; API key from ``api_key`` or
-    ``PINECONE_API_KEY``, host / index name from the arguments or ``PINECONE_HOST`` / ``PINECONE_INDEX``).
-    ``kwargs`` go to the back-end's constructor. The back-ends are imported here, on use."""
+    """An empty local database (``"tensor"``: :class:`TensorVectorDB` on ``device``, default CPU; ``"faiss"``:
+    :class:`FaissVectorDB` with ``index``, searching on ``device`` as :func:`faiss_device_options` says) or a
+    Pinecone namespace (``"pinecone"``; API key from ``api_key`` or ``PINECONE_API_KEY``, host / index name from
+    the arguments or ``PINECONE_HOST`` / ``PINECONE_INDEX``). ``kwargs`` go to the back-end's constructor (and
+    win over what ``device`` implies). The back-ends are imported here, on use."""
     if backend == "tensor":
         from helpers.vector_db.tensor import TensorVectorDB
 
-        return TensorVectorDB(dim, device=device, **kwargs)
+        return TensorVectorDB(dim, device=device if device is not None else "cpu", **kwargs)
     if backend == "faiss":
         from helpers.vector_db.faiss import FaissVectorDB
 
-        return FaissVectorDB(dim, index=index, **kwargs)
+        return FaissVectorDB(dim, index=index, **{**faiss_device_options(device), **kwargs})
     if backend == "pinecone":
         from helpers.vector_db.pinecone import PineconeVectorDB
 
@@ -207,16 +220,17 @@ def backend_name(database: Any) -> str:
                     "FaissVectorDB, PineconeVectorDB)")
 
 
-def load_database(backend: str, path: str | os.PathLike) -> Any:
-    """A local database saved with ``save`` (``tensor`` or ``faiss``)."""
+def load_database(backend: str, path: str | os.PathLike, *, device: torch.device | str | None = None) -> Any:
+    """A local database saved with ``save`` (``tensor`` or ``faiss``), placed for ``device`` as
+    :func:`make_database` places a new one (None: the CPU, or faiss' default)."""
     if backend == "tensor":
         from helpers.vector_db.tensor import TensorVectorDB
 
-        return TensorVectorDB.load(Path(path))
+        return TensorVectorDB.load(Path(path), device=device if device is not None else "cpu")
     if backend == "faiss":
         from helpers.vector_db.faiss import FaissVectorDB
 
-        return FaissVectorDB.load(Path(path))
+        return FaissVectorDB.load(Path(path), **faiss_device_options(device))
     raise InvalidValueError(f"only local databases (tensor, faiss) are loaded from files, got {backend!r}")
 
 

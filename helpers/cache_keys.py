@@ -224,13 +224,30 @@ def _image_entries(d: Dataset, names: list[tuple[str, str]], hashes: ContentHash
             for i, ((_, name), st, digest) in enumerate(zip(names, stats, digests))]
 
 
+def compute_key(device: torch.device | str | None) -> dict[str, Any]:
+    """What of the computing side an extraction on ``device`` depends on, as cache key entries: nothing for the
+    CPU (so the keys of caches written before stay valid), ``{"compute": {"device": "cuda", "tf32": ...}}`` for a
+    GPU. GPU kernels round differently from the CPU's (~1e-6), and TF32 (:func:`helpers.distributed.set_tf32`)
+    by ~1e-3: descriptors made on one are never served to a run on the other."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cpu":
+        return {}
+    compute: dict[str, Any] = {"device": device.type}
+    if device.type == "cuda":
+        compute["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    return {"compute": compute}
+
+
 def feature_cache_key(*, model: nn.Module, dataset: Dataset, kind: str = "global",
                       weights_hash: str | None = None, progress: bool = False,
-                      hashes: ContentHashes | None = None, flip: bool = False) -> str:
-    """sha256 of (weights hash, extraction config, image list with each file's content hash): equal keys mean
-    equal descriptors. ``hashes`` memoises the files' hashes (default: every file is read). ``flip`` (flip
-    test-time augmentation) enters the key only when on, so the keys of caches written without it stay valid."""
+                      hashes: ContentHashes | None = None, flip: bool = False,
+                      device: torch.device | str | None = None) -> str:
+    """sha256 of (weights hash, extraction config, image list with each file's content hash, where it runs):
+    equal keys mean equal descriptors. ``hashes`` memoises the files' hashes (default: every file is read).
+    ``flip`` (flip test-time augmentation) enters the key only when on, and ``device`` (:func:`compute_key`)
+    only when not the CPU, so the keys of caches written without them stay valid."""
     payload: dict[str, Any] = {
+        **compute_key(device),
         "format": CACHE_FORMAT,
         "kind": kind,
         "weights": weights_hash or state_dict_hash(model),

@@ -36,22 +36,48 @@ def check_device_name(name: str) -> str:
     return name
 
 
-def resolve_device(name: str = "auto", *, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str = "auto", *, local_rank: int = 0, tf32: bool = False) -> torch.device:
     """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; ``cuda`` -> ``cuda:<local_rank>``;
-    ``cuda:N`` and ``cpu`` as given. Asking for CUDA on a machine without it is a :class:`DeviceError`."""
+    ``cuda:N`` and ``cpu`` as given. Asking for CUDA on a machine without it is a :class:`DeviceError`.
+
+    A CUDA device also sets this process's TF32 policy (:func:`set_tf32`): off unless ``tf32``."""
     check_device_name(name)
     if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DeviceError(f"device {name!r} requested but CUDA is not available here (use cpu or auto)")
-    device = torch.device(name)
-    if device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.index >= torch.cuda.device_count():
-        raise DeviceError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    elif name == "cpu":
+        device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} requested but CUDA is not available here (use cpu or auto)")
+        device = torch.device(name)
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "cuda":
+        set_tf32(tf32)
     return device
+
+
+def set_tf32(enabled: bool) -> None:
+    """The project's TF32 policy, set here and nowhere else: float32 matrix products and cuDNN convolutions on
+    Ampere and later GPUs round their inputs to TF32 (10-bit mantissa) only when ``enabled``. Off by default, so
+    that float32 on a GPU means float32 (the descriptors agree with the CPU's within 1e-5); torch's own default
+    leaves cuDNN convolutions in TF32. ``tf32: true`` (eval), ``train.tf32: true``, ``--tf32`` (the other
+    scripts and the benchmarks) turn it on for speed. Both flags are set through the same (legacy) API: mixing
+    it with ``fp32_precision`` makes torch refuse to read them."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def fits_on_device(nbytes: int, device: torch.device | str, *, share: float = 0.5) -> bool:
+    """Whether ``nbytes`` may be copied to ``device`` (a GPU) at once: at most ``share`` of its free memory. A
+    copy that does not fit is left in host memory and read block by block. False for the CPU (nothing to copy)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= share * free
 
 
 @dataclass(frozen=True)
@@ -78,16 +104,33 @@ def launcher_ranks() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+def rank_device_name(name: str, *, local_rank: int, world_size: int) -> str:
+    """The device setting one rank of a torchrun job resolves: ``cuda:N`` names a single GPU, which every rank
+    would share (NCCL then fails at the first collective), so under several ranks it becomes ``cuda`` (the
+    rank's ``LOCAL_RANK`` GPU), with a warning when N is not that GPU. Every rank maps alike: none refuses
+    while the others wait for it. Choose the GPUs of a job with ``CUDA_VISIBLE_DEVICES``."""
+    if world_size <= 1 or not name.startswith("cuda:"):
+        return name
+    if int(name.split(":", 1)[1]) != local_rank:
+        log.warning("device=%s under torchrun (%d ranks): each rank uses its LOCAL_RANK GPU, cuda:%d here "
+                    "(choose the GPUs with CUDA_VISIBLE_DEVICES)", name, world_size, local_rank)
+    return "cuda"
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0, *, tf32: bool = False) -> DistEnv:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else a single-process env.
 
-    Backend: NCCL on CUDA, gloo on CPU. ``init_method="env://"`` reads ``MASTER_ADDR`` / ``MASTER_PORT``.
+    Backend: NCCL on CUDA, gloo on CPU. ``init_method="env://"`` reads ``MASTER_ADDR`` / ``MASTER_PORT``. Each
+    rank takes its ``LOCAL_RANK`` GPU (:func:`rank_device_name`), made the current CUDA device (one process or
+    several) so that kernels and NCCL's buffers never land on GPU 0 by default. ``tf32``: see :func:`set_tf32`.
     """
     rank, world_size, local_rank = launcher_ranks()
-    dev = resolve_device(device, local_rank=local_rank)
+    check_device_name(device)
+    dev = resolve_device(rank_device_name(device, local_rank=local_rank, world_size=world_size),
+                         local_rank=local_rank, tf32=tf32)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world_size > 1:
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
         if not dist.is_initialized():
             from datetime import timedelta
 
@@ -139,6 +182,20 @@ def all_reduce_mean(values: Mapping[str, float], env: DistEnv) -> dict[str, floa
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device(env))
     dist.all_reduce(t)
     return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist())}
+
+
+def nonfinite_ranks(value: Tensor, env: DistEnv) -> list[int]:
+    """The ranks whose ``value`` (e.g. this step's loss) holds a NaN or an infinity, the same list on every rank.
+
+    A collective every rank joins, so that a bad loss stops all of them at the same step: one rank raising alone
+    would leave the others waiting in DDP's gradient all-reduce until the process group's timeout."""
+    bad = not bool(torch.isfinite(value.detach()).all())
+    if not env.distributed:
+        return [env.rank] if bad else []
+    flags = torch.zeros(env.world_size, dtype=torch.int32, device=_collective_device(env))
+    flags[env.rank] = int(bad)
+    dist.all_reduce(flags)
+    return torch.nonzero(flags).flatten().tolist()
 
 
 def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:

@@ -55,6 +55,7 @@ from helpers.cache_keys import (
     _image_entries,
     _image_names,
     _leaf_datasets,
+    compute_key,
     dataset_signature,
     feature_cache_key,
     model_signature,
@@ -484,7 +485,7 @@ def cached_global_descriptors(
         barrier()  # rank 0 reads the files first; the others then find their hashes in its memo
     try:
         key = feature_cache_key(model=model, dataset=dataset, weights_hash=weights_hash, progress=progress,
-                                hashes=hashes, flip=flip)
+                                hashes=hashes, flip=flip, device=device)
     finally:
         if world_size > 1 and rank == 0:
             barrier()
@@ -567,7 +568,7 @@ class ReducedMapStore:
             prefix = hashlib.sha256(json.dumps({
                 "format": CACHE_FORMAT, "weights": weights_hash or state_dict_hash(model),
                 "model": model_signature(model),
-                "data": dataset_signature(dataset, contents=False)["parts"],
+                "data": dataset_signature(dataset, contents=False)["parts"], **compute_key(self.device),
             }, sort_keys=True).encode()).hexdigest()
             self._dir = Path(cache_dir) / f"maps-{prefix[:24]}"
             self._names = self._entry_names(ContentHashes(Path(cache_dir) / HASH_MEMO_DIR))

@@ -89,7 +89,7 @@ def global_ranking(query_vectors: Tensor | np.ndarray, db_vectors: DbVectors, *,
     halves the ranks (1M x 70: 280 MB instead of 560 MB).
     """
     xq = _as_tensor(query_vectors).to(device, torch.float32)
-    parts = [p.to(device) for p in _db_parts(db_vectors)]
+    parts = _db_parts(db_vectors)  # where the caller keeps them: parts in host memory stream to ``device`` by blocks
     d = xq.shape[1] if xq.dim() == 2 else -1
     if xq.dim() != 2 or any(p.dim() != 2 or p.shape[1] != d for p in parts):
         raise InvalidValueError(f"need (nq, d) queries and (n_db, d) database, got {tuple(xq.shape)}, "

@@ -36,6 +36,7 @@ EVAL = Schema(
         "output_dir": "runs/eval",
         "seed": 0,
         "device": "auto",
+        "tf32": False,  # TF32 float32 matmuls and convolutions on a GPU (helpers.distributed.set_tf32)
         "threads": None,
         "methods": list(DEFAULT_EVAL_METHODS),
         "data": {
@@ -185,8 +186,8 @@ def _train_data(min_class_size: int, augment: dict) -> dict:
 
 def _train_section(batch_size: int) -> dict:
     return {"epochs": 25, "steps": None, "batch_size": batch_size, "grad_clip": 15.0, "amp": "auto",
-            "device": "auto", "num_workers": 8, "checkpoint_every": 1000, "log_every": 20, "threads": None,
-            "deterministic": False, "fixed_batch": False}
+            "device": "auto", "tf32": False, "num_workers": 8, "checkpoint_every": 1000, "log_every": 20,
+            "threads": None, "deterministic": False, "fixed_batch": False}
 
 
 TRAIN_BACKBONE = Schema(

@@ -446,7 +446,8 @@ def blockwise_topk(
     the whole block) into one reused buffer, each conversion multiplied while in cache. ``rows_first`` scores a
     block as ``rows @ xq.T`` (rows, nq) rather than ``xq @ rows.T`` (None: for fewer than 8 queries); the two
     can round differently in the last bit. ``query_block`` queries are scanned together (None: all);
-    ``progress`` wraps the list of blocks scanned (e.g. in a tqdm bar).
+    ``progress`` wraps the list of blocks scanned (e.g. in a tqdm bar). Parts held elsewhere than ``xq`` (a
+    database in host memory, queries on a GPU) are copied to xq's device ``gemm_rows`` rows at a time: never whole.
 
     k >= nb is the full ranking: nothing is cut, and the final sort is stable, so ties come in index order.
     Below that, ties at the k-th place go as ``torch.topk`` takes them.
@@ -478,6 +479,8 @@ def blockwise_topk(
         rows = min(block, part.shape[0] - start)
         for s0 in range(0, rows, sub):
             x = part[start + s0 : start + min(s0 + sub, rows)]
+            if x.device != xq.device:
+                x = x.to(xq.device, non_blocking=True)
             if x.dtype != dtype:
                 if convert is None:
                     convert = torch.empty(sub, x.shape[1], dtype=dtype, device=x.device)

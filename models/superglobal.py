@@ -131,6 +131,9 @@ class SuperGlobalRerank(nn.Module):
         m = min(self.M, len(database))
         if m == 0:
             raise InvalidValueError("the database is empty")
+        xb = _as_tensor_database(database)
+        if xb is not None:  # moved to the queries' device once, not once per chunk of queries
+            database = xb.to(queries.device)
         scores, ids = [], []
         for start in range(0, queries.shape[0], self.query_chunk):
             chunk = queries[start : start + self.query_chunk]

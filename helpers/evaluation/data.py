@@ -24,6 +24,7 @@ from common.errors import InvalidValueError, MissingFileError
 from datasets.folder import CLASS_FOLDER_PREFIX, ClassFolderSet, class_folder_title, list_class_folder
 from datasets.revisited import REVISITED_NAMES, RevisitedDataset, Revisitop1M
 from helpers.config import ConfigError
+from helpers.distributed import fits_on_device
 from helpers.evaluation.metrics import CLASS_PROTOCOLS, PROTOCOLS
 from helpers.reranking import global_ranking
 
@@ -233,11 +234,48 @@ class GlobalRanking(NamedTuple):
     database: Tensor | list[Tensor]
 
 
+class DeviceCopies:
+    """A run's copies of its descriptors on its GPU, each made once and reused by every later ranking of the same
+    tensor (a dataset's database by its global ranking, its post rows and its +1M label; the distractors by every
+    dataset and row). Together they take at most ``budget`` bytes (default: 40% of the GPU's memory, the rest left
+    to extraction and CVNet re-ranking), and each at most half the free memory; a tensor that does not fit stays
+    in host memory, and the ranking reads it block by block. On the CPU every tensor is used where it is."""
+
+    def __init__(self, device: torch.device | str, *, budget: int | None = None) -> None:
+        self.device = torch.device(device)
+        if budget is None and self.device.type == "cuda":
+            budget = int(0.4 * torch.cuda.get_device_properties(self.device).total_memory)
+        self.budget = budget
+        self.nbytes = 0
+        self._held: dict[int, tuple[Tensor, Tensor]] = {}  # id of a host tensor -> (that tensor, its copy)
+
+    def __call__(self, part: Tensor) -> Tensor:
+        """``part``'s copy on the device (made at the first call), or ``part`` itself where it does not fit."""
+        if self.device.type == "cpu" or part.device == self.device:
+            return part
+        held = self._held.get(id(part))
+        if held is not None and held[0] is part:
+            return held[1]
+        nbytes = part.numel() * part.element_size()
+        over = self.budget is not None and self.nbytes + nbytes > self.budget
+        if over or (self.device.type == "cuda" and not fits_on_device(nbytes, self.device)):
+            logger.info("ranking a %.1f GB part from host memory (no room for it on %s)", nbytes / 1e9, self.device)
+            return part
+        copy = part.to(self.device)
+        self._held[id(part)] = (part, copy)  # the host tensor is kept alive, so its id is not reused
+        self.nbytes += nbytes
+        return copy
+
+
 def rank_descriptors(descriptors: Descriptors, *, with_distractors: bool = False,
-                     device: torch.device | str = "cpu") -> GlobalRanking:
+                     device: torch.device | str = "cpu", copies: DeviceCopies | None = None) -> GlobalRanking:
     """The global ranking (inner product, ties in database order) of the queries against the database, followed by
-    the distractors when ``with_distractors``."""
+    the distractors when ``with_distractors``; on a GPU, the database is read from ``copies`` (made once per run)
+    where they hold it, else streamed from host memory. The ranking holds the descriptors as given."""
     database = descriptors.database(with_distractors)
-    _, ranks = global_ranking(descriptors.query, database, device=device, with_similarities=False,
+    placed = database
+    if copies is not None:
+        placed = [copies(p) for p in database] if isinstance(database, list) else copies(database)
+    _, ranks = global_ranking(descriptors.query, placed, device=device, with_similarities=False,
                               rank_dtype=np.int32)
     return GlobalRanking(ranks, descriptors.query, database)

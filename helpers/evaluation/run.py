@@ -43,6 +43,7 @@ from helpers.evaluation.data import (
     CombinedReader,
     DescriptorKey,
     Descriptors,
+    DeviceCopies,
     EvalSets,
     GlobalRanking,
     build_builtin_dataset,
@@ -138,6 +139,8 @@ class EvalRun:
     rows: list[PostRow]
     models: ModelSet
     extract_kw: dict[str, Any]
+    #: the descriptors' copies on the run's GPU, made once and shared by every ranking (helpers.evaluation.data)
+    device_copies: DeviceCopies | None = None
 
     @property
     def root(self) -> str:
@@ -303,7 +306,7 @@ def prepare(cfg: Mapping[str, Any], *, env: DistEnv, timer: Timer) -> EvalRun:
     sets = {name: EvalSets(query=open_revisited(name=name, split="query", **kw),
                            db=open_revisited(name=name, split="db", **kw)) for name in names}
     return EvalRun(cfg=cfg, env=env, names=names, builtin=builtin, sets=sets, methods=methods, kinds=kinds, rows=rows,
-                   models=models, extract_kw=extraction_settings(cfg, env))
+                   models=models, extract_kw=extraction_settings(cfg, env), device_copies=DeviceCopies(env.device))
 
 
 def configured_rows(post_cfg: Mapping[str, Any] | None, *, kinds: Sequence[str]) -> list[PostRow]:
@@ -468,7 +471,8 @@ def rank(run: EvalRun, descriptors: Mapping[DescriptorKey, Descriptors], label: 
     for kind in run.kinds:
         with timer.stage(f"rank {kind} {label.key}"):
             ranked[kind] = rank_descriptors(descriptors[run.key(label.name, kind)],
-                                            with_distractors=label.extra is not None, device=run.env.device)
+                                            with_distractors=label.extra is not None, device=run.env.device,
+                                            copies=run.device_copies)
     return ranked
 
 
@@ -516,7 +520,7 @@ def post_process(run: EvalRun, descriptors: Mapping[DescriptorKey, Descriptors],
                                                        with_distractors=with_distractors, done=whitened.get(key))
                     chosen = whitened[key]
                 starts[(key, row.whitening)] = rank_descriptors(chosen, with_distractors=with_distractors,
-                                                                device=run.env.device)
+                                                                device=run.env.device, copies=run.device_copies)
             start = starts[(key, row.whitening)]
             final = rank_post_row(row, start)
         rows.append(RowRanking(row.key, final, base=row.base, score_of=global_scores(start.query, start.database),

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from common.errors import InvalidValueError, MissingFileError, OutputExistsError, shorten
@@ -49,6 +50,7 @@ def build_index(
     max_side: int | None = DEFAULT_MAX_SIDE,
     min_side: int | None = DEFAULT_MIN_SIDE,
     device: str = "cpu",
+    tf32: bool = False,
     batch_size: int = 4,
     seed: int = 0,
     scales: Sequence[float] | None = None,
@@ -65,7 +67,8 @@ def build_index(
     :class:`Retriever`. ``model``: ``"superglobal"``, ``"cvnet"`` (CVNet-Global) or ``"timm:<timm model name>"``
     (a :class:`models.TimmGlobal`; ``weights`` a trained ``timm-global-v1`` file of train_backbone.py). Without
     ``weights`` the model is random (seeded, loudly warned: results meaningless). ``device``: auto, cpu, cuda or
-    cuda:N. ``flip``: flip test-time augmentation of every descriptor (recorded: queries get it too).
+    cuda:N (``tf32``: :func:`helpers.distributed.set_tf32`). ``flip``: flip test-time augmentation of every
+    descriptor (recorded: queries get it too).
 
     ``scales``: the multi-scale factors (default: the model's, 0.7071, 1, 1.4142; ``[1.0]`` is single scale,
     about 3.5 times faster). An unreadable image (or one over ``max_pixels``, None: the reader's default) is an
@@ -77,7 +80,7 @@ def build_index(
     files = list_images(images, exclude=index_dir)
     if weights is not None and not Path(weights).is_file():
         raise MissingFileError(f"weights file not found: {printable_path(weights)}. {OFFICIAL_WEIGHTS_HINT}")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, tf32=tf32)
     kind = model_kind(model)
     if kind not in GLOBAL_KINDS:
         raise InvalidValueError(f"a global model is one of {GLOBAL_KINDS[:2]}, 'cvnet' or "
@@ -91,7 +94,7 @@ def build_index(
         extra = {"scales": tuple(scales)} if scales is not None and kind != "superglobal" else {}
         remote = {"host": host, "index_name": index_name} if backend == "pinecone" else None
         database, stale = _fresh_database(backend, global_dim(net), index_dir, overwrite=overwrite, **(remote or {}),
-                                          namespace=namespace)
+                                          namespace=namespace, device=torch_device)
         try:
             retriever = Retriever(net, database, device=torch_device, batch_size=batch_size, max_side=max_side,
                                   min_side=min_side, weights=weights, seed=None if weights is not None else seed,
@@ -115,15 +118,16 @@ def build_index(
 
 
 def _fresh_database(backend: str, dim: int, index_dir: Path, *, overwrite: bool, host: str | None = None,
-                    index_name: str | None = None, namespace: str = "") -> tuple[AbstractVectorDB, list[str]]:
+                    index_name: str | None = None, namespace: str = "", device: torch.device | None = None
+                    ) -> tuple[AbstractVectorDB, list[str]]:
     """An empty database for a build, and the Pinecone namespaces to clear once the build is saved.
 
-    Local back-ends: a new one (the old save stays until the new one commits). Pinecone: ``namespace`` when it
-    is empty; when it holds vectors (``overwrite`` needed), a fresh namespace beside it, so that a build that
-    fails leaves the old vectors where they were. Once saved, the build clears the asked namespace (if it held
-    vectors) and the one the replaced index recorded (if another)."""
+    Local back-ends: a new one on ``device`` (the old save stays until the new one commits). Pinecone:
+    ``namespace`` when it is empty; when it holds vectors (``overwrite`` needed), a fresh namespace beside it, so
+    that a build that fails leaves the old vectors where they were. Once saved, the build clears the asked
+    namespace (if it held vectors) and the one the replaced index recorded (if another)."""
     if backend != "pinecone":
-        return make_database(backend, dim), []
+        return make_database(backend, dim, device=device), []
     database = make_database(backend, dim, host=host, index_name=index_name, namespace=namespace)
     stale = []
     if len(database):
@@ -210,6 +214,7 @@ def query_index(
     weights: str | os.PathLike | None = None,
     rerank_weights: str | os.PathLike | None = None,
     device: str = "cpu",
+    tf32: bool = False,
     rerank_top_k: int | None = None,
     mix: float | None = None,
     M: int | None = None,
@@ -232,7 +237,7 @@ def query_index(
         check_image_file(image, max_pixels=max_pixels)
     reranker = reranker_for_index(index_dir, rerank, weights=weights, rerank_weights=rerank_weights, M=M, K=K,
                                   beta=beta)
-    retriever = Retriever.load(index_dir, weights=weights, reranker=None, device=resolve_device(device),
+    retriever = Retriever.load(index_dir, weights=weights, reranker=None, device=resolve_device(device, tf32=tf32),
                                **_given(rerank_top_k=rerank_top_k, mix=mix, max_pixels=max_pixels))
     source: tuple[str | None, int | None] = (None, None)
     if rerank == "cvnet":

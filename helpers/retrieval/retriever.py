@@ -111,7 +111,7 @@ class Retriever:
         reranker: None, a :class:`models.SuperGlobalRerank` or a :class:`models.CVNetRerank`.
         rerank_top_k: global candidates CVNet re-scores (100 in the paper).
         mix: weight of the CVNet score in ``global + mix * score`` (0.5 in the paper).
-        device: where the networks run.
+        device: where the networks and the re-ranking run (:meth:`load` opens a saved local database there too).
         batch_size: images of equal size described together; CVNet pairs scored together.
         max_side: longer image side after downscaling (None: never downscale).
         min_side: short side below which an image is enlarged (None: never).
@@ -452,7 +452,8 @@ class Retriever:
         return rows
 
     def _superglobal_rows(self, queries: Tensor, k: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-        scores, ids = self.reranker.rerank(queries, self.database)
+        # on the retriever's device, as _superglobal_over: the re-ranking follows the queries' device
+        scores, ids = self.reranker.rerank(queries.to(self.device), self.database)
         scores, ids = scores.cpu(), ids.cpu()
         m = ids.shape[1]
         tail_s = tail_i = None
@@ -594,7 +595,7 @@ class Retriever:
         """
         parts = load_parts(directory, model=model, database=database, reranker=reranker, weights=weights,
                            rerank_weights=rerank_weights, check_weights=check_weights, api_key=api_key,
-                           recorded_reranker=RECORDED)
+                           recorded_reranker=RECORDED, device=device)
         recorded = parts.pop("settings")
         return cls(**parts, device=device, **{**recorded, **settings})
 

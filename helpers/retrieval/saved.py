@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from common.convention import InputConvention
@@ -152,17 +153,18 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_parts(directory: str | os.PathLike, *, model: nn.Module | None, database: AbstractVectorDB | None,
                reranker: Any, weights: str | os.PathLike | None, rerank_weights: str | os.PathLike | None,
-               check_weights: bool, api_key: str | None, recorded_reranker: Any) -> dict[str, Any]:
+               check_weights: bool, api_key: str | None, recorded_reranker: Any,
+               device: torch.device | str | None = None) -> dict[str, Any]:
     """The constructor arguments of the retriever saved in ``directory`` (see
-    :meth:`helpers.retrieval.Retriever.load`): model, database, re-ranker, where their weights came from, and
-    the recorded settings. A save running meanwhile is waited out: when a file named by ``retriever.json``
-    disappears because a new save replaced it, the new ``retriever.json`` is read."""
+    :meth:`helpers.retrieval.Retriever.load`): model, database (a local one opened on ``device``), re-ranker,
+    where their weights came from, and the recorded settings. A save running meanwhile is waited out: when a file
+    named by ``retriever.json`` disappears because a new save replaced it, the new ``retriever.json`` is read."""
     for attempt in range(_LOAD_ATTEMPTS):
         config = read_config(directory)
         try:
             return _parts_of(directory, config, model=model, database=database, reranker=reranker,
                              weights=weights, rerank_weights=rerank_weights, check_weights=check_weights,
-                             api_key=api_key, recorded_reranker=recorded_reranker)
+                             api_key=api_key, recorded_reranker=recorded_reranker, device=device)
         except FileNotFoundError:
             try:
                 replaced = read_config(directory) != config
@@ -177,7 +179,7 @@ def load_parts(directory: str | os.PathLike, *, model: nn.Module | None, databas
 def _parts_of(directory: str | os.PathLike, config: Mapping[str, Any], *, model: nn.Module | None,
               database: AbstractVectorDB | None, reranker: Any, weights: str | os.PathLike | None,
               rerank_weights: str | os.PathLike | None, check_weights: bool, api_key: str | None,
-              recorded_reranker: Any) -> dict[str, Any]:
+              recorded_reranker: Any, device: torch.device | str | None = None) -> dict[str, Any]:
     directory = Path(directory)
     _verify_files(directory, config.get("files") or {})
     recorded = config["model"]
@@ -188,7 +190,7 @@ def _parts_of(directory: str | os.PathLike, config: Mapping[str, Any], *, model:
         spec = config["database"]
         backend = spec.get("backend")
         if backend in _DATABASE_SUFFIX:
-            database = load_database(backend, directory / spec["file"])
+            database = load_database(backend, directory / spec["file"], device=device)
         elif backend == "pinecone":
             database = make_database("pinecone", config["dim"], index_name=spec.get("index_name"),
                                      host=spec.get("host"), api_key=api_key, namespace=spec.get("namespace", ""))

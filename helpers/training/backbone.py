@@ -26,10 +26,10 @@ from datasets.augment import AugmentedImages, AugmentedPairs, TrainAugment
 from datasets.paired import PairedDataset
 from helpers.builders import global_dim
 from helpers.config import ConfigError
-from helpers.distributed import DistEnv, all_gather_cat
+from helpers.distributed import DistEnv, all_gather_cat, nonfinite_ranks
 from helpers.training.build import build_training_backbone
 from helpers.training.data import LabelledData, PKSampler, build_labelled_dataset
-from helpers.training.loop import steps_per_epoch
+from helpers.training.loop import NonFiniteLossError, steps_per_epoch
 from helpers.training.metric import MetricLoss
 from helpers.training.objectives import BackboneObjective, MomentumKeyEncoder
 from helpers.training.optim import Optimization
@@ -178,8 +178,10 @@ class BackboneTask:
         loss_con = parts.contrastive(q, k, labels)  # the queue as it was before this batch, then this batch's keys
         loss = self.lambdas[0] * loss_cls.float() + self.lambdas[1] * loss_con
         loss_cls, loss_con = loss_cls.detach(), loss_con.detach()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: cls {loss_cls.item()}, con {loss_con.item()}")
+        bad = nonfinite_ranks(loss, self.run.env)  # every rank stops at the same step (no rank left in DDP)
+        if bad:
+            raise NonFiniteLossError(f"non-finite loss at step {step} on rank(s) {bad}: cls {loss_cls.item()}, "
+                                     f"con {loss_con.item()} here")
         lr, grad_norm = self.opt.step(loss)
         parts.objective.update_keys()
         return {"loss": loss.item(), "loss_cls": loss_cls.item(), "loss_con": loss_con.item(), "lr": lr,
@@ -292,8 +294,9 @@ class MetricTask:
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=self.run.amp):
             embeddings = self.objective(images)
         loss, metrics = self.loss(embeddings, labels, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: {metrics['loss']}")
+        bad = nonfinite_ranks(loss, self.run.env)  # every rank stops at the same step (no rank left in DDP)
+        if bad:
+            raise NonFiniteLossError(f"non-finite loss at step {step} on rank(s) {bad}: {metrics['loss']}")
         lr, grad_norm = self.opt.step(loss)
         return {**metrics, "lr": lr, "grad_norm": grad_norm}
 

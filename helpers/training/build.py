@@ -60,9 +60,11 @@ def build_training_backbone(*, depth: int, reduction_dim: int | None, key_moment
         raise InvalidValueError(f"model.imagenet_weights must be true, false or auto, got {imagenet_weights!r}")
     name = timm_model_name(arch)
     if name is not None:
-        return build_training_timm(name, pooling=pooling, dim=reduction_dim, imagenet_weights=choice,
-                                   pretrained_file=pretrained_file, init_checkpoint=init_checkpoint, head=head,
-                                   head_dropout=head_dropout)
+        model = build_training_timm(name, pooling=pooling, dim=reduction_dim, imagenet_weights=choice,
+                                    pretrained_file=pretrained_file, init_checkpoint=init_checkpoint, head=head,
+                                    head_dropout=head_dropout)
+        freeze_unused_parameters(model, timm_probe_input(model))
+        return model
     if pooling != "gem" or pretrained_file is not None or reduction_dim is None or head != "linear":
         raise ConfigError("model.arch=resnet is CVNet-Global (GeM, fc to model.reduction_dim, ImageNet weights "
                           "through model.imagenet_weights): model.pooling=gem, model.pretrained_file=null, "
@@ -123,6 +125,40 @@ def build_training_timm(name: str, *, pooling: str = "gem", dim: int | None = No
              f"pretrained weights from {pretrained_file or 'timm'}" if pretrained else "random initialisation",
              model.input_convention.mean)
     return model.train()
+
+
+def timm_probe_input(model: TimmGlobal, batch: int = 2) -> Tensor:
+    """A constant batch (batch, 3, H, W) of the timm model's own input size (its pretrained config; 224 x 224
+    where it names none), the size every timm model accepts."""
+    cfg = getattr(model.body.model, "pretrained_cfg", {}) or {}
+    _, h, w = cfg.get("input_size", (3, 224, 224))
+    return torch.ones(batch, 3, h, w)
+
+
+def freeze_unused_parameters(model: nn.Module, example: Tensor) -> list[str]:
+    """Freeze (``requires_grad=False``) the trainable parameters ``model(example)`` does not use, and return their
+    names. A timm model keeps parameters for the head it is built without (ConvNeXt's ``head.norm``, a ViT's
+    ``fc_norm``, MobileNetV3's ``conv_head``): never reached by ``forward_features``, they get no gradient, and
+    DistributedDataParallel (``find_unused_parameters=False``) stops at its second step waiting for theirs. Found
+    by one forward and backward pass in eval mode (no dropout, no drop path; BatchNorm statistics untouched);
+    the weights and the RNG are left as they were."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            model(example).float().sum().backward()
+        unused = [n for n, p in trainable if p.grad is None]
+    finally:
+        for _, p in trainable:
+            p.grad = None
+        model.train(was_training)
+    for n, p in trainable:
+        if n in unused:
+            p.requires_grad_(False)
+    if unused:
+        log.info("frozen %d parameter(s) the model's forward never uses: %s", len(unused), ", ".join(unused))
+    return unused
 
 
 @torch.no_grad()

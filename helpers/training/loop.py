@@ -75,7 +75,7 @@ def training_session(train_cfg: Mapping[str, Any]) -> Iterator[DistEnv]:
     """Threads and determinism (``train.threads``, ``train.deterministic``), then this process's place in the
     run (``train.device``; joins the process group under torchrun), left again at the end."""
     configure_runtime(threads=train_cfg.get("threads"), deterministic=bool(train_cfg.get("deterministic")))
-    env = init_distributed(str(train_cfg.get("device", "auto")))
+    env = init_distributed(str(train_cfg.get("device", "auto")), tf32=bool(train_cfg.get("tf32")))
     try:
         yield env
     finally:
@@ -85,6 +85,10 @@ def training_session(train_cfg: Mapping[str, Any]) -> Iterator[DistEnv]:
 class RunConflict(ProjectRuntimeError):
     """A run cannot start as asked: ``run.out_dir`` holds another run (``--resume`` or ``--overwrite`` needed),
     there is nothing to resume, or the run to resume was made from other inputs."""
+
+
+class NonFiniteLossError(ProjectRuntimeError, FloatingPointError):
+    """A step's loss is NaN or infinite on some rank: the run stops there (every rank at the same step)."""
 
 
 def find_orphan_temporaries(out_dir: str | os.PathLike) -> list[Path]:

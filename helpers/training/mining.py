@@ -42,9 +42,10 @@ from datasets.augment import (
 from datasets.revisited import describe_item
 from datasets.transforms import CorruptImageError, to_tensor
 from helpers.builders import build_model, global_dim
-from helpers.distributed import DistEnv, all_gather_cat, all_gather_objects
+from helpers.distributed import DistEnv, all_gather_cat, all_gather_objects, fits_on_device
 from helpers.extraction import extract_global_descriptors
 from helpers.training.data import LabelledData
+from models.functional import topk_merge
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def mine_neighbours(
     rows: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     memory_budget: int = 1 << 30,
+    block: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """For each image, its most similar same-label images and most similar other-label images.
 
@@ -142,36 +144,75 @@ def mine_neighbours(
     (N, num_negatives))`` int64 indices on the CPU, sorted by decreasing cosine similarity, padded with -1 where
     fewer exist. An image is never its own positive; invalid images (``valid`` False) are never chosen and get
     -1 rows. ``rows`` restricts the computation to those query rows (the others stay -1), for sharding.
-    The (chunk, N) similarity blocks are computed on ``device``; ``chunk`` defaults to what fits in
-    ``memory_budget`` bytes (GLDv2's 1.6M images: a GPU is the practical choice).
+
+    The similarities are computed on ``device`` in (``chunk`` queries, ``block`` database rows) tiles, each
+    tile's top-k merged into the running top-k of its queries (:func:`models.functional.topk_merge`), so the
+    largest temporary is one tile of about ``memory_budget`` bytes and each GEMM is large (GLDv2's 1.6M images:
+    (1024, 65536) tiles rather than 40 rows against all 1.6M). The descriptors are copied to a GPU once when they
+    fit (:func:`helpers.distributed.fits_on_device`), else read from host memory block by block.
     """
     n = descriptors.shape[0]
     if labels.shape != (n,):
         raise InvalidValueError(f"labels must be ({n},), got {tuple(labels.shape)}")
     device = torch.device(device)
-    valid = (torch.ones(n, dtype=torch.bool) if valid is None else valid.bool()).to(device)
-    x = descriptors.float().to(device)
-    labels = labels.long().to(device)
-    chunk = chunk or max(1, min(4096, memory_budget // (16 * max(n, 1))))
+    x = descriptors.float()
+    if device.type == "cuda" and fits_on_device(x.numel() * 4, device):
+        x = x.to(device)
+    valid = (torch.ones(n, dtype=torch.bool) if valid is None else valid.bool()).to(x.device)
+    labels = labels.long().to(x.device)
+    block, chunk = mining_tiles(n, memory_budget, block=block, chunk=chunk)
     pos = torch.full((n, num_positives), -1, dtype=torch.long)
     neg = torch.full((n, num_negatives), -1, dtype=torch.long)
-    todo = torch.arange(n, device=device) if rows is None else torch.as_tensor(list(rows), dtype=torch.long,
-                                                                                 device=device)
-    todo = todo[valid[todo]]
+    todo = torch.arange(n) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
+    todo = todo[valid.cpu()[todo]]
     for start in tqdm(range(0, len(todo), chunk), desc="mining: neighbours", disable=len(todo) <= chunk * 8):
         idx = todo[start : start + chunk]
-        sim = x[idx] @ x.T  # (c, N)
-        sim[:, ~valid] = -math.inf
-        same = labels[idx, None] == labels[None, :]
-        own = torch.zeros_like(same)
-        own[torch.arange(len(idx), device=device), idx] = True
-        for out, mask, k in ((pos, same & ~own, num_positives), (neg, ~same, num_negatives)):
+        found = _tile_top(x, labels, valid, idx, block=block, device=device, ks=(num_positives, num_negatives))
+        for out, (val, ind) in zip((pos, neg), found):
+            if val is not None:
+                out[idx, : ind.shape[1]] = ind.masked_fill(~torch.isfinite(val), -1).cpu()
+    return pos, neg
+
+
+def mining_tiles(n: int, memory_budget: int, *, block: int | None = None, chunk: int | None = None
+                 ) -> tuple[int, int]:
+    """(database rows, query rows) of a mining tile: up to 65536 database rows, and as many queries as keep the
+    tile's temporaries (similarities, two masked copies, masks: about 16 bytes an entry) within ``memory_budget``."""
+    block = block or max(1, min(n, 1 << 16))
+    chunk = chunk or max(1, min(4096, memory_budget // (16 * block)))
+    return block, chunk
+
+
+def _tile_top(x: Tensor, labels: Tensor, valid: Tensor, idx: Tensor, *, block: int, device: torch.device,
+              ks: tuple[int, int]) -> list[tuple[Tensor | None, Tensor | None]]:
+    """For query rows ``idx``: the top ``ks[0]`` same-label and top ``ks[1]`` other-label (similarity (c, k),
+    index (c, k)) over every database block, merged block after block; (None, None) where k is 0."""
+    n = x.shape[0]
+    q, q_labels, q_idx = x[idx.to(x.device)].to(device), labels[idx.to(x.device)].to(device), idx.to(device)
+    running: list[tuple[list[Tensor], list[Tensor]]] = [([], []), ([], [])]
+    for b0 in range(0, n, block):
+        xb = x[b0 : b0 + block].to(device, non_blocking=True)
+        sim = q @ xb.T  # (c, b)
+        sim[:, ~valid[b0 : b0 + block].to(device)] = -math.inf
+        same = q_labels[:, None] == labels[b0 : b0 + block].to(device)[None, :]
+        own = q_idx[:, None] == torch.arange(b0, b0 + xb.shape[0], device=device)[None, :]
+        for (values, indices), mask, k in zip(running, (same & ~own, ~same), ks):
             if k == 0:
                 continue
-            kk = min(k, n)
-            val, ind = sim.masked_fill(~mask, -math.inf).topk(kk, dim=1)
-            out[idx.cpu(), :kk] = ind.masked_fill(~torch.isfinite(val), -1).cpu()
-    return pos, neg
+            val, ind = sim.masked_fill(~mask, -math.inf).topk(min(k, xb.shape[0]), dim=1)
+            values.append(val)
+            indices.append(ind + b0)
+            if len(values) > 1:
+                merged = topk_merge(values, indices, min(k, n))
+                values[:], indices[:] = [merged[0]], [merged[1]]
+    out: list[tuple[Tensor | None, Tensor | None]] = []
+    for values, indices in running:
+        if not values:
+            out.append((None, None))
+            continue
+        val, order = values[0].sort(dim=1, descending=True, stable=True)  # a merge under k leaves blocks in order
+        out.append((val, indices[0].gather(1, order)))
+    return out
 
 
 def mine_distributed(descriptors: Tensor, labels: Tensor, valid: Tensor, *, num_positives: int,

@@ -18,6 +18,7 @@ from common.convention import OFFICIAL_CONVENTION, InputConvention
 from common.errors import InvalidValueError
 from common.io import atomic_torch_save, file_sha256
 from datasets.augment import TrainAugment
+from helpers.distributed import nonfinite_ranks
 from helpers.training.build import (
     RERANK_HEAD_PREFIXES,
     build_training_rerank,
@@ -26,7 +27,7 @@ from helpers.training.build import (
     read_backbone_checkpoint,
 )
 from helpers.training.data import LabelledData, build_labelled_dataset
-from helpers.training.loop import RunConflict, read_run_info, steps_per_epoch
+from helpers.training.loop import NonFiniteLossError, RunConflict, read_run_info, steps_per_epoch
 from helpers.training.mining import MINING_NAME, MinedTriplets, mine_pairs
 from helpers.training.objectives import RerankHead
 from helpers.training.optim import Optimization
@@ -161,8 +162,9 @@ class RerankTask:
                 maps = self.rerank.extract_featuremap(torch.cat([q, p, n]))
             logits = self.head(maps[:b], maps[b:], qi, kj)
         loss = balanced_cross_entropy(logits, target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}")
+        bad = nonfinite_ranks(loss, self.run.env)  # every rank stops at the same step (no rank left in DDP)
+        if bad:
+            raise NonFiniteLossError(f"non-finite loss at step {step} on rank(s) {bad}")
         lr, grad_norm = self.opt.step(loss)
         hit = logits.detach().argmax(1) == target
         acc = 0.5 * (hit[target == 1].float().mean() + hit[target == 0].float().mean()).item()

@@ -50,6 +50,9 @@ PAD_SCORE = float("-inf")
 DEFAULT_NORM_TOLERANCE = 1e-3
 #: The most entries of a search result (queries x k) padded past the stored vectors without asking.
 MAX_PADDED = 1 << 26
+#: Rows checked at a time (finiteness, unit norm): the checks' temporaries stay small whatever the input's size
+#: (a float64 copy of a whole 1M x 2048 input would be 16 GB).
+CHECK_ROWS = 1 << 14
 _MAX_NAMED = 10  # how many offending rows / ids an error message lists before eliding the rest
 
 
@@ -79,7 +82,8 @@ def as_float_matrix(x: ArrayLike, *, dim: int, name: str = "vectors") -> Tensor:
     if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
         raise InvalidValueError(f"{name} must hold real numbers, got dtype {t.dtype}")
     t = t.detach().to(torch.float32)
-    bad = ~torch.isfinite(t).all(dim=1)
+    bad = torch.cat([~torch.isfinite(t[s : s + CHECK_ROWS]).all(dim=1) for s in range(0, t.shape[0], CHECK_ROWS)]
+                    or [torch.zeros(0, dtype=torch.bool, device=t.device)])
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten().cpu().numpy()
         raise InvalidValueError(f"{name} contain NaN or Inf in row(s) {_describe(rows)}")
@@ -90,8 +94,9 @@ def check_unit_norm(x: Tensor, *, tolerance: float, name: str = "vectors") -> No
     """Reject rows of ``x`` (n, d) whose L2 norm is not 1 within ``tolerance`` (no silent normalisation)."""
     if x.shape[0] == 0 or math.isinf(tolerance):
         return
-    # float64 so that the check itself is not the source of error at d = 2048
-    deviation = (torch.linalg.vector_norm(x.to(torch.float64), dim=1) - 1.0).abs()
+    # float64 so that the check itself is not the source of error at d = 2048; CHECK_ROWS rows at a time
+    deviation = torch.cat([(torch.linalg.vector_norm(x[s : s + CHECK_ROWS].to(torch.float64), dim=1) - 1.0).abs()
+                           for s in range(0, x.shape[0], CHECK_ROWS)])
     bad = deviation > tolerance
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten().cpu().numpy()

@@ -22,9 +22,12 @@ installed faiss package, not this file.
   ``get`` works through a hashtable direct map but returns the *product-quantised reconstruction*, not the
   vector that was added; keep the originals elsewhere (e.g. a float16 TensorVectorDB) where exact vectors
   matter, as for SuperGlobal's re-ranking.
-- GPU: with ``use_gpu="auto"`` and a faiss build that sees GPUs, searches run on a GPU replica of the index,
-  rebuilt after each modification; the CPU index stays the reference for add, delete, get and save. A GPU
-  search with ``k`` > 2048 (faiss' GPU limit) runs on the CPU index instead.
+- GPU: with ``use_gpu="auto"`` and a faiss build that sees GPUs, searches run on a GPU replica of the index on
+  GPU ``gpu_device``; the CPU index stays the reference for add, delete, get and save. Adds (and deletes, where
+  the GPU index supports them) are applied to the replica as well, so it is copied to the GPU once, not after
+  every change. IVF-PQ is cloned with float16 lookup tables (``m=64, nbits=8`` needs 64 KB of shared memory in
+  float32, more than a GPU block gets). A GPU search with ``k`` > 2048 (faiss' GPU limit) runs on the CPU index
+  instead. ``"auto"`` says in a warning when it stays on the CPU although torch sees a GPU (a faiss-cpu build).
 - A save is one file, replaced atomically: the faiss index (``faiss.write_index``'s bytes, so ``faiss.read_index``
   reads the file as it is), then a JSON trailer (parameters, per-id metadata, the index bytes' sha256), its
   length (8 bytes, little-endian) and a magic. A crash leaves the old file or the new one, and a reader reads
@@ -99,7 +102,7 @@ class FaissVectorDB(AbstractVectorDB):
         ef_construction: HNSW candidate list while inserting (more: a better graph, a slower build).
         ef_search: HNSW candidate list while searching (more: better recall, slower search); at least ``k``.
         use_gpu: ``"auto"`` (GPU search when faiss sees a GPU), ``True`` (require one) or ``False``.
-        gpu_device: which GPU.
+        gpu_device: which GPU (``helpers.builders.make_database`` takes it from a ``cuda:N`` device).
         norm_tolerance: allowed |norm - 1| of added vectors and queries.
     """
 
@@ -178,6 +181,9 @@ class FaissVectorDB(AbstractVectorDB):
         n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         if use_gpu is True and n_gpus == 0:
             raise ProjectRuntimeError("use_gpu=True but this faiss build sees no GPU (faiss-cpu?); use use_gpu='auto'")
+        if use_gpu == "auto" and n_gpus == 0 and torch.cuda.is_available():
+            logger.warning("faiss searches on the CPU: this faiss build sees no GPU although torch sees %d (install a "
+                           "faiss-gpu build for GPU search)", torch.cuda.device_count())
         return bool(use_gpu) and n_gpus > 0
 
     @property
@@ -323,10 +329,32 @@ class FaissVectorDB(AbstractVectorDB):
         else:
             if existing.size:
                 self._remove(existing)
+                self._on_replica("remove_ids", self._selector(existing))
             self._index.add_with_ids(x, id_np)
+            self._on_replica("add_with_ids", x, id_np)
         self._known.update(id_np.tolist())
         self._meta.set(ids, metadata)
-        self._gpu_index = None
+
+    def _on_replica(self, method: str, *args: Any) -> None:
+        """Apply a change made to the CPU index to the GPU replica too (``add_with_ids``, ``remove_ids``); a
+        replica that cannot take it (faiss' GPU indexes do not all remove) is dropped and copied again at the next
+        search. No replica (yet, or HNSW): nothing to do."""
+        if self._gpu_index is None:
+            return
+        try:
+            getattr(self._gpu_index, method)(*args)
+        except RuntimeError as exc:
+            logger.info("the GPU replica cannot %s (%s): it is rebuilt at the next search", method, exc)
+            self._gpu_index = None
+
+    def _gpu_options(self, faiss: Any) -> Any:
+        """The cloner options of the GPU replica: float16 lookup tables for IVF-PQ (faiss' GPU IVF-PQ keeps one
+        table of m x 2^nbits distances per query in shared memory: 64 KB in float32 at m=64, nbits=8, past the
+        48 KB a block gets; float16 halves it)."""
+        options = faiss.GpuClonerOptions()
+        if self.kind == "ivfpq":
+            options.useFloat16LookupTables = True
+        return options
 
     def _searcher(self, k: int) -> Any:
         if not self.use_gpu or k > _GPU_MAX_K:
@@ -336,7 +364,8 @@ class FaissVectorDB(AbstractVectorDB):
             try:
                 if self._gpu_res is None:
                     self._gpu_res = faiss.StandardGpuResources()
-                self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, self.gpu_device, self._index)
+                self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, self.gpu_device, self._index,
+                                                         self._gpu_options(faiss))
                 if self.kind == "ivfpq":
                     faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", self.nprobe)
             except RuntimeError as exc:
@@ -397,10 +426,11 @@ class FaissVectorDB(AbstractVectorDB):
         if self.kind == "hnsw":
             self._kill(ids.numpy().astype(np.int64))
         else:
-            self._remove(ids.numpy())
+            gone = np.ascontiguousarray(ids.numpy(), dtype=np.int64)  # alive while a selector points into it
+            self._remove(gone)
+            self._on_replica("remove_ids", self._selector(gone))
         self._known.difference_update(ids.tolist())
         self._meta.drop(ids)
-        self._gpu_index = None
 
     def _stored_ids(self) -> Tensor:
         return torch.tensor(sorted(self._known), dtype=torch.int64)

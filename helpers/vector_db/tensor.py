@@ -42,6 +42,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _SCORE_BUDGET = 1 << 26  # elements of the (query block, chunk) score matrix: 256 MB of float32
 _LONG_SCAN = 2e10  # multiply-adds of a search worth a progress bar (seconds on a CPU)
 _GEMM_BYTES = 1 << 23  # float32 database rows multiplied at a time on the CPU (8 MB: L3-resident)
+_UPSERT_ROWS = 1 << 15  # added rows converted and copied at a time (no second copy of a large add on the device)
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -145,22 +146,31 @@ class TensorVectorDB(AbstractVectorDB):
         row_ids[: self._n] = self._row_ids[: self._n]
         self._vectors, self._row_ids = vectors, row_ids
 
+    def _write_rows(self, vectors: Tensor, *, rows: Tensor | None = None, start: int = 0) -> None:
+        """Storage rows ``rows`` (k,), or rows ``start`` .. ``start + k``, <- ``vectors`` (k, d) in storage dtype,
+        ``_UPSERT_ROWS`` at a time: a large add never holds a second whole copy on the device (beside the storage
+        it reserved)."""
+        for s in range(0, vectors.shape[0], _UPSERT_ROWS):
+            block = vectors[s : s + _UPSERT_ROWS].to(device=self._device, dtype=self._dtype)
+            if rows is None:
+                self._vectors[start + s : start + s + block.shape[0]] = block
+            else:
+                self._vectors[rows[s : s + _UPSERT_ROWS].to(self._device)] = block
+
     def _upsert(self, vectors: Tensor, ids: Tensor, metadata: list[Metadata | None] | None) -> None:
-        x = vectors.to(device=self._device, dtype=self._dtype)
         id_list = ids.tolist()
         rows = [self._row_of.get(i, -1) for i in id_list]
         existing = torch.tensor([r >= 0 for r in rows], dtype=torch.bool)
         if bool(existing.any()):
-            old_rows = torch.tensor([r for r in rows if r >= 0], dtype=torch.int64, device=self._device)
-            self._vectors[old_rows] = x[existing.to(self._device)]
+            old_rows = torch.tensor([r for r in rows if r >= 0], dtype=torch.int64)
+            self._write_rows(vectors[existing.to(vectors.device)], rows=old_rows)
         fresh = ~existing
         n_new = int(fresh.sum())
         if n_new:
             self._reserve(self._n + n_new)
-            new_rows = slice(self._n, self._n + n_new)
-            self._vectors[new_rows] = x[fresh.to(self._device)]
+            self._write_rows(vectors if n_new == len(id_list) else vectors[fresh.to(vectors.device)], start=self._n)
             new_ids = ids[fresh]
-            self._row_ids[new_rows] = new_ids.to(self._device)
+            self._row_ids[self._n : self._n + n_new] = new_ids.to(self._device)
             for offset, i in enumerate(new_ids.tolist()):
                 self._row_of[i] = self._n + offset
             self._n += n_new

@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-from bench.common import add_common_args, fast_dtype, setup_process
+from bench.common import add_common_args, autocast, fast_dtype, machine_info, setup_process
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -41,3 +41,28 @@ def test_quick_images_are_large_enough_for_regional_gem():
     images = make_images(4, seed=0, scale=0.125)
     assert min(min(im.shape[:2]) for im in images) == DEFAULT_MIN_SIDE >= 92
     assert [im.shape[:2] for im in make_images(4, seed=0)] == [(768, 1024), (1024, 768), (768, 1024), (683, 1024)]
+
+
+def test_tf32_option_sets_the_policy_when_a_gpu_is_resolved(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        assert setup_process(_args("--device", "cuda", "--tf32")) == torch.device("cuda", 0)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        setup_process(_args("--device", "cuda"))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+        info = machine_info(torch.device("cuda", 0))
+        assert info["gpu"] == "Fake GPU" and info["tf32"] is False  # the figures say which arithmetic made them
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_autocast_is_on_for_half_dtypes_only():
+    x = torch.randn(4, 4)
+    for dtype in (torch.bfloat16, torch.float16):
+        with autocast(torch.device("cpu"), dtype):
+            assert (x @ x).dtype == dtype
+    with autocast(torch.device("cpu"), torch.float32):
+        assert (x @ x).dtype == torch.float32

@@ -146,6 +146,48 @@ def test_cached_batched_reranking_equals_pair_by_pair_forward(rerank_model):
     torch.testing.assert_close(again, expected[[4, 0]], rtol=0, atol=1e-5)
 
 
+def _pairs(seed: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(1, 3, 96, 128, generator=g)
+    return query, [torch.randn(1, 3, h, w, generator=g) for h, w in [(96, 128), (128, 96), (80, 128)]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_scores_stay_within_the_benchmark_s_tolerance(rerank_model, dtype):
+    """bench.rerank_cvnet's --dtype check: the fast path under autocast (here the CPU's, which rounds the same
+    convolutions and GEMMs to the same dtype as CUDA's) against the faithful float32 scores, within the tolerance
+    the benchmark takes for that dtype, and really computed in it (float32's 1e-5 would fail)."""
+    from bench.rerank_cvnet import FastReranker, baseline_scores, score_tolerance
+
+    query, candidates = _pairs()
+    faithful = baseline_scores(rerank_model, query, candidates, torch.device("cpu"))
+    half = FastReranker(rerank_model, device=torch.device("cpu"), batch_size=2, dtype=dtype)
+    diff = (half.scores(query, candidates, [0, 1, 2]) - faithful).abs().max().item()
+    assert score_tolerance(torch.float32) < diff <= score_tolerance(dtype)
+    assert score_tolerance(dtype, atol=0.5) == 0.5  # --atol, when given, wins
+
+
+def test_the_fast_path_s_profile_runs_under_its_autocast(rerank_model, monkeypatch):
+    import bench.rerank_cvnet as bench_cvnet
+
+    states = []
+
+    def stage(rows, name, fn, device, repeats):
+        states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        out = fn()
+        rows.append([name, 0.0])
+        return out
+
+    monkeypatch.setattr(bench_cvnet, "_stage", stage)
+    query, candidates = _pairs()
+    fast = bench_cvnet.FastReranker(rerank_model, device=torch.device("cpu"), batch_size=2, dtype=torch.bfloat16)
+    rows = bench_cvnet.profile_fast(fast, query, candidates[0], torch.device("cpu"), 1)
+    assert len(rows) == len(states) >= 5 and all(state == (True, torch.bfloat16) for state in states)
+    states.clear()
+    bench_cvnet.profile_faithful(rerank_model, query, candidates[0], torch.device("cpu"), 1)
+    assert states and not any(enabled for enabled, _ in states)  # the faithful path stays in float32
+
+
 @pytest.mark.parametrize("m,k", [(40, 9), (6, 9)])
 def test_refine_candidates_equals_the_dense_weight_matrix_formulation(m, k):
     """The gathered weighted sum (embedding_bag) against the previous formulation: a dense (M x M) matrix of the
@@ -307,6 +349,28 @@ def test_benchmark_quick_run(module, extra, expect, capsys):
     assert main(["--quick", "--threads", "1", *extra]) == 0
     out = capsys.readouterr().out
     assert expect in out and "FAIL" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("module,extra,expect", [
+    ("bench.rerank_cvnet", ["--no-profile"], "equality scores"),
+    ("bench.rerank_cvnet", ["--dtype", "float16"], "equality scores"),
+    ("bench.rerank_cvnet", ["--dtype", "bfloat16"], "equality scores"),
+    ("bench.extract", [], "equality superglobal"),
+    ("bench.search", [], "hnsw ef="),
+    ("bench.postprocess", ["--large-n", "20000"], "shortlist mode"),
+    ("bench.rerank_superglobal", ["--db-sizes", "3000", "--dim", "256"], "speed-up"),
+])
+def test_benchmark_quick_run_on_cuda(module, extra, expect, capsys):
+    """Each benchmark with --device cuda: it measures the GPU (named in its header) and its equality checks hold
+    there, TF32 off (float32's tolerances) and under autocast (the dtype's)."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    assert main(["--quick", "--threads", "1", "--device", "cuda", *extra]) == 0
+    out = capsys.readouterr().out
+    assert expect in out and "FAIL" not in out and "gpu=" in out
 
 
 # ----------------------------------------------------------------------------------------------------------------

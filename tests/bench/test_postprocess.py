@@ -9,6 +9,7 @@ from bench.common import unit_vectors
 from bench.postprocess import measure_full, measure_shortlist, settings
 from helpers.postprocess import PostProcessing, postprocess_ranking
 from models import functional as MF
+from tests.support.spies import header_device, recording
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +70,25 @@ def test_shortlist_mode_reorders_each_query_s_exact_shortlist_like_the_library()
         whole = np.concatenate([ranks, np.zeros((n - short, nq), dtype=ranks.dtype)])
         lib = postprocess_ranking(xq, xb, whole, PostProcessing(**{**post.__dict__, "full_limit": 0}))
         np.testing.assert_array_equal(got, lib[:short])
+
+
+def test_both_modes_measure_the_benchmark_device(monkeypatch, capsys):
+    import bench.postprocess as bench_post
+
+    calls: list = []
+    monkeypatch.setattr(bench_post, "measure_full", recording(calls, measure_full))
+    monkeypatch.setattr(bench_post, "measure_shortlist", recording(calls, measure_shortlist))
+    monkeypatch.setattr(bench_post, "setup_process", lambda args: torch.device("cpu"))
+    assert bench_post.main(["--n", "60", "--dim", "8", "--nq", "3", "--k", "5", "--large-n", "500",
+                            "--shortlist", "20", "--repeats", "1"]) == 0
+    assert [c["device"] for c in calls] == [torch.device("cpu")] * 2 and "cpu" in capsys.readouterr().out
+    assert header_device(monkeypatch, bench_post, ["--quick"]) == torch.device("cuda", 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_full_mode_steps_on_the_gpu_give_the_cpu_s_results():
+    kw = {"n": 120, "d": 16, "nq": 5, "k": 10, "aqe_k": 2, "dba_k": 3, "alpha": 3.0, "seed": 4, "repeats": 1}
+    cpu, gpu = measure_full(**kw)["results"], measure_full(**kw, device=torch.device("cuda"))["results"]
+    np.testing.assert_array_equal(gpu["global ranking"], cpu["global ranking"])
+    for name in ("α-QE", "α-DBA", "whitening: apply to database"):
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=0, atol=1e-4)

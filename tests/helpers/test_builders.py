@@ -9,6 +9,7 @@ from helpers.builders import (
     build_model,
     build_superglobal_reranker,
     copy_backbone,
+    faiss_device_options,
     kind_of,
     load_database,
     make_database,
@@ -104,6 +105,21 @@ def test_database_factory_round_trip(tmp_path):
         make_database("annoy", 8)
     with pytest.raises(TypeError):
         backend_name(object())
+
+
+def test_databases_are_placed_for_the_device(tmp_path):
+    """A tensor database lives on the device; faiss searches on the GPU a ``cuda:N`` names (when its build can)
+    and never on a GPU for the CPU; no device keeps each back-end's default."""
+    assert faiss_device_options(None) == {}
+    assert faiss_device_options("cpu") == {"use_gpu": False}
+    assert faiss_device_options(torch.device("cuda", 2)) == {"gpu_device": 2}
+    assert faiss_device_options("cuda") == {"gpu_device": 0}
+    assert make_database("tensor", 4).device == make_database("tensor", 4, device="cpu").device == torch.device("cpu")
+    flat = make_database("faiss", 4, device="cuda:1")  # faiss-cpu here: it searches on the CPU, GPU 1 recorded
+    assert flat.gpu_device == 1 and make_database("faiss", 4, device="cuda:1", gpu_device=0).gpu_device == 0
+    flat.add(torch.nn.functional.normalize(torch.randn(3, 4), dim=1))
+    flat.save(tmp_path / "f")
+    assert load_database("faiss", tmp_path / "f", device="cuda:3").gpu_device == 3
 
 
 def test_timm_kinds_build_random_or_load_a_trained_run(tmp_path, caplog):

@@ -1,6 +1,12 @@
-"""helpers.distributed: one device resolver (auto, cpu, cuda, cuda:N everywhere) and the single-process env."""
+"""helpers.distributed: one device resolver (auto, cpu, cuda, cuda:N everywhere), the single-process env, the
+GPU policy (TF32 off unless asked, each torchrun rank on its LOCAL_RANK GPU made current) and a non-finite loss
+seen by every rank."""
+import logging
+import sys
+
 import pytest
 import torch
+import torch.distributed as dist
 
 from helpers.distributed import (
     DeviceError,
@@ -8,10 +14,15 @@ from helpers.distributed import (
     all_gather_cat,
     all_reduce_mean,
     check_device_name,
+    fits_on_device,
     init_distributed,
     launcher_ranks,
+    nonfinite_ranks,
+    rank_device_name,
     resolve_device,
+    set_tf32,
 )
+from tests.support.launch import run_two_cpu_ranks
 
 
 @pytest.mark.parametrize("name", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
@@ -62,3 +73,117 @@ def test_collectives_are_identities_in_one_process():
     y = all_gather_cat(x, env)
     assert torch.equal(y, x.detach()) and not y.requires_grad
     assert all_reduce_mean({"loss": 2.5}, env) == {"loss": 2.5}
+
+
+# ------------------------------------------------------------------------------------------------ GPU policy
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A machine with 4 GPUs as far as the resolver can tell (torch.cuda's answers patched; nothing runs on them),
+    with the TF32 flags restored afterwards."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_tf32_is_off_on_a_gpu_unless_asked(fake_cuda):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # e.g. torch's cuDNN default
+    resolve_device("cuda")
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    resolve_device("cuda:1", tf32=True)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    set_tf32(False)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+def test_tf32_flags_are_left_alone_on_the_cpu(monkeypatch):
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", tf32=True) == torch.device("cpu")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+
+
+def _launch(monkeypatch, rank: int, world: int) -> list:
+    """torchrun's variables for one rank, a process group that is never joined, and the set_device calls."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    return calls
+
+
+def test_cuda_n_under_torchrun_maps_every_rank_to_its_local_gpu(fake_cuda, monkeypatch, caplog):
+    for rank in (0, 1):
+        calls = _launch(monkeypatch, rank, 2)
+        with caplog.at_level(logging.WARNING, logger="helpers.distributed"):
+            caplog.clear()
+            env = init_distributed("cuda:1")
+        assert env.device == torch.device("cuda", rank) and env.world_size == 2
+        assert calls == [("set_device", torch.device("cuda", rank)), ("init", "nccl")]
+        assert ("LOCAL_RANK" in caplog.text) == (rank != 1)  # said where cuda:1 is not the rank's own GPU
+    assert rank_device_name("cuda:3", local_rank=0, world_size=1) == "cuda:3"  # one process: as given
+    assert rank_device_name("auto", local_rank=1, world_size=2) == "auto"
+
+
+def test_the_gpu_is_made_current_in_a_single_process_too(fake_cuda, monkeypatch):
+    calls = _launch(monkeypatch, 0, 1)
+    env = init_distributed("cuda:2")
+    assert env.device == torch.device("cuda", 2) and not env.distributed
+    assert calls == [("set_device", torch.device("cuda", 2))]  # no process group for one process
+
+
+def test_fits_on_device_leaves_half_the_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+    assert fits_on_device(4 << 30, "cuda:0") and not fits_on_device((4 << 30) + 1, "cuda:0")
+    assert not fits_on_device(1, "cpu")  # nothing is copied to the CPU
+
+
+# ------------------------------------------------------------------------------------------------ non-finite loss
+
+
+def test_nonfinite_ranks_in_one_process():
+    env = DistEnv()
+    assert nonfinite_ranks(torch.tensor(1.5), env) == []
+    assert nonfinite_ranks(torch.tensor(float("nan")), env) == [0]
+    assert nonfinite_ranks(torch.tensor([1.0, float("inf")]), env) == [0]
+
+
+_TWO_RANKS = """
+import sys, torch
+from helpers.distributed import init_distributed, nonfinite_ranks, cleanup_distributed
+env = init_distributed("cpu")
+loss = torch.tensor(float("nan") if env.rank == 1 else 0.25)
+bad = nonfinite_ranks(loss, env)
+cleanup_distributed(env)
+sys.exit(0 if bad == [1] else 3)
+"""
+
+
+def test_a_nan_on_one_rank_is_seen_by_every_rank():
+    """Rank 1's loss is NaN: both ranks learn it from the same collective (gloo), so both stop at that step
+    instead of rank 0 waiting in DDP's all-reduce for a rank that raised."""
+    run_two_cpu_ranks([sys.executable, "-c", _TWO_RANKS], timeout=120)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_init_distributed_on_cuda_makes_the_gpu_current(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        last = torch.cuda.device_count() - 1
+        env = init_distributed(f"cuda:{last}")
+        assert env.device == torch.device("cuda", last) and torch.cuda.current_device() == last
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        x = torch.randn(256, 256, device=env.device)  # float32 on the GPU is float32: no TF32 rounding
+        torch.testing.assert_close((x @ x).cpu(), x.cpu() @ x.cpu(), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.cuda.set_device(0)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

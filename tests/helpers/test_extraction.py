@@ -28,6 +28,7 @@ from helpers.extraction import (
 from models import OFFICIAL_CONVENTION, CVNetGlobal, CVNetRerank, SuperGlobal
 from models.functional import aggregate_scales
 from models.inference import fast_runner
+from tests.support.spies import recording
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -486,3 +487,33 @@ def test_skip_errors_leave_zero_rows_and_name_the_indices():
         assert torch.equal(out[3], model(torch.full((1, 3, 8, 8), 3.0))[0])
     with pytest.raises(CorruptImageError):
         extract_global_descriptors(model=model, dataset=_Flaky(), progress=False, fast=False)
+
+
+def test_descriptors_made_on_a_gpu_and_on_the_cpu_are_never_served_to_each_other(layout, tmp_path, monkeypatch):
+    """The device (and, on a GPU, the TF32 policy) enters the feature cache key and the map cache's folder; the
+    CPU's keys are those of caches written before."""
+    import helpers.extraction as extraction
+
+    model = TinyNet().eval()
+    ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,))
+    key = feature_cache_key(model=model, dataset=ds)
+    assert feature_cache_key(model=model, dataset=ds, device="cpu") == key
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        gpu = feature_cache_key(model=model, dataset=ds, device="cuda:1")
+        assert gpu != key and gpu == feature_cache_key(model=model, dataset=ds, device=torch.device("cuda", 0))
+        maps_gpu = ReducedMapStore(model=model, dataset=ds, cache_dir=tmp_path, device="cuda")._dir
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        assert feature_cache_key(model=model, dataset=ds, device="cuda") not in (key, gpu)
+        maps_tf32 = ReducedMapStore(model=model, dataset=ds, cache_dir=tmp_path, device="cuda")._dir
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    maps_cpu = ReducedMapStore(model=model, dataset=ds, cache_dir=tmp_path)._dir
+    assert len({maps_cpu, maps_gpu, maps_tf32}) == 3
+    # the engine keys its cache by the device it extracts on
+    calls: list = []
+    monkeypatch.setattr(extraction, "feature_cache_key", recording(calls, feature_cache_key))
+    cached_global_descriptors(model=model, dataset=ds, cache_dir=tmp_path / "cache", label="db", progress=False,
+                              device="cpu")
+    assert calls[0]["device"] == "cpu"

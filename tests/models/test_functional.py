@@ -182,6 +182,22 @@ def test_blockwise_topk_full_ranking_puts_ties_in_index_order():
         assert torch.equal(d, torch.from_numpy(full).gather(1, i)) and all(len(set(row)) == 7 for row in i.tolist())
 
 
+def test_blockwise_topk_reads_a_database_held_elsewhere_block_by_block():
+    """A database in host memory and queries on another device: blocks are copied to the queries' device as they
+    are scored, never the whole database (a stand-in device, "meta", has shapes only: the call just has to work);
+    on CUDA the values match the CPU's (a float16 part included)."""
+    xb = _unit64(61, 8, 1).float()
+    parts = [xb[:30], xb[30:].half()]
+    d, i = MF.blockwise_topk(torch.empty(5, 8, device="meta"), parts, 10, block=16, gemm_rows=7)
+    assert d.device.type == i.device.type == "meta" and d.shape == i.shape == (5, 10)
+    if torch.cuda.is_available():
+        xq = _unit64(5, 8, 2).float()
+        ref_d, ref_i = MF.blockwise_topk(xq, parts, 10, block=16, gemm_rows=7)
+        d, i = MF.blockwise_topk(xq.cuda(), parts, 10, block=16, gemm_rows=7)
+        assert torch.equal(i.cpu(), ref_i)
+        torch.testing.assert_close(d.cpu(), ref_d, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("rows_first", [True, False])
 def test_blockwise_topk_over_float16_parts_equals_their_float32_concatenation(rows_first):
     xb, xq = _unit64(90, 16, 4).float(), _unit64(6, 16, 5).float()

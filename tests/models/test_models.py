@@ -172,6 +172,19 @@ def test_superglobal_rerank_tensor_database_matches_loop():
     assert torch.equal(ids, ref_ids)
 
 
+def test_superglobal_rerank_moves_a_tensor_database_once(monkeypatch):
+    """The queries' device gets the database once per call, not once per chunk of queries (a stand-in device,
+    "meta", has shapes only: every chunk must find the database there already)."""
+    X = F.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    rr = SuperGlobalRerank(M=10, K=2, query_chunk=2)
+    seen = []
+    candidates = rr.candidates
+    monkeypatch.setattr(rr, "candidates", lambda q, db, m: seen.append(db) or candidates(q, db, m))
+    scores, ids = rr.rerank(torch.empty(5, 8, device="meta"), X)
+    assert scores.shape == ids.shape == (5, 10) and len(seen) == 3
+    assert all(db is seen[0] and db.device.type == "meta" for db in seen)
+
+
 def test_superglobal_rerank_small_database_and_errors():
     X = F.normalize(torch.randn(20, 8), dim=1)
     scores, ids = SuperGlobalRerank(M=400).rerank(X[:2], X)

@@ -135,6 +135,16 @@ def test_two_cpu_ranks_share_the_queue_and_stay_in_sync(data_root, tmp_path):
     assert queue["labels"][:12].tolist() == expected and (queue["labels"][12:] == -1).all()
 
 
+def test_two_cpu_ranks_train_a_timm_convnext_whose_head_norm_the_forward_never_uses(data_root, tmp_path):
+    """timm's ConvNeXt keeps a head.norm that forward_features never reaches: unfrozen, DDP
+    (find_unused_parameters=False) stops at the second step waiting for its gradient. Frozen, both ranks train."""
+    out = tmp_path / "ddp_convnext"
+    run_two_cpu_ranks(_subprocess_args(data_root, out, "model.arch=timm:test_convnext", "train.steps=3",
+                                       "train.checkpoint_every=100"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] and summary["arch"] == "timm:test_convnext"
+
+
 def test_corrupt_image_is_skipped_counted_and_capped(data_root, tmp_path, caplog, capsys):
     root = tmp_path / "data"
     shutil.copytree(data_root, root)

@@ -16,6 +16,7 @@ from helpers.evaluation.data import (
     CombinedReader,
     DescriptorKey,
     Descriptors,
+    DeviceCopies,
     GlobalRanking,
     check_named_dataset,
     dataset_protocols,
@@ -113,6 +114,35 @@ def test_rank_descriptors_is_the_global_ranking_of_what_it_returns(with_distract
     np.testing.assert_array_equal(ranks, expected)
     if with_distractors:
         assert xb[0] is d.db and xb[1] is d.distractors
+
+
+def test_device_copies_are_made_once_and_within_the_budget():
+    """The run's copies of its descriptors on its device (a stand-in, "meta", here): each tensor copied at its
+    first ranking and reused after, until the budget is taken; what does not fit stays where it is. On the CPU
+    nothing is copied."""
+    d = _descriptors()
+    db_bytes = d.db.numel() * d.db.element_size()
+    copies = DeviceCopies("meta", budget=db_bytes + 1)
+    first = copies(d.db)
+    assert first.device.type == "meta" and copies(d.db) is first and copies.nbytes == db_bytes
+    assert copies(d.distractors) is d.distractors  # over the budget: ranked from host memory
+    assert copies(d.db.clone()) is not first  # another tensor, even of equal values, is another copy
+    on_cpu = DeviceCopies("cpu")
+    assert on_cpu(d.db) is d.db and on_cpu.nbytes == 0
+
+
+@pytest.mark.parametrize("with_distractors", [False, True])
+def test_ranking_from_device_copies_is_the_same_ranking(with_distractors):
+    d = _descriptors()
+    plain = rank_descriptors(d, with_distractors=with_distractors)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    copies = DeviceCopies(device)
+    for _ in range(2):  # the second ranking reuses the copies of the first
+        ranked = rank_descriptors(d, with_distractors=with_distractors, device=device, copies=copies)
+        np.testing.assert_array_equal(ranked.ranks, plain.ranks)
+        assert ranked.query is d.query and (ranked.database is d.db or ranked.database[0] is d.db)
+    held = d.db.numel() * d.db.element_size() + (d.distractors.numel() * 2 if with_distractors else 0)
+    assert copies.nbytes == (held if device == "cuda" else 0)
 
 
 def test_distractors_storage():

@@ -734,3 +734,63 @@ def test_the_writer_lock_refuses_a_second_writer_and_is_reentrant_in_its_thread(
     with pytest.raises(ProjectIOError, match=r"could not create the folder .*file/idx: \[Errno 20\]"):
         with writer_lock(tmp_path / "file" / "idx"):
             pass
+
+
+# ------------------------------------------------------------------------------------------------------ devices
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("post", [None, PostProcessing(aqe_k=1)])
+def test_superglobal_re_ranking_runs_on_the_retriever_s_device_in_both_paths(post, sg_model, indexed, images,
+                                                                            monkeypatch):
+    """With or without post-processing, SuperGlobal re-ranks on ``Retriever.device`` (a stand-in device here,
+    "meta", whose tensors have shapes only: the spies stop the query once the re-ranker has its input)."""
+    db, _ = indexed
+    reranker = SuperGlobalRerank(M=3, K=1, beta=0.15)
+    retriever = Retriever(sg_model, db, reranker=reranker)
+    queries = retriever.describe([images[0][1]])
+    seen = []
+
+    def spy(queries, *rest):
+        seen.append(queries.device)
+        raise _Stop
+
+    monkeypatch.setattr(retriever, "_describe_prepared", lambda prepared, names=None: queries)
+    monkeypatch.setattr(reranker, "rerank", spy)
+    monkeypatch.setattr(reranker, "rerank_candidates", spy)
+    retriever.device = torch.device("meta")
+    with pytest.raises(_Stop):
+        retriever.query(images[0][1], k=3, post=post)
+    assert seen == [torch.device("meta")]
+
+
+def test_a_loaded_database_is_opened_on_the_retriever_s_device(sg_model, indexed, tmp_path, monkeypatch):
+    import helpers.retrieval.saved as saved
+    from tests.support.spies import recording
+
+    db, _ = indexed
+    Retriever(sg_model, db).save(tmp_path)
+    calls: list = []
+    monkeypatch.setattr(saved, "load_database", recording(calls, saved.load_database))
+    loaded = Retriever.load(tmp_path, sg_model, device="cpu")
+    assert calls == [{"device": "cpu"}] and loaded.database.device == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_database_and_both_superglobal_paths_follow_the_model(sg_model, indexed, images, tmp_path):
+    db, _ = indexed
+    Retriever(sg_model, db).save(tmp_path)
+    on_cpu = Retriever.load(tmp_path, sg_model, reranker=SuperGlobalRerank(M=3, K=1, beta=0.15))
+    try:
+        on_gpu = Retriever.load(tmp_path, sg_model, reranker=SuperGlobalRerank(M=3, K=1, beta=0.15), device="cuda")
+        assert on_gpu.database.device.type == "cuda"
+        for post in (None, PostProcessing(aqe_k=1)):
+            got = on_gpu.query(images[0][1], k=N_IMAGES, post=post)
+            want = on_cpu.query(images[0][1], k=N_IMAGES, post=post)
+            assert [h.id for h in got] == [h.id for h in want]
+            np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-4)
+    finally:
+        sg_model.cpu()  # the shared model goes back where the other tests use it

@@ -17,6 +17,7 @@ from helpers.training.build import (
     build_training_rerank,
     checkpoint_geometry,
     complete_rerank_checkpoint,
+    freeze_unused_parameters,
     read_backbone_checkpoint,
 )
 from models.checkpoint import CheckpointError, official_state_dict, save_official_checkpoint
@@ -145,6 +146,23 @@ def test_a_timm_arch_builds_a_random_timm_global_from_the_global_rng():
     unprojected = _timm(reduction_dim=None, pooling="gem+")
     assert global_dim(unprojected) == 512 and unprojected.projection is None
     assert global_dim(CVNetGlobal(50, DIM)) == DIM
+
+
+def test_timm_parameters_the_forward_never_uses_are_frozen():
+    """ConvNeXt's head.norm belongs to the classifier head the model is built without: no gradient ever reaches
+    it, so it is frozen (DDP would wait for its gradient); everything the forward uses still trains, and the
+    weights and the train mode are as they were."""
+    torch.manual_seed(3)
+    model = _timm(arch="timm:test_convnext")
+    torch.manual_seed(3)
+    again = _timm(arch="timm:test_convnext")
+    assert _same_weights(model, again) and model.training
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["body.model.head.norm.weight", "body.model.head.norm.bias"]
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+    assert freeze_unused_parameters(_timm(), torch.ones(2, 3, 32, 32)) == []  # a ResNet uses all of its own
 
 
 def test_a_timm_run_writes_its_own_format_that_loads_back_exactly(tmp_path):

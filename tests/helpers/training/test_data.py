@@ -28,6 +28,7 @@ from helpers.training.data import (
     TooManyCorruptImages,
     _contiguous,
     collate_skip_corrupt,
+    pinned,
 )
 from helpers.training.loop import steps_per_epoch
 from models.checkpoint import OFFICIAL_CONVENTION
@@ -259,3 +260,42 @@ def test_labels_become_contiguous_class_indices(constant_images):
     assert [data.dataset[i][1] for i in range(6)] == [1, 1, 0, 2, 0, 1]
     same = _contiguous(constant_images(3), [0, 1, 1], "toy")
     assert isinstance(same.dataset, constant_images) and same.num_classes == 2  # already contiguous: not wrapped
+
+
+# ------------------------------------------------------------------------------------------------ pinned batches
+
+
+def test_a_batch_pins_every_tensor_it_holds(monkeypatch):
+    """What DataLoader(pin_memory=True) calls on a custom batch: every tensor pinned (tensor.pin_memory, recorded
+    here: pinning needs a GPU), the corrupt items and the size kept."""
+    calls = []
+
+    def pin(self):
+        calls.append(self)
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    images, labels = torch.rand(2, 3, 4, 4), torch.tensor([1, 2])
+    lost = [CorruptSample(5, "x.jpg", "truncated")]
+    batch = collate_skip_corrupt([(images[0], labels[0]), lost[0], (images[1], labels[1])])
+    out = batch.pin_memory()
+    assert out.corrupt == lost and out.size == 2 and len(calls) == 2
+    assert torch.equal(out.data[0], images) and torch.equal(out.data[1], labels)
+    assert pinned({"a": (torch.zeros(1), [torch.ones(2)]), "b": "text"})["b"] == "text" and len(calls) == 4
+    assert collate_skip_corrupt([lost[0]]).pin_memory().data is None  # an all-corrupt batch has nothing to pin
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_pinning_data_loader_hands_out_pinned_batches():
+    from torch.utils.data import DataLoader
+
+    class Pairs(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.full((3, 8, 8), float(i)), i
+
+    loader = DataLoader(SkipCorrupt(Pairs()), batch_size=2, collate_fn=collate_skip_corrupt, pin_memory=True)
+    batch = next(iter(loader))
+    assert all(t.is_pinned() for t in batch.data) and batch.size == 2

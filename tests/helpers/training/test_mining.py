@@ -15,6 +15,7 @@ from helpers.training.mining import (
     linear_ramp,
     mine_neighbours,
     mine_pairs,
+    mining_tiles,
     negative_pool_size,
 )
 from models.checkpoint import save_official_checkpoint
@@ -40,18 +41,44 @@ def _reference_neighbours(x, labels, valid, kp, kn):
     return pos, neg
 
 
-@pytest.mark.parametrize("chunk", [3, 1000])
-def test_mined_neighbours_match_a_brute_force_loop(chunk):
+@pytest.mark.parametrize("chunk,block", [(3, None), (1000, None), (3, 4), (2, 1), (1000, 5)])
+def test_mined_neighbours_match_a_brute_force_loop(chunk, block):
+    """Tiles of ``chunk`` queries x ``block`` database rows, each tile's top-k merged: the same neighbours as one
+    sort of every row (block=1: merges that hold fewer than k, left for the final sort)."""
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(17, 8, generator=g, dtype=torch.float64), dim=1)
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4, 5, 5, 5, 5, 5])
     valid = torch.ones(17, dtype=torch.bool)
     valid[6] = False
-    pos, neg = mine_neighbours(x, labels, valid=valid, num_positives=3, num_negatives=5, chunk=chunk)
+    pos, neg = mine_neighbours(x, labels, valid=valid, num_positives=3, num_negatives=5, chunk=chunk, block=block)
     ref_pos, ref_neg = _reference_neighbours(x.numpy(), labels.numpy(), valid.numpy(), 3, 5)
     assert np.array_equal(pos.numpy(), ref_pos) and np.array_equal(neg.numpy(), ref_neg)
     assert pos[9].tolist() == [-1, -1, -1]  # label 3 has a single image
     assert (neg != 6).all() and (pos != 6).all()
+
+
+def test_mining_tiles_hold_the_memory_budget_with_large_gemms():
+    """GLDv2's 1.58M images, 1 GB: 65536 database rows by 1024 queries a tile (16 bytes an entry), instead of
+    the 42 queries against all 1.58M rows a step that made 40k small steps."""
+    block, chunk = mining_tiles(1_580_000, 1 << 30)
+    assert (block, chunk) == (65536, 1024) and 16 * block * chunk <= 1 << 30
+    assert mining_tiles(17, 1 << 30) == (17, 4096) and mining_tiles(17, 1 << 30, block=4, chunk=3) == (4, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fits", [True, False])
+def test_mining_on_a_gpu_finds_the_cpu_s_neighbours(fits, monkeypatch):
+    """On the GPU with the descriptors copied there, and streamed from host memory when they do not fit."""
+    import helpers.training.mining as mining
+
+    monkeypatch.setattr(mining, "fits_on_device", lambda nbytes, device: fits)
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    labels = torch.randint(0, 20, (300,), generator=g)
+    kw = {"num_positives": 4, "num_negatives": 10, "chunk": 64, "block": 100}
+    cpu = mine_neighbours(x, labels, **kw)
+    gpu = mine_neighbours(x, labels, device="cuda", **kw)
+    assert torch.equal(gpu[0], cpu[0]) and torch.equal(gpu[1], cpu[1])
 
 
 def test_curriculum_makes_negatives_harder_and_hides_more():

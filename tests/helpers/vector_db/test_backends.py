@@ -808,3 +808,162 @@ def test_clear_removes_every_vector(kind):
     assert db.add(unit_rows(2)).tolist() == [0, 1] and db.get_metadata([0]) == [None]
     db.clear()
     db.clear()  # an empty database clears too
+
+
+# ------------------------------------------------------------------------------------------------ GPU memory
+
+
+def test_checks_run_in_blocks_of_rows_with_the_same_verdict(monkeypatch):
+    """Finiteness and unit norm are checked CHECK_ROWS rows at a time (no float64 copy of a whole 1M x 2048
+    input): the largest temporary is one block, and a bad row is named as before."""
+    import helpers.vector_db.base as base
+
+    x = torch.from_numpy(unit_rows(20))
+    x[7] *= 1.5
+    whole = pytest.raises(ValueError, match=r"row\(s\) \[7\]")
+    with whole:
+        TensorVectorDB(D).add(x)
+    monkeypatch.setattr(base, "CHECK_ROWS", 3)
+    rows = []
+    norm = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda t, *a, **kw: rows.append(t.shape[0]) or norm(t, *a, **kw))
+    with pytest.raises(ValueError, match=r"row\(s\) \[7\] are not \(largest deviation 0.5"):
+        TensorVectorDB(D).add(x)
+    assert max(rows) == 3 and sum(rows) == 20
+    x[7] /= 1.5
+    x[11, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf in row\(s\) \[11\]"):
+        TensorVectorDB(D).add(x)
+
+
+def test_large_adds_are_copied_into_the_storage_in_blocks(monkeypatch):
+    """An add is converted and copied _UPSERT_ROWS rows at a time (on a GPU the storage reserved for 1M vectors
+    is not joined by a second whole copy of them): new rows, replaced rows and a mix give brute force's answers."""
+    import helpers.vector_db.tensor as tensor
+
+    monkeypatch.setattr(tensor, "_UPSERT_ROWS", 4)
+    xb = unit_rows(30, seed=3)
+    db = TensorVectorDB(D, dtype=torch.float16, chunk_size=8)
+    db.reserve(30)
+    db.add(xb[:18], ids=np.arange(18))
+    db.add(xb[18:], ids=np.r_[np.arange(5, 11), np.arange(18, 24)])  # 6 replaced, 6 new
+    expected = {i: xb[i] for i in range(18)}
+    expected.update(zip(range(5, 11), xb[18:24]))
+    expected.update(zip(range(18, 24), xb[24:30]))
+    keys = np.array(sorted(expected))
+    stored = np.stack([expected[i] for i in keys]).astype(np.float16).astype(np.float32)
+    assert len(db) == 24 and db.ids().tolist() == keys.tolist()
+    np.testing.assert_array_equal(db.get(keys).numpy(), stored)
+    xq = unit_rows(3, seed=4)
+    assert_topk(*db.search(xq, 5), stored, keys, xq, 5, atol=1e-3)
+
+
+@needs_cuda
+def test_a_bulk_add_on_a_gpu_needs_the_storage_and_one_block():
+    import helpers.vector_db.tensor as tensor
+
+    n, d = 100_000, 256
+    xb = torch.from_numpy(unit_rows(n, d, seed=5))
+    db = TensorVectorDB(d, device="cuda")
+    db.reserve(n)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    db.add(xb)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 2 * tensor._UPSERT_ROWS * d * 4  # one block (and its index), not another n x d copy
+    assert torch.equal(db.get([n - 1]).cpu(), xb[-1:])
+
+
+# ------------------------------------------------------------------------------------------------ faiss on a GPU
+
+
+@needs_faiss
+def test_auto_says_when_faiss_stays_on_the_cpu_of_a_gpu_machine(monkeypatch, caplog):
+    import faiss
+
+    from helpers.vector_db.faiss import FaissVectorDB
+
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("this faiss build sees a GPU")
+    with caplog.at_level("WARNING", logger="helpers.vector_db.faiss"):
+        assert not FaissVectorDB(D, use_gpu="auto").use_gpu
+        assert "faiss" not in caplog.text  # no GPU at all: nothing to say
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        assert not FaissVectorDB(D, use_gpu="auto").use_gpu
+    assert "sees no GPU although torch sees 2" in caplog.text
+
+
+class _FakeGpuFaiss:
+    """faiss with a pretend GPU: the real module, except that a GPU replica is a recording wrapper of a copy of
+    the CPU index (searched like it); ``removes`` says whether the replica can remove ids."""
+
+    def __init__(self, removes: bool) -> None:
+        import faiss
+
+        self._faiss, self.removes, self.clones = faiss, removes, []
+
+    def __getattr__(self, name):
+        return getattr(self._faiss, name)
+
+    def StandardGpuResources(self):
+        return object()
+
+    def GpuClonerOptions(self):
+        return type("Options", (), {"useFloat16LookupTables": False})()
+
+    def GpuParameterSpace(self):
+        return type("Space", (), {"set_index_parameter": lambda self, index, name, value: None})()
+
+    def index_cpu_to_gpu(self, res, device, index, options):
+        replica = _Replica(self._faiss.clone_index(index), self.removes)
+        self.clones.append((device, options, replica))
+        return replica
+
+
+class _Replica:
+    def __init__(self, index, removes: bool) -> None:
+        self.index, self.removes, self.calls = index, removes, []
+
+    def search(self, xq, k):
+        return self.index.search(xq, k)
+
+    def add_with_ids(self, x, ids):
+        self.calls.append("add")
+        self.index.add_with_ids(x, ids)
+
+    def remove_ids(self, selector):
+        self.calls.append("remove")
+        if not self.removes:
+            raise RuntimeError("not implemented for this type of index")
+        return self.index.remove_ids(selector)
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_the_gpu_replica_is_cloned_once_and_kept_through_changes(kind, monkeypatch):
+    """The replica goes to ``gpu_device`` with float16 lookup tables for IVF-PQ; adds reach it, and so do deletes
+    where the GPU index can remove (else it is cloned again at the next search); searches agree with the CPU."""
+    import helpers.vector_db.faiss as fv
+
+    for removes in (True, False):
+        fake = _FakeGpuFaiss(removes)
+        monkeypatch.setattr(fv, "import_faiss", lambda fake=fake: fake)
+        options = {"nlist": 4, "m": 4, "nbits": 4} if kind == "ivfpq" else {}
+        db = fv.FaissVectorDB(D, index=kind, use_gpu=False, gpu_device=3, **options)
+        db.use_gpu = True  # the pretend GPU
+        xb = unit_rows(300, seed=7)
+        db.add(xb[:200], ids=np.arange(200))
+        xq = unit_rows(4, seed=8)
+        db.search(xq, 5)
+        device, opts, replica = fake.clones[0]
+        assert device == 3 and opts.useFloat16LookupTables == (kind == "ivfpq")
+        db.add(xb[200:], ids=np.arange(200, 300))
+        db.delete(np.arange(0, 300, 7))
+        scores, ids = db.search(xq, 5)
+        assert replica.calls == ["add", "remove"] and len(fake.clones) == (1 if removes else 2)
+        db.use_gpu = False
+        ref_scores, ref_ids = db.search(xq, 5)
+        assert torch.equal(ids, ref_ids) and torch.allclose(scores, ref_scores)
