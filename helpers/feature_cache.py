@@ -198,6 +198,8 @@ def cached_global_descriptors(
     :func:`helpers.extraction.extract_global_descriptors`). ``fast`` (same) gives the same descriptors within
     1e-5, so it shares the cache; ``flip`` (flip test-time augmentation) is part of the cache key.
     """
+    if len(dataset) == 0:  # refused on every rank alike, before any of them waits for another
+        raise InvalidValueError(f"nothing to extract for {label}: no images")
     engine = {"model": model, "dataset": dataset, "device": device, "batch_size": batch_size,
               "num_workers": num_workers, "fast": fast, "weights_source": weights_source, "flip": flip,
               "progress": progress}
@@ -205,7 +207,7 @@ def cached_global_descriptors(
     if cache_dir is None:
         if world_size > 1:
             raise InvalidValueError("extraction over several ranks needs a cache_dir shared by all of them")
-        return extract_global_descriptors(desc=label, pieces=pieces or None, **engine)
+        return extract_global_descriptors(desc=label, pieces=pieces, **engine)
     env = DistEnv(rank=rank, world_size=world_size)
     key = feature_cache_key(model=model, dataset=dataset, weights_hash=weights_hash, progress=progress,
                             hashes=ContentHashes(Path(cache_dir) / HASH_MEMO_DIR, env=env), flip=flip)
@@ -216,7 +218,7 @@ def cached_global_descriptors(
         return feats
     logger.info("%s: extracting %d images (cache miss, will write %s)", label, len(dataset), path)
     if world_size == 1 and (shard_size is None or len(dataset) <= shard_size):
-        feats = extract_global_descriptors(desc=label, pieces=pieces or None, **engine)
+        feats = extract_global_descriptors(desc=label, pieces=pieces, **engine)
         _save_features(path, key, feats, label=label)
         return feats
     shard_dir = path.with_suffix(".shards")

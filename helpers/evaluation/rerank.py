@@ -1,7 +1,14 @@
 """The re-ranking stage of an evaluation: CVNet-Rerank over one dataset's global ranking (maps of the cropped
-queries and the database images, pairs scored once), and SuperGlobal re-ranking over the database it names."""
+queries and the database images, pairs scored once), and SuperGlobal re-ranking over the database it names.
+
+Under torchrun CVNet re-ranking is split: rank 0 picks the pairs and broadcasts them, each rank computes the maps
+and scores of its even share of the chunks of database images (:class:`helpers.reranking.CVNetPairScorer`'s
+``share``), and rank 0 gathers the scores and re-sorts. The chunks (at least :data:`RERANK_CHUNKS`) depend on the
+pairs alone, so each pair is scored in the same batch as in one process: the same bits. SuperGlobal re-ranking (a
+few matrix products per query over descriptors rank 0 holds) runs on rank 0."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,6 +26,8 @@ from helpers.evaluation.data import GlobalRanking, open_distractors, open_revisi
 from helpers.evaluation.detail import RecordingReranker, RecordingScorer
 from helpers.extraction import ReducedMapStore
 from helpers.reranking import CVNetPairScorer, cvnet_rerank, superglobal_rerank_ranking
+
+logger = logging.getLogger(__name__)
 
 
 def superglobal_database(xb: Any, *, kind: str, device: torch.device) -> Any:
@@ -74,7 +83,10 @@ def score_across_ranks(scorer: CVNetPairScorer, pairs: np.ndarray | None, env: D
     """CVNet scores (P,) of rank 0's ``pairs`` (P, 2), each rank scoring its share of the chunks (``scorer.share``)
     and rank 0 gathering them; None on the other ranks, which pass None for ``pairs``. Every rank must call it."""
     pairs = broadcast_object(pairs, env)
-    parts = all_gather_objects(scorer(pairs), env)
+    mine = scorer(pairs)
+    logger.info("CVNet re-ranking: rank %d/%d scored %d of the %d pairs", env.rank, env.world_size,
+                int((~np.isnan(mine)).sum()), len(mine))
+    parts = all_gather_objects(mine, env)
     if not env.is_main:
         return None
     scores = parts[0].copy()

@@ -11,7 +11,7 @@ import torch
 import helpers.feature_cache as FC
 from datasets.revisited import RevisitedDataset
 from helpers.cache_keys import ContentHashes, feature_cache_key
-from helpers.extraction import extract_global_descriptors
+from helpers.extraction import ImageArrays, extract_global_descriptors
 from helpers.feature_cache import cached_global_descriptors, extract_sharded, piece_ranges
 from tests.support.launch import run_two_cpu_ranks
 from tests.support.tiny_sets import BatchSensitiveNet, Recording, TinyNet, write_layout
@@ -128,12 +128,16 @@ def test_ranks_extract_even_shares_and_resume_under_another_world_size(layout, t
                                                       progress=False), one[3:])
 
 
-def test_several_ranks_need_a_cache_dir(layout):
+def test_several_ranks_need_a_cache_dir_and_a_valid_rank(layout):
     ds = RevisitedDataset(layout, "roxford5k", "db")
     with pytest.raises(ValueError, match="cache_dir"):
         cached_global_descriptors(model=TinyNet(), dataset=ds, world_size=2, rank=0, progress=False)
     with pytest.raises(ValueError, match="rank 2 of world size 2"):
         extract_sharded(model=TinyNet(), dataset=ds, key="k", shard_dir=layout / "s", rank=2, world_size=2)
+    for rank in (0, 1):  # an empty set: refused on every rank alike, before any of them waits for another
+        with pytest.raises(ValueError, match="nothing to extract for empty"):
+            cached_global_descriptors(model=TinyNet(), dataset=ImageArrays([]), cache_dir=layout / "c", label="empty",
+                                      rank=rank, world_size=2)
 
 
 @pytest.mark.slow
