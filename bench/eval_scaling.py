@@ -14,13 +14,15 @@ their ratio (N ranks / 1 rank; 1/N is a perfect split), with the extraction (eve
 ``whitening ...`` stage) and the CVNet re-ranking (``cvnet_rerank ...``) also summed. The figures of both sides
 (every row's mAP and mP@k), their per-query APs, top-k ids and scores must be identical: the bench says which differ
 and exits 1 when any does. On a machine shared with other jobs N ranks may not get N cores: the 1-minute load
-average before each run is printed with the table.
+average before each pair of runs is printed with the table, and the CPU time of all the processes of each side (the
+same work split without repeating any gives a ratio of 1.00, whatever the machine's load).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -70,12 +72,16 @@ def eval_command(work: Path, *, ranks: int, name: str, sets: Sequence[str]) -> l
             "progress=false", *sets]
 
 
-def run_eval(command: Sequence[str], *, timeout: float) -> None:
-    """One run with one OpenMP thread per rank; a failed run stops the bench with its error's last lines."""
+def run_eval(command: Sequence[str], *, timeout: float) -> float:
+    """One run with one OpenMP thread per rank; returns the CPU seconds (user + sys) of all its processes. A failed
+    run stops the bench with the last lines of its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise SystemExit(f"eval.py failed ({' '.join(command[5:])}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"eval.py failed ({' '.join(command[5:])}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def stage_rows(ones: Sequence[Mapping[str, float]], splits: Sequence[Mapping[str, float]]
@@ -127,7 +133,8 @@ def prepare_data(work: Path, sets: Sequence[str]) -> None:
 
 def measure(work: Path, *, ranks: int, repeats: int, sets: Sequence[str], timeout: float
             ) -> tuple[list[dict], list[dict], list[tuple[float | None, float | None]]]:
-    """The results.json of each run of each side (1 rank, ``ranks``), taking turns, and the load before each."""
+    """The results.json of each run of each side (1 rank, ``ranks``), taking turns, with the CPU seconds of all its
+    processes added (``cpu_s``), and the load before each pair of runs."""
     prepare_data(work, sets)
     ones, splits, loads = [], [], []
     for r in range(repeats):
@@ -135,8 +142,9 @@ def measure(work: Path, *, ranks: int, repeats: int, sets: Sequence[str], timeou
         for side, n in (("one", 1), ("split", ranks)):
             load.append(load_average())
             name = f"{side}-{r}"
-            run_eval(eval_command(work, ranks=n, name=name, sets=sets), timeout=timeout)
-            (ones if n == 1 else splits).append(json.loads((work / "runs" / name / "results.json").read_text()))
+            cpu = run_eval(eval_command(work, ranks=n, name=name, sets=sets), timeout=timeout)
+            results = json.loads((work / "runs" / name / "results.json").read_text())
+            (ones if n == 1 else splits).append({**results, "cpu_s": cpu})
         loads.append((load[0], load[1]))
     return ones, splits, loads
 
@@ -146,6 +154,9 @@ def report(ones: Sequence[Mapping[str, Any]], splits: Sequence[Mapping[str, Any]
     rows = stage_rows([r["timings_s"] for r in ones], [r["timings_s"] for r in splits])
     print(format_table(["stage", "1 rank (s)", f"{ranks} ranks (s)", f"ratio ({ranks} / 1)"],
                        [[name, a, b, f"{b / a:.2f}" if a > 0 else "-"] for name, a, b in rows]))
+    cpu = [statistics.median(r["cpu_s"] for r in side) for side in (ones, splits)]
+    print(f"   CPU time of all processes (user + sys, median): 1 rank {cpu[0]:.1f} s, {ranks} ranks {cpu[1]:.1f} s "
+          f"(ratio {cpu[1] / cpu[0]:.2f}: 1.00 is the same work, split without repeating any)")
     figures = [[dataset, row, *(f"{r['mAP'][p]:.2f}" for p in ("easy", "medium", "hard"))]
                for dataset, by_row in ones[0]["results"].items() for row, r in by_row.items()]
     print(format_table(["dataset", "row", "mAP E", "mAP M", "mAP H"], figures))

@@ -38,6 +38,7 @@ def test_the_bench_reports_what_the_evaluation_timed_and_found(tmp_path, capsys)
                        for row, r in one["results"]["synth_tiny"].items()}
     assert set(figures) == {"cvnet_global", "cvnet_rerank"}
     assert "identical under 2 ranks" in out and differences(one, split) == []
+    assert "CPU time of all processes (user + sys, median): 1 rank " in out
     assert split["config"]["extraction"]["cache_dir"] != one["config"]["extraction"]["cache_dir"]  # both extracted
     changed = copy.deepcopy(split)
     changed["per_query"]["datasets"]["synth_tiny"]["methods"]["cvnet_rerank"]["ap"]["hard"][0] += 1e-12

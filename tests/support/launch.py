@@ -18,8 +18,9 @@ def free_port() -> int:
 
 
 def run_two_cpu_ranks(args: list[str], timeout: float = 300) -> list[str]:
-    """Run ``args`` as ranks 0 and 1 of one job, one OpenMP thread each; each must exit 0 (its stderr tail is the
-    failure message). Returns each rank's stderr (the log), read from a file so that no pipe fills up."""
+    """Run ``args`` as ranks 0 and 1 of one job, one OpenMP thread each; each must exit 0 (the tail of its output is
+    the failure message). Returns each rank's stdout and stderr together (the scripts log on stdout), read from a
+    file so that no pipe fills up."""
     port = free_port()
     procs, logs = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -27,8 +28,8 @@ def run_two_cpu_ranks(args: list[str], timeout: float = 300) -> list[str]:
             env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
             logs.append(Path(tmp) / f"rank{rank}.log")
-            with open(logs[-1], "wb") as err:
-                procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err))
+            with open(logs[-1], "wb") as out:
+                procs.append(subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT))
         try:
             codes = [p.wait(timeout=timeout) for p in procs]
         finally:
