@@ -385,7 +385,7 @@ def test_skip_errors_leave_zero_rows_and_name_the_indices():
 def test_descriptors_made_on_a_gpu_and_on_the_cpu_are_never_served_to_each_other(layout, tmp_path, monkeypatch):
     """The device (and, on a GPU, the TF32 policy) enters the feature cache key and the map cache's folder; the
     CPU's keys are those of caches written before."""
-    import helpers.extraction as extraction
+    import helpers.feature_cache as feature_cache
 
     model = TinyNet().eval()
     ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,))
@@ -406,7 +406,7 @@ def test_descriptors_made_on_a_gpu_and_on_the_cpu_are_never_served_to_each_other
     assert len({maps_cpu, maps_gpu, maps_tf32}) == 3
     # the engine keys its cache by the device it extracts on
     calls: list = []
-    monkeypatch.setattr(extraction, "feature_cache_key", recording(calls, feature_cache_key))
+    monkeypatch.setattr(feature_cache, "feature_cache_key", recording(calls, feature_cache_key))
     cached_global_descriptors(model=model, dataset=ds, cache_dir=tmp_path / "cache", label="db", progress=False,
                               device="cpu")
     assert calls[0]["device"] == "cpu"
