@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from common.errors import MissingFileError
 from common.io import atomic_write, file_sha256
+from helpers.distributed import DistEnv, all_gather_objects, split_evenly
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,16 @@ class ContentHashes:
     cannot be set back (``os.utime`` sets mtime only), so a file replaced by one of the same size, even with its
     mtime restored, is hashed again. Without ``memo_dir`` every file is hashed on every call. ``hashed`` counts
     the files read.
+
+    ``env``: the ranks of a torchrun job, each of which asks for the same files in the same order. The files to
+    hash are then cut into one slice per rank, each rank hashes its slice and the digests are gathered, so that
+    every rank works for the same time instead of waiting while one reads a million files (CUDA review finding
+    13); rank 0 alone writes the memo. Every rank must then call :meth:`digests` the same number of times.
     """
 
-    def __init__(self, memo_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, memo_dir: str | os.PathLike | None = None, *, env: DistEnv | None = None) -> None:
         self.memo_dir = None if memo_dir is None else Path(memo_dir)
+        self.env = env or DistEnv()
         self.hashed = 0
         self._tables: dict[str, dict[str, tuple[int, int, int, int, str]]] = {}
 
@@ -100,15 +107,19 @@ class ContentHashes:
             else:
                 out.append(None)
                 todo.append(k)
+        if self.env.distributed:  # always, even with nothing to hash here: every rank gathers as many times
+            share = [todo[k] for k in split_evenly([1] * len(todo), self.env.world_size)[self.env.rank]]
+            found: dict[int, str] = {}
+            for part in all_gather_objects(self._hash(paths, share, progress=progress, desc=desc), self.env):
+                found.update(part)
+            # a rank that read the memo before another rewrote it may list other files: those it hashes itself
+            found.update(self._hash(paths, [k for k in todo if k not in found], progress=progress, desc=desc))
+        else:
+            found = self._hash(paths, todo, progress=progress, desc=desc)
+        for k in todo:
+            out[k] = found[k]
         if not todo:
             return out  # type: ignore[return-value]
-        bar = tqdm(total=len(todo), desc=desc, unit="file", leave=False, disable=not progress or len(todo) < 2000)
-        with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:  # hashlib releases the GIL while hashing
-            for k, digest in zip(todo, pool.map(lambda j: file_sha256(paths[j]), todo)):
-                out[k] = digest
-                bar.update(1)
-        bar.close()
-        self.hashed += len(todo)
         settled = time.time_ns() - _RACY_NS
         changed = False
         for k in todo:
@@ -117,9 +128,23 @@ class ContentHashes:
                 continue
             table[keys[k]] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, out[k])  # type: ignore[assignment]
             changed = True
-        if changed:
+        if changed and self.env.is_main:
             self._save(group)
         return out  # type: ignore[return-value]
+
+    def _hash(self, paths: Sequence[str], which: Sequence[int], *, progress: bool, desc: str) -> dict[int, str]:
+        """{k: sha256 of ``paths[k]``} for each k of ``which``, read by a pool of threads."""
+        if not which:
+            return {}
+        bar = tqdm(total=len(which), desc=desc, unit="file", leave=False, disable=not progress or len(which) < 2000)
+        found = {}
+        with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:  # hashlib releases the GIL while hashing
+            for k, digest in zip(which, pool.map(lambda j: file_sha256(paths[j]), which)):
+                found[k] = digest
+                bar.update(1)
+        bar.close()
+        self.hashed += len(which)
+        return found
 
 
 def state_dict_hash(model: nn.Module) -> str:

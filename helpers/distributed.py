@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,12 +198,47 @@ def nonfinite_ranks(value: Tensor, env: DistEnv) -> list[int]:
     return torch.nonzero(flags).flatten().tolist()
 
 
+def _group_ready(env: DistEnv) -> bool:
+    """Whether ``env`` is one rank of an initialised process group (a rank simulated without one is alone)."""
+    return env.distributed and dist.is_available() and dist.is_initialized()
+
+
 def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
-    if not env.distributed:
+    """The picklable ``obj`` of every rank, in rank order, on every rank; ``[obj]`` outside a process group."""
+    if not _group_ready(env):
         return [obj]
     out: list[Any] = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any, env: DistEnv, *, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (what the others pass is ignored); ``obj`` itself outside a
+    process group."""
+    if not _group_ready(env):
+        return obj
+    box = [obj if env.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def split_evenly(sizes: Sequence[int], world_size: int) -> list[list[int]]:
+    """Items ``0..len(sizes)-1`` (item i weighing ``sizes[i]`` >= 0) cut into ``world_size`` contiguous blocks of
+    about equal weight, one per rank: item i goes to the rank whose share of the total holds its midpoint, so no
+    block is heavier than its share by more than about one item. A rank may get nothing (fewer items than ranks)."""
+    if world_size < 1:
+        raise InvalidValueError(f"world_size must be >= 1, got {world_size}")
+    if any(s < 0 for s in sizes):
+        raise InvalidValueError("item sizes must be >= 0")
+    total = sum(sizes)
+    blocks: list[list[int]] = [[] for _ in range(world_size)]
+    start = 0
+    for i, size in enumerate(sizes):
+        # integer arithmetic: the same blocks on every rank and machine
+        rank = 0 if total == 0 else min((2 * start + size) * world_size // (2 * total), world_size - 1)
+        blocks[rank].append(i)
+        start += size
+    return blocks
 
 
 def _collective_device(env: DistEnv) -> torch.device:

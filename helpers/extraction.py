@@ -9,11 +9,9 @@
   the image mirrored horizontally; it is part of the feature cache key.
 - Images of identical size are batched (:func:`bucket_batches`); the revisited sets hold many sizes, so most
   batches hold one image, which is handled the same way.
-- :func:`cached_global_descriptors` keeps an on-disk cache keyed by sha256 of the model weights, the extraction
-  config and the image list (names, file sizes and sha256 of each file's content, memoised by
-  :class:`ContentHashes` so that unchanged files are not read again), written atomically. Large sets (the R1M
-  distractors) are extracted in shards, one file each, that resume after a crash; under ``torchrun`` rank r takes
-  the shards i % world_size == r and rank 0 merges them.
+- Pieces: a call can cut its images into consecutive pieces that no batch spans (``pieces``), so that an image's
+  descriptor does not depend on what else is extracted with it; :mod:`helpers.feature_cache` (the on-disk cache
+  of an evaluation, its resumable pieces split across torchrun ranks) relies on it.
 - :class:`ReducedMapStore`: CVNet-Rerank's query-independent reduced maps (``reduce_featuremap`` output) of each
   image, computed once and kept in memory (bounded, least recently used first out) with an optional
   on-disk cache.
@@ -28,11 +26,12 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
-import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -57,11 +56,9 @@ from helpers.cache_keys import (
     _leaf_datasets,
     compute_key,
     dataset_signature,
-    feature_cache_key,
     model_signature,
     state_dict_hash,
 )
-from helpers.distributed import barrier
 from models.functional import aggregate_scales
 from models.inference import fast_runner
 
@@ -174,11 +171,6 @@ def _too_small(exc: RuntimeError, *, dataset: Any, indices: Sequence[int], per_s
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Cache keys
-# --------------------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Inference copy of a model: BatchNorm folded, channels-last
 # --------------------------------------------------------------------------------------------------------------
 
@@ -287,6 +279,8 @@ def extract_global_descriptors(
     combine: Callable[[Sequence[Tensor]], Tensor] = aggregate_scales,
     skip_errors: tuple[type[BaseException], ...] = (),
     skipped: list[int] | None = None,
+    pieces: Sequence[int] | None = None,
+    on_piece: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
     """Global descriptors (N, D) float32 on CPU of ``dataset[indices]`` (all by default), in that order.
 
@@ -302,6 +296,11 @@ def extract_global_descriptors(
     passes its single scale through as the model gives it). ``skip_errors``: exceptions of reading an item that
     leave its row zero and its index in ``skipped`` instead of stopping (an all-skipped set gives (N, 0)).
 
+    ``pieces``: the lengths of consecutive pieces of ``indices`` (default: one piece). A batch never holds images
+    of two pieces, so an image's descriptor depends only on its piece, not on what else the call extracts (a
+    model's float result can depend on its batch). ``on_piece(k, rows)`` receives piece k's descriptors as soon
+    as it is complete (the feature cache writes each to disk).
+
     Every batch is checked: NaN/Inf descriptors raise :class:`NonFiniteDescriptorError` naming the images and
     ``weights_source`` (where the weights came from: a checkpoint path, "random (seed 0)", ...); an image too
     small for the model's padding raises :class:`ImageTooSmallError` naming it and the ``min_side`` that fixes it.
@@ -309,17 +308,23 @@ def extract_global_descriptors(
     indices = list(range(len(dataset))) if indices is None else list(indices)
     if not indices:
         raise InvalidValueError(f"nothing to extract for {desc}: no images")
+    lengths = [len(indices)] if pieces is None else [int(n) for n in pieces]
+    if sum(lengths) != len(indices) or min(lengths) < 1:
+        raise InvalidValueError(f"pieces {lengths} do not cut {len(indices)} images into non-empty pieces")
     model.eval()
-    device = torch.device(device)
-    autocast = _autocast(device, dtype)
     if runner is None:
         runner = fast_runner(model) if fast else model
     if compile_model:
         runner = torch.compile(runner)
-    layout = torch.channels_last if fast else torch.contiguous_format
+    run = functools.partial(_describe_batch, runner, device=torch.device(device), dtype=dtype, fast=fast, flip=flip,
+                            combine=combine, dataset=dataset, model=model, weights_source=weights_source)
     position = {index: k for k, index in enumerate(indices)}
+    piece_of = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum([0, *lengths])
     out: Tensor | None = None
+    emitted = 0
     bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress)
+
     def readable() -> Iterator[tuple[int, list[Tensor]]]:
         for index, tensors in iterate_images(dataset, indices, num_workers=num_workers, skip=skip_errors):
             if tensors is None:
@@ -329,189 +334,45 @@ def extract_global_descriptors(
                 continue
             yield index, tensors
 
-    for batch_indices, per_scale in bucket_batches(readable(), batch_size=batch_size):
-        with autocast:
-            batch = [x.to(device, non_blocking=True).contiguous(memory_format=layout) for x in per_scale]
-            try:
-                desc_b = describe_multiscale(runner, batch, flip=flip, combine=combine).float().cpu()
-            except RuntimeError as exc:
-                if "padding" not in str(exc).lower():
-                    raise
-                raise _too_small(exc, dataset=dataset, indices=batch_indices, per_scale=per_scale,
-                                 model=model) from exc
-        check_finite(desc_b, dataset=dataset, indices=batch_indices, model=model, weights_source=weights_source)
-        if out is None:
-            out = torch.zeros(len(indices), desc_b.shape[1], dtype=torch.float32)  # skipped rows stay zero
-        out[[position[i] for i in batch_indices]] = desc_b
-        bar.update(len(batch_indices))
+    def emit_until(piece: int) -> None:  # the pieces before ``piece`` are complete
+        nonlocal emitted
+        while emitted < piece:
+            if on_piece is not None:
+                rows = out[starts[emitted] : starts[emitted + 1]] if out is not None else torch.zeros(0, 0)
+                on_piece(emitted, rows)
+            emitted += 1
+
+    for piece, items in itertools.groupby(readable(), key=lambda item: piece_of[position[item[0]]]):
+        emit_until(int(piece))
+        for batch_indices, per_scale in bucket_batches(items, batch_size=batch_size):
+            desc_b = run(batch_indices, per_scale)
+            if out is None:
+                out = torch.zeros(len(indices), desc_b.shape[1], dtype=torch.float32)  # skipped rows stay zero
+            out[[position[i] for i in batch_indices]] = desc_b
+            bar.update(len(batch_indices))
+    emit_until(len(lengths))
     bar.close()
     if out is None:  # every image was skipped
         return torch.zeros(len(indices), 0)
     return out
 
 
-def _load_features(path: Path, key: str) -> Tensor | None:
-    """The cached features at ``path`` when it holds ``key``; None when absent, stale or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn or foreign file is a miss, never a crash
-        logger.warning("ignoring unreadable cache file %s (%s)", path, exc)
-        return None
-    if not isinstance(payload, dict) or payload.get("key") != key or not isinstance(payload.get("features"), Tensor):
-        return None
-    features = payload["features"]
-    for start in range(0, features.shape[0], 65536):  # in blocks: a 1M x 2048 check would take 2 GB at once
-        if not bool(torch.isfinite(features[start : start + 65536]).all()):
-            logger.warning("ignoring cache file %s: it holds NaN/Inf descriptors", path)
-            return None
-    return features
-
-
-def _save_features(path: Path, key: str, features: Tensor, **meta: Any) -> None:
-    atomic_torch_save({"key": key, "format": CACHE_FORMAT, "features": features.contiguous(), **meta}, path)
-
-
-def shard_ranges(n: int, shard_size: int) -> list[range]:
-    """Contiguous ranges of ``shard_size`` images covering ``range(n)`` (the last one shorter)."""
-    if shard_size < 1:
-        raise InvalidValueError(f"shard_size must be >= 1, got {shard_size}")
-    return [range(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
-
-
-def shards_of_rank(n_shards: int, *, rank: int, world_size: int) -> list[int]:
-    """The shards rank ``rank`` of ``world_size`` extracts: i % world_size == rank."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise InvalidValueError(f"rank {rank} of world size {world_size} is not valid")
-    return [i for i in range(n_shards) if i % world_size == rank]
-
-
-def _shard_path(shard_dir: Path, i: int, n: int) -> Path:
-    return shard_dir / f"shard-{i:05d}-of-{n:05d}.pt"
-
-
-def extract_sharded(
-    *,
-    model: nn.Module,
-    dataset: Dataset,
-    key: str,
-    shard_dir: str | os.PathLike,
-    shard_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | str = "cpu",
-    batch_size: int = 8,
-    num_workers: int = 0,
-    progress: bool = True,
-    desc: str = "descriptors",
-    fast: bool = True,
-    weights_source: str | None = None,
-    flip: bool = False,
-) -> Tensor | None:
-    """Extract in shards of ``shard_size`` images, one file each (atomic), skipping complete shards.
-
-    A crashed run resumes where it stopped. Rank ``rank`` of ``world_size`` takes shards i % world_size == rank;
-    after a barrier rank 0 merges all shards (recomputing any a rank failed to write) and returns the (N, D)
-    descriptors; other ranks return None. ``flip``: see :func:`extract_global_descriptors` (``key`` must say it).
-    """
-    shard_dir = Path(shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    ranges = shard_ranges(len(dataset), shard_size)
-    n = len(ranges)
-
-    def ensure(i: int) -> Tensor:
-        path = _shard_path(shard_dir, i, n)
-        feats = _load_features(path, key)
-        if feats is not None and feats.shape[0] == len(ranges[i]):
-            return feats
-        feats = extract_global_descriptors(model=model, dataset=dataset, indices=ranges[i], device=device,
-                                           batch_size=batch_size, num_workers=num_workers, progress=progress,
-                                           desc=f"{desc} shard {i + 1}/{n}", fast=fast,
-                                           weights_source=weights_source, flip=flip)
-        _save_features(path, key, feats, start=ranges[i].start, stop=ranges[i].stop)
-        return feats
-
-    mine = shards_of_rank(n, rank=rank, world_size=world_size)
-    done = sum(1 for i in mine if _load_features(_shard_path(shard_dir, i, n), key) is not None)
-    logger.info("%s: %d shards of %d images; rank %d/%d takes %d (%d already complete)", desc, n, shard_size,
-                rank, world_size, len(mine), done)
-    for i in mine:
-        ensure(i)
-    barrier()
-    if rank != 0:
-        return None
-    return torch.cat([ensure(i) for i in range(n)])
-
-
-def cached_global_descriptors(
-    *,
-    model: nn.Module,
-    dataset: Dataset,
-    cache_dir: str | os.PathLike | None = None,
-    label: str = "features",
-    device: torch.device | str = "cpu",
-    batch_size: int = 8,
-    num_workers: int = 0,
-    shard_size: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    weights_hash: str | None = None,
-    progress: bool = True,
-    fast: bool = True,
-    weights_source: str | None = None,
-    flip: bool = False,
-) -> Tensor | None:
-    """Global descriptors (N, D) of a whole dataset, through the on-disk cache when ``cache_dir`` is given.
-
-    The cache file ``<cache_dir>/<label>-<key>.pt`` is keyed by :func:`feature_cache_key` (weights, config,
-    image list with each file's content hash, memoised in ``<cache_dir>/content-sha256/``; under several ranks
-    rank 0 hashes first and the others then find its memo); a hit loads it, a miss extracts and writes it
-    atomically. With ``shard_size`` (and always under ``world_size > 1``) sets larger than one shard go through
-    :func:`extract_sharded` in ``<cache_dir>/<label>-<key>.shards/``, removed once merged. Returns None on ranks
-    other than 0 when sharded. ``weights_source`` names the weights in errors (see
-    :func:`extract_global_descriptors`).
-    ``fast`` (see :func:`extract_global_descriptors`) gives the same descriptors within 1e-5, so it shares the cache.
-    ``flip`` (flip test-time augmentation, see :func:`extract_global_descriptors`) is part of the cache key.
-    """
-    if cache_dir is None:
-        if world_size > 1:
-            raise InvalidValueError("extraction over several ranks needs a cache_dir shared by all of them")
-        return extract_global_descriptors(model=model, dataset=dataset, device=device, batch_size=batch_size,
-                                          num_workers=num_workers, progress=progress, desc=label, fast=fast,
-                                          weights_source=weights_source, flip=flip)
-    hashes = ContentHashes(Path(cache_dir) / HASH_MEMO_DIR)
-    if world_size > 1 and rank != 0:
-        barrier()  # rank 0 reads the files first; the others then find their hashes in its memo
-    try:
-        key = feature_cache_key(model=model, dataset=dataset, weights_hash=weights_hash, progress=progress,
-                                hashes=hashes, flip=flip, device=device)
-    finally:
-        if world_size > 1 and rank == 0:
-            barrier()
-    path = Path(cache_dir) / f"{label}-{key[:24]}.pt"
-    feats = _load_features(path, key)
-    if feats is not None and feats.shape[0] == len(dataset):
-        logger.info("%s: feature cache hit (%s)", label, path)
-        return feats
-    logger.info("%s: extracting %d images (cache miss, will write %s)", label, len(dataset), path)
-    sharded = world_size > 1 or (shard_size is not None and len(dataset) > shard_size)
-    if not sharded:
-        feats = extract_global_descriptors(model=model, dataset=dataset, device=device, batch_size=batch_size,
-                                           num_workers=num_workers, progress=progress, desc=label, fast=fast,
-                                           weights_source=weights_source, flip=flip)
-        _save_features(path, key, feats, label=label)
-        return feats
-    shard_dir = path.with_suffix(".shards")
-    feats = extract_sharded(model=model, dataset=dataset, key=key, shard_dir=shard_dir,
-                            shard_size=shard_size or len(dataset), rank=rank, world_size=world_size, device=device,
-                            batch_size=batch_size, num_workers=num_workers, progress=progress, desc=label,
-                            fast=fast, weights_source=weights_source, flip=flip)
-    if feats is not None:
-        _save_features(path, key, feats, label=label)
-        shutil.rmtree(shard_dir, ignore_errors=True)
-    barrier()
-    return feats
+def _describe_batch(runner: nn.Module, batch_indices: list[int], per_scale: list[Tensor], *, device: torch.device,
+                    dtype: torch.dtype | None, fast: bool, flip: bool, combine: Callable[[Sequence[Tensor]], Tensor],
+                    dataset: Dataset, model: nn.Module, weights_source: str | None) -> Tensor:
+    """The (B, D) float32 CPU descriptors of one batch (list of (B, 3, H_s, W_s)), checked finite; an image too
+    small for the model's padding is an :class:`ImageTooSmallError`."""
+    layout = torch.channels_last if fast else torch.contiguous_format
+    with _autocast(device, dtype):
+        batch = [x.to(device, non_blocking=True).contiguous(memory_format=layout) for x in per_scale]
+        try:
+            desc_b = describe_multiscale(runner, batch, flip=flip, combine=combine).float().cpu()
+        except RuntimeError as exc:
+            if "padding" not in str(exc).lower():
+                raise
+            raise _too_small(exc, dataset=dataset, indices=batch_indices, per_scale=per_scale, model=model) from exc
+    check_finite(desc_b, dataset=dataset, indices=batch_indices, model=model, weights_source=weights_source)
+    return desc_b
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from common.constants import CVNET_RERANK_TOP_K, CVNET_SCORE_WEIGHT
 from common.errors import InvalidValueError
+from helpers.distributed import split_evenly
 from helpers.evaluation.metrics import PROTOCOLS
 from models.functional import blockwise_topk, cvnet_score_mix
 
@@ -235,18 +236,28 @@ class CVNetPairScorer:
     """Scores (query, database) pairs with CVNet-Rerank, computing each image's reduced maps once.
 
     ``query_maps`` / ``db_maps`` are :class:`helpers.extraction.ReducedMapStore` over the cropped queries and the
-    database (scale 1.0). Pairs are processed in chunks of database images so each database map is computed once
-    and reused by every query that needs it; a query's candidates of the same map size are scored together with
-    the query broadcast, in batches of up to ``batch_size`` pairs and at most ``correlation_budget`` correlation
-    elements (:func:`pairs_per_batch`). ``fast`` scores through ``model.score_prepared`` (the query prepared once;
-    the correlation as two GEMMs, the 4D network channels-last), equal to ``model.score_reduced`` within 1e-5.
+    database (scale 1.0). Pairs are processed in chunks of database images (:meth:`chunks`) so each database map is
+    computed once and reused by every query that needs it; a query's candidates of the same map size in a chunk are
+    scored together with the query broadcast, in batches of up to ``batch_size`` pairs and at most
+    ``correlation_budget`` correlation elements (:func:`pairs_per_batch`). ``fast`` scores through
+    ``model.score_prepared`` (the query prepared once; the correlation as two GEMMs, the 4D network channels-last),
+    equal to ``model.score_reduced`` within 1e-5.
+
+    ``min_chunks``: cut the database images into at least that many chunks (when there are that many), so that
+    ``share=(rank, world_size)`` can give each rank an even share of whole chunks: the scorer then computes the maps
+    and scores of its chunks only (NaN for the other pairs). A chunk's maps and batches depend on the pairs alone,
+    never on ``share``, so the ranks' scores are bit-identical to one process's.
     """
 
     def __init__(self, *, model: nn.Module, query_maps: Any, db_maps: Any, batch_size: int = 32,
                  chunk_images: int = 256, progress: bool = True, fast: bool = True,
-                 correlation_budget: int = CORRELATION_BUDGET) -> None:
-        if batch_size < 1 or chunk_images < 1:
-            raise InvalidValueError(f"batch_size and chunk_images must be >= 1, got {batch_size}, {chunk_images}")
+                 correlation_budget: int = CORRELATION_BUDGET, min_chunks: int = 1,
+                 share: tuple[int, int] = (0, 1)) -> None:
+        if batch_size < 1 or chunk_images < 1 or min_chunks < 1:
+            raise InvalidValueError(f"batch_size, chunk_images and min_chunks must be >= 1, got {batch_size}, "
+                                    f"{chunk_images}, {min_chunks}")
+        if not 0 <= share[0] < share[1]:
+            raise InvalidValueError(f"share (rank, world_size) {share} is not valid")
         bound = getattr(db_maps, "max_items", None)
         self.model, self.query_maps, self.db_maps = model, query_maps, db_maps
         self.batch_size = batch_size
@@ -254,12 +265,33 @@ class CVNetPairScorer:
         self.progress = progress
         self.fast = fast and hasattr(model, "score_prepared")
         self.correlation_budget = correlation_budget
+        self.min_chunks, self.share = min_chunks, share
 
     def _score(self, query: Any, keys: list[Tensor]) -> Tensor:
         """(B,) scores of the query (reduced maps, or prepared ones on the fast path) against B same-size keys."""
         if self.fast:
             return self.model.score_prepared(query, self.model.prepare_reduced(keys))
         return self.model.score_reduced(query, keys)
+
+    def chunks(self, pairs: np.ndarray) -> list[np.ndarray]:
+        """The database ids of ``pairs`` (P, 2), sorted, cut into chunks of at most ``chunk_images`` and at least
+        ``min_chunks`` chunks (of equal sizes, the last shorter); the same for any ``share``."""
+        db_ids = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2)[:, 1])
+        size = max(1, min(self.chunk_images, -(-len(db_ids) // self.min_chunks)))
+        return [db_ids[start : start + size] for start in range(0, len(db_ids), size)]
+
+    def my_chunks(self, pairs: np.ndarray) -> list[np.ndarray]:
+        """The chunks of ``share``: contiguous blocks of about equal cost, a chunk's cost being its share of the
+        images (maps to compute) plus its share of the pairs (correlations to score)."""
+        chunks = self.chunks(pairs)
+        rank, world_size = self.share
+        if world_size == 1:
+            return chunks
+        db = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)[:, 1]
+        n_pairs = [int(np.isin(db, c).sum()) for c in chunks]
+        n_ids = sum(len(c) for c in chunks)
+        costs = [len(c) * len(db) + p * n_ids for c, p in zip(chunks, n_pairs)]
+        return [chunks[k] for k in split_evenly(costs, world_size)[rank]]
 
     @torch.inference_mode()
     def __call__(self, pairs: np.ndarray) -> np.ndarray:
@@ -268,30 +300,35 @@ class CVNetPairScorer:
         if pairs.shape[0] == 0:
             return scores
         self.model.eval()
-        db_ids = np.unique(pairs[:, 1])
-        bar = tqdm(total=pairs.shape[0], desc="CVNet re-ranking", unit="pair", disable=not self.progress)
-        for start in range(0, len(db_ids), self.chunk_images):
-            chunk = db_ids[start : start + self.chunk_images]
+        chunks = self.my_chunks(pairs)
+        total = int(np.isin(pairs[:, 1], np.concatenate(chunks)).sum()) if chunks else 0
+        bar = tqdm(total=total, desc="CVNet re-ranking", unit="pair", disable=not self.progress)
+        for chunk in chunks:
             self.db_maps.prefetch(chunk.tolist())
             in_chunk = np.flatnonzero(np.isin(pairs[:, 1], chunk))
             for q in np.unique(pairs[in_chunk, 0]):
                 rows = in_chunk[pairs[in_chunk, 0] == q]
-                qmaps = self.query_maps.get(int(q))
-                query = self.model.prepare_reduced(qmaps) if self.fast else qmaps
-                by_size: dict[tuple, list[int]] = {}
-                for r in rows:
-                    by_size.setdefault(tuple(self.db_maps.get(int(pairs[r, 1]))[-1].shape), []).append(int(r))
-                for size, group in by_size.items():
-                    step = pairs_per_batch(qmaps[-1].shape[-2:], size[-2:], n_scales=len(qmaps),
-                                           batch_size=self.batch_size, budget=self.correlation_budget)
-                    for b in range(0, len(group), step):
-                        batch = group[b : b + step]
-                        keys = [self.db_maps.get(int(pairs[r, 1])) for r in batch]
-                        stacked = [torch.cat([k[s] for k in keys]) for s in range(len(keys[0]))]
-                        scores[batch] = self._score(query, stacked).double().cpu().numpy()
-                        bar.update(len(batch))
+                self._score_query(int(q), rows, pairs, scores)
+                bar.update(len(rows))
         bar.close()
         return scores
+
+    def _score_query(self, q: int, rows: np.ndarray, pairs: np.ndarray, scores: np.ndarray) -> None:
+        """Score the pairs ``rows`` of query ``q`` (their database maps in memory) into ``scores``: grouped by map
+        size, in batches of :func:`pairs_per_batch`."""
+        qmaps = self.query_maps.get(q)
+        query = self.model.prepare_reduced(qmaps) if self.fast else qmaps
+        by_size: dict[tuple, list[int]] = {}
+        for r in rows:
+            by_size.setdefault(tuple(self.db_maps.get(int(pairs[r, 1]))[-1].shape), []).append(int(r))
+        for size, group in by_size.items():
+            step = pairs_per_batch(qmaps[-1].shape[-2:], size[-2:], n_scales=len(qmaps),
+                                   batch_size=self.batch_size, budget=self.correlation_budget)
+            for b in range(0, len(group), step):
+                batch = group[b : b + step]
+                keys = [self.db_maps.get(int(pairs[r, 1])) for r in batch]
+                stacked = [torch.cat([k[s] for k in keys]) for s in range(len(keys[0]))]
+                scores[batch] = self._score(query, stacked).double().cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from helpers.cache_keys import dataset_signature, model_signature
 from helpers.config import ConfigError
 from helpers.evaluation.data import Descriptors
 from helpers.evaluation.models import METHOD_BASE
-from helpers.extraction import cached_global_descriptors
+from helpers.feature_cache import cached_global_descriptors
 from helpers.postprocess import PostProcessing, postprocess_ranking, whiten_parts
 from helpers.reranking import db_rows
 from helpers.schemas import POST_STEPS

@@ -16,8 +16,13 @@
 
 Methods: ``cvnet_global``, ``cvnet_rerank`` (CVNet-Global ranking re-ranked by CVNet-Rerank), ``superglobal``,
 ``superglobal_rerank``, ``timm_global``. The models the methods need are built once and their descriptors shared.
-Under torchrun every rank runs prepare, learn_whitenings and describe (each extracts its shards of every
-extraction); rank 0 alone ranks and scores.
+Under torchrun every rank runs prepare, learn_whitenings and describe: each extraction (queries, database,
+distractors, flip variants, the whitening's training images) is cut into pieces that do not depend on the number of
+ranks, each rank extracts an even share and rank 0 merges them (helpers.feature_cache). Rank 0 ranks; CVNet
+re-ranking splits its chunks of database images over the ranks and rank 0 gathers the scores
+(helpers.evaluation.rerank). Rank 0 alone learns the whitening, post-processes, scores and writes files. The
+figures are bit-identical to one process's: every image is extracted, and every pair scored, in the same batch
+whatever the number of ranks.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from common.timing import timed
 from datasets.revisited import RevisitedDataset
 from helpers.builders import GLOBAL_KINDS, global_dim
 from helpers.config import ConfigError
-from helpers.distributed import DistEnv
+from helpers.distributed import DistEnv, barrier
 from helpers.evaluation.data import (
     CombinedReader,
     DescriptorKey,
@@ -84,8 +89,8 @@ from helpers.evaluation.post import (
     row_order,
     whiten_descriptors,
 )
-from helpers.evaluation.rerank import run_cvnet_rerank, run_superglobal_rerank
-from helpers.extraction import cached_global_descriptors
+from helpers.evaluation.rerank import run_cvnet_rerank, run_superglobal_rerank, serve_cvnet_rerank
+from helpers.feature_cache import cached_global_descriptors
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +263,8 @@ def run_evaluation(cfg: Mapping[str, Any], *, env: DistEnv | None = None) -> Eva
     whitenings = learn_whitenings(run, timer=timer)
     descriptors = describe(run, timer=timer)
     if not env.is_main:
-        logger.info("rank %d: extraction done; rank 0 evaluates", env.rank)
+        serve_reranking(run, timer=timer)
+        logger.info("rank %d: its share of the extraction and re-ranking is done; rank 0 evaluates", env.rank)
         return None
     scores, exports = Scores(), {}
     whitened: dict[DescriptorKey, Descriptors] = {}  # a dataset's whitened descriptors, for its +1M label too
@@ -296,7 +302,8 @@ def prepare(cfg: Mapping[str, Any], *, env: DistEnv, timer: Timer) -> EvalRun:
     check_exports(cfg, needed)
     kinds = sorted(needed & set(GLOBAL_KINDS))
     rows = configured_rows(cfg.get("post"), kinds=kinds)
-    names, builtin = settle_datasets(cfg["data"], progress=show_progress(cfg, env), timer=timer)
+    names, builtin = settle_datasets(cfg["data"], progress=show_progress(cfg, env), timer=timer, draw=env.is_main)
+    barrier()  # under torchrun the other ranks read the built-in benchmark once rank 0 has drawn it
     models = load_models(needed=needed, model_cfg=cfg["model"], seed=int(cfg.get("seed", 0)), device=env.device,
                          building=timer.stage("build models"))
     # the sets a report reads (images, names, ground truth): opened as the first global model reads them
@@ -319,13 +326,17 @@ def configured_rows(post_cfg: Mapping[str, Any] | None, *, kinds: Sequence[str])
     return rows
 
 
-def settle_datasets(data_cfg: Mapping[str, Any], *, progress: bool, timer: Timer) -> tuple[list[str], bool]:
+def settle_datasets(data_cfg: Mapping[str, Any], *, progress: bool, timer: Timer,
+                    draw: bool = True) -> tuple[list[str], bool]:
     """The datasets of the run (:func:`helpers.evaluation.data.resolve_datasets`) and whether the built-in benchmark
-    is one of them; draws it (idempotently), and checks that each named one is on disk, naming it if not."""
+    is one of them; draws it (idempotently; ``draw`` False: another rank does), and checks that each named one is on
+    disk, naming it if not."""
     root = os.fspath(data_cfg["root"])
     names, builtin = resolve_datasets(data_cfg)
     for name in names:
         if builtin and name == data_cfg["synthetic"]["name"]:
+            if not draw:
+                continue
             with timer.stage("build synthetic dataset"):
                 build_builtin_dataset(root=root, synthetic=data_cfg["synthetic"], progress=progress)
         else:
@@ -339,7 +350,7 @@ def show_progress(cfg: Mapping[str, Any], env: DistEnv) -> bool:
 
 
 def extraction_settings(cfg: Mapping[str, Any], env: DistEnv) -> dict[str, Any]:
-    """The extraction engine's keywords (:func:`helpers.extraction.cached_global_descriptors`) of a run: device,
+    """The extraction engine's keywords (:func:`helpers.feature_cache.cached_global_descriptors`) of a run: device,
     batches, workers and shards (``extraction.*``), this process's rank, progress bars and the feature cache."""
     ext = cfg["extraction"]
     return {"device": env.device, "batch_size": int(ext["batch_size"]), "num_workers": int(ext["num_workers"]),
@@ -356,7 +367,11 @@ def learn_whitenings(run: EvalRun, *, timer: Timer) -> Whitenings:
     """The whitening of each model a whitened row starts from (:func:`helpers.evaluation.post.obtain_whitening`:
     loaded, reused, or learned on the built-in training split or a class folder's training images,
     :func:`helpers.evaluation.data.folder_training_dir`); {} without whitened rows. It runs before the
-    describe stage, so that a whitening this run cannot have stops the run before the long extractions."""
+    describe stage, so that a whitening this run cannot have stops the run before the long extractions.
+
+    Under torchrun every rank extracts its share of the training images; rank 0 alone learns the PCA (one
+    eigendecomposition of a (d, d) covariance: about a second, less than gathering the descriptors on every rank
+    would cost) while the others go on to the describe stage."""
     kinds = sorted({r.base for r in run.rows if r.whitening})
     if not kinds:
         return {}
@@ -451,7 +466,7 @@ def job_label(run: EvalRun, job: DescribeJob) -> str:
 def extract_descriptors(models: ModelSet, kind: str, dataset: Dataset, *, label: str, flip: bool = False,
                         extract_kw: Mapping[str, Any]) -> Tensor | None:
     """The global descriptors (N, d) of ``dataset`` by model ``kind`` of ``models``, through the feature cache
-    (:func:`helpers.extraction.cached_global_descriptors`, under ``label``); None on ranks other than 0 of a
+    (:func:`helpers.feature_cache.cached_global_descriptors`, under ``label``); None on ranks other than 0 of a
     sharded extraction."""
     return cached_global_descriptors(model=models.models[kind], dataset=dataset, label=label,
                                      weights_hash=models.hashes[kind], weights_source=models.sources[kind], flip=flip,
@@ -488,11 +503,8 @@ def rerank(run: EvalRun, label: Label, ranked: Mapping[str, GlobalRanking], *, t
             continue
         with timer.stage(f"{method} {label.key}"):
             if method == "cvnet_rerank":
-                final, scores = run_cvnet_rerank(
-                    model=run.models.models["cvnet_rerank"], root=run.root, name=label.name, extra=label.extra,
-                    min_side=run.min_side, rr=rr["cvnet"], ext_cfg=run.cfg["extraction"], ranked=ranked[base],
-                    gnd=run.sets[label.name].query.gnd, device=run.env.device,
-                    weights_hash=run.models.hashes["cvnet_rerank"], progress=show_progress(run.cfg, run.env))
+                final, scores = run_cvnet_rerank(ranked=ranked[base], gnd=run.sets[label.name].query.gnd,
+                                                 env=run.env, **cvnet_scorer_settings(run, label))
             else:
                 final, scores = run_superglobal_rerank(ranked[base], rr["superglobal"], device=run.env.device)
         source = SCORE_SOURCES[method].format(weight=rr["cvnet"].get("weight", CVNET_SCORE_WEIGHT))
@@ -500,12 +512,40 @@ def rerank(run: EvalRun, label: Label, ranked: Mapping[str, GlobalRanking], *, t
     return rows
 
 
+def cvnet_scorer_settings(run: EvalRun, label: Label) -> dict[str, Any]:
+    """The keywords of :func:`helpers.evaluation.rerank.cvnet_pair_scorer` for ``label``, the same on every rank."""
+    return {"model": run.models.models["cvnet_rerank"], "root": run.root, "name": label.name, "extra": label.extra,
+            "min_side": run.min_side, "rr": run.cfg["rerank"]["cvnet"], "ext_cfg": run.cfg["extraction"],
+            "device": run.env.device, "weights_hash": run.models.hashes["cvnet_rerank"],
+            "progress": show_progress(run.cfg, run.env)}
+
+
+def serve_reranking(run: EvalRun, *, timer: Timer) -> None:
+    """What a rank other than 0 does once the descriptors are extracted: its share of each label's CVNet re-ranking
+    (:func:`helpers.evaluation.rerank.serve_cvnet_rerank`), label after label as rank 0 reaches it.
+
+    Between two labels it waits, in the broadcast of the next label's pairs, while rank 0 post-processes, scores
+    and exports the previous label and ranks the next: seconds on the revisited sets, a few minutes at most with
+    the R1M distractors, well inside the process group's 30-minute timeout."""
+    if "cvnet_rerank" not in run.methods:
+        return
+    for label in run.labels:
+        with timer.stage(f"cvnet_rerank {label.key}"):
+            serve_cvnet_rerank(env=run.env, **cvnet_scorer_settings(run, label))
+
+
 def post_process(run: EvalRun, descriptors: Mapping[DescriptorKey, Descriptors], whitenings: Whitenings,
                  label: Label, ranked: Mapping[str, GlobalRanking], *, whitened: dict[DescriptorKey, Descriptors],
                  timer: Timer) -> list[RowRanking]:
     """Each post-processed row: the global ranking of its model, over flip-averaged and / or whitened descriptors
     when the row asks, re-ordered by its post-processing steps. ``whitened`` keeps a dataset's whitened descriptors
-    for its +1M label (which then whitens only the distractors)."""
+    for its +1M label (which then whitens only the distractors).
+
+    Rank 0 alone runs the post rows while the other ranks wait for the next label's re-ranking: each row is a pass
+    over the descriptors and the global ranking only rank 0 holds (α-QE, α-DBA and k-reciprocal within a
+    shortlist, whitening a matrix product), seconds where the extractions take minutes, and splitting them would
+    first send every rank the database's descriptors (8 GB per model with R1M). Their costly part, the flip
+    descriptors, is an extraction, split over the ranks in the describe stage."""
     with_distractors = label.extra is not None
     # the global ranking each row starts from, by (descriptors, whitened): the run's own ones are ranked already
     starts = {(run.key(label.name, kind), False): ranked[kind] for kind in run.kinds}

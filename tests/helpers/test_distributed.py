@@ -12,7 +12,9 @@ from helpers.distributed import (
     DeviceError,
     DistEnv,
     all_gather_cat,
+    all_gather_objects,
     all_reduce_mean,
+    broadcast_object,
     check_device_name,
     fits_on_device,
     init_distributed,
@@ -21,6 +23,7 @@ from helpers.distributed import (
     rank_device_name,
     resolve_device,
     set_tf32,
+    split_evenly,
 )
 from tests.support.launch import run_two_cpu_ranks
 
@@ -187,3 +190,29 @@ def test_init_distributed_on_cuda_makes_the_gpu_current(monkeypatch):
     finally:
         torch.cuda.set_device(0)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    # a rank of a larger job simulated without a process group is alone: its own object comes back
+    rank1 = DistEnv(rank=1, world_size=2)
+    assert all_gather_objects({"a": 1}, rank1) == [{"a": 1}] and broadcast_object([3], rank1) == [3]
+
+
+@pytest.mark.parametrize("sizes, world_size", [([1] * 7, 2), ([1] * 10, 3), ([5, 1, 1, 1, 1, 1], 2),
+                                               ([3, 0, 4, 2, 2, 9, 1], 4), ([1, 1], 5), ([0, 0, 0], 2), ([], 3)])
+def test_split_evenly_gives_contiguous_blocks_of_about_equal_weight(sizes, world_size):
+    blocks = split_evenly(sizes, world_size)
+    assert len(blocks) == world_size
+    assert [i for block in blocks for i in block] == list(range(len(sizes)))  # contiguous, in order, each once
+    total, largest = sum(sizes), max(sizes, default=0)
+    for block in blocks:  # no block heavier than its share by more than one item
+        assert sum(sizes[i] for i in block) <= total / world_size + largest
+    assert split_evenly(sizes, world_size) == blocks  # a pure function: every rank computes the same plan
+
+
+def test_split_evenly_examples_and_errors():
+    assert split_evenly([1] * 7, 2) == [[0, 1, 2], [3, 4, 5, 6]]  # sizes that do not divide
+    assert split_evenly([2, 2, 2, 1], 2) == [[0, 1], [2, 3]]  # 4 vs 3 images
+    assert split_evenly([1], 3) == [[], [0], []]  # fewer items than ranks: the others get nothing
+    assert split_evenly([1, 1], 1) == [[0, 1]]
+    with pytest.raises(ValueError, match="world_size"):
+        split_evenly([1], 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        split_evenly([1, -1], 2)

@@ -1,8 +1,7 @@
-"""helpers.extraction: multi-scale aggregation, size buckets, the feature cache, resumable shards, re-ranking maps,
-and images held in memory (the retrieval API's) through the same engine."""
+"""helpers.extraction: multi-scale aggregation, size buckets, pieces, the feature cache as the engine feeds it,
+re-ranking maps, and images held in memory (the retrieval API's) through the same engine."""
 import copy
 import os
-import pickle
 
 import cv2
 import numpy as np
@@ -15,80 +14,20 @@ from torch.utils.data import Dataset
 from common.constants import CVNET_TEST_SCALES
 from datasets.revisited import RevisitedDataset
 from helpers.cache_keys import dataset_signature, feature_cache_key, state_dict_hash
-from helpers.extraction import (
-    ImageArrays,
-    ReducedMapStore,
-    bucket_batches,
-    cached_global_descriptors,
-    extract_global_descriptors,
-    extract_sharded,
-    shard_ranges,
-    shards_of_rank,
-)
+from helpers.extraction import ImageArrays, ReducedMapStore, bucket_batches, extract_global_descriptors
+from helpers.feature_cache import cached_global_descriptors
 from models import OFFICIAL_CONVENTION, CVNetGlobal, CVNetRerank, SuperGlobal
 from models.functional import aggregate_scales
 from models.inference import fast_runner
 from tests.support.spies import recording
+from tests.support.tiny_sets import DB_SIZES, TinyNet, write_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# (H, W) of the database images: two pairs of equal sizes, so batches of 2 happen, and odd ones out
-DB_SIZES = [(64, 80), (80, 64), (64, 80), (72, 72), (80, 64), (64, 96), (72, 72)]
-
-
-def _write_layout(root, sizes=DB_SIZES, seed=0):
-    """A revisitop layout named roxford5k: 7 noise images, 2 queries (cropped from images 0 and 3)."""
-    rng = np.random.default_rng(seed)
-    folder = root / "roxford5k" / "jpg"
-    folder.mkdir(parents=True)
-    imlist = [f"img{i}" for i in range(len(sizes))]
-    for name, (h, w) in zip(imlist, sizes):
-        img = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 1.5)
-        cv2.imwrite(str(folder / f"{name}.jpg"), img)
-    gnd = [
-        {"bbx": [3.7, 2.2, 60.9, 50.5], "easy": [2], "hard": [4], "junk": [5]},
-        {"bbx": [0.0, 4.0, 70.0, 66.0], "easy": [6], "hard": [], "junk": []},
-    ]
-    with open(root / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
-        pickle.dump({"imlist": imlist, "qimlist": ["img0", "img3"], "gnd": gnd}, f, protocol=4)
-    return root
-
-
 @pytest.fixture
 def layout(tmp_path):
-    return _write_layout(tmp_path / "data")
-
-
-class TinyNet(nn.Module):
-    """A stand-in global model: conv, mean pool, L2 -> (B, 8); counts the images it sees."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        self.depth = 0
-        self.input_convention = OFFICIAL_CONVENTION
-        self.seen = 0
-
-    def forward(self, x):
-        self.seen += x.shape[0]
-        return F.normalize(self.conv(x).mean(dim=(2, 3)), dim=-1)
-
-
-class Recording(Dataset):
-    """Delegates to a dataset and records which indices were read."""
-
-    def __init__(self, base):
-        self.base, self.read_indices = base, []
-        self.image_paths, self.root, self.name = base.image_paths, base.root, base.name
-        self.split, self.scales, self.convention = base.split, base.scales, base.convention
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        self.read_indices.append(i)
-        return self.base[i]
+    return write_layout(tmp_path / "data")
 
 
 def test_aggregate_scales_is_l2_mean_of_l2():
@@ -189,49 +128,6 @@ def test_missing_image_names_file_and_dataset(layout):
         dataset_signature(ds)
     with pytest.raises(FileNotFoundError, match=r"img2\.jpg"):
         extract_global_descriptors(model=TinyNet(), dataset=ds, progress=False)
-
-
-def test_shard_resume_recomputes_only_the_lost_shard(layout, tmp_path):
-    torch.manual_seed(0)
-    model = TinyNet().eval()
-    base = RevisitedDataset(layout, "roxford5k", "db")
-    key = feature_cache_key(model=model, dataset=base)
-    shard_dir = tmp_path / "shards"
-    full = extract_sharded(model=model, dataset=base, key=key, shard_dir=shard_dir, shard_size=2, progress=False)
-    assert [r for r in shard_ranges(7, 2)] == [range(0, 2), range(2, 4), range(4, 6), range(6, 7)]
-    shards = sorted(shard_dir.iterdir())
-    assert len(shards) == 4
-    shards[2].unlink()  # the crash: a later shard never got written
-
-    rec = Recording(base)
-    again = extract_sharded(model=model, dataset=rec, key=key, shard_dir=shard_dir, shard_size=2, progress=False)
-    assert sorted(rec.read_indices) == [4, 5]
-    torch.testing.assert_close(again, full)
-    direct = extract_global_descriptors(model=model, dataset=base, progress=False)
-    torch.testing.assert_close(full, direct)
-
-
-def test_ranks_split_shards_and_rank0_merges(layout, tmp_path):
-    torch.manual_seed(0)
-    model = TinyNet().eval()
-    base = RevisitedDataset(layout, "roxford5k", "db")
-    key = feature_cache_key(model=model, dataset=base)
-    assert shards_of_rank(7, rank=1, world_size=3) == [1, 4]
-    rank1 = Recording(base)
-    out1 = extract_sharded(model=model, dataset=rank1, key=key, shard_dir=tmp_path / "s", shard_size=2, rank=1,
-                           world_size=2, progress=False)
-    assert out1 is None and sorted(rank1.read_indices) == [2, 3, 6]
-    rank0 = Recording(base)
-    out0 = extract_sharded(model=model, dataset=rank0, key=key, shard_dir=tmp_path / "s", shard_size=2, rank=0,
-                           world_size=2, progress=False)
-    assert sorted(rank0.read_indices) == [0, 1, 4, 5]
-    torch.testing.assert_close(out0, extract_global_descriptors(model=model, dataset=base, progress=False))
-
-
-def test_cached_descriptors_append_nothing_on_rank_mismatch_without_cache(layout):
-    ds = RevisitedDataset(layout, "roxford5k", "db")
-    with pytest.raises(ValueError, match="cache_dir"):
-        cached_global_descriptors(model=TinyNet(), dataset=ds, world_size=2, rank=0, progress=False)
 
 
 def test_reduced_map_store_computes_once_and_reloads_from_disk(layout, tmp_path):
@@ -460,9 +356,6 @@ def test_flip_is_part_of_the_feature_cache_key_and_off_leaves_it_unchanged(layou
                                       flip=True)
     assert model.seen == seen  # a hit
     torch.testing.assert_close(again, flipped)
-    sharded = extract_sharded(model=model, dataset=ds, key="k", shard_dir=tmp_path / "shards", shard_size=3,
-                              progress=False, flip=True)
-    torch.testing.assert_close(sharded, flipped)
 
 
 def test_skip_errors_leave_zero_rows_and_name_the_indices():
@@ -492,7 +385,7 @@ def test_skip_errors_leave_zero_rows_and_name_the_indices():
 def test_descriptors_made_on_a_gpu_and_on_the_cpu_are_never_served_to_each_other(layout, tmp_path, monkeypatch):
     """The device (and, on a GPU, the TF32 policy) enters the feature cache key and the map cache's folder; the
     CPU's keys are those of caches written before."""
-    import helpers.extraction as extraction
+    import helpers.feature_cache as feature_cache
 
     model = TinyNet().eval()
     ds = RevisitedDataset(layout, "roxford5k", "db", scales=(1.0,))
@@ -513,7 +406,7 @@ def test_descriptors_made_on_a_gpu_and_on_the_cpu_are_never_served_to_each_other
     assert len({maps_cpu, maps_gpu, maps_tf32}) == 3
     # the engine keys its cache by the device it extracts on
     calls: list = []
-    monkeypatch.setattr(extraction, "feature_cache_key", recording(calls, feature_cache_key))
+    monkeypatch.setattr(feature_cache, "feature_cache_key", recording(calls, feature_cache_key))
     cached_global_descriptors(model=model, dataset=ds, cache_dir=tmp_path / "cache", label="db", progress=False,
                               device="cpu")
     assert calls[0]["device"] == "cpu"

@@ -207,6 +207,67 @@ def test_batched_cvnet_scorer_equals_pair_by_pair():
     assert scorer.db_maps.computed == len(db)  # each database map computed once across both queries
 
 
+class BatchSensitiveMaps:
+    """A map store whose maps carry how many images the prefetch call that made them held, as a model's float
+    result can depend on its batch; ``prefetched`` records each call."""
+
+    def __init__(self, n, max_items=None):
+        self.n, self.max_items, self.prefetched, self._maps = n, max_items, [], {}
+
+    def prefetch(self, indices):
+        indices = [i for i in indices if i not in self._maps]
+        self.prefetched.append(indices)
+        for i in indices:
+            size = (2, 3) if i % 3 else (3, 2)  # two map sizes: candidates are grouped by size
+            self._maps[i] = [torch.full((1, 1, *size), float(i) + 0.001 * len(indices))]
+
+    def get(self, i):
+        if i not in self._maps:
+            self.prefetch([i])
+        return self._maps[i]
+
+
+class BatchSensitiveModel:
+    """``score_reduced`` of a query against B keys, plus a term in B: a pair's score shows the batch it was in."""
+
+    def eval(self):
+        return self
+
+    def score_reduced(self, query, keys):
+        q, k = query[-1].reshape(-1)[0], keys[-1].reshape(keys[-1].shape[0], -1)[:, 0]
+        return torch.sigmoid(q * 0.01 - k * 0.02) + 0.001 * k.shape[0]
+
+
+def test_ranks_score_their_chunks_with_one_process_bits():
+    rng = np.random.default_rng(0)
+    pairs = np.array(sorted({(q, int(d)) for q in range(5) for d in rng.choice(40, 12, replace=False)}))
+
+    def scorer(share=(0, 1), min_chunks=4):
+        db_maps = BatchSensitiveMaps(40, max_items=16)
+        return CVNetPairScorer(model=BatchSensitiveModel(), query_maps=BatchSensitiveMaps(5), db_maps=db_maps,
+                               batch_size=3, chunk_images=16, min_chunks=min_chunks, progress=False, fast=False,
+                               share=share)
+
+    one = scorer()
+    full = one(pairs)
+    ids = np.unique(pairs[:, 1])
+    assert [len(c) for c in one.chunks(pairs)] == [-(-len(ids) // 4)] * 3 + [len(ids) - 3 * -(-len(ids) // 4)]
+    assert not np.isnan(full).any()
+    for world_size in (2, 3):
+        ranks = [scorer(share=(r, world_size)) for r in range(world_size)]
+        parts = [s(pairs) for s in ranks]
+        scored = np.stack([~np.isnan(p) for p in parts])
+        assert (scored.sum(axis=0) == 1).all() and scored.sum(axis=1).min() > 0  # each pair by one rank
+        combined = np.where(scored, np.stack(parts), 0).sum(axis=0)
+        np.testing.assert_array_equal(combined, full)  # bit for bit
+        made = [i for s in ranks for call in s.db_maps.prefetched for i in call]
+        assert sorted(made) == ids.tolist()  # each database map computed by one rank only
+    # the stand-ins do show batching: other chunks give other scores
+    assert not np.array_equal(scorer(min_chunks=1)(pairs), full)
+    with pytest.raises(ValueError, match="share"):
+        scorer(share=(2, 2))
+
+
 def test_superglobal_ranking_is_reranked_top_m_then_the_rest():
     g = torch.Generator().manual_seed(7)
     xb = F.normalize(torch.randn(60, DIM, generator=g), dim=1)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from helpers.config import load_config
 from helpers.report.titles import NOT_COMPARABLE, load_paper_results, paper_figure
 from helpers.schemas import EVAL
 from tests.support.ames_loader import read_ames_shortlist
+from tests.support.launch import run_two_cpu_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -396,6 +398,46 @@ def test_distractors_are_appended_after_the_database(tmp_path, capsys):
         assert f"cvnet_global+{row}" in res["results"]["synth+1m"]
     assert any("synth+1m_cvnet_rerank" in g for g in res["grids"])
     assert not list((tmp_path / "cache").glob("*.shards"))  # merged shards are cleaned up
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_split_every_stage_and_give_one_process_results(tmp_path):
+    """Under torchrun --nproc_per_node 2 (gloo) each extraction (queries, database, distractors, flip variants, the
+    whitening's training images) and the CVNet re-ranking of each label are split over the ranks; the results equal
+    one process's to the last bit: every row's figures, per-query APs, top-k ids and scores."""
+    from datasets.synthetic import SyntheticConfig, build_synthetic
+
+    config = SyntheticConfig(n_landmarks=2, views_per_landmark=3, n_distractors=2, image_size=(96, 64),
+                             train_landmarks=2, train_views_per_landmark=2)
+    synth = build_synthetic(tmp_path / "data", name="synth", config=config, progress=False)
+    r1m = tmp_path / "data" / "revisitop1m"
+    (r1m / "jpg").mkdir(parents=True)
+    for k, src in enumerate(sorted((synth / "jpg").iterdir())[:5]):  # re-used views as distractors
+        (r1m / "jpg" / f"d{k}.jpg").write_bytes(src.read_bytes())
+    (r1m / "revisitop1m.txt").write_text("".join(f"d{k}.jpg\n" for k in range(5)))
+    common = [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}", *NO_CHECKPOINTS,
+              "data.synthetic.config=" + json.dumps(config.to_dict()), "data.distractors=revisitop1m",
+              "methods=[cvnet_global, cvnet_rerank]", "post.rows=[flip, whitening]", "extraction.batch_size=2",
+              "viz.num_queries=0", "threads=1", "progress=false"]
+    one_cache, two_cache = f"extraction.cache_dir={tmp_path / 'c1'}", f"extraction.cache_dir={tmp_path / 'c2'}"
+    assert ev.main(ev.get_args_parser().parse_args([*common, "name=one", one_cache])) == 0
+    logs = run_two_cpu_ranks([sys.executable, str(REPO / "eval.py"), *common, "name=two", two_cache], timeout=600)
+    one, two = (json.loads((tmp_path / "runs" / name / "results.json").read_text()) for name in ("one", "two"))
+    assert set(one["results"]) == {"synth", "synth+1m"} and len(one["results"]["synth"]) == 4
+    assert two["results"] == one["results"] and two["per_query"] == one["per_query"]
+    # every extraction of more than one piece left some to rank 1: queries, database, distractors, their flip
+    # variants and the training images; rank 0 had none to redo
+    plans = re.findall(r"(\S+): (\d+) pieces of about \d+ images, (\d+) to extract; rank 0/2 takes (\d+) of them",
+                       logs[0])
+    assert {label for label, *_ in plans} >= {"synth-query-cvnet_global-r50", "synth-db-cvnet_global-r50",
+                                              "synth-db-cvnet_global-r50-flip", "revisitop1m-cvnet_global-r50",
+                                              "synth_train-cvnet_global-r50"}
+    assert all(int(mine) < int(todo) for _, _, todo, mine in plans)
+    assert all(int(todo) > 1 for label, _, todo, _ in plans if "-db-" in label or "revisitop1m" in label)
+    assert "rank 0 extracts them" not in logs[0]
+    # each label's CVNet re-ranking: rank 0 scored part of the pairs, rank 1 the rest
+    scored = [tuple(map(int, m)) for m in re.findall(r"rank 0/2 scored (\d+) of the (\d+) pairs", logs[0])]
+    assert len(scored) == 2 and all(0 < mine < total for mine, total in scored)
 
 
 def test_flip_rows_equal_a_run_with_flip_descriptors(tmp_path):

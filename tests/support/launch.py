@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +17,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_cpu_ranks(args: list[str], timeout: float = 300) -> None:
-    """Run ``args`` as ranks 0 and 1 of one job; each must exit 0 (its stderr tail is the failure message)."""
+def run_two_cpu_ranks(args: list[str], timeout: float = 300) -> list[str]:
+    """Run ``args`` as ranks 0 and 1 of one job, one OpenMP thread each; each must exit 0 (the tail of its output is
+    the failure message). Returns each rank's stdout and stderr together (the scripts log on stdout), read from a
+    file so that no pipe fills up."""
     port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for p in procs:
-        assert p.wait(timeout=timeout) == 0, p.stderr.read().decode()[-2000:]
+    procs, logs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rank in range(2):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+            logs.append(Path(tmp) / f"rank{rank}.log")
+            with open(logs[-1], "wb") as out:
+                procs.append(subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT))
+        try:
+            codes = [p.wait(timeout=timeout) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        texts = [log.read_text(errors="replace") for log in logs]
+    for code, text in zip(codes, texts):
+        assert code == 0, text[-2000:]
+    return texts
 
 
 @dataclass
