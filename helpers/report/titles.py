@@ -48,6 +48,12 @@ def protocol_letter(protocol: str) -> str:
     return "" if protocol in CLASS_PROTOCOLS else protocol[0].upper()
 
 
+def ap_name(protocol: str) -> str:
+    """A query's AP named by its protocol in a grid's title: AP(M), AP(H); just AP for a class folder's one protocol."""
+    letter = protocol_letter(protocol)
+    return f"AP({letter})" if letter else "AP"
+
+
 def shown_protocol(per_protocol: Mapping[str, Any] | Sequence[str]) -> str:
     """The protocol whose ranking a report lists (the keys of ``per_protocol``): Medium, else the only one."""
     return "medium" if "medium" in per_protocol else next(iter(per_protocol))

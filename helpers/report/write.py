@@ -25,9 +25,9 @@ from helpers.evaluation.metrics import PR_RECALL_LEVELS, format_percent
 from helpers.report.markdown import banner, markdown_tables, results_markdown
 from helpers.report.titles import (
     NOT_COMPARABLE,
+    ap_name,
     comparability_notes,
     load_paper_results,
-    protocol_letter,
     row_titles,
     shown_protocol,
 )
@@ -81,7 +81,7 @@ def save_result_grids(*, per_query: Mapping[str, Any], outcome: EvalOutcome, met
                                                              start=1)]
                 shown = shown_protocol(m["ap"])
                 ap = format_percent(m["ap"][shown][i])
-                title = f"{label}  {titles[method]}  query {i}  AP({protocol_letter(shown)}) {ap}"
+                title = f"{label}  {titles[method]}  query {i}  {ap_name(shown)} {ap}"
                 path = save_ranking_grid(run_dir / "grids" / f"{file_name(label)}_{method}_q{i:03d}.png",
                                          query=qset.read(i),
                                          hits=hits, tile=height, query_name=ds["queries"][i], title=title,

@@ -11,6 +11,7 @@ import pytest
 from helpers.report.markdown import banner, markdown_tables
 from helpers.report.titles import (
     NOT_COMPARABLE,
+    ap_name,
     comparability_notes,
     dataset_title,
     format_paper,
@@ -422,3 +423,8 @@ def test_two_runs_on_a_class_folder_compare_under_its_protocol(tmp_path, toy_fol
     assert f"{label} cvnet_global class: mAP A" in text and "easy" not in text
     block = text.split(f"{label} cvnet_global class:")[1].split("\n\n")[0].splitlines()
     assert block[1] == "  1 queries changed, 1 unchanged" and block[3].split()[:2] == ["1", "louvre/nested/q2.png"]
+
+
+def test_a_grid_names_the_ap_of_its_protocol_and_a_class_folder_s_plainly():
+    """A class folder has one protocol and no letter: its grids say "AP", never an empty "AP()"."""
+    assert [ap_name(p) for p in ("easy", "medium", "hard", "class")] == ["AP(E)", "AP(M)", "AP(H)", "AP"]
